@@ -1,0 +1,74 @@
+"""The ``veloxseg`` command line.
+
+Each sub-command lives in its own module under ``VeloxSegLib.commands`` exposing
+``register(subparsers)`` (adds its parser and sets ``func``). Modules are imported lazily so
+``veloxseg --help`` stays fast and a missing optional dependency only affects its command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import VeloxSegError
+
+# sub-command name -> module under VeloxSegLib.commands
+COMMANDS = {
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "models": "models",
+    "phantom": "phantom",
+    "convert": "convert",
+    "plan": "plan",
+    "train": "train",
+    "finetune": "finetune",
+    "bench": "bench",
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="veloxseg",
+        description="VeloxSeg: lightweight multimodal 3D medical image segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"veloxseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f".commands.{module}", __package__)
+        except ModuleNotFoundError as exc:  # command not shipped in this build
+            if exc.name and exc.name.endswith(f"commands.{module}"):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VeloxSegError as exc:
+        print(f"veloxseg {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"veloxseg {args.command}: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

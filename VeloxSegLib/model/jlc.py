@@ -1,0 +1,58 @@
+"""JL-guided convolution block (JLC, paper Sec. 3.2)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+class JLConv(nn.Module):
+    """Parallel grouped convolutions: y = x + sum_k GELU(IN(GroupConv_k(x))).
+
+    With a single kernel size (preset S) the branch is the bare grouped conv, as in the
+    reference implementation.
+    """
+
+    def __init__(self, channels: int, kernel_sizes: Sequence[int], group_size: int):
+        super().__init__()
+        if channels % group_size:
+            raise ValueError(f"group size {group_size} does not divide width {channels}")
+        groups = channels // group_size
+        self.kernel_sizes = tuple(kernel_sizes)
+        self.branches = nn.ModuleList()
+        for k in self.kernel_sizes:
+            conv = nn.Conv3d(channels, channels, k, padding=k // 2, groups=groups)
+            if len(self.kernel_sizes) > 1:
+                self.branches.append(nn.Sequential(conv, nn.InstanceNorm3d(channels), nn.GELU()))
+            else:
+                self.branches.append(nn.Sequential(conv))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for branch in self.branches:
+            out = out + branch(x)
+        return out
+
+
+class JLCBlock(nn.Module):
+    """JLConv, then out = y + Dropout(Conv1x1(GELU(Conv1x1(IN(y)))))."""
+
+    def __init__(self, channels: int, kernel_sizes: Sequence[int], group_size: int, expansion: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.conv = JLConv(channels, kernel_sizes, group_size)
+        self.norm = nn.InstanceNorm3d(channels)
+        self.fc1 = nn.Conv3d(channels, channels * expansion, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv3d(channels * expansion, channels, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + self.drop(self.fc2(self.act(self.fc1(self.norm(y)))))
+
+
+def jlc_stage(channels: int, depth: int, kernel_sizes: Sequence[int], group_size: int, expansion: int,
+              dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(*[JLCBlock(channels, kernel_sizes, group_size, expansion, dropout) for _ in range(depth)])

@@ -1,0 +1,119 @@
+"""Small building blocks shared by the VeloxSeg streams and decoders."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm3d(nn.Module):
+    """Layer norm over the channel axis of a (N, C, D, H, W) tensor (channels-first)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]
+
+
+class FFN(nn.Module):
+    """Pointwise feed-forward: 1x1 expand, GELU, dropout, 1x1 back, dropout."""
+
+    def __init__(self, channels: int, expansion: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv3d(channels, channels * expansion, 1)
+        self.fc2 = nn.Conv3d(channels * expansion, channels, 1)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def space_to_depth(x: torch.Tensor) -> torch.Tensor:
+    """2x2x2 space-to-depth; channel index = offset * C + c, offsets (a, b, c) with c fastest."""
+    n, c, d, h, w = x.shape
+    x = x.reshape(n, c, d // 2, 2, h // 2, 2, w // 2, 2)
+    x = x.permute(0, 3, 5, 7, 1, 2, 4, 6)
+    return x.reshape(n, 8 * c, d // 2, h // 2, w // 2)
+
+
+class PatchMerging(nn.Module):
+    """Swin-style patch merging for 3D: space-to-depth (8C), layer norm, 1x1 conv to 2C."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = LayerNorm3d(8 * channels)
+        self.reduction = nn.Conv3d(8 * channels, 2 * channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(space_to_depth(x)))
+
+
+class DownConv(nn.Module):
+    """Strided conv (kernel 2p-1, stride p, padding p-1) + instance norm."""
+
+    def __init__(self, cin: int, cout: int, factor: int = 2):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 2 * factor - 1, stride=factor, padding=factor - 1)
+        self.norm = nn.InstanceNorm3d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class UpConv(nn.Module):
+    """Transposed conv kernel 2 stride 2 + instance norm."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose3d(cin, cout, 2, stride=2)
+        self.norm = nn.InstanceNorm3d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+def pixel_shuffle_3d(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(N, C*r^3, D, H, W) -> (N, C, D*r, H*r, W*r), channel layout (c, s1, s2, s3)."""
+    n, crrr, d, h, w = x.shape
+    c = crrr // (r ** 3)
+    x = x.reshape(n, c, r, r, r, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(n, c, d * r, h * r, w * r)
+
+
+class ShuffleHead(nn.Module):
+    """3x3 conv to r^3 * out channels, then 3D pixel shuffle by r ("unified upsampling")."""
+
+    def __init__(self, cin: int, cout: int, r: int):
+        super().__init__()
+        self.r = r
+        self.conv = nn.Conv3d(cin, cout * r ** 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle_3d(self.conv(x), self.r)
+
+
+def gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """GM(X) = X X^T / (C * H * W * D) per sample (SDKT, paper Eq. 9). Zero in, zero out."""
+    n, c = x.shape[:2]
+    f = x.reshape(n, c, -1)
+    return torch.bmm(f, f.transpose(1, 2)) / f[0].numel()
+
+
+def he_init(module: nn.Module, neg_slope: float = 1e-2) -> None:
+    """He (kaiming normal, a = 0.01) for convs, ones/zeros for norms (reference init)."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=neg_slope)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm3d)):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

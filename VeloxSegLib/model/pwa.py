@@ -1,0 +1,169 @@
+"""Paired Window Attention (PWA, paper Sec. 3.1) and the transformer block around it."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import FFN, LayerNorm3d
+
+Size3 = Tuple[int, int, int]
+
+
+def window_pairs(feature_size: Sequence[int], min_big: Sequence[int], min_small: Sequence[int] = (1, 1, 1),
+                 ratio: int = 2) -> Tuple[List[Size3], List[Size3]]:
+    """Big/small window pairs B_i = B_1 r^(i-1), S_i = S_1 r^(i-1) while B_i fits the feature map."""
+    bigs, smalls = [], []
+    big, small = list(min_big), list(min_small)
+    while any(b <= f for b, f in zip(big, feature_size)):
+        bigs.append(tuple(big))
+        smalls.append(tuple(small))
+        big = [b * ratio for b in big]
+        small = [s * ratio for s in small]
+    return bigs, smalls
+
+
+def relative_position_index(n: Sequence[int]) -> torch.Tensor:
+    """(L, L) index into a ((2n0-1)(2n1-1)(2n2-1)) table of relative offsets (Swin-style)."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(k) for k in n], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel = rel + torch.tensor([k - 1 for k in n])
+    mult = torch.tensor([(2 * n[1] - 1) * (2 * n[2] - 1), 2 * n[2] - 1, 1])
+    return (rel * mult).sum(-1)
+
+
+class PairedWindowAttention(nn.Module):
+    """Multimodal PWA: paired-window gathering, one grouped attention over all pairs and
+    modalities, trilinear scattering and a per-modality mixer with residual (paper Eq. 3-6).
+
+    Channel group i of Q/K/V belongs to window pair i. Inside each big window B_i the max over
+    every small window S_i is a salient token; all pairs yield L = |B_1/S_1| tokens per window, so
+    all pairs and modalities batch into sequences of M*L tokens. The relative position bias over
+    the L-token window is shared by every modality pair.
+    """
+
+    def __init__(self, channels: int, num_modalities: int, feature_size: Sequence[int],
+                 min_big: Sequence[int], min_small: Sequence[int] = (1, 1, 1), num_heads: int = 1,
+                 head_dim: int = 4, attn_drop: float = 0.1, proj_drop: float = 0.1, ratio: int = 2):
+        super().__init__()
+        self.channels = channels
+        self.num_modalities = num_modalities
+        self.feature_size = tuple(feature_size)
+        self.bigs, self.smalls = window_pairs(feature_size, min_big, min_small, ratio)
+        for big, small in zip(self.bigs, self.smalls):
+            if any(f % b for f, b in zip(feature_size, big)) or any(b % s for b, s in zip(big, small)):
+                raise ValueError(f"window pair {big}/{small} does not tile the feature map {tuple(feature_size)}")
+        self.tokens_per_axis = tuple(b // s for b, s in zip(self.bigs[0], self.smalls[0]))
+        self.num_tokens = math.prod(self.tokens_per_axis)
+        self.num_pairs = len(self.bigs)
+        self.num_heads = num_heads
+        self.qk_dim = head_dim
+        self.channels_qk = self.num_pairs * num_heads * head_dim
+        self.channels_v = math.ceil(channels / self.channels_qk) * self.channels_qk
+        self.v_dim = self.channels_v // (self.num_pairs * num_heads)
+        self.scale = head_dim ** -0.5
+
+        self.norms = nn.ModuleList([LayerNorm3d(channels) for _ in range(num_modalities)])
+        # q, k and v of one modality in one 1x1 conv (same function as three convs).
+        self.qkv = nn.ModuleList([nn.Conv3d(channels, 2 * self.channels_qk + self.channels_v, 1)
+                                  for _ in range(num_modalities)])
+        self.mixers = nn.ModuleList([nn.Conv3d(self.channels_v, channels, 1) for _ in range(num_modalities)])
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drops = nn.ModuleList([nn.Dropout(proj_drop) for _ in range(num_modalities)])
+        n = self.tokens_per_axis
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * n[0] - 1) * (2 * n[1] - 1) * (2 * n[2] - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(n), persistent=False)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(heads, M*L, M*L): the L x L bias tiled over every modality pair."""
+        L = self.num_tokens
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        bias = bias.reshape(L, L, self.num_heads).permute(2, 0, 1)
+        return bias.repeat(1, self.num_modalities, self.num_modalities)
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """(B, pairs*heads*dim, D, H, W) -> (B, heads, windows of all pairs, L, dim)."""
+        b = x.shape[0]
+        out = []
+        per_pair = self.num_heads * dim
+        for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):
+            xi = x[:, i * per_pair:(i + 1) * per_pair]
+            if any(s > 1 for s in small):
+                xi = F.max_pool3d(xi, small, small)  # salient token of every small window
+            n = tuple(bg // s for bg, s in zip(big, small))
+            _, _, d, h, w = xi.shape
+            xi = xi.reshape(b, self.num_heads, dim, d // n[0], n[0], h // n[1], n[1], w // n[2], n[2])
+            xi = xi.permute(0, 1, 3, 5, 7, 4, 6, 8, 2)  # (B, heads, Nd, Nh, Nw, nd, nh, nw, dim)
+            out.append(xi.reshape(b, self.num_heads, -1, self.num_tokens, dim))
+        return torch.cat(out, dim=2)
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, heads, windows of all pairs, L, v_dim) -> (B, pairs*heads*v_dim, D, H, W)."""
+        b, heads, _, _, c = t.shape
+        D, H, W = self.feature_size
+        n = self.tokens_per_axis
+        out, start = [], 0
+        for big, small in zip(self.bigs, self.smalls):
+            Nd, Nh, Nw = D // big[0], H // big[1], W // big[2]
+            ti = t[:, :, start:start + Nd * Nh * Nw]
+            start += Nd * Nh * Nw
+            ti = ti.reshape(b, heads, Nd, Nh, Nw, n[0], n[1], n[2], c)
+            if any(s > 1 for s in small):
+                ti = ti.permute(0, 1, 2, 3, 4, 8, 5, 6, 7).reshape(-1, 1, *n)
+                ti = F.interpolate(ti, size=big, mode="trilinear", align_corners=True)
+                ti = ti.reshape(b, heads, Nd, Nh, Nw, c, *big).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
+            else:
+                ti = ti.permute(0, 1, 8, 2, 5, 3, 6, 4, 7)  # (B, heads, c, Nd, nd, Nh, nh, Nw, nw)
+            out.append(ti.reshape(b, heads * c, D, H, W))
+        return torch.cat(out, dim=1)
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        M = self.num_modalities
+        qs, ks, vs = [], [], []
+        for m in range(M):
+            qkv = self.qkv[m](self.norms[m](xs[m]))
+            q, k, v = torch.split(qkv, [self.channels_qk, self.channels_qk, self.channels_v], dim=1)
+            qs.append(self.gather(q, self.qk_dim))
+            ks.append(self.gather(k, self.qk_dim))
+            vs.append(self.gather(v, self.v_dim))
+        q, k, v = torch.cat(qs, -2), torch.cat(ks, -2), torch.cat(vs, -2)  # (B, heads, windows, M*L, dim)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = scores + self.relative_position_bias()[None, :, None]
+        weights = self.attn_drop(scores.softmax(dim=-1))
+        attn = torch.matmul(weights, v)
+        L = self.num_tokens
+        outs = []
+        for m in range(M):
+            y = self.scatter(attn[..., m * L:(m + 1) * L, :])
+            outs.append(xs[m] + self.proj_drops[m](self.mixers[m](y)))
+        return outs
+
+
+class PWABlock(nn.Module):
+    """Transformer block of the attention stream: multimodal PWA, then per-modality FFN.
+
+    ``double_residual`` (default, as the published weights were trained) adds the block input
+    again on top of the PWA output, which already contains it.
+    """
+
+    def __init__(self, channels: int, num_modalities: int, feature_size: Sequence[int], min_big: Sequence[int],
+                 num_heads: int, head_dim: int, ffn_expansion: int, attn_drop: float = 0.1,
+                 proj_drop: float = 0.1, double_residual: bool = True):
+        super().__init__()
+        self.attn = PairedWindowAttention(channels, num_modalities, feature_size, min_big,
+                                          num_heads=num_heads, head_dim=head_dim,
+                                          attn_drop=attn_drop, proj_drop=proj_drop)
+        self.double_residual = double_residual
+        self.norms = nn.ModuleList([LayerNorm3d(channels) for _ in range(num_modalities)])
+        self.ffns = nn.ModuleList([FFN(channels, ffn_expansion, proj_drop) for _ in range(num_modalities)])
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        ys = self.attn(xs)
+        if self.double_residual:
+            ys = [x + y for x, y in zip(xs, ys)]
+        return [y + self.ffns[m](self.norms[m](y)) for m, y in enumerate(ys)]
