@@ -31,6 +31,15 @@ PRESETS: Dict[str, dict] = {
 }
 
 
+def set_fast_path(model, enabled: bool = True):
+    """Switch the CPU inference fast paths on or off for every block of ``model`` (same function;
+    used only when no gradient is needed). Returns the model."""
+    for module in model.modules():
+        if hasattr(type(module), "fast"):
+            module.fast = bool(enabled)
+    return model
+
+
 def list_models() -> List[str]:
     return list(PRESETS)
 
@@ -63,4 +72,4 @@ def build_model(name: str = "veloxseg-b", in_channels=(1, 1), num_classes: int =
     return VeloxSeg(in_channels=in_channels, num_classes=num_classes, patch_size=tuple(patch_size), **cfg)
 
 
-__all__ = ["build_model", "list_models", "PRESETS", "TrainOutput", "c_group", "jl_group_sizes"]
+__all__ = ["build_model", "list_models", "set_fast_path", "PRESETS", "TrainOutput", "c_group", "jl_group_sizes"]

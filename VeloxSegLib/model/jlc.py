@@ -5,6 +5,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from . import fastops
 
 
 class JLConv(nn.Module):
@@ -28,10 +31,21 @@ class JLConv(nn.Module):
             else:
                 self.branches.append(nn.Sequential(conv))
 
+    fast = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast and not torch.is_grad_enabled()
         out = x
         for branch in self.branches:
-            out = out + branch(x)
+            conv = branch[0]
+            if fast and conv.kernel_size == (1, 1, 1):
+                # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
+                y = fastops.pointwise(x, fastops.block_diagonal(conv.weight, conv.groups), conv.bias)
+                for layer in list(branch)[1:]:
+                    y = layer(y)
+            else:
+                y = branch(x)
+            out = out + y
         return out
 
 
@@ -48,8 +62,13 @@ class JLCBlock(nn.Module):
         self.fc2 = nn.Conv3d(channels * expansion, channels, 1)
         self.drop = nn.Dropout(dropout)
 
+    fast = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
+        if self.fast and not torch.is_grad_enabled():
+            hidden = F.gelu(fastops.pointwise(self.norm(y), self.fc1.weight, self.fc1.bias))
+            return fastops.pointwise(hidden, self.fc2.weight, self.fc2.bias, residual=y)
         return y + self.drop(self.fc2(self.act(self.fc1(self.norm(y)))))
 
 

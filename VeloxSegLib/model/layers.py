@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fastops
+
 
 class LayerNorm3d(nn.Module):
     """Layer norm over the channel axis of a (N, C, D, H, W) tensor (channels-first)."""
@@ -71,12 +73,19 @@ class DownConv(nn.Module):
 class UpConv(nn.Module):
     """Transposed conv kernel 2 stride 2 + instance norm."""
 
+    fast = True
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.ConvTranspose3d(cin, cout, 2, stride=2)
         self.norm = nn.InstanceNorm3d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not torch.is_grad_enabled():
+            # kernel 2 / stride 2 transposed conv == 1x1 conv to 8*Cout, then depth-to-space by 2
+            w = self.conv.weight  # (Cin, Cout, 2, 2, 2)
+            y = fastops.pointwise(x, w.reshape(w.shape[0], -1).t(), self.conv.bias.repeat_interleave(8))
+            return self.norm(pixel_shuffle_3d(y, 2))
         return self.norm(self.conv(x))
 
 
@@ -91,12 +100,16 @@ def pixel_shuffle_3d(x: torch.Tensor, r: int) -> torch.Tensor:
 class ShuffleHead(nn.Module):
     """3x3 conv to r^3 * out channels, then 3D pixel shuffle by r ("unified upsampling")."""
 
+    fast = True
+
     def __init__(self, cin: int, cout: int, r: int):
         super().__init__()
         self.r = r
         self.conv = nn.Conv3d(cin, cout * r ** 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not torch.is_grad_enabled():
+            return pixel_shuffle_3d(fastops.conv3x3_gemm(x, self.conv.weight, self.conv.bias), self.r)
         return pixel_shuffle_3d(self.conv(x), self.r)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fastops
 from .layers import FFN, LayerNorm3d
 
 Size3 = Tuple[int, int, int]
@@ -122,7 +123,11 @@ class PairedWindowAttention(nn.Module):
             out.append(ti.reshape(b, heads * c, D, H, W))
         return torch.cat(out, dim=1)
 
+    fast = True  # use the CPU fast path when no gradient is needed (same function)
+
     def forward(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if self.fast and not torch.is_grad_enabled():
+            return self._forward_fast(xs)
         M = self.num_modalities
         qs, ks, vs = [], [], []
         for m in range(M):
@@ -144,6 +149,70 @@ class PairedWindowAttention(nn.Module):
         return outs
 
 
+    def _fast_projection(self, m: int):
+        """q/k/v weights of modality m with the layer-norm affine and the q scale folded in,
+        rows regrouped per window pair as [q_i | k_i | v_i]."""
+        w, b = fastops.fold_affine(self.qkv[m].weight, self.qkv[m].bias, self.norms[m].weight, self.norms[m].bias)
+        h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        cq = self.channels_qk
+        w_parts, b_parts = [], []
+        for i in range(self.num_pairs):
+            for off, width, scale in ((0, h * dq, self.scale), (cq, h * dq, 1.0), (2 * cq, h * dv, 1.0)):
+                lo = off + i * width
+                w_parts.append(w[lo:lo + width] * scale)
+                b_parts.append(b[lo:lo + width] * scale)
+        return torch.cat(w_parts), torch.cat(b_parts)
+
+    def _forward_fast(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        M, B = self.num_modalities, xs[0].shape[0]
+        D, H, W = self.feature_size
+        h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        n0, n1, n2 = self.tokens_per_axis
+        L = self.num_tokens
+        blk = h * (2 * dq + dv)
+        eps = self.norms[0].eps
+        qkv = torch.cat([fastops.pointwise(fastops.channel_normalize(xs[m], eps), *self._fast_projection(m))
+                         for m in range(M)], 0)  # (M*B, pairs*blk, D, H, W)
+        counts = [(D // bg[0]) * (H // bg[1]) * (W // bg[2]) for bg in self.bigs]
+        total = sum(counts)
+        q = qkv.new_empty(B, h, total, M * L, dq)
+        k = qkv.new_empty(B, h, total, M * L, dq)
+        v = qkv.new_empty(B, h, total, M * L, dv)
+        start = 0
+        for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):
+            xi = qkv[:, i * blk:(i + 1) * blk]
+            if any(s > 1 for s in small):
+                xi = fastops.max_pool_separable(xi, small)
+            Nd, Nh, Nw = D // big[0], H // big[1], W // big[2]
+            xv = xi.reshape(M, B, blk, Nd, n0, Nh, n1, Nw, n2)
+            for dst, lo, width in ((q, 0, dq), (k, h * dq, dq), (v, 2 * h * dq, dv)):
+                src = xv[:, :, lo:lo + h * width].reshape(M, B, h, width, Nd, n0, Nh, n1, Nw, n2)
+                tgt = dst[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, M, n0, n1, n2, width)
+                tgt.copy_(src.permute(1, 2, 4, 6, 8, 0, 5, 7, 9, 3))
+            start += counts[i]
+        bias = self.relative_position_bias()
+        out = fastops.windowed_attention(q, k, v, bias)  # (B, h, windows, M*L, dv)
+        y = qkv.new_empty(M * B, self.channels_v, D, H, W)
+        start = 0
+        for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):
+            Nd, Nh, Nw = D // big[0], H // big[1], W // big[2]
+            t = out[:, :, start:start + counts[i]].reshape(B, h, Nd, Nh, Nw, M, n0, n1, n2, dv)
+            start += counts[i]
+            if any(s > 1 for s in small):  # trilinear (align_corners) scattering as 3 small GEMMs
+                b0, b1, b2 = big
+                a0, a1, a2 = (fastops.interp_matrix(n, bg, t.dtype, t.device) for n, bg in zip((n0, n1, n2), big))
+                lead = (B, h, Nd, Nh, Nw, M)
+                t = torch.matmul(a2, t)  # (..., n0, n1, b2, dv)
+                t = torch.matmul(a1, t.reshape(*lead, n0, n1, b2 * dv)).reshape(*lead, n0, b1 * b2 * dv)
+                t = torch.matmul(a0, t).reshape(*lead, b0, b1, b2, dv)
+            else:
+                b0, b1, b2 = n0, n1, n2
+            tgt = y[:, i * h * dv:(i + 1) * h * dv].view(M, B, h, dv, Nd, b0, Nh, b1, Nw, b2)
+            tgt.copy_(t.permute(5, 0, 1, 9, 2, 6, 3, 7, 4, 8))
+        return [fastops.pointwise(y[m * B:(m + 1) * B], self.mixers[m].weight, self.mixers[m].bias, residual=xs[m])
+                for m in range(M)]
+
+
 class PWABlock(nn.Module):
     """Transformer block of the attention stream: multimodal PWA, then per-modality FFN.
 
@@ -162,8 +231,18 @@ class PWABlock(nn.Module):
         self.norms = nn.ModuleList([LayerNorm3d(channels) for _ in range(num_modalities)])
         self.ffns = nn.ModuleList([FFN(channels, ffn_expansion, proj_drop) for _ in range(num_modalities)])
 
+    fast = True
+
     def forward(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         ys = self.attn(xs)
         if self.double_residual:
             ys = [x + y for x, y in zip(xs, ys)]
+        if self.fast and not torch.is_grad_enabled():
+            return [self._ffn_fast(m, y) for m, y in enumerate(ys)]
         return [y + self.ffns[m](self.norms[m](y)) for m, y in enumerate(ys)]
+
+    def _ffn_fast(self, m: int, y: torch.Tensor) -> torch.Tensor:
+        norm, ffn = self.norms[m], self.ffns[m]
+        w1, b1 = fastops.fold_affine(ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias)
+        hidden = F.gelu(fastops.pointwise(fastops.channel_normalize(y, norm.eps), w1, b1))
+        return fastops.pointwise(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=y)

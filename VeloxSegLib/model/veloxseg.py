@@ -27,11 +27,15 @@ def min_big_windows(patch_size: Sequence[int], patch_factor: int = 4) -> List[Tu
     """
     patch_size = tuple(int(p) for p in patch_size)
     unit = patch_factor * 8  # stage-1 features (patch / 4) must split into 8 windows per axis
-    if len(patch_size) != 3 or any(p < unit or p % unit for p in patch_size):
+    if (len(patch_size) != 3 or any(p < unit or p % unit for p in patch_size)
+            or max(patch_size) < 2 * unit):  # the last stage needs more than one voxel (instance norm)
         suggestion = tuple(max(unit, int(round(p / unit)) * unit) for p in patch_size)
+        if max(suggestion) < 2 * unit:
+            suggestion = (2 * unit,) + suggestion[1:]
         raise ConfigError(
             f"patch size {patch_size} cannot be tiled by VeloxSeg's paired windows: every axis must be "
-            f"a positive multiple of {unit} (e.g. {suggestion}; 64, 96, 128 and 160 work)")
+            f"a multiple of {unit} and at least one axis >= {2 * unit} (e.g. {suggestion}; "
+            f"64, 96, 128 and 160 work)")
     sizes = []
     feat = [p // patch_factor for p in patch_size]
     for k in range(NUM_STAGES):

@@ -1,0 +1,53 @@
+"""Training losses: soft Dice agrees with MONAI, Gram matrices are safe, SDKT and weighting."""
+import pytest
+import torch
+from monai.losses import DiceLoss
+
+from VeloxSegLib.losses import (LossConfig, VeloxSegLoss, deep_supervision_weights, dice_ce_loss, gram_matrix,
+                                sdkt_loss, soft_dice_loss)
+from VeloxSegLib.model.outputs import TrainOutput
+
+
+def test_soft_dice_over_foreground_matches_monai():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 9, 10)
+    target = torch.randint(0, 3, (2, 1, 8, 9, 10))
+    ref = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)(logits, target)
+    assert soft_dice_loss(logits, target) == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_gram_matrix_of_zero_features_is_zero_not_nan():
+    g = gram_matrix(torch.zeros(2, 16, 4, 4, 4))
+    assert torch.equal(g, torch.zeros(2, 16, 16))
+
+
+def test_gram_matrix_is_normalized_by_c_h_w_d():
+    x = torch.ones(1, 2, 2, 3, 4)
+    assert torch.allclose(gram_matrix(x), torch.full((1, 2, 2), 24.0 / (2 * 24)))
+
+
+def test_sdkt_is_mean_mse_over_teachers():
+    s = torch.zeros(1, 2, 2)
+    t1, t2 = torch.ones(1, 2, 2), torch.full((1, 2, 2), 3.0)
+    assert sdkt_loss(s, [t1, t2]).item() == pytest.approx((1.0 + 9.0) / 2)
+
+
+def test_deep_supervision_weights_are_normalized():
+    assert deep_supervision_weights(4) == [0.25] * 4
+    assert deep_supervision_weights(2, [3, 1]) == [0.75, 0.25]
+    with pytest.raises(ValueError):
+        deep_supervision_weights(3, [1, 1])
+
+
+def test_total_loss_uses_paper_weights_and_can_switch_terms_off():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 4, 4, 4)
+    y = torch.randint(0, 2, (1, 4, 4, 4))
+    out = TrainOutput(logits=[torch.randn(1, 2, 4, 4, 4)], reconstruction=torch.zeros_like(x),
+                      student_gram=torch.zeros(1, 3, 3), teacher_grams=[torch.ones(1, 3, 3)])
+    total, parts = VeloxSegLoss()(out, y, x)
+    seg = dice_ce_loss(out.logits[0], y).item()
+    rc = (x ** 2).mean().item()
+    assert total.item() == pytest.approx(seg + 0.5 * rc + 2.0 * 1.0, rel=1e-5)
+    total2, parts2 = VeloxSegLoss(LossConfig(use_reconstruction=False, use_sdkt=False))(out, y, x)
+    assert total2.item() == pytest.approx(seg, rel=1e-5) and set(parts2) == {"seg", "total"}

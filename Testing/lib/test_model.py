@@ -1,0 +1,215 @@
+"""The VeloxSeg network: presets, sizes, windows, JL rule, training outputs and the fast path."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from VeloxSegLib import build_model
+from VeloxSegLib.errors import ConfigError
+from VeloxSegLib.losses import VeloxSegLoss
+from VeloxSegLib.model import list_models, set_fast_path
+from VeloxSegLib.model.jl import c_group, jl_group_sizes
+from VeloxSegLib.model.veloxseg import min_big_windows
+
+VELOX = ["veloxseg-s", "veloxseg-b", "veloxseg-b+", "veloxseg-l"]
+
+
+def inference_params_and_gmac(model, x):
+    """Parameters that receive a gradient from the eval-mode output; MACs = FLOPs / 2."""
+    model.eval()
+    set_fast_path(model, False)
+    model.zero_grad()
+    model(x).sum().backward()
+    params = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return params / 1e6, counter.get_total_flops() / 2e9
+
+
+@pytest.mark.parametrize("name", VELOX + ["lightmedseg"])
+@pytest.mark.parametrize("in_channels", [(1,), (1, 1), (2, 1, 1), (1, 1, 1, 1)])
+def test_eval_output_shape_for_every_preset_and_modality_count(name, in_channels):
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=in_channels, num_classes=3, patch_size=(64, 64, 64)).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(1, sum(in_channels), 64, 64, 64))
+    assert out.shape == (1, 3, 64, 64, 64)
+    assert torch.isfinite(out).all()
+
+
+SIZE_TARGETS = [
+    # name, in_channels, classes, patch, params (M), GMAC of the authors' implementation
+    ("veloxseg-b", (1, 1), 2, (96, 96, 96), 1.669, 1.752),
+    ("veloxseg-b", (1, 1), 2, (128, 128, 64), 1.670, 2.091),
+    ("veloxseg-s", (1, 1), 2, (96, 96, 96), 1.201, 1.382),
+    ("veloxseg-b+", (1, 1), 2, (96, 96, 96), 5.278, 4.000),
+    ("veloxseg-l", (1, 1), 2, (96, 96, 96), 2.674, 2.467),
+    ("veloxseg-b", (4,), 4, (96, 96, 96), 1.469, 2.563),
+    ("veloxseg-b", (2,), 2, (96, 96, 96), 1.401, 1.618),
+    ("veloxseg-b", (1,), 2, (96, 96, 96), 1.394, 1.528),
+]
+
+
+@pytest.mark.parametrize("name,in_channels,classes,patch,params,gmac", SIZE_TARGETS)
+def test_parameters_and_macs_match_the_published_network_within_one_percent(name, in_channels, classes, patch,
+                                                                             params, gmac):
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=in_channels, num_classes=classes, patch_size=patch)
+    p, g = inference_params_and_gmac(model, torch.randn(1, sum(in_channels), *patch))
+    assert p == pytest.approx(params, rel=0.01)
+    assert g == pytest.approx(gmac, rel=0.01)
+
+
+def test_teachers_are_training_only_and_add_parameters():
+    full = build_model("veloxseg-b", (1, 1), 2, (96, 96, 96))
+    total = sum(p.numel() for p in full.parameters()) / 1e6
+    teachers = sum(p.numel() for p in full.teachers.parameters()) / 1e6
+    assert 2.2 < total < 2.4  # about 2.29 M with teachers (model.md)
+    assert teachers > 0.5
+
+
+def test_window_rule_reproduces_both_published_settings():
+    assert min_big_windows((96, 96, 96)) == [(3, 3, 3), (6, 6, 6), (3, 3, 3), (3, 3, 3)]
+    assert min_big_windows((128, 128, 64)) == [(4, 4, 2), (8, 8, 4), (4, 4, 2), (4, 4, 2)]
+
+
+def test_window_pairs_and_tokens_per_stage_for_96_cubed():
+    model = build_model("veloxseg-b", (1, 1), 2, (96, 96, 96))
+    attn = [stage[0].attn for stage in model.attn_stages]
+    assert [a.bigs for a in attn] == [
+        [(3, 3, 3), (6, 6, 6), (12, 12, 12), (24, 24, 24)],
+        [(6, 6, 6), (12, 12, 12)],
+        [(3, 3, 3), (6, 6, 6)],
+        [(3, 3, 3)],
+    ]
+    assert [a.smalls[-1] for a in attn] == [(8, 8, 8), (2, 2, 2), (2, 2, 2), (1, 1, 1)]
+    assert [a.num_tokens for a in attn] == [27, 216, 27, 27]
+    assert [(a.num_heads, a.qk_dim) for a in attn] == [(1, 4), (2, 8), (2, 8), (4, 16)]
+
+
+@pytest.mark.parametrize("patch", [(100, 96, 96), (96, 96, 80), (32, 32, 32), (96, 96)])
+def test_untileable_patch_size_raises_value_error_naming_working_sizes(patch):
+    with pytest.raises(ValueError) as info:
+        build_model("veloxseg-b", patch_size=patch)
+    assert isinstance(info.value, ConfigError)
+    assert "multiple of 32" in str(info.value) and "96" in str(info.value)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64)).eval()
+    with pytest.raises(ConfigError, match="patch size"):
+        model(torch.zeros(1, 2, 96, 96, 96))
+    with pytest.raises(ConfigError, match="expected input"):
+        model(torch.zeros(1, 3, 64, 64, 64))
+
+
+@pytest.mark.parametrize("M,expected", [
+    (1, [4.2, 6.2, 8.3, 10.4]),
+    (2, [4.9, 6.9, 9.0, 11.1]),
+    (4, [5.5, 7.6, 9.7, 11.8]),
+])
+def test_jl_bound_reproduces_eq14(M, expected):
+    values = [c_group(M, v) for v in (4 ** 3, 8 ** 3, 16 ** 3, 32 ** 3)]
+    assert [round(v, 1) for v in values] == expected
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_jl_group_sizes_round_to_the_published_setting(M):
+    assert jl_group_sizes(M, [16, 32, 64, 128], n=4) == [4, 8, 8, 16]
+
+
+def test_jl_bound_scales_with_alpha_and_rounds_to_divisors():
+    assert c_group(2, 64, alpha=2.0) == pytest.approx(2 * math.log(128))
+    sizes = jl_group_sizes(2, [24, 48, 96, 192], n=3)
+    assert all(w % g == 0 for g, w in zip(sizes, [24, 48, 96, 192]))
+
+
+def test_presets_use_the_jl_rule():
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64))
+    groups = [stage[0].conv.branches[0][0].groups for stage in model.conv_stages]
+    assert groups == [16 // 4, 32 // 8, 64 // 8, 128 // 16]
+
+
+def test_every_preset_is_listed():
+    assert set(list_models()) == {"veloxseg-s", "veloxseg-b", "veloxseg-b+", "veloxseg-l", "lightmedseg"}
+
+
+def test_training_outputs_are_named_and_shaped():
+    torch.manual_seed(0)
+    model = build_model("veloxseg-b", (1, 1), 3, (64, 64, 64)).train()
+    out = model.forward_train(torch.randn(2, 2, 64, 64, 64))
+    assert len(out.logits) == 4 and all(lg.shape == (2, 3, 64, 64, 64) for lg in out.logits)
+    assert out.reconstruction.shape == (2, 2, 64, 64, 64)
+    assert out.student_gram.shape == (2, 16, 16)
+    assert len(out.teacher_grams) == 2 and out.teacher_grams[0].shape == (2, 16, 16)
+
+
+def test_a_training_step_reaches_every_parameter_teachers_included():
+    torch.manual_seed(0)
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64)).train()
+    x = torch.randn(1, 2, 64, 64, 64)
+    y = (x[:, :1] > 1.0).long()
+    loss, parts = VeloxSegLoss()(model.forward_train(x), y, x)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+    assert set(parts) == {"seg", "rc", "sdkt", "total"}
+
+
+def test_eval_output_identical_without_training_only_modules():
+    torch.manual_seed(0)
+    full = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64)).eval()
+    slim = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False, deep_supervision=False).eval()
+    slim.load_state_dict(full.inference_state_dict(), strict=True)
+    x = torch.randn(1, 2, 64, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(full(x), slim(x))
+
+
+@pytest.mark.parametrize("name,in_channels,patch,batch", [
+    ("veloxseg-b", (1, 1), (96, 96, 96), 1),
+    ("veloxseg-b", (1, 1), (128, 128, 64), 1),
+    ("veloxseg-s", (1, 1), (64, 64, 64), 2),
+    ("veloxseg-l", (2,), (64, 64, 64), 1),
+    ("veloxseg-b+", (1, 1, 1, 1), (64, 64, 32), 1),
+    ("veloxseg-b", (4,), (64, 64, 64), 2),
+])
+def test_fast_path_computes_the_same_function_as_the_plain_path(name, in_channels, patch, batch):
+    torch.manual_seed(0)
+    model = build_model(name, in_channels, 3, patch, with_teachers=False).eval()
+    x = torch.randn(batch, sum(in_channels), *patch)
+    with torch.inference_mode():
+        plain = set_fast_path(model, False)(x)
+        fast = set_fast_path(model, True)(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_is_not_used_when_gradients_are_needed():
+    torch.manual_seed(0)
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False).eval()
+    x = torch.randn(1, 2, 64, 64, 64)
+    out = set_fast_path(model, True)(x)
+    out.sum().backward()
+    assert model.head.conv.weight.grad is not None
+
+
+def test_veloxseg_b_overfits_one_synthetic_case():
+    torch.manual_seed(0)
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), conv_drop=0.0, attn_drop=0.0, proj_drop=0.0).train()
+    zz, yy, xx = torch.meshgrid(*[torch.arange(64.0)] * 3, indexing="ij")
+    sphere = (((zz - 30) ** 2 + (yy - 34) ** 2 + (xx - 28) ** 2) < 12 ** 2).float()
+    g = torch.Generator().manual_seed(1)
+    image = torch.stack([sphere * 2 + 0.3 * torch.randn(64, 64, 64, generator=g),
+                         sphere + 0.3 * torch.randn(64, 64, 64, generator=g)])[None]
+    target = sphere.long()[None]
+    loss_fn = VeloxSegLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss, _ = loss_fn(model.forward_train(image), target, image)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.5 * losses[0]

@@ -1,0 +1,92 @@
+"""Training losses: CE + soft Dice with deep supervision, reconstruction MSE and the SDKT Gram term.
+
+Loss = sum_i w_i (CE + Dice)(logits_i, y) + lambda_rc * MSE(reconstruction, x)
+       + lambda_sdkt * mean_m MSE(GM(teacher_m), GM(student))        (paper Eq. 10)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model.layers import gram_matrix  # noqa: F401  (re-exported: GM of the SDKT term)
+from .model.outputs import TrainOutput
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, include_background: bool = False,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice over (foreground) classes, averaged over samples and classes.
+
+    logits (N, K, ...) and integer target (N, ...) or (N, 1, ...). Same definition as MONAI's
+    DiceLoss(softmax=True, to_onehot_y=True, include_background=False).
+    """
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    k = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(target.long(), k).movedim(-1, 1).to(probs.dtype)
+    if not include_background and k > 1:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
+    dims = tuple(range(2, probs.dim()))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    return F.cross_entropy(logits.float(), target.long()) + soft_dice_loss(logits, target)
+
+
+def deep_supervision_weights(n: int, weights: Optional[Sequence[float]] = None) -> list:
+    """Normalized weights (equal by default, as the reference's (1, 1, 1, 1))."""
+    w = [1.0] * n if weights is None else [float(v) for v in weights][:n]
+    if len(w) != n or sum(w) <= 0:
+        raise ValueError(f"need {n} deep-supervision weights with a positive sum, got {weights}")
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def sdkt_loss(student_gram: torch.Tensor, teacher_grams: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over modality teachers of MSE(GM(teacher_m), GM(student)) (no detaching, as published)."""
+    return sum(F.mse_loss(student_gram, t) for t in teacher_grams) / len(teacher_grams)
+
+
+@dataclass
+class LossConfig:
+    lambda_rc: float = 0.5
+    lambda_sdkt: float = 2.0
+    ds_weights: Optional[Sequence[float]] = None
+    use_reconstruction: bool = True
+    use_sdkt: bool = True
+
+
+class VeloxSegLoss(nn.Module):
+    """The paper's training objective over a ``TrainOutput``; returns (total, parts)."""
+
+    def __init__(self, config: Optional[LossConfig] = None, **kwargs):
+        super().__init__()
+        self.config = config or LossConfig(**kwargs)
+
+    def forward(self, out: TrainOutput, target: torch.Tensor, image: Optional[torch.Tensor] = None):
+        cfg = self.config
+        weights = deep_supervision_weights(len(out.logits), cfg.ds_weights)
+        seg = sum(w * dice_ce_loss(lg, target) for w, lg in zip(weights, out.logits))
+        parts: Dict[str, float] = {"seg": float(seg.detach())}
+        total = seg
+        if cfg.use_reconstruction and out.reconstruction is not None and cfg.lambda_rc > 0:
+            if image is None:
+                raise ValueError("the reconstruction loss needs the input image")
+            rc = F.mse_loss(out.reconstruction.float(), image.float())
+            parts["rc"] = float(rc.detach())
+            total = total + cfg.lambda_rc * rc
+        if cfg.use_sdkt and out.teacher_grams and out.student_gram is not None and cfg.lambda_sdkt > 0:
+            sd = sdkt_loss(out.student_gram.float(), [g.float() for g in out.teacher_grams])
+            parts["sdkt"] = float(sd.detach())
+            total = total + cfg.lambda_sdkt * sd
+        parts["total"] = float(total.detach())
+        return total, parts
