@@ -1,0 +1,265 @@
+"""Benchmarks behind ``veloxseg bench`` / ``make bench`` (never timed unit tests).
+
+Each measurement runs in a fresh worker process (``python -m VeloxSegLib.bench --worker ...``) so
+thread settings and peak resident memory are clean; speed is reported next to MONAI peers measured
+in the same run, as ratios (the machines are noisy).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+PATCH = (96, 96, 96)
+IN_CHANNELS = 2
+
+# name -> description; VeloxSeg presets use PET/CT cross-modal attention (in_channels (1, 1)).
+MODELS = {
+    "veloxseg-s": "VeloxSeg S (kernels {3})",
+    "veloxseg-b": "VeloxSeg B (paper default)",
+    "veloxseg-b+": "VeloxSeg B+ (widths 32)",
+    "veloxseg-l": "VeloxSeg L (depth 2)",
+    "lightmedseg": "LightMedSeg (our in-house peer)",
+    "monai-unet": "MONAI UNet 16..256, 2 res units",
+    "monai-segresnet": "MONAI SegResNet, 16 filters",
+    "monai-swinunetr": "MONAI SwinUNETR, feature size 24",
+}
+PEER = "monai-unet"
+
+
+def make_model(name: str, fast: bool = True):
+    import torch  # noqa: F401
+
+    if name.startswith("monai-"):
+        from monai.networks import nets
+
+        if name == "monai-unet":
+            return nets.UNet(3, IN_CHANNELS, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
+        if name == "monai-segresnet":
+            return nets.SegResNet(spatial_dims=3, init_filters=16, in_channels=IN_CHANNELS, out_channels=2)
+        if name == "monai-swinunetr":
+            try:
+                return nets.SwinUNETR(in_channels=IN_CHANNELS, out_channels=2, feature_size=24, spatial_dims=3)
+            except TypeError:  # older MONAI needs img_size
+                return nets.SwinUNETR(img_size=PATCH, in_channels=IN_CHANNELS, out_channels=2, feature_size=24)
+        raise ValueError(name)
+    from .model import build_model, set_fast_path
+
+    in_ch = (1, 1)
+    kwargs = {"with_teachers": False} if name.startswith("veloxseg") else {}
+    model = build_model(name, in_channels=in_ch, num_classes=2, patch_size=PATCH, **kwargs)
+    return set_fast_path(model, fast)
+
+
+def count(name: str) -> Dict[str, float]:
+    """Inference parameters (receiving a gradient from the eval output) and GMAC (FLOPs / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = make_model(name, fast=False).eval()
+    x = torch.randn(1, IN_CHANNELS, *PATCH)
+    model(x).sum().backward()
+    params = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return {"params_m": params / 1e6, "gmac": counter.get_total_flops() / 2e9}
+
+
+def worker_speed(name: str, threads: int, reps: int, fast: bool = True) -> Dict[str, float]:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = make_model(name, fast=fast).eval()
+    x = torch.randn(1, IN_CHANNELS, *PATCH)
+    base_rss = _rss_mb()
+    times = []
+    with torch.inference_mode():
+        model(x)  # warm-up (allocator, oneDNN primitives)
+        peak = _peak_rss_mb()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"best_s": times[0], "median_s": times[len(times) // 2], "peak_rss_mb": peak,
+            "base_rss_mb": base_rss, "threads": threads}
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+
+
+def run_worker(args: List[str], timeout: float = 1800) -> dict:
+    cmd = [sys.executable, "-m", "VeloxSegLib.bench", "--worker", *args]
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> Dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        mem = float("nan")
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gib": f"{mem:.0f}",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "os": f"{platform.system()} {platform.release()}",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def patch_benchmark(models: List[str], reps: int, progress=print) -> List[dict]:
+    rows = []
+    for name in models:
+        slow = name in ("monai-swinunetr", "monai-segresnet")
+        n = max(2, reps // 4) if slow else reps
+        progress(f"[bench] {name}: counting")
+        row = {"model": name, "description": MODELS.get(name, name), **run_worker(["count", name])}
+        for threads in (1, 2):
+            progress(f"[bench] {name}: {threads} thread(s)")
+            r = run_worker(["speed", name, str(threads), str(n)])
+            row[f"pps_{threads}t"] = 1.0 / r["best_s"]
+            row[f"median_s_{threads}t"] = r["median_s"]
+            row["peak_rss_mb"] = max(row.get("peak_rss_mb", 0.0), r["peak_rss_mb"])
+        if name.startswith("veloxseg"):
+            progress(f"[bench] {name}: plain path, 1 thread")
+            r = run_worker(["speed", name, "1", str(n), "plain"])
+            row["pps_1t_plain"] = 1.0 / r["best_s"]
+        rows.append(row)
+    peer = next((r for r in rows if r["model"] == PEER), None)
+    for r in rows:
+        if peer:
+            r["ratio_1t"] = r["pps_1t"] / peer["pps_1t"]
+            r["ratio_2t"] = r["pps_2t"] / peer["pps_2t"]
+    return rows
+
+
+def _optional_sections(progress) -> Dict[str, dict]:
+    """Whole-body inference and training-speed benchmarks, when those modules provide them."""
+    out = {}
+    try:
+        from .infer import bench_wholebody  # type: ignore
+
+        progress("[bench] whole-body PET/CT through `veloxseg predict`")
+        out["wholebody"] = bench_wholebody.run(progress=progress)
+    except ImportError:
+        pass
+    try:
+        from .train import bench_training  # type: ignore
+
+        progress("[bench] training step")
+        out["training"] = bench_training.run(progress=progress)
+    except ImportError:
+        pass
+    return out
+
+
+def render_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`veloxseg bench`); do not edit by hand. Each figure comes from a fresh",
+        "worker process; patches/s is the best of the timed repetitions of one 96^3 patch with 2 input",
+        "channels (PET/CT; VeloxSeg with cross-modal attention, in_channels (1, 1)), batch 1, eval mode,",
+        "`torch.inference_mode`. Ratios are against MONAI UNet measured in the same run.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
+        f"torch {m['torch']}; {m['date']}.",
+        "",
+        "## Network speed and size (96^3 patch, CPU)",
+        "",
+        "| model | params (M) | GMAC | patches/s 1 thread | x UNet | patches/s 2 threads | x UNet | "
+        "peak RSS (MB) | plain path patches/s 1t |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["patch"]:
+        plain = f"{r['pps_1t_plain']:.2f}" if "pps_1t_plain" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['params_m']:.3f} | {r['gmac']:.3f} | {r['pps_1t']:.2f} | "
+            f"{r.get('ratio_1t', float('nan')):.2f} | {r['pps_2t']:.2f} | {r.get('ratio_2t', float('nan')):.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {plain} |")
+    lines += [
+        "",
+        "Params: parameters that receive a gradient from the eval-mode output (VeloxSeg's training-only",
+        "texture teachers and deep-supervision heads excluded). GMAC: `torch.utils.flop_counter` FLOPs / 2",
+        "on the plain path. Peak RSS: the worker process's peak resident memory after one inference.",
+        "\"plain path\" is the straightforward module code (the reference's structure); the default fast",
+        "path computes the same function (tests compare them to 1e-4).",
+    ]
+    for key, title in (("wholebody", "Whole-body PET/CT inference"), ("training", "Training speed")):
+        sec = result.get(key)
+        if sec and sec.get("markdown"):
+            lines += ["", f"## {title}", "", sec["markdown"]]
+    return "\n".join(lines) + "\n"
+
+
+def run(models: Optional[List[str]] = None, reps: int = 8, output: Optional[str] = None,
+        as_json: bool = False, sections: Optional[List[str]] = None, progress=None) -> dict:
+    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    models = models or list(MODELS)
+    if PEER not in models:
+        models = [PEER] + models
+    result = {"machine": machine(), "patch": patch_benchmark(models, reps, progress)}
+    if sections is None or set(sections) & {"wholebody", "training"}:
+        result.update(_optional_sections(progress))
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(render_markdown(result))
+        os.replace(tmp, path)
+        json_path = path.with_suffix(".json")
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, json_path)
+    return result
+
+
+def _worker_main(argv: List[str]) -> None:
+    kind, name = argv[0], argv[1]
+    if kind == "count":
+        print(json.dumps(count(name)))
+    elif kind == "speed":
+        fast = not (len(argv) > 4 and argv[4] == "plain")
+        print(json.dumps(worker_speed(name, int(argv[2]), int(argv[3]), fast=fast)))
+    else:
+        raise SystemExit(f"unknown worker kind {kind}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", nargs="+", required=True)
+    _worker_main(parser.parse_args().worker)

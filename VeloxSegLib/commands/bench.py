@@ -1,0 +1,34 @@
+"""``veloxseg bench``: speed and memory benchmarks (writes docs/benchmarks.md)."""
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers):
+    p = subparsers.add_parser("bench", help="benchmark the networks (and pipelines) on this machine",
+                              description="Measure parameters, GMAC, CPU patches/s at 1 and 2 threads and "
+                                          "peak memory for every VeloxSeg preset, LightMedSeg and MONAI peers "
+                                          "(UNet, SegResNet, SwinUNETR) in the same run.")
+    p.add_argument("--models", nargs="+", help="subset of models (default: all)")
+    p.add_argument("--reps", type=int, default=8, help="timed repetitions per model and thread count")
+    p.add_argument("--output", "-o", help="write a markdown table here (and the raw figures as .json)")
+    p.add_argument("--json", action="store_true", help="print the raw figures as JSON on stdout")
+    p.add_argument("--sections", nargs="+", choices=["patch", "wholebody", "training"],
+                   help="which benchmarks to run (default: all available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench import MODELS, render_markdown, run as run_bench
+
+    unknown = [m for m in (args.models or []) if m not in MODELS]
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown benchmark model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    result = run_bench(models=args.models, reps=args.reps, output=args.output, sections=args.sections)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_markdown(result))
+    return 0
