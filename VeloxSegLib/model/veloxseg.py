@@ -106,6 +106,9 @@ class VeloxSeg(nn.Module):
         with_teachers: build the training-only texture teachers (not needed for inference).
     """
 
+    # state-dict prefixes of modules used only in training (a bundle may or may not carry them)
+    training_only_prefixes = ("teachers.", "ds_heads.")
+
     def __init__(self, in_channels: Sequence[int] = (1, 1), num_classes: int = 2,
                  patch_size: Sequence[int] = (96, 96, 96), base_ch: int = 16, attn_ch: int = 16,
                  conv_depths=(1, 1, 1, 1), attn_depths=(1, 1, 1, 1), kernel_sizes=(1, 3, 5),
@@ -221,5 +224,4 @@ class VeloxSeg(nn.Module):
 
     def inference_state_dict(self):
         """State dict without the training-only modules (teachers, deep-supervision heads)."""
-        return {k: v for k, v in self.state_dict().items()
-                if not (k.startswith("teachers.") or k.startswith("ds_heads."))}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.training_only_prefixes)}

@@ -1,0 +1,301 @@
+"""``veloxseg evaluate``: compare predicted label maps with reference label maps.
+
+Per case and per label: Dice, HD95 (mm), precision, recall, and the autoPET false-positive and
+false-negative volumes (ml); then per-label means. Definitions: ``docs/metrics.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import secrets
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import InputError
+
+#: Label-map file endings accepted in folders (and for single files).
+EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "evaluate",
+        help="Dice, HD95, precision, recall and FP/FN volumes of predictions against references",
+        description=(
+            "Compare predicted label maps (--pred) with reference label maps (--ref): two files, or two "
+            "folders whose cases are matched by file name (the name without its ending; "
+            f"{', '.join(EXTENSIONS)}). Prints per-case and mean metrics per label. Labels in a "
+            "reference or prediction that are not in --labels (or the --model bundle's labels) are an "
+            "error. Empty-mask conventions are documented in docs/metrics.md."),
+    )
+    p.add_argument("--pred", required=True, metavar="P", help="predicted label map, or a folder of them")
+    p.add_argument("--ref", required=True, metavar="R", help="reference label map, or a folder of them")
+    p.add_argument("--labels", type=int, nargs="+", metavar="L",
+                   help="label values to evaluate (default: the --model bundle's labels, else every non-zero "
+                        "label found)")
+    p.add_argument("-m", "--model", metavar="BUNDLE", help="take label values and names from this bundle "
+                                                            "(folder, .zip or name)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': print JSON to "
+                                                   "stdout instead of the table)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=run)
+    return p
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _case_name(path: pathlib.Path) -> Optional[str]:
+    low = path.name.lower()
+    for ext in EXTENSIONS:
+        if low.endswith(ext) and len(low) > len(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
+def _folder_cases(folder: pathlib.Path, role: str) -> Dict[str, pathlib.Path]:
+    cases: Dict[str, pathlib.Path] = {}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"'{folder}': cannot list {role} folder ({exc.strerror or exc})") from None
+    for p in entries:
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        name = _case_name(p)
+        if name is None:
+            continue
+        if name in cases:
+            raise InputError(f"'{folder}': {role} case '{name}' is there twice ({cases[name].name}, {p.name})")
+        cases[name] = p
+    if not cases:
+        raise InputError(f"'{folder}': {role} folder holds no label maps ({', '.join(EXTENSIONS)})")
+    return cases
+
+
+def match_cases(pred, ref) -> List[Tuple[str, pathlib.Path, pathlib.Path]]:
+    """``[(case, pred_path, ref_path)]`` for two files or two folders (matched by case name).
+
+    A reference without a prediction is an error; predictions without a reference are ignored.
+    """
+    pred, ref = pathlib.Path(pred), pathlib.Path(ref)
+    for role, p in (("prediction", pred), ("reference", ref)):
+        if not p.exists():
+            raise InputError(f"'{p}': {role} not found (no such file or folder)")
+    if pred.is_dir() != ref.is_dir():
+        raise InputError(f"--pred '{pred}' and --ref '{ref}' must both be files or both be folders")
+    if not pred.is_dir():
+        return [(_case_name(ref) or ref.name, pred, ref)]
+    pred_cases = _folder_cases(pred, "prediction")
+    ref_cases = _folder_cases(ref, "reference")
+    missing = [c for c in ref_cases if c not in pred_cases]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InputError(f"'{pred}': no prediction for {len(missing)} reference case(s): {shown}")
+    return [(c, pred_cases[c], ref_cases[c]) for c in ref_cases]
+
+
+def _label_array(image, path: pathlib.Path, role: str):
+    """The voxels of a label-map image as a non-negative integer numpy array (z, y, x)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise InputError(f"'{path}': {role} has non-integer voxel values; expected a label map")
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise InputError(f"'{path}': {role} has label values outside 0..65535")
+        arr = arr.astype(np.int32)
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"'{path}': {role} has pixel type {arr.dtype}; expected an integer label map")
+    elif arr.size and arr.min() < 0:
+        raise InputError(f"'{path}': {role} has negative label values; expected a label map")
+    return arr
+
+
+def _read(path: pathlib.Path, role: str):
+    from ..data.io import read_image
+
+    return read_image(path)
+
+
+def _fmt_labels(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Optional[Dict[int, str]] = None,
+             progress=None) -> dict:
+    """Evaluate ``pred`` against ``ref`` (two label-map files or two folders); return a results dict.
+
+    ``labels``: the label values to evaluate; any other non-zero label in a reference or a
+    prediction raises InputError. ``None``: every non-zero label found in any case (a label
+    absent from both masks of a case gets the both-empty values there). Raises InputError for
+    unreadable files and grids that differ. Metric values may be ``inf`` (HD95 with one empty
+    mask); :func:`VeloxSegLib.metrics.json_safe` turns them into ``None`` for JSON.
+    """
+    import numpy as np
+
+    from .. import metrics as M
+
+    pairs = match_cases(pred, ref)
+    known = None
+    if labels is not None:
+        known = sorted(set(int(v) for v in labels))
+        bad = [v for v in known if not 1 <= v <= 65535]
+        if bad:
+            raise InputError(f"--labels: {_fmt_labels(bad)} not valid (label values are 1..65535; 0 is background)")
+    cases = []
+    for i, (case, p_path, r_path) in enumerate(pairs):
+        r_img = _read(r_path, "reference")
+        p_img = _read(p_path, "prediction")
+        problem = M.geometry_mismatch(p_img, r_img)
+        if problem:
+            raise InputError(f"prediction '{p_path}' and reference '{r_path}' are on different grids ({problem}); "
+                             f"resample the prediction onto the reference first")
+        r_arr = _label_array(r_img, r_path, "reference")
+        p_arr = _label_array(p_img, p_path, "prediction")
+        r_labels = [int(v) for v in np.unique(r_arr) if v != 0]
+        p_labels = [int(v) for v in np.unique(p_arr) if v != 0]
+        if known is not None:
+            for role, path, found in (("reference", r_path, r_labels), ("prediction", p_path, p_labels)):
+                unknown = [v for v in found if v not in known]
+                if unknown:
+                    raise InputError(f"'{path}': {role} holds label(s) {_fmt_labels(unknown)} not in the known labels "
+                                     f"({_fmt_labels(known)}); pass --labels with every label value")
+            case_labels = known
+        else:
+            case_labels = sorted(set(r_labels) | set(p_labels))
+        spacing = tuple(reversed(r_img.GetSpacing()))
+        per_label = M.evaluate_arrays(p_arr, r_arr, case_labels, spacing)
+        del r_arr, p_arr, r_img, p_img
+        cases.append({"case": case, "pred": str(p_path), "ref": str(r_path),
+                      "spacing": [float(s) for s in reversed(spacing)], "metrics": per_label})
+        if progress:
+            progress(i + 1, len(pairs))
+    all_labels = known if known is not None else sorted({lab for c in cases for lab in c["metrics"]})
+    both_empty = M.label_metrics(np.zeros(1, bool), np.zeros(1, bool), (1.0,))
+    for c in cases:  # discovery mode: labels absent from both masks of a case
+        for lab in all_labels:
+            c["metrics"].setdefault(lab, dict(both_empty))
+        c["metrics"] = {lab: c["metrics"][lab] for lab in all_labels}
+    names = {lab: (label_names or {}).get(lab, f"label {lab}") for lab in all_labels}
+    return {
+        "pred": str(pred),
+        "ref": str(ref),
+        "labels": names,
+        "metrics_doc": "docs/metrics.md",
+        "cases": cases,
+        "mean": M.mean_metrics([c["metrics"] for c in cases]),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _num(v, digits=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{v:.{digits}f}"
+
+
+def format_table(results: dict) -> str:
+    names = results["labels"]
+    header = ("case", "label", "Dice", "HD95_mm", "precision", "recall", "FP_ml", "FN_ml")
+    rows = []
+    for c in results["cases"]:
+        for lab, m in c["metrics"].items():
+            rows.append((c["case"], f"{lab} {names[lab]}", _num(m["dice"]), _num(m["hd95_mm"], 2),
+                         _num(m["precision"]), _num(m["recall"]), _num(m["fp_volume_ml"], 3),
+                         _num(m["fn_volume_ml"], 3)))
+    n = len(results["cases"])
+    notes = []
+    for lab, m in results["mean"].items():
+        rows.append((f"mean ({n})", f"{lab} {names[lab]}", _num(m["dice"]), _num(m["hd95_mm"], 2),
+                     _num(m["precision"]), _num(m["recall"]), _num(m["fp_volume_ml"], 3),
+                     _num(m["fn_volume_ml"], 3)))
+        if m["hd95_cases"] < m["cases"]:
+            notes.append(f"label {lab}: mean HD95 over the {m['hd95_cases']} of {m['cases']} cases where it is "
+                         f"finite (inf: exactly one of prediction and reference is empty)")
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = []
+    for r in [header] + rows:
+        cells = [str(r[0]).ljust(widths[0]), str(r[1]).ljust(widths[1])]
+        cells += [str(x).rjust(w) for x, w in zip(r[2:], widths[2:])]
+        lines.append("  ".join(cells).rstrip())
+    lines += notes
+    return "\n".join(lines)
+
+
+def _check_json_path(path: str, overwrite: bool) -> pathlib.Path:
+    p = pathlib.Path(path)
+    parent = p.parent if str(p.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise InputError(f"'{p}': output folder '{parent}' does not exist")
+    if p.is_dir():
+        raise InputError(f"'{p}': is a folder, expected a JSON file name")
+    if p.exists() and not overwrite:
+        raise InputError(f"'{p}': output exists (pass --overwrite to replace it)")
+    return p
+
+
+def write_json_atomic(data, path: pathlib.Path) -> None:
+    """Write ``data`` as JSON to a hidden temporary sibling, then rename it onto ``path``."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"'{path}': cannot be written ({exc.strerror or exc})") from None
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def run(args) -> int:
+    from .. import metrics as M
+
+    json_path = None
+    if args.json and args.json != "-":
+        json_path = _check_json_path(args.json, args.overwrite)
+    labels = args.labels
+    names: Dict[int, str] = {}
+    if args.model:
+        from ..bundle import load_bundle
+
+        bundle = load_bundle(args.model)
+        names = {lab["value"]: lab["name"] for lab in bundle.labels if lab["value"] != 0}
+        if labels is None:
+            labels = sorted(names)
+        else:
+            unknown = [v for v in labels if v not in names]
+            if unknown:
+                raise InputError(f"--labels {_fmt_labels(unknown)} not in bundle '{bundle.name}' "
+                                 f"(labels: {_fmt_labels(sorted(names))})")
+    results = evaluate(args.pred, args.ref, labels=labels, label_names=names)
+    safe = M.json_safe(results)
+    if args.json == "-":
+        print(json.dumps(safe, indent=2, allow_nan=False))
+        return 0
+    if json_path is not None:
+        write_json_atomic(safe, json_path)
+    print(format_table(results))
+    if json_path is not None:
+        print(f"wrote {json_path}", file=sys.stderr)
+    return 0
