@@ -1,0 +1,204 @@
+"""Synthetic PET/CT and MRI phantoms (VeloxSegLib.data.phantom, `veloxseg phantom`)."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from VeloxSegLib.cli import main
+from VeloxSegLib.data import phantom
+from VeloxSegLib.data.alignment import Grid, overlap_fraction
+from VeloxSegLib.data.nnunet import load_dataset, validate_dataset
+
+PETCT_SIZE = (48, 48, 40)
+MRI_SIZE = (48, 48, 48)
+
+
+def arrays(folder):
+    return {p.relative_to(folder).as_posix(): sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+            for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+@pytest.fixture(scope="module")
+def petct_ds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("petct") / "ds"
+    phantom.write_phantom_dataset(out, "petct", 3, seed=7, size=PETCT_SIZE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mri_ds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mri") / "ds"
+    phantom.write_phantom_dataset(out, "mri", 3, seed=5, size=MRI_SIZE)
+    return out
+
+
+def test_same_seed_writes_identical_bytes(petct_ds, tmp_path):
+    again = tmp_path / "again"
+    phantom.write_phantom_dataset(again, "petct", 3, seed=7, size=PETCT_SIZE)
+    files = sorted(p.relative_to(petct_ds) for p in petct_ds.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (petct_ds / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_case_depends_only_on_seed_and_index(petct_ds, tmp_path):
+    one = tmp_path / "one"
+    phantom.write_phantom_dataset(one, "petct", 1, seed=7, size=PETCT_SIZE)
+    for rel in ("imagesTr/petct_0000_0000.nii.gz", "imagesTr/petct_0000_0001.nii.gz", "labelsTr/petct_0000.nii.gz"):
+        assert (one / rel).read_bytes() == (petct_ds / rel).read_bytes()
+
+
+def test_different_seeds_give_different_cases(petct_ds, tmp_path):
+    other = tmp_path / "other"
+    phantom.write_phantom_dataset(other, "petct", 1, seed=8, size=PETCT_SIZE)
+    a, b = arrays(petct_ds), arrays(other)
+    for rel in ("imagesTr/petct_0000_0000.nii.gz", "imagesTr/petct_0000_0001.nii.gz", "labelsTr/petct_0000.nii.gz"):
+        assert not np.array_equal(a[rel], b[rel])
+    # and cases of one dataset differ from each other
+    assert not np.array_equal(a["labelsTr/petct_0000.nii.gz"], a["labelsTr/petct_0001.nii.gz"])
+
+
+def test_petct_dataset_json_declares_ct_and_pet(petct_ds):
+    data = json.loads((petct_ds / "dataset.json").read_text())
+    assert data["channel_names"] == {"0": "CT", "1": "PET"}
+    assert data["labels"] == {"background": 0, "lesion": 1}
+    assert data["numTraining"] == 3 and data["file_ending"] == ".nii.gz"
+    assert data["veloxseg_phantom"]["seed"] == 7
+    assert load_dataset(petct_ds).cases == ["petct_0000", "petct_0001", "petct_0002"]
+
+
+def test_pet_lies_on_a_coarser_grid_with_another_field_of_view(petct_ds):
+    for case in load_dataset(petct_ds).cases:
+        ct = Grid.of(sitk.ReadImage(str(petct_ds / f"imagesTr/{case}_0000.nii.gz")))
+        pet = Grid.of(sitk.ReadImage(str(petct_ds / f"imagesTr/{case}_0001.nii.gz")))
+        assert all(p > c for p, c in zip(pet.spacing, ct.spacing))
+        assert pet.size != ct.size
+        assert all(abs(a - b) > 1.0 for a, b in zip(pet.origin, ct.origin))
+        assert overlap_fraction(ct, pet) > 0.8  # same patient frame, largely overlapping
+    validate_dataset(petct_ds)  # channels share a physical space, labels on the CT grid
+
+
+def test_label_lies_on_the_ct_grid(petct_ds):
+    for case in load_dataset(petct_ds).cases:
+        ct = sitk.ReadImage(str(petct_ds / f"imagesTr/{case}_0000.nii.gz"))
+        lab = sitk.ReadImage(str(petct_ds / f"labelsTr/{case}.nii.gz"))
+        assert Grid.of(ct).same_as(Grid.of(lab))
+        assert ct.GetPixelID() == sitk.sitkInt16 and lab.GetPixelID() == sitk.sitkUInt8
+
+
+def test_every_case_has_lesions_inside_the_body(petct_ds):
+    for case in load_dataset(petct_ds).cases:
+        ct = sitk.GetArrayFromImage(sitk.ReadImage(str(petct_ds / f"imagesTr/{case}_0000.nii.gz")))
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(petct_ds / f"labelsTr/{case}.nii.gz")))
+        assert set(np.unique(lab)) == {0, 1}
+        tissue = ct > -300
+        for z, y, x in zip(*np.nonzero(lab)):
+            row = tissue[z, y]
+            # body tissue on both sides of the lesion voxel along x: inside the body outline
+            assert row[:x + 1].any() and row[x:].any(), (case, z, y, x)
+            assert not row[0] and not row[-1]  # air at the edges of the field of view
+
+
+def test_ct_hounsfield_units_are_realistic():
+    ct, pet, lab, info = phantom.generate_petct_case(1, 0, PETCT_SIZE)
+    a = sitk.GetArrayFromImage(ct).astype(float)
+    assert np.median(a[:, :, :3]) < -950  # air at the sides
+    assert a.max() > 500  # bone
+    assert np.percentile(a, 50) < 0 and (np.abs(a - 40) < 40).sum() > 0.1 * a.size  # much soft tissue
+    assert ((a > -900) & (a < -650)).sum() > 0.01 * a.size  # lungs
+    assert ((a > -150) & (a < -60)).sum() > 0.005 * a.size  # fat
+
+
+def test_pet_is_in_suv_with_lesion_uptake():
+    ct, pet, lab, info = phantom.generate_petct_case(2, 1, PETCT_SIZE)
+    p = sitk.GetArrayFromImage(pet)
+    assert p.dtype == np.float32 and p.min() >= 0 and 3 < p.max() < 60
+    on_ct = sitk.GetArrayFromImage(sitk.Resample(pet, ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+    les = sitk.GetArrayFromImage(lab) > 0
+    body = sitk.GetArrayFromImage(ct) > -300
+    assert on_ct[les].max() > np.median(on_ct[body & ~les])
+    assert 1 <= len(info["lesions"]) <= 5
+    assert all(l["diameter_mm"] >= 6 or l["voxels"] >= 1 for l in info["lesions"])
+
+
+def test_mri_regions_nest_like_brats(mri_ds):
+    for case in load_dataset(mri_ds).cases:
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(mri_ds / f"labelsTr/{case}.nii.gz")))
+        assert set(np.unique(lab)) == {0, 1, 2, 3}, case
+        padded = np.pad(lab, 1)
+        core = padded[1:-1, 1:-1, 1:-1]
+        neighbours = [np.roll(padded, s, axis=a)[1:-1, 1:-1, 1:-1] for a in range(3) for s in (-1, 1)]
+        tc = (core == 1) | (core == 3)
+        # TC inside WT: no tumour-core voxel touches background
+        assert not any((tc & (n == 0)).any() for n in neighbours), case
+        # necrotic core inside the enhancing rim: NCR touches neither edema nor background
+        assert not any(((core == 1) & ((n == 0) | (n == 2))).any() for n in neighbours), case
+
+
+def test_mri_contrasts_show_the_regions(mri_ds):
+    ds = load_dataset(mri_ds)
+    case = ds.cases[0]
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(ds.label_path(case))))
+    t1, t1ce, t2, flair = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in ds.image_paths(case))
+    assert ds.channel_list == ["T1", "T1ce", "T2", "FLAIR"]
+    mean = lambda img, v: float(img[lab == v].mean())  # noqa: E731
+    assert mean(t1ce, 3) > 1.5 * mean(t1ce, 1) and mean(t1ce, 3) > 1.5 * mean(t1ce, 2)  # ring enhancement
+    assert mean(t1ce, 3) / mean(t1ce, 2) > 1.3 * mean(t1, 3) / mean(t1, 2)  # contrast uptake, not T1
+    assert mean(flair, 2) > 1.3 * float(np.median(flair[(lab == 0) & (flair > 0)]))  # bright edema
+    assert mean(t2, 1) > mean(t2, 3)  # necrosis bright on T2
+    for img in (t1, t1ce, t2, flair):
+        assert img[0, 0, 0] == 0 and img[-1, -1, -1] == 0  # air exactly zero (zscore_nonzero)
+
+
+def test_default_grids_match_the_documented_sizes():
+    ct, pet = phantom.petct_grids()
+    assert ct.size == (128, 128, 96) and ct.spacing == (3.0, 3.0, 3.5)
+    assert all(p > c for p, c in zip(pet.spacing, ct.spacing))
+    grid = phantom.mri_grid()
+    assert grid.size == (96, 96, 96) and grid.spacing == (2.0, 2.0, 2.0)
+
+
+def test_cli_writes_a_valid_dataset(tmp_path, capsys):
+    out = tmp_path / "mri"
+    assert main(["phantom", "--kind", "mri", "-n", "1", "-o", str(out), "--seed", "3", "--size", "40", "40", "40"]) == 0
+    ds = validate_dataset(out)
+    assert ds.cases == ["mri_0000"] and ds.num_training == 1
+    assert "wrote 1 mri phantom case" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_existing_output_and_leaves_it_alone(tmp_path, capsys):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["phantom", "--kind", "petct", "-n", "1", "-o", str(out), "--size", "32", "32", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(out) in err and "not empty" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"] and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_cli_rejects_a_bad_size_without_writing(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["phantom", "--kind", "petct", "-n", "1", "-o", str(out), "--size", "8", "8", "8"]) == 4
+    assert "size" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lesions_vary_in_site_size_and_visibility():
+    lesions = [l for i in range(10) for l in phantom.generate_petct_case(11, i, PETCT_SIZE)[3]["lesions"]]
+    assert {l["site"] for l in lesions} >= {"lung", "liver", "node"}
+    diameters = [l["diameter_mm"] for l in lesions]
+    assert min(diameters) < 12 and max(diameters) > 25
+    assert {l["lobulated"] for l in lesions} == {True, False}
+    assert any(abs(l["ct_contrast_hu"]) < 15 for l in lesions)  # hardly visible in CT
+    assert any(abs(l["ct_contrast_hu"]) > 500 for l in lesions)  # lung nodules stand out
+    suv = [l["suv"] for l in lesions]
+    assert min(suv) < 4 and max(suv) > 8
+
+
+def test_pet_has_physiological_uptake_outside_lesions():
+    ct, pet, lab, info = phantom.generate_petct_case(4, 0, PETCT_SIZE)
+    on_ct = sitk.GetArrayFromImage(sitk.Resample(pet, ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+    les = sitk.GetArrayFromImage(lab) > 0
+    assert (on_ct[~les] > 4).sum() > 50  # brain, bladder, heart, kidneys light up too
+    assert set(info["organ_suv"]) == {"myocardium", "liver", "kidney", "urine", "brain", "blood"}

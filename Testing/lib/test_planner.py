@@ -1,0 +1,209 @@
+"""Dataset fingerprint and plans (VeloxSegLib.train.planner, `veloxseg plan`)."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from VeloxSegLib.bundle import validate_meta
+from VeloxSegLib.cli import main
+from VeloxSegLib.data.nnunet import make_dataset_json, write_dataset_json
+from VeloxSegLib.errors import ConfigError
+from VeloxSegLib.train.planner import (channel_modality, choose_patch_size, choose_spacing, fingerprint_dataset,
+                                       make_plans, parse_normalization)
+
+
+def fake_fingerprint(size, spacing, n=10, channels=("CT", "PET")):
+    return {
+        "dataset": "/x", "name": "x", "num_cases": n,
+        "spacings": [list(spacing)] * n, "sizes": [list(size)] * n,
+        "median_spacing": list(spacing), "median_size": list(size),
+        "channels": [{"index": i, "name": c, "modality": channel_modality(c), "on_reference_grid": True,
+                      "foreground": {"count": 100, "mean": 50.0, "std": 30.0, "percentile_00_5": -90.0,
+                                     "percentile_99_5": 300.0},
+                      "body": {"count": 100, "mean": 1.0, "std": 2.0}} for i, c in enumerate(channels)],
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}],
+    }
+
+
+def write(path, arr, spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(np.asarray(arr))
+    img.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), True)
+
+
+def as_bundle_meta(plans):
+    return {"format_version": 1, "name": "planned", "model": plans["model"], "spacing": plans["spacing"],
+            "channels": plans["channels"], "labels": plans["labels"]}
+
+
+@pytest.mark.parametrize("size, spacing", [
+    ((400, 400, 326), (2.0364, 2.0364, 3.0)),   # AutoPET-II whole body
+    ((200, 200, 310), (1.0, 1.0, 1.0)),         # Hecktor-like
+    ((240, 240, 155), (1.0, 1.0, 1.0)),         # BraTS
+    ((512, 512, 40), (0.7, 0.7, 5.0)),          # thick slices
+    ((64, 64, 48), (6.0, 6.0, 7.0)),            # small phantom
+    ((30, 300, 300), (1.0, 1.0, 1.0)),          # thin along x
+])
+def test_patch_sizes_are_multiples_of_32_within_median_size_and_budget(size, spacing):
+    fp = fake_fingerprint(size, spacing)
+    target, _ = choose_spacing(fp)
+    patch, _, shape = choose_patch_size(fp, target)
+    assert all(p % 32 == 0 and p >= 32 for p in patch)
+    assert all(p <= max(32, int(s / 32 + 0.5) * 32) for p, s in zip(patch, shape))
+    assert np.prod(patch) <= 96 ** 3
+
+
+def test_typical_petct_gets_96_cubed_patches():
+    plans = make_plans(fake_fingerprint((400, 400, 326), (2.0364, 2.0364, 3.0)))
+    assert plans["model"]["patch_size"] == [96, 96, 96]
+    assert plans["spacing"] == [2.0364, 2.0364, 3.0]
+    assert plans["batch_size"] == 2
+    assert plans["model"]["in_channels"] == [1, 1] and plans["model"]["num_classes"] == 2
+
+
+def test_anisotropic_spacing_takes_the_tenth_percentile_of_the_coarse_axis():
+    fp = fake_fingerprint((512, 512, 40), (0.7, 0.7, 5.0))
+    fp["spacings"] = [[0.7, 0.7, z] for z in (2.5, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0)]
+    spacing, reason = choose_spacing(fp)
+    assert spacing[:2] == [0.7, 0.7] and 2.5 < spacing[2] < 5.0 and "anisotropic" in reason
+    iso, reason = choose_spacing(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5)))
+    assert iso == [3.0, 3.0, 3.5] and reason.startswith("median")
+
+
+@pytest.mark.parametrize("name, modality, scheme", [
+    ("CT", "CT", "ct"), ("CTres", "CT", "ct"), ("PET", "PET", "pet_zscore_body"), ("PT", "PET", "pet_zscore_body"),
+    ("SUV", "PET", "pet_zscore_body"), ("T1", "MR", "zscore_nonzero"), ("T1ce", "MR", "zscore_nonzero"),
+    ("t2", "MR", "zscore_nonzero"), ("FLAIR", "MR", "zscore_nonzero"), ("MR", "MR", "zscore_nonzero"),
+])
+def test_normalization_is_chosen_from_the_channel_name(name, modality, scheme):
+    assert channel_modality(name) == modality
+    plans = make_plans(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5), channels=(name,)))
+    assert plans["channels"][0]["modality"] == modality
+    assert plans["channels"][0]["normalization"]["scheme"] == scheme
+
+
+def test_ct_normalization_uses_foreground_percentiles_and_moments():
+    plans = make_plans(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5)))
+    assert plans["channels"][0]["normalization"] == {"scheme": "ct", "clip": [-90.0, 300.0], "mean": 50.0,
+                                                     "std": 30.0}
+    assert plans["channels"][1]["normalization"] == {"scheme": "pet_zscore_body"}
+    validate_meta(as_bundle_meta(plans))
+
+
+def test_mri_contrasts_get_one_early_fusion_stream():
+    plans = make_plans(fake_fingerprint((240, 240, 155), (1.0, 1.0, 1.0), channels=("T1", "T1ce", "T2", "FLAIR")))
+    assert plans["model"]["in_channels"] == [4]
+
+
+def test_overrides_are_used_and_recorded():
+    fp = fake_fingerprint((400, 400, 326), (2.0364, 2.0364, 3.0))
+    plans = make_plans(fp, spacing=[2, 2, 2], patch_size=[128, 128, 64], batch_size=3,
+                       normalization={"CT": "ct",
+                                      "1": {"scheme": "pet_suv", "suv_factor": 0.5}},
+                       in_channels=[2])
+    assert plans["spacing"] == [2.0, 2.0, 2.0] and plans["model"]["patch_size"] == [128, 128, 64]
+    assert plans["batch_size"] == 3 and plans["model"]["in_channels"] == [2]
+    assert plans["overrides"] == {"spacing": [2.0, 2.0, 2.0], "patch_size": [128, 128, 64], "batch_size": 3,
+                                  "normalization": {"CT": {"scheme": "ct"}, "PET": {"scheme": "pet_suv",
+                                                                                    "suv_factor": 0.5}},
+                                  "in_channels": [2]}
+    assert plans["decisions"]["patch_size"] == "given on the command line"
+    # statistics the user left out come from the fingerprint (pet_suv: body stats x factor)
+    assert plans["channels"][0]["normalization"]["clip"] == [-90.0, 300.0]
+    assert plans["channels"][1]["normalization"] == {"scheme": "pet_suv", "suv_factor": 0.5, "mean": 0.5, "std": 1.0}
+    validate_meta(as_bundle_meta(plans))
+    assert make_plans(fp)["overrides"] == {}
+
+
+def test_normalization_override_syntax():
+    assert parse_normalization("CT=ct:clip=-1000,600:mean=40:std=200") == (
+        "CT", {"scheme": "ct", "clip": [-1000.0, 600.0], "mean": 40.0, "std": 200.0})
+    assert parse_normalization('PET={"scheme": "none"}') == ("PET", {"scheme": "none"})
+    with pytest.raises(ConfigError):
+        parse_normalization("CT")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"patch_size": [96, 96, 80]}, "multiple of 32"),
+    ({"spacing": [1, 0, 1]}, "positive"),
+    ({"batch_size": 0}, "at least 1"),
+    ({"normalization": {"CT": "zscore"}}, "unknown normalization scheme"),
+    ({"normalization": {"MRI": "none"}}, "no channel 'MRI'"),
+    ({"normalization": {"CT": {"scheme": "ct", "clip": [5, 1]}}}, "low < high"),
+    ({"in_channels": [1, 2]}, "summing"),
+])
+def test_invalid_overrides_are_configuration_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        make_plans(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5)), **kwargs)
+
+
+def test_fingerprint_measures_foreground_body_and_labels(tmp_path):
+    ct = np.full((10, 10, 10), -1000, np.int16)
+    ct[2:8, 2:8, 2:8] = 40
+    lab = np.zeros((10, 10, 10), np.uint8)
+    lab[4:6, 4:6, 4:6] = 1
+    ct[lab > 0] = 200
+    for case in ("a", "b"):
+        write(tmp_path / f"imagesTr/{case}_0000.nii.gz", ct, spacing=(2.0, 2.0, 2.0))
+        write(tmp_path / f"labelsTr/{case}.nii.gz", lab if case == "a" else np.zeros_like(lab), spacing=(2.0, 2.0, 2.0))
+    write_dataset_json(tmp_path, make_dataset_json(["CT"], {"background": 0, "tumour": 1}, 2))
+    fp = fingerprint_dataset(tmp_path)
+    assert fp["num_cases"] == 2 and fp["median_spacing"] == [2.0, 2.0, 2.0] and fp["median_size"] == [10, 10, 10]
+    fg, body = fp["channels"][0]["foreground"], fp["channels"][0]["body"]
+    assert fg["count"] == 8 and fg["mean"] == 200 and fg["percentile_99_5"] == 200
+    assert body["count"] == 2 * 216 and body["min"] == 40 and body["max"] == 200
+    tumour = fp["labels"][1]
+    assert tumour["name"] == "tumour" and tumour["cases_with_label"] == 1 and tumour["voxels_per_case"] == [8, 0]
+    assert tumour["volume_ml_mean"] == pytest.approx(8 * 8 / 1000)
+    assert fingerprint_dataset(tmp_path) == fp  # deterministic
+
+
+def test_plan_command_accepts_a_petct_phantom_end_to_end(tmp_path, capsys):
+    ds = tmp_path / "petct"
+    assert main(["phantom", "--kind", "petct", "-n", "2", "-o", str(ds), "--size", "48", "48", "40"]) == 0
+    out = tmp_path / "plans.json"
+    assert main(["plan", str(ds), "-o", str(out), "--batch-size", "4", "--normalization", "PET=pet_zscore_body"]) == 0
+    plans = json.loads(out.read_text())
+    assert plans["channels"][0]["name"] == "CT" and plans["channels"][0]["normalization"]["scheme"] == "ct"
+    clip = plans["channels"][0]["normalization"]["clip"]
+    assert -1000 < clip[0] < clip[1] < 2000  # lesion HU, not air
+    assert plans["channels"][1]["normalization"] == {"scheme": "pet_zscore_body"}
+    assert plans["channels_need_alignment"] == ["PET"]  # the phantom's PET has its own grid
+    assert plans["labels"][1]["name"] == "lesion" and plans["model"]["num_classes"] == 2
+    assert all(p % 32 == 0 for p in plans["model"]["patch_size"])
+    assert plans["overrides"] == {"batch_size": 4, "normalization": {"PET": {"scheme": "pet_zscore_body"}}}
+    assert plans["fingerprint"]["labels"][1]["cases_with_label"] == 2
+    pet = plans["fingerprint"]["channels"][1]
+    assert pet["foreground"]["mean"] > pet["body"]["mean"]  # lesions take up more than the body
+    validate_meta(as_bundle_meta(plans))
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_plan_command_on_an_mri_phantom_writes_default_plans_file(tmp_path):
+    ds = tmp_path / "mri"
+    assert main(["phantom", "--kind", "mri", "-n", "1", "-o", str(ds), "--size", "32", "32", "32"]) == 0
+    assert main(["plan", str(ds)]) == 0
+    plans = json.loads((ds / "plans.json").read_text())
+    assert [c["normalization"] for c in plans["channels"]] == [{"scheme": "zscore_nonzero"}] * 4
+    assert plans["model"]["in_channels"] == [4] and plans["model"]["num_classes"] == 4
+    assert [lab["value"] for lab in plans["labels"]] == [0, 1, 2, 3]
+    validate_meta(as_bundle_meta(plans))
+
+
+def test_plan_command_refuses_a_bad_override_and_writes_nothing(tmp_path, capsys):
+    ds = tmp_path / "petct"
+    assert main(["phantom", "--kind", "petct", "-n", "1", "-o", str(ds), "--size", "32", "32", "32"]) == 0
+    assert main(["plan", str(ds), "--patch-size", "96", "96", "50"]) == 4
+    assert "multiple of 32" in capsys.readouterr().err
+    assert not (ds / "plans.json").exists()
+    assert main(["plan", str(tmp_path / "nothing")]) == 2
+
+
+def test_model_preset_override_is_checked_and_recorded():
+    fp = fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5))
+    plans = make_plans(fp, model="veloxseg-s")
+    assert plans["model"]["name"] == "veloxseg-s" and plans["overrides"] == {"model": "veloxseg-s"}
+    with pytest.raises(ConfigError, match="unknown model"):
+        make_plans(fp, model="resnet")

@@ -1,0 +1,54 @@
+"""``veloxseg plan``: fingerprint an nnU-Net raw dataset and write training plans (JSON)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="fingerprint a dataset and write training plans (spacing, patch, normalization, batch)",
+        description=(
+            "Measure an nnU-Net raw dataset (spacings, sizes, per-channel intensities over the foreground "
+            "and the body, label volumes) and choose the target spacing, patch size, per-channel "
+            "normalization and batch size. Every choice can be overridden; overrides are recorded in the "
+            "plans. See docs/datasets.md."
+        ),
+    )
+    p.add_argument("dataset", metavar="DATASET", help="nnU-Net raw dataset folder (with dataset.json)")
+    p.add_argument("-o", "--output", metavar="FILE", help="plans file to write (default DATASET/plans.json)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="patch size in voxels (each a multiple of 32)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="patches per batch")
+    p.add_argument("--normalization", action="append", default=[], metavar="CH=SCHEME",
+                   help="channel (name or index) normalization: ct, pet_zscore_body, pet_suv, zscore_nonzero or "
+                        "none, with optional :key=value parameters (e.g. CT=ct:clip=-1000,600:mean=40:std=200, "
+                        "PET=pet_suv:suv_factor=1) or a JSON object; repeatable")
+    p.add_argument("--model", default="veloxseg-b", help="network preset (default veloxseg-b)")
+    p.add_argument("--in-channels", type=int, nargs="+", metavar="N",
+                   help="channels per modality stream, e.g. 1 1 (separate) or 4 (early fusion)")
+    p.add_argument("--max-patch-voxels", type=int, metavar="N",
+                   help=f"memory budget for automatic patch sizes (default 96^3 = {96 ** 3})")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..train.planner import parse_normalization, plan_dataset
+
+    normalization = dict(parse_normalization(s) for s in args.normalization)
+    output = Path(args.output) if args.output else Path(args.dataset) / "plans.json"
+    plans = plan_dataset(
+        args.dataset, output, spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size,
+        normalization=normalization or None, model=args.model, in_channels=args.in_channels,
+        max_patch_voxels=args.max_patch_voxels,
+    )
+    fp = plans["fingerprint"]
+    print(f"dataset: {fp['name']} ({fp['num_cases']} cases, channels {', '.join(c['name'] for c in fp['channels'])})")
+    print(f"spacing: {plans['spacing']}  patch size: {plans['model']['patch_size']}  batch size: {plans['batch_size']}")
+    for ch in plans["channels"]:
+        print(f"normalization {ch['name']}: {ch['normalization']}")
+    if plans["overrides"]:
+        print(f"overrides: {plans['overrides']}")
+    print(f"wrote {output}")
+    return 0
