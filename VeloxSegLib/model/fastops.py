@@ -128,11 +128,31 @@ def conv3x3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     # (b, 9 * c, d + 2, h, w): the 9 in-plane shifts stacked on channels, order (kh, kw, c)
     slab = torch.cat([xp[:, :, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=1)
     wk = weight.permute(2, 0, 3, 4, 1).reshape(3, o, 9 * c)  # (kd, o, (kh, kw, c))
-    out = []
+    out = x.new_empty(b, o, d * h * w)
     for bi in range(b):
-        acc = (bias.view(o, 1).expand(o, d * h * w).clone() if bias is not None
-               else x.new_zeros(o, d * h * w))
-        for kd in range(3):
-            acc.addmm_(wk[kd], slab[bi, :, kd:kd + d].reshape(9 * c, d * h * w))
-        out.append(acc.view(o, d, h, w))
-    return torch.stack(out, 0)
+        first = slab[bi, :, 0:d].reshape(9 * c, d * h * w)
+        if bias is not None:
+            torch.addmm(bias.view(o, 1), wk[0], first, out=out[bi])
+        else:
+            torch.mm(wk[0], first, out=out[bi])
+        for kd in range(1, 3):
+            out[bi].addmm_(wk[kd], slab[bi, :, kd:kd + d].reshape(9 * c, d * h * w))
+    return out.view(b, o, d, h, w)
+
+
+def conv3d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                  padding: int) -> torch.Tensor:
+    """Dense strided 3D convolution as one im2col GEMM (PyTorch's CPU path for small strided
+    convolutions is the slow reference loop)."""
+    b, c = x.shape[:2]
+    o, _, k = weight.shape[:3]
+    xp = F.pad(x, (padding,) * 6) if padding else x
+    cols = xp.unfold(2, k, stride).unfold(3, k, stride).unfold(4, k, stride)  # (b, c, Do, Ho, Wo, k, k, k)
+    do, ho, wo = cols.shape[2:5]
+    cols = cols.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(b, c * k ** 3, do * ho * wo)
+    w = weight.reshape(1, o, c * k ** 3).expand(b, -1, -1)
+    if bias is not None:
+        out = torch.baddbmm(bias.view(1, o, 1), w, cols)
+    else:
+        out = torch.bmm(w, cols)
+    return out.view(b, o, do, ho, wo)

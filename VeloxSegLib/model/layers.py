@@ -54,19 +54,29 @@ class PatchMerging(nn.Module):
         self.norm = LayerNorm3d(8 * channels)
         self.reduction = nn.Conv3d(8 * channels, 2 * channels, 1, bias=False)
 
+    fast = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not torch.is_grad_enabled():
+            w, b = fastops.fold_affine(self.reduction.weight, None, self.norm.weight, self.norm.bias)
+            return fastops.pointwise(fastops.channel_normalize(space_to_depth(x), self.norm.eps), w, b)
         return self.reduction(self.norm(space_to_depth(x)))
 
 
 class DownConv(nn.Module):
     """Strided conv (kernel 2p-1, stride p, padding p-1) + instance norm."""
 
+    fast = True
+
     def __init__(self, cin: int, cout: int, factor: int = 2):
         super().__init__()
+        self.factor = factor
         self.conv = nn.Conv3d(cin, cout, 2 * factor - 1, stride=factor, padding=factor - 1)
         self.norm = nn.InstanceNorm3d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and self.factor == 2 and not torch.is_grad_enabled():
+            return self.norm(fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1))
         return self.norm(self.conv(x))
 
 
@@ -95,6 +105,31 @@ def pixel_shuffle_3d(x: torch.Tensor, r: int) -> torch.Tensor:
     c = crrr // (r ** 3)
     x = x.reshape(n, c, r, r, r, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     return x.reshape(n, c, d * r, h * r, w * r)
+
+
+class ModalMixer(nn.Module):
+    """1x1 conv + instance norm mapping the attention stream's features (all modalities
+    concatenated) onto the conv stream's width ("modal mixer")."""
+
+    fast = True
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 1)
+        self.norm = nn.InstanceNorm3d(cout)
+
+    def forward(self, xs) -> torch.Tensor:
+        if self.fast and not torch.is_grad_enabled():
+            # the concatenation is folded into a sum of per-modality GEMMs
+            w = self.conv.weight.reshape(self.conv.out_channels, -1)
+            out, start = None, 0
+            for x in xs:
+                c = x.shape[1]
+                part = fastops.pointwise(x, w[:, start:start + c], self.conv.bias if out is None else None,
+                                         residual=out)
+                out, start = part, start + c
+            return self.norm(out)
+        return self.norm(self.conv(torch.cat(list(xs), dim=1)))
 
 
 class ShuffleHead(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .jlc import jlc_stage
-from .layers import DownConv, LayerNorm3d, PatchMerging, ShuffleHead, UpConv, gram_matrix, he_init
+from .layers import DownConv, ModalMixer, PatchMerging, ShuffleHead, UpConv, gram_matrix, he_init
 from .outputs import TrainOutput
 from .pwa import PWABlock
 
@@ -151,9 +151,8 @@ class VeloxSeg(nn.Module):
         # Convolution stream (modal fusion): all modalities stacked as channels.
         self.downs = nn.ModuleList([DownConv(sum(in_channels), base_ch, patch_factor)] + [
             DownConv(base_ch * 2 ** (k - 1), base_ch * 2 ** k, 2) for k in range(1, NUM_STAGES)])
-        self.modal_mixers = nn.ModuleList([
-            nn.Sequential(nn.Conv3d(attn_ch * 2 ** k * M, base_ch * 2 ** k, 1), nn.InstanceNorm3d(base_ch * 2 ** k))
-            for k in range(NUM_STAGES)])
+        self.modal_mixers = nn.ModuleList([ModalMixer(attn_ch * 2 ** k * M, base_ch * 2 ** k)
+                                           for k in range(NUM_STAGES)])
         self.conv_stages = nn.ModuleList([
             jlc_stage(base_ch * 2 ** k, conv_depths[k], kernel_sizes, group_sizes[k], conv_expansion[k], conv_drop)
             for k in range(NUM_STAGES)])
@@ -184,7 +183,7 @@ class VeloxSeg(nn.Module):
             for block in self.attn_stages[k]:
                 xs = block(xs)
             attn_feats.append(xs)
-            mixed = self.modal_mixers[k](torch.cat(xs, dim=1) if self.num_modalities > 1 else xs[0])
+            mixed = self.modal_mixers[k](xs)
             h = self.conv_stages[k](self.downs[k](h) + mixed)
             enc_feats.append(h)
         return attn_feats, enc_feats
