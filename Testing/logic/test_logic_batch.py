@@ -1,0 +1,112 @@
+"""VeloxSegBatch.py under plain Python with slicer-core: failures are one line + exit code; end to end
+with a random-weights bundle when the library can build and save one."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from logic_helpers import EXTENSION, ROOT, random_bundle
+
+BATCH = os.path.join(EXTENSION, "VeloxSegBatch.py")
+
+
+def run_batch(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, BATCH, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _write_pair(folder, ct_name="ct.nii.gz", pet_name="pet.nii.gz"):
+    import SimpleITK as sitk
+
+    from logic_helpers import rotation
+
+    rng = np.random.default_rng(0)
+    shape = (24, 40, 36)  # z, y, x
+    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    body = ((kk - 12) / 10) ** 2 + ((jj - 20) / 17) ** 2 + ((ii - 18) / 15) ** 2 < 1
+    ct = sitk.GetImageFromArray((np.where(body, 40, -1000) + rng.normal(0, 5, shape)).astype(np.int16))
+    pet = sitk.GetImageFromArray((np.where(body, 1.0, 0.0) + rng.normal(0, 0.05, shape)).astype(np.float32))
+    for image in (ct, pet):
+        image.SetSpacing((1.5, 1.2, 3.0))
+        image.SetOrigin((-20.0, 10.0, 5.0))
+        image.SetDirection(tuple(rotation(0, 0, 12).ravel()))
+    paths = [os.path.join(folder, ct_name), os.path.join(folder, pet_name)]
+    sitk.WriteImage(ct, paths[0])
+    sitk.WriteImage(pet, paths[1])
+    return paths
+
+
+def test_missing_input_file_fails_with_one_line_and_input_exit_code(tmp_path, metadata_bundle):
+    result = run_batch("--model", str(metadata_bundle), "--input", str(tmp_path / "nope_ct.nii.gz"),
+                       str(tmp_path / "nope_pet.nii.gz"), "--output", str(tmp_path / "out.seg.nrrd"))
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith("VeloxSegBatch")]
+    assert lines == [f"VeloxSegBatch: error: no such image file: {tmp_path / 'nope_ct.nii.gz'}"]
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_number_of_inputs_names_the_expected_channels(tmp_path, metadata_bundle):
+    ct, _ = _write_pair(str(tmp_path))
+    result = run_batch("--model", str(metadata_bundle), "--input", ct, "--output", str(tmp_path / "out.seg.nrrd"))
+    assert result.returncode == 2
+    assert "needs 2 input(s) in this order: CT, PET" in result.stderr
+
+
+def test_unknown_model_fails_with_bundle_exit_code(tmp_path):
+    ct, pet = _write_pair(str(tmp_path))
+    result = run_batch("--model", "no-such-model-xyz", "--input", ct, pet, "--output", str(tmp_path / "o.seg.nrrd"))
+    assert result.returncode == 3 and "no-such-model-xyz" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["in-process", "subprocess"])
+def test_batch_end_to_end_writes_seg_nrrd_with_names_and_geometry(tmp_path, session, mode):
+    import slicer
+
+    from VeloxSegLogic.segmentation import load_segmentation
+    from VeloxSegLogic.volumes import ijk_to_ras, read_volume
+
+    bundle = random_bundle(str(tmp_path / "bundle"))
+    ct, pet = _write_pair(str(tmp_path))
+    out = str(tmp_path / "out.seg.nrrd")
+    extra = ["--subprocess"] if mode == "subprocess" else []
+    result = run_batch("--model", str(bundle), "--input", ct, pet, "--output", out, "--device", "cpu", *extra)
+    assert result.returncode == 0, result.stderr
+    scene = session.scene
+    try:
+        seg = load_segmentation(out, scene)
+        segmentation = seg.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        assert names == ["lesion"]
+        assert "108369006" in segmentation.GetNthSegment(0).GetTerminology()
+        reference = read_volume(ct, scene)
+        import vtk
+
+        labelmap = segmentation.GetNthSegment(0).GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(matrix)
+        image_to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        assert np.allclose(image_to_world[:3, :3], ijk_to_ras(reference)[:3, :3], atol=1e-4)
+        # the segmentation's geometry string is the CT grid (origin, spacing, directions, extent)
+        geometry = segmentation.GetConversionParameter("Reference image geometry")
+        values = [float(v) for v in geometry.split(";")[:12]]
+        assert np.allclose(np.array(values).reshape(3, 4)[:, :3], ijk_to_ras(reference)[:3, :3], atol=1e-4)
+    finally:
+        scene.Clear(1)
+
+
+def test_batch_folder_of_nnunet_cases(tmp_path, metadata_bundle):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    _write_pair(str(cases), "a_0000.nii.gz", "a_0001.nii.gz")
+    (cases / "b_0000.nii.gz").write_bytes((cases / "a_0000.nii.gz").read_bytes())
+    result = run_batch("--model", str(metadata_bundle), "--input", str(cases), "--output", str(tmp_path / "out"))
+    # case b lacks its PET: the whole folder is refused before anything runs
+    assert result.returncode == 2 and "case 'b' needs 2 file(s)" in result.stderr
+
+
+def test_help_exits_zero_and_a_leading_separator_is_accepted(tmp_path, metadata_bundle):
+    assert run_batch("--help").returncode == 0
+    result = run_batch("--", "--model", str(metadata_bundle), "--input", str(tmp_path / "a.nii.gz"),
+                       str(tmp_path / "b.nii.gz"), "--output", str(tmp_path / "o.seg.nrrd"))
+    assert result.returncode == 2 and "no such image file" in result.stderr

@@ -1,0 +1,62 @@
+"""The panel's state survives a scene save (commit to .mrml) and a re-import."""
+import numpy as np
+from logic_helpers import ijk_to_ras_matrix
+
+from VeloxSegLogic import segmentation as S
+from VeloxSegLogic import volumes as V
+from VeloxSegLogic.parameters import Parameters, get_parameter_node
+
+
+def test_parameter_node_is_a_module_singleton(scene):
+    node = get_parameter_node(scene)
+    assert get_parameter_node(scene) is node
+    assert node.GetModuleName() == "VeloxSeg" and node.GetSingletonTag() == "VeloxSeg"
+
+
+def test_parameters_restore_after_scene_commit_and_import(scene, tmp_path):
+    import slicer
+
+    ct = V.add_volume_from_array(scene, np.zeros((3, 4, 5), np.float32), ijk_to_ras_matrix((1, 1, 2), (0, 0, 0)), "CT")
+    pet = V.add_volume_from_array(scene, np.zeros((3, 4, 5), np.float32), ijk_to_ras_matrix((1, 1, 2), (0, 0, 0)), "PET")
+    seg = S.create_segmentation_node(scene, "truth", ct)
+    for node in (ct, pet):  # give the volumes files so the scene can be reloaded
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(tmp_path / f"{node.GetName()}.nrrd"))
+        storage.WriteData(node)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    params = Parameters(get_parameter_node(scene))
+    params.model = "petct-lesion-demo"
+    params.device = "cpu"
+    params.overlap = 0.5
+    params.tta = True
+    params.epochs = 7
+    params.learning_rate = 3e-4
+    params.new_model_name = "my-lesions"
+    params.set_input_node(0, ct)
+    params.set_input_node(1, pet)
+    params.output_segmentation = seg
+    params.set_cases([([ct, pet], seg)])
+
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    scene.Clear(1)
+    assert get_parameter_node(scene, create=False) is None
+
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    scene.Import()
+    node = get_parameter_node(scene, create=False)
+    assert node is not None
+    restored = Parameters(node)
+    assert (restored.model, restored.device, restored.overlap, restored.tta) == ("petct-lesion-demo", "cpu", 0.5, True)
+    assert (restored.epochs, restored.learning_rate, restored.new_model_name) == (7, 3e-4, "my-lesions")
+    assert restored.input_node(0).GetName() == "CT" and restored.input_node(1).GetName() == "PET"
+    assert isinstance(restored.output_segmentation, slicer.vtkMRMLSegmentationNode)
+    [(volumes, segmentation)] = restored.cases()
+    assert [v.GetName() for v in volumes] == ["CT", "PET"] and segmentation.GetName() == "truth"
+
+
+def test_defaults_fill_a_fresh_node(scene):
+    params = Parameters(get_parameter_node(scene))
+    assert params.device == "auto" and params.overlap is None and params.tta is False
+    params.set_cases([])
+    assert params.cases() == []

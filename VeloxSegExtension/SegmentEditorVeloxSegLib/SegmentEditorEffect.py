@@ -1,0 +1,210 @@
+"""The "VeloxSeg" Segment Editor effect: run a VeloxSeg model on the editor's source volume.
+
+Either all of the model's labels are added as segments, or the selected segment is replaced by
+one label (undoable). The prediction itself is the module's logic (``VeloxSegLogic``); this file
+holds only the effect's options and how the result is applied.
+"""
+import os
+import time
+
+import qt
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+MODE_ALL = "all"
+MODE_SELECTED = "selected"
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "VeloxSeg"
+        scriptedEffect.perSegment = False
+        scriptedEffect.requireSegments = False
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.bundles = []
+        self.extraSelectors = []
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        for folder in (os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+            path = os.path.join(folder, "Resources", "Icons", "VeloxSeg.png")
+            if os.path.exists(path):
+                return qt.QIcon(path)
+        return qt.QIcon()
+
+    def helpText(self):
+        return ("<html>Segment the source volume with a VeloxSeg model.<p>Pick the model and, for multi-input models, "
+                "the other input volumes. <b>Add all labels</b> creates one segment per label; <b>Replace selected "
+                "segment</b> fills the selected segment with one label (Undo restores it).</html>")
+
+    # -------------------------------------------------------------------------------- options
+    def setupOptionsFrame(self):
+        from VeloxSegLogic.bundles import list_bundle_infos
+
+        self.bundles = list_bundle_infos()
+        self.modelComboBox = qt.QComboBox()
+        for info in self.bundles:
+            self.modelComboBox.addItem(info.display_name)
+        self.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
+
+        self.extraInputsFrame = qt.QWidget()
+        self.extraInputsLayout = qt.QFormLayout(self.extraInputsFrame)
+        self.extraInputsLayout.setContentsMargins(0, 0, 0, 0)
+        self.scriptedEffect.addOptionsWidget(self.extraInputsFrame)
+
+        self.allLabelsRadio = qt.QRadioButton("Add all labels as segments")
+        self.selectedRadio = qt.QRadioButton("Replace selected segment with label:")
+        self.labelComboBox = qt.QComboBox()
+        modeGroup = qt.QButtonGroup(self.extraInputsFrame)
+        modeGroup.addButton(self.allLabelsRadio)
+        modeGroup.addButton(self.selectedRadio)
+        self.scriptedEffect.addOptionsWidget(self.allLabelsRadio)
+        row = qt.QHBoxLayout()
+        row.addWidget(self.selectedRadio)
+        row.addWidget(self.labelComboBox)
+        self.scriptedEffect.addOptionsWidget(row)
+
+        self.deviceComboBox = qt.QComboBox()
+        for text, value in (("Auto", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda")):
+            self.deviceComboBox.addItem(text, value)
+        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
+
+        self.applyButton = qt.QPushButton("Apply")
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        self.applyButton.setToolTip("Run the model on the source volume")
+        self.scriptedEffect.addOptionsWidget(self.applyButton)
+
+        for widget, signal in ((self.allLabelsRadio, "toggled(bool)"), (self.selectedRadio, "toggled(bool)"),
+                               (self.labelComboBox, "currentIndexChanged(int)"), (self.deviceComboBox, "currentIndexChanged(int)")):
+            widget.connect(signal, self.updateMRMLFromGUI)
+        self.applyButton.connect("clicked()", self.onApply)
+        self.onModelChanged(self.modelComboBox.currentIndex)
+
+    def currentBundle(self):
+        index = self.modelComboBox.currentIndex
+        return self.bundles[index] if 0 <= index < len(self.bundles) else None
+
+    def onModelChanged(self, index):
+        for selector in self.extraSelectors:
+            self.extraInputsLayout.removeRow(selector)
+        self.extraSelectors = []
+        self.labelComboBox.clear()
+        bundle = self.currentBundle()
+        if bundle is not None:
+            from VeloxSegLogic.bundles import guess_inputs
+
+            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            guesses = guess_inputs(bundle.channels[1:], [v.GetName() for v in volumes])
+            for i, name in enumerate(bundle.channel_names[1:]):
+                selector = slicer.qMRMLNodeComboBox()
+                selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+                selector.showChildNodeTypes = False
+                selector.noneEnabled = True
+                selector.addEnabled = False
+                selector.removeEnabled = False
+                selector.setMRMLScene(slicer.mrmlScene)
+                selector.setCurrentNode(volumes[guesses[i]] if guesses[i] is not None else None)
+                self.extraInputsLayout.addRow(f"{name}:", selector)
+                self.extraSelectors.append(selector)
+            for lab in bundle.labels:
+                if int(lab["value"]) != 0:
+                    self.labelComboBox.addItem(str(lab["name"]), int(lab["value"]))
+        self.updateMRMLFromGUI()
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("Model", "")
+        self.scriptedEffect.setParameterDefault("Mode", MODE_ALL)
+        self.scriptedEffect.setParameterDefault("Label", "1")
+        self.scriptedEffect.setParameterDefault("Device", "auto")
+
+    def updateGUIFromMRML(self):
+        model = self.scriptedEffect.parameter("Model")
+        index = next((i for i, b in enumerate(self.bundles) if b.name == model), -1)
+        if index >= 0 and index != self.modelComboBox.currentIndex:
+            wasBlocked = self.modelComboBox.blockSignals(True)
+            self.modelComboBox.setCurrentIndex(index)
+            self.modelComboBox.blockSignals(wasBlocked)
+            self.onModelChanged(index)
+        mode = self.scriptedEffect.parameter("Mode")
+        for widget in (self.allLabelsRadio, self.selectedRadio, self.labelComboBox, self.deviceComboBox):
+            widget.blockSignals(True)
+        self.allLabelsRadio.checked = mode != MODE_SELECTED
+        self.selectedRadio.checked = mode == MODE_SELECTED
+        labelIndex = self.labelComboBox.findData(int(self.scriptedEffect.parameter("Label") or 1))
+        self.labelComboBox.setCurrentIndex(max(0, labelIndex))
+        self.labelComboBox.enabled = mode == MODE_SELECTED
+        self.deviceComboBox.setCurrentIndex(max(0, self.deviceComboBox.findData(self.scriptedEffect.parameter("Device"))))
+        for widget in (self.allLabelsRadio, self.selectedRadio, self.labelComboBox, self.deviceComboBox):
+            widget.blockSignals(False)
+        self.applyButton.enabled = self.currentBundle() is not None
+
+    def updateMRMLFromGUI(self, *unused):
+        bundle = self.currentBundle()
+        self.scriptedEffect.setParameter("Model", bundle.name if bundle else "")
+        self.scriptedEffect.setParameter("Mode", MODE_SELECTED if self.selectedRadio.checked else MODE_ALL)
+        label = self.labelComboBox.currentData
+        self.scriptedEffect.setParameter("Label", str(label if label is not None else 1))
+        self.scriptedEffect.setParameter("Device", self.deviceComboBox.currentData or "auto")
+        self.labelComboBox.enabled = self.selectedRadio.checked
+
+    # ---------------------------------------------------------------------------------- apply
+    def onApply(self):
+        from VeloxSegLogic import SegmentationRequest, VeloxSegCoreLogic
+        from VeloxSegLogic.errors import VeloxSegError
+        from VeloxSegLogic.segmentation import binary_oriented_image, import_label_array
+
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        source = (parameterSetNode.GetSourceVolumeNode() if hasattr(parameterSetNode, "GetSourceVolumeNode")
+                  else parameterSetNode.GetMasterVolumeNode())
+        segmentationNode = parameterSetNode.GetSegmentationNode()
+        bundle = self.currentBundle()
+        inputs = [source] + [s.currentNode() for s in self.extraSelectors]
+        mode = self.scriptedEffect.parameter("Mode")
+        if mode == MODE_SELECTED and not parameterSetNode.GetSelectedSegmentID():
+            slicer.util.errorDisplay("Select the segment to replace first.")
+            return
+        modulePanel = slicer.modules.veloxseg.widgetRepresentation().self() if hasattr(slicer.modules, "veloxseg") else None
+        if modulePanel is not None and not modulePanel.ensureDependencies():
+            return
+        request = SegmentationRequest(bundle=bundle.path, input_nodes=inputs, device=self.scriptedEffect.parameter("Device"),
+                                      output_kind="labelmap")
+        logic = VeloxSegCoreLogic()
+        progress = slicer.util.createProgressDialog(labelText=f"Segmenting with {bundle.name}...", maximum=100)
+        labelNode = None
+        try:
+            job = logic.start_segmentation(request)
+            while job.running:
+                job.poll()
+                progress.setValue(int(100 * job.fraction))
+                slicer.app.processEvents()
+                if progress.wasCanceled:
+                    job.cancel()
+                time.sleep(0.05)
+            if job.error:
+                if job.error != "cancelled":
+                    slicer.util.errorDisplay(f"VeloxSeg failed: {job.error}")
+                return
+            labelNode = job.result
+            self.scriptedEffect.saveStateForUndo()
+            if mode == MODE_SELECTED:
+                value = int(self.scriptedEffect.parameter("Label") or 1)
+                self.scriptedEffect.modifySelectedSegmentByLabelmap(
+                    binary_oriented_image(labelNode, value), slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+            else:
+                from VeloxSegLogic.volumes import array_from_volume
+
+                import_label_array(segmentationNode, array_from_volume(labelNode), source, bundle.labels)
+        except VeloxSegError as exc:
+            slicer.util.errorDisplay(f"VeloxSeg: {exc}")
+        finally:
+            progress.close()
+            if labelNode is not None:
+                slicer.mrmlScene.RemoveNode(labelNode)
