@@ -941,8 +941,8 @@ def _candidates(folder: pathlib.Path) -> List[pathlib.Path]:
         return []
     out = []
     for p in entries:
-        if p.name.startswith((".", "_")):
-            continue  # hidden, temporary (save_bundle) or __pycache__
+        if p.name.startswith((".", "_")) or p.name.endswith(".training"):
+            continue  # hidden, temporary (save_bundle), __pycache__, or a training work folder
         if p.is_dir() or (p.is_file() and p.suffix.lower() == ".zip"):
             out.append(p)
     return out

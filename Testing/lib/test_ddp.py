@@ -1,0 +1,63 @@
+"""Data-parallel training: two CPU processes (gloo) end with identical weights; rank 0 writes."""
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+WORKER = textwrap.dedent("""
+    import hashlib, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from VeloxSegLib.train.trainer import TrainConfig, run_training
+
+    dataset, output, out_dir = sys.argv[1:4]
+    config = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=1, val_every=5, device="cpu")
+    result = run_training(dataset, output, config, command="test_ddp")
+    h = hashlib.sha256()
+    for key, value in sorted(result.model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    rank = os.environ["RANK"]
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(h.hexdigest() + " " + str(result.bundle))
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_cpu_ranks_end_with_identical_weights_and_rank0_writes_the_bundle(tmp_path):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 3, seed=2, size=(64, 64, 48))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "bundle"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(script), str(ds), str(out),
+           str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h0, b0 = (tmp_path / "rank0.txt").read_text().split(" ")
+    h1, b1 = (tmp_path / "rank1.txt").read_text().split(" ")
+    assert h0 == h1
+    assert b0 == str(out) and b1 == "None"  # only rank 0 writes the bundle
+    assert sorted(os.listdir(out)) == ["bundle.json", "model.safetensors"]
+    from VeloxSegLib.train.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(tmp_path / "bundle.training" / "checkpoints" / "last.safetensors")
+    assert ckpt.state["run"]["world_size"] == 2 and len(ckpt.state["ranks"]) == 2
+    assert ckpt.state["ranks"][0]["sampler"] != ckpt.state["ranks"][1]["sampler"]

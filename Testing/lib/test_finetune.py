@@ -1,0 +1,131 @@
+"""Fine-tuning: the source bundle is never modified, the parent is recorded, 2 cases validate on
+themselves, a new label set re-initializes only the heads, --freeze-encoder keeps the encoder."""
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+
+import pytest
+import torch
+
+from VeloxSegLib.errors import InputError
+
+
+def _tree_hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def two_cases(tmp_path_factory):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("finetune") / "local"
+    write_phantom_dataset(root, "petct", 2, seed=11, size=(64, 64, 48))
+    return root
+
+
+@pytest.fixture(scope="module")
+def source_bundle(two_cases, tmp_path_factory):
+    """An (untrained) bundle planned on the same kind of data: what fine-tuning starts from."""
+    from VeloxSegLib.bundle import save_bundle
+    from VeloxSegLib.train.planner import plan_dataset
+    from VeloxSegLib.train.trainer import RunSetup, TrainConfig, build_bundle_meta
+
+    setup = RunSetup.from_plans(plan_dataset(two_cases), TrainConfig())
+    torch.manual_seed(0)
+    net = setup.build_model(training=False)
+    meta = build_bundle_meta(setup, "petct-source", {"dataset": "test", "epochs": 0, "seed": 0, "metrics": {}})
+    return save_bundle(tmp_path_factory.mktemp("src") / "petct-source", meta, net.inference_state_dict())
+
+
+def _finetune(argv):
+    from VeloxSegLib.cli import main
+
+    out = io.StringIO()
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(out):
+        rc = main(["finetune"] + argv + ["--batch-size", "1", "--device", "cpu", "--progress", "json"])
+    return rc, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_finetune_leaves_the_source_untouched_names_its_parent_and_validates_on_training_cases(
+        two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+
+    before = _tree_hashes(source_bundle)
+    rc, records = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "mine"),
+                             "--epochs", "1", "--iterations-per-epoch", "2"])
+    assert rc == 0
+    assert _tree_hashes(source_bundle) == before
+    new = load_bundle(tmp_path / "mine")
+    tr = new.meta["training"]
+    assert tr["parent"] == "petct-source"
+    assert json.loads(tr["notes"])["parent_weights_sha256"] == hashlib.sha256(
+        (source_bundle / "model.safetensors").read_bytes()).hexdigest()
+    assert tr["metrics"]["validated_on"] == "training cases"
+    assert tr["metrics"]["val_cases"] == tr["metrics"]["train_cases"] == ["petct_0000", "petct_0001"]
+    assert records[0]["validation"] == "training cases"
+    assert any(r["event"] == "message" and "training cases" in r["message"] for r in records)
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [0]
+    assert new.meta["channels"] == load_bundle(source_bundle).meta["channels"]  # stored statistics kept
+    new.build_model()
+
+
+def test_new_label_set_reinitializes_only_the_heads():
+    from VeloxSegLib.model import build_model
+    from VeloxSegLib.train.trainer import HEAD_PREFIXES, load_initial_weights
+
+    torch.manual_seed(0)
+    source = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64)).state_dict()
+    torch.manual_seed(1)
+    model = build_model("veloxseg-b", (1, 1), 3, (64, 64, 64))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_initial_weights(model, source, HEAD_PREFIXES)
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.startswith(("head.", "ds_heads.")):
+            assert torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, source[key]), key
+    assert {k.split(".")[0] for k in report["fresh"]} == {"head", "ds_heads"}
+
+
+def test_freeze_encoder_with_new_labels_trains_heads_and_decoder_only(two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+
+    ds = tmp_path / "three"
+    shutil.copytree(two_cases, ds)
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "lesion": 1, "cyst": 2}
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    rc, _ = _finetune(["-m", str(source_bundle), str(ds), "-o", str(tmp_path / "three-labels"), "--epochs", "1",
+                       "--iterations-per-epoch", "1", "--freeze-encoder", "--no-sdkt", "--no-reconstruction"])
+    assert rc == 0
+    new = load_bundle(tmp_path / "three-labels")
+    assert new.num_classes == 3 and [lb["name"] for lb in new.labels] == ["background", "lesion", "cyst"]
+    assert new.labels[1].get("color") == load_bundle(source_bundle).labels[1].get("color")
+    old, now = load_bundle(source_bundle).state_dict(), new.state_dict()
+    encoder = [k for k in old if k.startswith(("patch_embeds.", "attn_stages.", "downs.", "conv_stages."))]
+    assert encoder and all(torch.equal(old[k], now[k]) for k in encoder)
+    assert now["head.conv.weight"].shape[0] == 3 * 64 and old["head.conv.weight"].shape[0] == 2 * 64
+    decoder = [k for k in old if k.startswith("decoder.") and old[k].dtype.is_floating_point]
+    assert any(not torch.equal(old[k], now[k]) for k in decoder)
+    assert json.loads(new.meta["training"]["notes"])["heads_reinitialized"] is True
+
+
+def test_finetune_refuses_to_write_over_its_source(two_cases, source_bundle):
+    from VeloxSegLib.train.finetune import run_finetune
+
+    with pytest.raises(InputError, match="source bundle"):
+        run_finetune(source_bundle, two_cases, source_bundle)
+
+
+def test_finetune_refuses_a_dataset_with_other_channels(source_bundle, tmp_path):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.train.finetune import run_finetune
+
+    mri = tmp_path / "mri"
+    write_phantom_dataset(mri, "mri", 1, seed=0, size=(32, 32, 32))
+    with pytest.raises(InputError, match="expects 2"):
+        run_finetune(source_bundle, mri, tmp_path / "x")

@@ -1,0 +1,95 @@
+"""Patch sampling (1:1 foreground/background, padding, per-rank streams) and augmentation."""
+import numpy as np
+import pytest
+
+from VeloxSegLib.train.augment import AugmentParams, Augmenter, rotate_z
+from VeloxSegLib.train.sampler import CaseData, PatchSampler, crop_padded, rank_generator
+
+
+def _case(name="c", shape=(40, 48, 44), lesion=((10, 14), (20, 26), (30, 35))):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2,) + shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[tuple(slice(a, b) for a, b in lesion)] = 1
+    return CaseData(name, image, label, pad_values=(-3.0, -1.0))
+
+
+def test_every_other_patch_contains_foreground():
+    s = PatchSampler([_case()], (16, 16, 16), batch_size=1, rng=rank_generator(0))
+    has_fg = [bool(s.sample()[1].any()) for _ in range(40)]
+    assert all(has_fg[0::2])  # foreground draws always hold the lesion
+    assert sum(has_fg[1::2]) < 10  # background draws rarely do (a small lesion)
+
+
+def test_batches_alternate_foreground_and_background_within_a_batch():
+    s = PatchSampler([_case()], (16, 16, 16), batch_size=4, rng=rank_generator(1))
+    _, y = s.sample()
+    assert y.shape == (4, 16, 16, 16)
+    assert y[0].any() and y[2].any()
+
+
+def test_regions_beyond_the_volume_are_padded_per_channel():
+    case = _case()
+    out = crop_padded(case.image, (-4, 0, 0), (8, 8, 8), case.pad_values)
+    assert np.all(out[0, :4] == -3.0) and np.all(out[1, :4] == -1.0)
+    assert np.array_equal(out[:, 4:], case.image[:, :4, :8, :8])
+    lab = crop_padded(case.label, (100, 0, 0), (4, 4, 4), 0)
+    assert lab.shape == (4, 4, 4) and not lab.any()
+
+
+def test_sampler_state_restores_the_same_patch_stream():
+    a = PatchSampler([_case(), _case("d")], (16, 16, 16), 2, rank_generator(3), Augmenter())
+    for _ in range(3):
+        a.sample()
+    state = a.state_dict()
+    expected = a.sample()
+    b = PatchSampler([_case(), _case("d")], (16, 16, 16), 2, rank_generator(99), Augmenter())
+    b.load_state_dict(state)
+    got = b.sample()
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+
+
+def test_ranks_draw_different_patches():
+    x0 = PatchSampler([_case()], (16, 16, 16), 2, rank_generator(0, rank=0)).sample()[0]
+    x1 = PatchSampler([_case()], (16, 16, 16), 2, rank_generator(0, rank=1)).sample()[0]
+    assert not np.array_equal(x0, x1)
+
+
+def test_augmented_patches_have_the_patch_shape_and_keep_label_values():
+    s = PatchSampler([_case()], (16, 24, 20), 1, rank_generator(5), Augmenter(flip_p=0.5, rotate_p=1.0))
+    for _ in range(6):
+        x, y = s.sample()
+        assert x.shape == (1, 2, 16, 24, 20) and y.shape == (1, 16, 24, 20)
+        assert set(np.unique(y)) <= {0, 1}
+
+
+def test_rotation_by_zero_is_the_central_crop_and_source_covers_rotated_corners():
+    img = np.arange(2 * 4 * 10 * 10, dtype=np.float32).reshape(2, 4, 10, 10)
+    lab = (img[0] % 3 == 0).astype(np.uint8)
+    out, lab_out = rotate_z(img, lab, 0.0, (4, 6, 6))
+    assert np.allclose(out, img[:, :, 2:8, 2:8], atol=1e-4)
+    assert np.array_equal(lab_out, lab[:, 2:8, 2:8])
+    assert AugmentParams(angle_deg=15).source_shape((8, 32, 32)) > (8, 32, 32)
+
+
+def test_z_flip_reverses_only_z():
+    img = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    lab = (img[0] > 0).astype(np.uint8)
+    out, lab_out = Augmenter().apply(img, lab, AugmentParams(flip_z=True), (4, 6, 6))
+    assert np.array_equal(out, img[:, ::-1]) and np.array_equal(lab_out, lab[::-1])
+
+
+def test_a_case_without_foreground_still_gives_patches():
+    case = _case(lesion=((0, 0), (0, 0), (0, 0)))
+    x, y = PatchSampler([case], (16, 16, 16), 2, rank_generator(0)).sample()
+    assert x.shape == (2, 2, 16, 16, 16) and not y.any()
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.5, 0.5), (1 / 3, 1 / 3)])
+def test_foreground_fraction_is_exact_over_a_run(fraction, expected):
+    s = PatchSampler([_case()], (8, 8, 8), 1, rank_generator(0), fg_fraction=fraction)
+    draws = []
+    for _ in range(30):
+        draws.append(s._is_foreground_draw())
+        s.drawn += 1
+    assert sum(draws) / len(draws) == pytest.approx(expected)

@@ -1,0 +1,230 @@
+"""Training runs: bundle output, JSON progress, logs, checkpoints, exact resume, SIGINT, splits."""
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from VeloxSegLib.errors import Cancelled, ConfigError, InputError
+from VeloxSegLib.train.checkpoint import read_checkpoint
+from VeloxSegLib.train.progress import make_reporter, plot_curves
+from VeloxSegLib.train.trainer import StopRequest, TrainConfig, run_training, split_cases
+
+EPOCH_FIELDS = {"epoch", "loss", "lr", "val_dice", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("trainer") / "ds"
+    write_phantom_dataset(root, "petct", 3, seed=1, size=(64, 64, 48))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli_run(dataset, tmp_path_factory):
+    """``veloxseg train`` on 3 phantom cases, 2 epochs of 2 steps, JSON progress."""
+    from VeloxSegLib.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "petct-tiny"
+    stdout = io.StringIO()
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["train", str(dataset), "-o", str(out), "--epochs", "2", "--iterations-per-epoch", "2",
+                   "--batch-size", "1", "--val-every", "1", "--device", "cpu", "--seed", "3", "--progress", "json"])
+    return rc, stdout.getvalue(), out
+
+
+def test_train_command_writes_a_bundle_that_load_bundle_accepts(cli_run):
+    from VeloxSegLib.bundle import load_bundle
+
+    rc, _, out = cli_run
+    assert rc == 0
+    assert sorted(os.listdir(out)) == ["bundle.json", "model.safetensors"]
+    bundle = load_bundle(out)
+    net = bundle.build_model()
+    assert net.patch_size == tuple(bundle.meta["model"]["patch_size"])
+    tr = bundle.meta["training"]
+    assert tr["epochs"] == 2 and tr["seed"] == 3 and tr["parent"] is None
+    assert "veloxseg train" in tr["command"] and "ds" in tr["dataset"] and "phantoms" in tr["dataset"]
+    assert tr["metrics"]["validated_on"] == "held-out" and len(tr["metrics"]["val_cases"]) == 1
+    assert 0.0 <= tr["metrics"]["val_dice"] <= 1.0
+    assert bundle.meta["channels"][0]["normalization"]["scheme"] == "ct"
+
+
+def test_json_progress_lines_parse_and_carry_the_fields(cli_run):
+    _, stdout, _ = cli_run
+    records = [json.loads(line) for line in stdout.splitlines()]  # nothing but JSON on stdout
+    epochs = [r for r in records if r["event"] == "epoch"]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for r in epochs:
+        assert EPOCH_FIELDS <= set(r)
+        assert {"seg", "rc", "sdkt", "total"} <= set(r["loss"])
+        assert r["val_dice"] is not None and r["lr"] > 0
+    assert len(steps) == 4 and all("epoch" not in r for r in steps)  # records with 'epoch' are epochs
+    assert all({"step", "steps", "loss", "lr", "fraction"} <= set(r) for r in steps)
+    assert records[0]["event"] == "start" and records[-1]["event"] == "done"
+
+
+def test_training_log_csv_and_curve_plot_are_written(cli_run):
+    _, _, out = cli_run
+    work = out.with_name(out.name + ".training")
+    rows = list(csv.DictReader(open(work / "training_log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and all(r["val_dice"] for r in rows)
+    pytest.importorskip("matplotlib")
+    assert (work / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curve_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    history = [{"epoch": 0, "loss": {"total": 1.0}, "val_dice": 0.5}]
+    assert plot_curves(tmp_path / "c.png", history) is None
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_checkpoints_are_safetensors_with_a_json_state(cli_run):
+    _, _, out = cli_run
+    ckpts = out.with_name(out.name + ".training") / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["best.json", "best.safetensors", "last.json", "last.safetensors"]
+    ckpt = read_checkpoint(ckpts / "last.safetensors")
+    assert ckpt.state["loop"]["epoch"] == 2 and ckpt.state["schedule"]["last_step"] == 4
+    assert any(k.startswith("model.teachers.") for k in ckpt.tensors)  # the full training model
+    assert any(k.startswith("optim.") for k in ckpt.tensors)
+    assert json.loads((ckpts / "last.json").read_text())["loop"]["epoch"] == 2
+
+
+def _config(**kw):
+    base = dict(epochs=2, iterations_per_epoch=2, batch_size=1, val_every=5, device="cpu", seed=7,
+                final_weights="last")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resumed_run_matches_the_uninterrupted_run(dataset, tmp_path):
+    torch.set_num_threads(1)
+    full = run_training(dataset, tmp_path / "full", _config())
+
+    stop = StopRequest()
+
+    def on_record(r):
+        if r.get("event") == "step" and r["step"] == 3:  # mid second epoch
+            stop.event.set()
+
+    with pytest.raises(Cancelled, match="--resume"):
+        run_training(dataset, tmp_path / "cut", _config(), stop=stop, progress=make_reporter("none", on_record))
+    assert not (tmp_path / "cut").exists()
+    resumed = run_training(dataset, tmp_path / "cut", _config(), resume=True)
+
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for r_full, r_resumed in zip(full.history, resumed.history, strict=True):
+        assert r_full["loss"] == pytest.approx(r_resumed["loss"], rel=1e-12)  # epoch means, mid-epoch cut included
+
+
+def test_sigint_saves_a_resumable_checkpoint_and_leaves_no_bundle(dataset, tmp_path):
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "VeloxSegLib.cli", "train", str(dataset), "-o", str(out), "--epochs", "2",
+           "--iterations-per-epoch", "50", "--batch-size", "1", "--device", "cpu", "--threads", "1",
+           "--progress", "json"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    timer = threading.Timer(240, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if json.loads(line)["event"] == "step":
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        timer.cancel()
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err and "--resume" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b")]  # no temporary bundle either
+    ckpt = read_checkpoint(tmp_path / "b.training" / "checkpoints" / "last.safetensors")
+    assert ckpt.state["loop"]["epoch"] == 0 and 1 <= ckpt.state["loop"]["iteration"] < 50
+    assert ckpt.state["schedule"]["last_step"] == ckpt.state["loop"]["iteration"]
+
+
+def test_existing_output_or_checkpoint_is_refused_before_training(dataset, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        run_training(dataset, tmp_path / "taken", _config())
+    (tmp_path / "fresh.training" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "fresh.training" / "checkpoints" / "last.safetensors").write_bytes(b"x")
+    with pytest.raises(InputError, match="--resume"):
+        run_training(dataset, tmp_path / "fresh", _config())
+    with pytest.raises(InputError, match="no checkpoint"):
+        run_training(dataset, tmp_path / "other", _config(), resume=True)
+
+
+def test_splits_follow_the_case_count_and_options():
+    assert split_cases(["a", "b"])[3] == "training cases"
+    train, val, _, how = split_cases(["a", "b"])
+    assert train == val == ["a", "b"]
+    train, val, test, how = split_cases(["a", "b", "c"])
+    assert how == "held-out" and len(val) == 1 and len(train) == 2 and not set(train) & set(val)
+    cases = [f"c{i}" for i in range(10)]
+    folds = [split_cases(cases, fold=k)[1] for k in range(5)]
+    assert sorted(sum(folds, [])) == sorted(cases)  # every case validates in exactly one fold
+    train, val, test, _ = split_cases(cases, split=(0.6, 0.2, 0.2))
+    assert (len(train), len(val), len(test)) == (6, 2, 2)
+    assert split_cases(cases, split=(0.6, 0.2, 0.2)) == split_cases(list(reversed(cases)), split=(0.6, 0.2, 0.2))
+    with pytest.raises(ConfigError):
+        split_cases(["a", "b", "c"], fold=0)
+
+
+def test_benchmark_training_step_reports_time_and_memory():
+    from VeloxSegLib.train.trainer import benchmark_training_step
+
+    r = benchmark_training_step("lightmedseg", batch=1, patch=32, threads=1, iters=1, warmup=0)
+    assert r["s_per_iter_median"] > 0 and r["peak_rss_mb"] > 0 and r["patch"] == [32, 32, 32]
+
+
+def test_target_dice_stops_the_run_early_and_is_recorded(dataset, tmp_path, monkeypatch):
+    from VeloxSegLib.train import trainer as T
+
+    scores = iter([0.5, 0.95, 0.99])
+    monkeypatch.setattr(T.Validator, "__call__", lambda self, net, cancel=None: {
+        "dice": next(scores), "per_label": {}})
+    torch.set_num_threads(1)
+    result = run_training(dataset, tmp_path / "early", _config(epochs=5, iterations_per_epoch=1, target_dice=0.9))
+    assert [r["val_dice"] for r in result.history] == [0.5, 0.95]  # validated every epoch, stopped at 0.95
+    from VeloxSegLib.bundle import load_bundle
+
+    m = load_bundle(tmp_path / "early").meta["training"]["metrics"]
+    assert m["reached_target_at_epoch"] == 1 and m["val_dice"] == 0.95 and m["train_seconds"] > 0
+
+
+def test_stop_during_validation_checkpoints_the_finished_epoch(dataset, tmp_path, monkeypatch):
+    from VeloxSegLib.train import trainer as T
+
+    calls = []
+
+    def fake_validate(self, net, cancel=None):
+        calls.append(cancel)
+        if len(calls) == 1:
+            cancel.set()  # as if SIGINT arrived while the first validation ran
+            raise Cancelled("cancelled")
+        return {"dice": 0.5, "per_label": {}}
+
+    monkeypatch.setattr(T.Validator, "__call__", fake_validate)
+    torch.set_num_threads(1)
+    with pytest.raises(Cancelled, match="iteration 1"):
+        run_training(dataset, tmp_path / "v", _config(epochs=1, iterations_per_epoch=1))
+    ckpt = read_checkpoint(tmp_path / "v.training" / "checkpoints" / "last.safetensors")
+    assert ckpt.state["loop"]["epoch"] == 0 and ckpt.state["loop"]["iteration"] == 1
+    result = run_training(dataset, tmp_path / "v", _config(epochs=1, iterations_per_epoch=1), resume=True)
+    assert [r["val_dice"] for r in result.history] == [0.5] and len(calls) == 2

@@ -1,0 +1,32 @@
+"""``veloxseg finetune``: adapt a bundle to local cases and write a new bundle."""
+from __future__ import annotations
+
+from .train import add_run_arguments, command_line, config_from_args, execute
+
+
+def register(subparsers):
+    from ..train.finetune import FINETUNE_EPOCHS, FINETUNE_ITERATIONS, FINETUNE_LR
+
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a bundle on local cases (nnU-Net raw format) into a new bundle",
+        description=(
+            "Start from a bundle's weights and train on local cases with the bundle's spacing, patch size and "
+            "normalization. A dataset with other labels than the bundle re-initializes only the segmentation "
+            "heads. Works with as few as 2 cases (then validation uses the training cases, and says so). The "
+            "new bundle's training record names its parent; the source bundle is never modified."))
+    p.add_argument("-m", "--model", required=True, help="source bundle: folder, .zip or installed name")
+    p.add_argument("dataset", help="nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr)")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only decoder, heads (and teachers)")
+    add_run_arguments(p, epochs=FINETUNE_EPOCHS, iterations=FINETUNE_ITERATIONS, lr=FINETUNE_LR, val_every=1)
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+def run(args) -> int:
+    from ..train.finetune import run_finetune
+
+    args.model_preset = None
+    config = config_from_args(args, freeze_encoder=args.freeze_encoder)
+    return execute(args, lambda progress, stop: run_finetune(
+        args.model, args.dataset, args.output, config, resume=args.resume, work_dir=args.work_dir,
+        progress=progress, stop=stop, command=command_line(args)))

@@ -1,0 +1,145 @@
+"""``veloxseg train``: train a model on an nnU-Net raw dataset and write a bundle."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int) -> None:
+    """Options shared by ``train`` and ``finetune``."""
+    p.add_argument("-o", "--output", required=True, help="the bundle folder to write (must not exist)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    p.add_argument("--iterations-per-epoch", type=int, default=iterations,
+                   help=f"optimizer steps per epoch (default {iterations})")
+    p.add_argument("--batch-size", type=int, help="patches per step and process (default: from the plans)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--val-every", type=int, default=val_every,
+                   help=f"validate on whole cases every N epochs and at the end (default {val_every})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--no-sdkt", action="store_true", help="ablation: no Gram (SDKT) distillation loss")
+    p.add_argument("--no-reconstruction", action="store_true", help="ablation: no teacher reconstruction loss")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
+    p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
+                                      "(default: OUTPUT.training beside the bundle)")
+    p.add_argument("--val-dataset", help="validate on every case of this other dataset (all of DATASET trains)")
+    p.add_argument("--target-dice", type=float,
+                   help="validate every epoch and stop once the validation Dice reaches this value")
+    p.add_argument("--final-weights", choices=["best", "last"], default="best",
+                   help="weights put in the bundle: best validation Dice (default) or the last epoch's")
+    p.add_argument("--name", help="bundle name (default: the output folder's name)")
+    p.add_argument("--description", help="bundle description")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle / start over")
+    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                   help="bar (tqdm on stderr), json (one JSON object per line on stdout) or none")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "train", help="train a model on a dataset (nnU-Net raw format) and write a bundle",
+        description=(
+            "Plan the dataset (unless --plans is given), then train with the paper's recipe: patches sampled 1:1 "
+            "around foreground and background, z-flips and rotations about z, CE + Dice with deep supervision + "
+            "0.5 reconstruction + 2.0 Gram (SDKT) loss, AdamW with linear warm-up and cosine decay, AMP on GPUs. "
+            "Validation Dice on whole held-out cases every --val-every epochs. Ctrl-C (or SIGTERM) saves a "
+            "resumable checkpoint; --resume continues exactly. Run data-parallel with "
+            "'torchrun --nproc_per_node=N -m VeloxSegLib.cli train ...'."))
+    p.add_argument("dataset", help="nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr)")
+    p.add_argument("--model", help="network preset (default: the plans', veloxseg-b)")
+    p.add_argument("--plans", help="plans JSON from 'veloxseg plan' (default: plan now)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--fold", type=int, help="5-fold cross-validation fold 0..4 to validate on")
+    split.add_argument("--split", help="train,val,test fractions, e.g. 0.6,0.2,0.2")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="planner override (x y z)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="planner override, mm")
+    add_run_arguments(p, epochs=300, iterations=250, lr=2.5e-4, val_every=10)
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+def _parse_split(text):
+    from ..errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--split expects three fractions like 0.6,0.2,0.2, got {text!r}") from None
+    if len(parts) != 3:
+        raise ConfigError(f"--split expects three fractions like 0.6,0.2,0.2, got {text!r}")
+    return parts
+
+
+def config_from_args(args, **extra):
+    from ..train.trainer import TrainConfig
+
+    return TrainConfig(model=getattr(args, "model_preset", None), epochs=args.epochs,
+                       iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, lr=args.lr,
+                       seed=args.seed, val_every=args.val_every, use_sdkt=not args.no_sdkt,
+                       use_reconstruction=not args.no_reconstruction, device=args.device, threads=args.threads,
+                       final_weights=args.final_weights, bundle_name=args.name, description=args.description,
+                       overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
+                       **extra)
+
+
+def command_line(args) -> str:
+    """The command as typed (``sys.argv``) when it is this process's command line; else rebuilt
+    from the parsed options (in-process calls of ``cli.main(argv)``)."""
+    argv = sys.argv[1:]
+    if args.command in argv:
+        return shlex.join(["veloxseg"] + argv)
+    parser = getattr(args, "_parser", None)
+    words = ["veloxseg", args.command]
+    if parser is None:
+        return shlex.join(words)
+    for action in parser._actions:
+        if action.dest in ("help", "func", "_parser"):
+            continue
+        value = getattr(args, action.dest, None)
+        if not action.option_strings:
+            words.append(str(value))
+        elif value is not None and value != action.default and value is not False:
+            words.append(action.option_strings[-1])
+            if value is not True:
+                words.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return shlex.join(words)
+
+
+def execute(args, start) -> int:
+    """Run ``start(progress, stop)`` with the chosen reporter; report on stderr; exit code."""
+    from ..train.progress import make_reporter
+    from ..train.trainer import StopRequest
+
+    progress = make_reporter(args.progress)
+    try:
+        result = start(progress, StopRequest())
+    finally:
+        progress.close()
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # pragma: no cover
+            pass
+    if result.bundle is not None:
+        dice = result.best_dice
+        note = " (measured on the training cases)" if result.validated_on == "training cases" else ""
+        print(f"wrote bundle {result.bundle}" + (f"; validation Dice {dice:.4f}{note}" if dice is not None else "")
+              + f"; logs and checkpoints in {result.work_dir}", file=sys.stderr)
+    return 0
+
+
+def run(args) -> int:
+    from ..train.trainer import run_training
+
+    args.model_preset = args.model
+    config = config_from_args(args, fold=args.fold, split=_parse_split(args.split))
+    overrides = {"patch_size": args.patch_size, "spacing": args.spacing, "batch_size": args.batch_size}
+    if args.model:
+        overrides["model"] = args.model
+    return execute(args, lambda progress, stop: run_training(
+        args.dataset, args.output, config, plans=args.plans, resume=args.resume, work_dir=args.work_dir,
+        progress=progress, stop=stop, command=command_line(args), planner_overrides=overrides))

@@ -1,0 +1,100 @@
+"""Fine-tuning a bundle on local cases: ``veloxseg finetune -m BUNDLE DATASET -o NEW_BUNDLE``.
+
+The new run starts from the bundle's weights and keeps everything the bundle fixed at planning
+time (model, patch size, spacing, per-channel normalization with its stored statistics), so the
+network keeps seeing inputs scaled as it was trained. When the dataset's labels differ from the
+bundle's (other names or another number of classes), only the segmentation heads (the pixel
+shuffle head and the deep-supervision heads) start afresh; training-only modules absent from
+the bundle (bundles store inference weights: texture teachers, deep-supervision heads) start
+afresh in any case. ``--freeze-encoder`` trains only
+decoder, heads and teachers. The source bundle is only read; the new bundle's training record
+names it as ``parent``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import InputError
+from .trainer import HEAD_PREFIXES, RunSetup, TrainConfig, TrainResult, run_training
+
+log = logging.getLogger(__name__)
+
+#: Fine-tuning defaults (a short run at a lower learning rate than training from scratch).
+FINETUNE_EPOCHS = 20
+FINETUNE_ITERATIONS = 25
+FINETUNE_LR = 1e-4
+
+
+def _labels_for(dataset, bundle_labels: List[dict]):
+    """(labels in bundle format, same_as_bundle) for the dataset's label set."""
+    from .planner import _PALETTE  # the planner's label colours
+
+    ds_labels = dataset.label_values()
+    if [(v, n) for v, n in ds_labels] == [(int(lb["value"]), lb["name"]) for lb in bundle_labels]:
+        return [dict(lb) for lb in bundle_labels], True
+    if [v for v, _ in ds_labels] != list(range(len(ds_labels))):
+        raise InputError(f"{dataset.root.name}: label values must be 0..K-1, got {[v for v, _ in ds_labels]}")
+    by_name = {lb["name"]: lb for lb in bundle_labels}
+    out = []
+    for i, (v, name) in enumerate(ds_labels):
+        entry = {"value": v, "name": name}
+        old = by_name.get(name)
+        if old is not None:
+            entry.update({k: old[k] for k in ("color", "terminology") if k in old})
+        elif v != 0:
+            entry["color"] = list(_PALETTE[(i - 1) % len(_PALETTE)])
+        out.append(entry)
+    return out, False
+
+
+def _weights_sha256(bundle) -> str:
+    return hashlib.sha256(bundle._weights()).hexdigest()
+
+
+def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
+    """Fine-tune ``bundle`` (path or name) on the nnU-Net raw ``dataset``; write ``output``.
+
+    ``kwargs`` go to :func:`trainer.run_training` (progress, stop, resume, work_dir, command).
+    """
+    from ..bundle import load_bundle
+    from ..data.nnunet import load_dataset
+
+    config = config or TrainConfig(epochs=FINETUNE_EPOCHS, iterations_per_epoch=FINETUNE_ITERATIONS,
+                                   lr=FINETUNE_LR, val_every=1)
+    src = load_bundle(bundle)
+    out = Path(output)
+    if out.exists() and out.resolve() == Path(src.path).resolve():
+        raise InputError(f"{out}: is the source bundle; fine-tuning writes a new bundle and never replaces its parent")
+    meta = src.meta
+    ds = load_dataset(dataset)
+    if ds.num_channels != len(meta["channels"]):
+        raise InputError(f"{ds.root.name}: has {ds.num_channels} channel(s) ({', '.join(ds.channel_list)}) but "
+                         f"bundle '{src.name}' expects {len(meta['channels'])} "
+                         f"({', '.join(c['name'] for c in meta['channels'])}), in that order")
+    names = [c["name"] for c in meta["channels"]]
+    if [n.lower() for n in ds.channel_list] != [n.lower() for n in names]:
+        log.warning("dataset channels %s differ in name from the bundle's %s; using them in that order",
+                    ds.channel_list, names)
+    labels, same = _labels_for(ds, meta["labels"])
+    m = meta["model"]
+    setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
+                     patch_size=tuple(m["patch_size"]), spacing=tuple(meta["spacing"]),
+                     channels=[dict(c) for c in meta["channels"]], labels=labels,
+                     batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}))
+    weights = src.state_dict()
+    sha = _weights_sha256(src)
+    notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,
+             "heads_reinitialized": not same, "parent_labels": [lb["name"] for lb in meta["labels"]]}
+    if not same:
+        log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
+    if config.description is None:
+        config.description = f"{src.name} fine-tuned on {ds.root.name}" + (
+            f" (new labels: {', '.join(lb['name'] for lb in labels[1:])})" if not same else "")
+    return run_training(ds.root, output, config, setup=setup, init_weights=weights,
+                        reinit_prefixes=() if same else HEAD_PREFIXES, parent=src.name, notes=notes, **kwargs)
+
+
+__all__ = ["run_finetune", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]

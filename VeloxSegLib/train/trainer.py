@@ -1,0 +1,958 @@
+"""Training runs: the paper's recipe, resumable, data-parallel, ending in a model bundle.
+
+The run is assembled from small pieces, each in its own module:
+
+- plans (``planner``) -> :class:`RunSetup`: model, patch, spacing, channels, labels, batch size;
+- cases: :func:`preprocess_case` (resample to the target spacing, normalize per channel as the
+  bundle will at inference, keep labels) held in memory; :func:`split_cases` (fold or split);
+- patches: ``sampler.PatchSampler`` (1:1 foreground/background) with ``augment.Augmenter``;
+- loss: ``VeloxSegLib.losses.VeloxSegLoss`` (CE + Dice deep supervision, 0.5 rc, 2.0 SDKT);
+- optimizer AdamW + ``schedule.recipe_schedule`` (linear warm-up then cosine);
+- :class:`TrainLoop`: one optimizer step (AMP on CUDA only);
+- :class:`Validator`: Dice on whole validation cases through the inference pipeline;
+- ``checkpoint.CheckpointWriter``: ``last``/``best``, resumable exactly;
+- ``progress``: tqdm bar or JSON lines, ``training_log.csv``, ``curves.png``;
+- ``ddp``: torchrun data parallelism.
+
+:func:`run_training` wires them; ``veloxseg train`` and ``veloxseg finetune`` call it. The bundle
+is written only at the end (atomically); the work folder (``<bundle>.training`` by default)
+holds the checkpoints, the plans, the CSV log and the curve plot.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import Cancelled, ConfigError, InputError
+from . import ddp
+from .augment import Augmenter
+from .checkpoint import CheckpointWriter, capture_rng, read_checkpoint, restore_rng
+from .progress import ProgressReporter, make_reporter, plot_curves, write_csv_log
+from .sampler import CaseData, PatchSampler, rank_generator
+from .schedule import PAPER_LR, PAPER_WEIGHT_DECAY, recipe_schedule
+
+log = logging.getLogger(__name__)
+
+#: Fixed shuffling seed of the case splits (independent of --seed, as nnU-Net's splits file).
+SPLIT_SEED = 12345
+NUM_FOLDS = 5
+LOG_NAME = "training_log.csv"
+PLOT_NAME = "curves.png"
+PLANS_NAME = "plans.json"
+#: Modules of the segmentation heads (re-initialized for a new label set).
+HEAD_PREFIXES = ("head.", "ds_heads.", "final.")
+#: Modules that are not part of the encoder (everything else is frozen by --freeze-encoder).
+NON_ENCODER_PREFIXES = ("decoder.", "head.", "ds_heads.", "teachers.", "up.", "routers.", "dec_blocks.", "final.")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not in the plans. None means "from the plans/recipe"."""
+
+    model: Optional[str] = None
+    epochs: int = 300
+    iterations_per_epoch: int = 250
+    batch_size: Optional[int] = None
+    lr: float = PAPER_LR
+    min_lr: Optional[float] = None
+    weight_decay: float = PAPER_WEIGHT_DECAY
+    seed: int = 0
+    val_every: int = 10
+    fold: Optional[int] = None
+    split: Optional[Tuple[float, float, float]] = None
+    use_sdkt: bool = True
+    use_reconstruction: bool = True
+    device: str = "auto"
+    amp: Optional[bool] = None
+    threads: Optional[int] = None
+    freeze_encoder: bool = False
+    final_weights: str = "best"
+    target_dice: Optional[float] = None
+    val_dataset: Optional[str] = None
+    steps_per_summary: Optional[int] = None
+    bundle_name: Optional[str] = None
+    description: Optional[str] = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        for key in ("epochs", "iterations_per_epoch", "val_every"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.fold is not None and self.split is not None:
+            raise ConfigError("give either --fold or --split, not both")
+        if self.fold is not None and not 0 <= self.fold < NUM_FOLDS:
+            raise ConfigError(f"--fold must be 0..{NUM_FOLDS - 1}, got {self.fold}")
+        if self.target_dice is not None and not 0 < self.target_dice <= 1:
+            raise ConfigError(f"--target-dice must be in (0, 1], got {self.target_dice}")
+        if self.val_dataset is not None and (self.fold is not None or self.split is not None):
+            raise ConfigError("--val-dataset validates on another dataset; it excludes --fold and --split")
+        if self.final_weights not in ("best", "last"):
+            raise ConfigError("final weights must be 'best' or 'last'")
+
+
+@dataclass
+class RunSetup:
+    """What the network and the bundle are built from (bundle-format pieces)."""
+
+    model_name: str
+    in_channels: Tuple[int, ...]
+    num_classes: int
+    patch_size: Tuple[int, int, int]  # tensor order (z, y, x), as the network and bundle.json use
+    spacing: Tuple[float, float, float]  # x, y, z mm
+    channels: List[dict]
+    labels: List[dict]
+    batch_size: int = 2
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_plans(cls, plans: dict, config: TrainConfig) -> "RunSetup":
+        m = plans["model"]
+        # the planner writes every vector in ITK order x, y, z; the network takes (z, y, x)
+        patch = tuple(int(v) for v in reversed(m["patch_size"]))
+        return cls(model_name=config.model or m.get("name", "veloxseg-b"), in_channels=tuple(m["in_channels"]),
+                   num_classes=int(m.get("num_classes", len(plans["labels"]))), patch_size=patch,
+                   spacing=tuple(float(s) for s in plans["spacing"]), channels=[dict(c) for c in plans["channels"]],
+                   labels=[dict(lb) for lb in plans["labels"]],
+                   batch_size=int(config.batch_size or plans.get("batch_size", 2)),
+                   overrides=dict(m.get("overrides") or {}))
+
+    def build_model(self, training: bool = True, use_teachers: bool = True):
+        from ..model import PRESETS, build_model
+
+        kw = dict(self.overrides)
+        if training and PRESETS.get(self.model_name.lower(), {}).get("arch") == "veloxseg" and not use_teachers:
+            kw["with_teachers"] = False
+        return build_model(self.model_name, in_channels=self.in_channels, num_classes=self.num_classes,
+                           patch_size=self.patch_size, **kw)
+
+    def inference_plan(self, name: str = "model"):
+        from ..infer.pipeline import InferencePlan
+
+        return InferencePlan(patch_size=self.patch_size, channels=self.channels, labels=self.labels,
+                             spacing=self.spacing, name=name)
+
+
+def resolve_plans(dataset, plans=None, **planner_overrides) -> dict:
+    """Plans from a plans dict or JSON file, or made now by the planner."""
+    if isinstance(plans, dict):
+        return plans
+    if plans is not None:
+        path = Path(plans)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"'{path}': cannot read plans ({exc})") from None
+    from .planner import plan_dataset
+
+    return plan_dataset(dataset, **{k: v for k, v in planner_overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def split_cases(cases: Sequence[str], fold: Optional[int] = None,
+                split: Optional[Sequence[float]] = None) -> Tuple[List[str], List[str], List[str], str]:
+    """(train, validation, test, how). ``how`` is ``"held-out"`` or ``"training cases"``.
+
+    ``fold`` k: 5-fold cross-validation, fold k validates. ``split`` (train, val, test)
+    fractions. Neither: fold 0 with 5 or more cases, one held-out case with 3 or 4, and with
+    fewer than 3 cases every case trains and the same cases validate. Shuffling uses a fixed
+    seed, so splits do not change with ``--seed``.
+    """
+    cases = sorted(cases)
+    n = len(cases)
+    if n == 0:
+        raise InputError("the dataset holds no cases")
+    order = [cases[i] for i in np.random.default_rng(SPLIT_SEED).permutation(n)]
+    if split is not None:
+        fr = [float(v) for v in split]
+        if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0 or fr[0] <= 0:
+            raise ConfigError(f"--split needs three fractions train,val,test with train > 0, got {split}")
+        total = sum(fr)
+        n_val = max(1, round(n * fr[1] / total)) if fr[1] > 0 else 0
+        n_test = round(n * fr[2] / total)
+        if n - n_val - n_test < 1:
+            raise ConfigError(f"--split {','.join(map(str, split))} leaves no training case among {n}")
+        val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    elif fold is not None or n >= NUM_FOLDS:
+        if n < NUM_FOLDS:
+            raise ConfigError(f"--fold needs at least {NUM_FOLDS} cases, the dataset has {n}")
+        folds = np.array_split(np.arange(n), NUM_FOLDS)
+        k = fold or 0
+        val = [order[i] for i in folds[k]]
+        train = [c for c in order if c not in set(val)]
+        test = []
+    elif n >= 3:
+        val, train, test = order[:1], order[1:], []
+    else:
+        val, train, test = [], list(order), []
+    if not val:
+        return sorted(train), sorted(train), sorted(test), "training cases"
+    return sorted(train), sorted(val), sorted(test), "held-out"
+
+
+def preprocess_case(ds, case: str, setup: RunSetup) -> CaseData:
+    """Read one case, bring every channel onto channel 0's grid at the target spacing, normalize
+    it with the channel's spec (statistics of its own voxels as read, as inference does) and
+    resample the label (nearest neighbour)."""
+    import SimpleITK as sitk
+
+    from ..data.alignment import Grid, resample_to_grid, spacing_close
+    from ..data.io import read_image
+    from ..data.normalization import fit_normalizer
+
+    images = [read_image(p) for p in ds.image_paths(case)]
+    label = read_image(ds.label_path(case))
+    ref = Grid.of(images[0])
+    resample = not spacing_close(ref.spacing, setup.spacing, 0.02)
+    work = ref.with_spacing(setup.spacing) if resample else ref
+    arr = np.empty((len(images),) + work.shape, dtype=np.float32)
+    pads = []
+    for i, (img, ch) in enumerate(zip(images, setup.channels)):
+        norm = fit_normalizer(sitk.GetArrayViewFromImage(img), ch.get("normalization") or {"scheme": "none"})
+        if not resample and (i == 0 or Grid.of(img).same_as(ref)):
+            arr[i] = sitk.GetArrayViewFromImage(img)
+        else:
+            res = resample_to_grid(img, work, default=norm.background)  # kept alive while viewed
+            arr[i] = sitk.GetArrayViewFromImage(res)
+            del res
+        norm.apply(arr[i])
+        pads.append(norm.normalized_background)
+    if resample or not Grid.of(label).same_as(ref):
+        label = resample_to_grid(label, work, interpolator=sitk.sitkNearestNeighbor, default=0,
+                                 pixel_type=sitk.sitkUInt8)
+    lab = sitk.GetArrayFromImage(label).astype(np.uint8)
+    if lab.max(initial=0) >= setup.num_classes:
+        raise InputError(f"case {case!r}: label value {int(lab.max())} but the model has {setup.num_classes} classes")
+    return CaseData(case, arr, lab, tuple(pads), tuple(work.spacing))
+
+
+# --------------------------------------------------------------------------- loop pieces
+
+
+class TrainForward(nn.Module):
+    """``forward`` = the network's ``forward_train`` (what DistributedDataParallel wraps)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.forward_train(x)
+
+
+class TrainLoop:
+    """One optimizer step on a batch from the sampler; AMP (float16 autocast + GradScaler) on CUDA."""
+
+    def __init__(self, forward: nn.Module, loss_fn, optimizer, schedule, sampler: PatchSampler,
+                 device: torch.device, amp: bool = False):
+        self.forward = forward
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.sampler = sampler
+        self.device = device
+        self.amp = bool(amp and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+
+    def step(self) -> Dict[str, float]:
+        xb, yb = self.sampler.sample()
+        x = torch.from_numpy(xb).to(self.device, non_blocking=True)
+        y = torch.from_numpy(yb).to(self.device, non_blocking=True).long()
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with ctx:
+            out = self.forward(x)
+        loss, parts = self.loss_fn(out, y, x)
+        if not math.isfinite(parts["total"]):
+            raise ConfigError(f"the loss became {parts['total']} (diverged); lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.schedule.step()
+        return parts
+
+    def scaler_state(self) -> Optional[dict]:
+        if self.scaler is None:
+            return None
+        st = self.scaler.state_dict()
+        return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in st.items()}
+
+    def load_scaler_state(self, state: Optional[dict]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+class Validator:
+    """Mean foreground Dice of whole validation cases run through the inference pipeline."""
+
+    def __init__(self, ds, cases: Sequence[str], setup: RunSetup, device: torch.device):
+        self.ds = ds
+        self.cases = list(cases)
+        self.setup = setup
+        self.device = device
+
+    def __call__(self, net: nn.Module, cancel=None) -> Dict[str, Any]:
+        import SimpleITK as sitk
+
+        from ..data.io import read_image
+        from ..infer.pipeline import Segmenter
+        from ..metrics import dice_score
+
+        was_training = net.training
+        seg = Segmenter(net, self.setup.inference_plan(), device=str(self.device))
+        fg = [lb for lb in self.setup.labels if int(lb["value"]) != 0]
+        per_label = {lb["name"]: [] for lb in fg}
+        try:
+            for case in self.cases:
+                # copies: a view of a temporary image would outlive its buffer
+                pred = sitk.GetArrayFromImage(seg.predict(self.ds.image_paths(case), cancel=cancel).labels)
+                ref = sitk.GetArrayFromImage(read_image(self.ds.label_path(case)))
+                for lb in fg:
+                    per_label[lb["name"]].append(dice_score(pred == lb["value"], ref == lb["value"]))
+        finally:
+            net.train(was_training)
+        means = {k: float(np.mean(v)) for k, v in per_label.items()}
+        return {"dice": float(np.mean(list(means.values()))) if means else float("nan"), "per_label": means}
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM (or by a caller); the loop saves a checkpoint and stops at the next
+    step. A second signal interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self, event: Optional[threading.Event] = None):
+        self.event = event or threading.Event()
+        self.signal_name = None
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    @contextlib.contextmanager
+    def handling_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            if self.event.is_set():
+                raise KeyboardInterrupt
+            self.signal_name = signal.Signals(signum).name
+            self.event.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+                pass
+        try:
+            yield self
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+
+@dataclass
+class LoopState:
+    """Position and running statistics of a run (JSON, saved in every checkpoint)."""
+
+    epoch: int = 0
+    iteration: int = 0
+    sums: Dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    epoch_seconds: float = 0.0
+    history: List[dict] = field(default_factory=list)
+    best_dice: Optional[float] = None
+    best_epoch: Optional[int] = None
+    best_per_label: Dict[str, float] = field(default_factory=dict)
+    reached_target_at: Optional[int] = None
+
+
+def freeze_encoder(model: nn.Module) -> int:
+    """Stop gradients into the encoder (everything but decoder, heads and teachers); returns the
+    number of frozen parameters."""
+    n = 0
+    for name, p in model.named_parameters():
+        if not name.startswith(NON_ENCODER_PREFIXES):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def load_initial_weights(model: nn.Module, state: Dict[str, torch.Tensor],
+                         reinit_prefixes: Sequence[str] = ()) -> Dict[str, List[str]]:
+    """Copy matching tensors from ``state`` (a bundle's weights) into ``model``; keys under
+    ``reinit_prefixes`` keep the model's fresh (He) initialization. Returns what was skipped."""
+    own = model.state_dict()
+    load, skipped, shape = {}, [], []
+    for k, v in state.items():
+        if k.startswith(tuple(reinit_prefixes)):
+            skipped.append(k)
+        elif k in own and tuple(own[k].shape) == tuple(v.shape):
+            load[k] = v
+        elif k in own:
+            shape.append(k)
+        else:
+            skipped.append(k)
+    if shape:
+        raise ConfigError(f"{len(shape)} tensor(s) of the source weights do not fit the model (e.g. {shape[0]})")
+    model.load_state_dict(load, strict=False)
+    fresh = [k for k in own if k not in load]
+    return {"loaded": list(load), "fresh": fresh, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def bundle_name_for(output, given: Optional[str] = None) -> str:
+    name = given or Path(output).name
+    if name.lower().endswith(".zip"):
+        name = name[:-4]
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", name).lstrip("._+-") or "model"
+    return name[:128]
+
+
+def build_bundle_meta(setup: RunSetup, name: str, training: dict, description: str = "") -> dict:
+    from ..bundle import FORMAT_VERSION, INFERENCE_DEFAULTS
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "model": {"name": setup.model_name, "in_channels": list(setup.in_channels), "num_classes": setup.num_classes,
+                  "patch_size": list(setup.patch_size), "overrides": dict(setup.overrides)},
+        "spacing": list(setup.spacing),
+        "channels": setup.channels,
+        "labels": setup.labels,
+        "inference": dict(INFERENCE_DEFAULTS),
+        "training": training,
+    }
+
+
+def _dataset_text(ds, n_train: int, n_val: int, how: str) -> str:
+    text = f"{ds.root.name}: {len(ds.cases)} case(s), {n_train} for training, "
+    text += "validated on the training cases" if how == "training cases" else f"{n_val} held out for validation"
+    ph = ds.extra.get("veloxseg_phantom") if isinstance(ds.extra, dict) else None
+    if isinstance(ph, dict):
+        text += (f"; synthetic {ph.get('kind')} phantoms (veloxseg phantom --seed {ph.get('seed')} --size "
+                 f"{' '.join(str(s) for s in ph.get('size', []))}, version {ph.get('version')})")
+    return text
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    bundle: Optional[Path]
+    work_dir: Path
+    history: List[dict]
+    best_dice: Optional[float]
+    best_epoch: Optional[int]
+    validated_on: str
+    meta: Optional[dict] = None
+    model: Optional[nn.Module] = None  # the trained network (last weights), on every rank
+
+
+def default_work_dir(output) -> Path:
+    out = Path(output)
+    return out.with_name(out.name + ".training")
+
+
+@dataclass
+class Run:
+    """The collaborating pieces of one run (assembled by :func:`assemble_run`)."""
+
+    config: TrainConfig
+    setup: RunSetup
+    dataset: Any
+    splits: dict
+    work: Path
+    writer: CheckpointWriter
+    dist: ddp.DistInfo
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    sampler: PatchSampler
+    loop: TrainLoop
+    validator: Optional[Validator]
+    progress: ProgressReporter
+    state: LoopState
+    amp: bool
+    resumed: bool = False
+    init_report: Optional[dict] = None
+
+    @property
+    def validated_on(self) -> str:
+        return self.splits["validated_on"]
+
+    def checkpoint_doc(self, ranks: List[dict]) -> dict:
+        c, st = self.config, self.setup
+        return {
+            "run": {"model": st.model_name, "patch_size": list(st.patch_size), "epochs": c.epochs,
+                    "iterations_per_epoch": c.iterations_per_epoch, "batch_size": st.batch_size, "seed": c.seed,
+                    "world_size": self.dist.world_size, "in_channels": list(st.in_channels),
+                    "num_classes": st.num_classes},
+            "setup": asdict(st),
+            "splits": self.splits,
+            "loop": asdict(self.state),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.loop.scaler_state(),
+            "ranks": ranks,
+        }
+
+    def save(self, names: Sequence[str]) -> None:
+        """Checkpoint(s) with every rank's generator states; rank 0 writes."""
+        ranks = ddp.gather_objects({"sampler": self.sampler.state_dict(), "rng": capture_rng()}, self.dist)
+        if self.dist.is_main:
+            doc = self.checkpoint_doc(ranks)
+            for name in names:
+                self.writer.save(name, self.model.state_dict(), doc, self.optimizer)
+
+    def restore(self, ckpt) -> None:
+        run = ckpt.state["run"]
+        for key, value in (("epochs", self.config.epochs), ("iterations_per_epoch", self.config.iterations_per_epoch),
+                           ("world_size", self.dist.world_size)):
+            if run[key] != value:
+                raise ConfigError(f"the checkpoint was made with {key.replace('_', ' ')} {run[key]}, this run has "
+                                  f"{value}; resume with the same settings")
+        self.model.load_state_dict(ckpt.model_state())
+        self.optimizer.load_state_dict(ckpt.optimizer_state())
+        self.schedule.load_state_dict(ckpt.state["schedule"])
+        self.loop.load_scaler_state(ckpt.state.get("scaler"))
+        self.state = LoopState(**ckpt.state["loop"])
+        mine = ckpt.state["ranks"][self.dist.rank]
+        self.sampler.load_state_dict(mine["sampler"])
+        restore_rng(mine["rng"])
+        self.resumed = True
+
+
+def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: bool, overwrite: bool) -> None:
+    # checked on every rank (same files), so no rank is left waiting for one that failed
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise InputError(f"{output}: already exists (choose another output or pass --overwrite)")
+    if resume and not writer.exists("last"):
+        raise InputError(f"{writer.path('last')}: no checkpoint to resume from")
+    if not resume and writer.exists("last") and not overwrite:
+        raise InputError(f"{work}: holds a checkpoint of an earlier run; pass --resume to continue it "
+                         f"(or --overwrite to start again)")
+
+
+def _make_splits(ds, config: TrainConfig) -> dict:
+    """Training/validation/test case lists (or all cases and another validation dataset)."""
+    if config.val_dataset is not None:
+        splits = {"train": list(ds.cases), "validation": None, "test": [], "validated_on": "held-out",
+                  "val_dataset": str(Path(config.val_dataset).resolve()), "fold": None, "split": None}
+    else:
+        train_ids, val_ids, test_ids, how = split_cases(ds.cases, config.fold, config.split)
+        splits = {"train": train_ids, "validation": val_ids, "test": test_ids, "validated_on": how,
+                  "fold": config.fold, "split": list(config.split) if config.split else None}
+    return splits
+
+
+def _validation_dataset(ds, splits: dict):
+    from ..data.nnunet import load_dataset
+
+    if not splits.get("val_dataset"):
+        return ds
+    val_ds = load_dataset(splits["val_dataset"])
+    if val_ds.num_channels != ds.num_channels:
+        raise InputError(f"{val_ds.root.name}: validation dataset has {val_ds.num_channels} channel(s), the "
+                         f"training dataset {ds.num_channels}")
+    splits["validation"] = list(val_ds.cases)
+    return val_ds
+
+
+def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Optional[RunSetup] = None,
+                 init_weights=None, reinit_prefixes: Sequence[str] = (), resume: bool = False, work_dir=None,
+                 progress: Optional[ProgressReporter] = None, planner_overrides: Optional[dict] = None) -> Run:
+    """Checks, plans, splits, in-memory cases and the training pieces (restored when resuming)."""
+    from ..data.nnunet import load_dataset, write_json_atomic
+    from ..infer.device import resolve_device, set_threads
+    from ..losses import LossConfig, VeloxSegLoss
+
+    config.check()
+    output = Path(output)
+    work = Path(work_dir) if work_dir else default_work_dir(output)
+    if config.threads:
+        set_threads(config.threads)
+    device = resolve_device(config.device)
+    dist = ddp.init_distributed(device)
+    device = ddp.device_for(dist, device)
+    progress = progress if (progress is not None and dist.is_main) else make_reporter("none")
+    amp = (device.type == "cuda") if config.amp is None else bool(config.amp and device.type == "cuda")
+
+    ds = load_dataset(dataset)
+    writer = CheckpointWriter(work / "checkpoints")
+    _check_paths(output, writer, work, resume, config.overwrite)
+    ckpt = read_checkpoint(writer.path("last")) if resume else None
+    if setup is None and ckpt is not None:
+        saved = ckpt.state["setup"]
+        setup = RunSetup(**{**saved, "patch_size": tuple(saved["patch_size"]),
+                            "in_channels": tuple(saved["in_channels"]), "spacing": tuple(saved["spacing"])})
+    elif setup is None:
+        plans = ddp.broadcast_object(resolve_plans(ds.root, plans, **(planner_overrides or {}))
+                                     if dist.is_main else None, dist)
+        setup = RunSetup.from_plans(plans, config)
+    if len(setup.channels) != ds.num_channels:
+        raise InputError(f"{ds.root.name}: has {ds.num_channels} channel(s), the model needs {len(setup.channels)} "
+                         f"({', '.join(c['name'] for c in setup.channels)})")
+    splits = ckpt.state["splits"] if ckpt is not None else _make_splits(ds, config)
+    val_ds = _validation_dataset(ds, splits)
+    if dist.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        if isinstance(plans, dict):
+            write_json_atomic(work / PLANS_NAME, plans)
+
+    cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
+
+    # seeded so that every rank builds the same model (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2 ** 32)
+    use_teachers = config.use_reconstruction or config.use_sdkt
+    model = setup.build_model(training=True, use_teachers=use_teachers)
+    init_report = None
+    if init_weights is not None and ckpt is None:
+        init_report = load_initial_weights(model, init_weights, reinit_prefixes)
+    if config.freeze_encoder:
+        freeze_encoder(model)
+    model.to(device)
+    loss_fn = VeloxSegLoss(LossConfig(use_reconstruction=config.use_reconstruction, use_sdkt=config.use_sdkt))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
+    sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
+                           Augmenter())
+    find_unused = use_teachers and not (config.use_reconstruction and config.use_sdkt)
+    forward = ddp.wrap_model(TrainForward(model), dist, device, find_unused=find_unused)
+    loop = TrainLoop(forward, loss_fn, optimizer, schedule, sampler, device, amp)
+    validator = Validator(val_ds, splits["validation"], setup, device) if dist.is_main else None
+    run = Run(config, setup, ds, splits, work, writer, dist, device, model, optimizer, schedule, sampler, loop,
+              validator, progress, LoopState(), amp, init_report=init_report)
+    if ckpt is not None:
+        run.restore(ckpt)
+    return run
+
+
+def _interrupted(run: Run, stop: StopRequest) -> Cancelled:
+    st = run.state
+    return Cancelled(f"interrupted{' by ' + stop.signal_name if stop.signal_name else ''} at epoch {st.epoch + 1}, "
+                     f"iteration {st.iteration}; a resumable checkpoint is in {run.writer.path('last')} "
+                     f"(run again with --resume)")
+
+
+def train_epochs(run: Run, stop: StopRequest) -> None:
+    """The loop: steps, step summaries, epoch ends (validation, best, checkpoints, logs), stops."""
+    config, state, progress = run.config, run.state, run.progress
+    iters = config.iterations_per_epoch
+    total_steps = config.epochs * iters
+    every = config.steps_per_summary or max(1, iters // 20)
+    run.model.train()
+    with stop.handling_signals():
+        while state.epoch < config.epochs and state.reached_target_at is None:
+            t_epoch = time.perf_counter()
+            while state.iteration < iters:
+                parts = run.loop.step()
+                for k, v in parts.items():
+                    state.sums[k] = state.sums.get(k, 0.0) + float(v)
+                state.count += 1
+                state.iteration += 1
+                step = state.epoch * iters + state.iteration
+                if state.iteration % every == 0 or state.iteration == iters:
+                    progress.emit({"event": "step", "stage": "train", "step": step, "steps": total_steps,
+                                   "iteration": state.iteration, "iterations": iters,
+                                   "epoch_in_progress": state.epoch, "fraction": step / total_steps,
+                                   "loss": parts, "lr": run.schedule.lr_at(step - 1),
+                                   "seconds": state.epoch_seconds + time.perf_counter() - t_epoch})
+                if ddp.any_rank(stop.is_set(), run.dist):
+                    state.epoch_seconds += time.perf_counter() - t_epoch
+                    run.save(["last"])
+                    raise _interrupted(run, stop)
+            end_epoch(run, t_epoch, stop)
+
+
+def end_epoch(run: Run, t_epoch: float, stop: Optional[StopRequest] = None) -> None:
+    """Epoch means over ranks, validation when due, best/target bookkeeping, checkpoints, logs.
+
+    A stop request during validation interrupts it; the checkpoint then holds the finished
+    epoch's training, and a resumed run validates it again."""
+    config, state, progress = run.config, run.state, run.progress
+    means = ddp.mean_over_ranks({k: v / max(state.count, 1) for k, v in state.sums.items()}, run.dist)
+    due = ((state.epoch + 1) % config.val_every == 0 or state.epoch + 1 == config.epochs
+           or config.target_dice is not None)
+    val, cancelled = None, False
+    if due and run.validator is not None:
+        progress.emit({"event": "message", "message": f"validating on {len(run.validator.cases)} case(s)"})
+        try:
+            val = run.validator(run.model, cancel=stop.event if stop is not None else None)
+        except Cancelled:
+            cancelled = True
+        run.model.train()
+    val, cancelled = ddp.broadcast_object((val, cancelled), run.dist)
+    if cancelled:
+        state.epoch_seconds += time.perf_counter() - t_epoch
+        run.save(["last"])
+        raise _interrupted(run, stop)
+    record = {"event": "epoch", "epoch": state.epoch, "epochs": config.epochs, "loss": means,
+              "lr": run.schedule.lr_at(max(run.schedule.last_step - 1, 0)),
+              "val_dice": val["dice"] if val else None, "val_dice_per_label": val["per_label"] if val else None,
+              "best": False, "seconds": state.epoch_seconds + time.perf_counter() - t_epoch}
+    improved = val is not None and math.isfinite(val["dice"]) and (
+        state.best_dice is None or val["dice"] > state.best_dice)
+    if improved:
+        state.best_dice, state.best_epoch, state.best_per_label = val["dice"], state.epoch, val["per_label"]
+        record["best"] = True
+    if val is not None and config.target_dice is not None and val["dice"] >= config.target_dice:
+        state.reached_target_at = state.epoch
+        progress.emit({"event": "message", "message": f"validation Dice {val['dice']:.4f} reached the target "
+                       f"{config.target_dice:g} after epoch {state.epoch + 1}; stopping"})
+    state.history.append(record)
+    state.epoch += 1
+    state.iteration = 0
+    state.sums, state.count, state.epoch_seconds = {}, 0, 0.0
+    run.save(["last", "best"] if improved else ["last"])
+    progress.emit(record)
+    if run.dist.is_main:
+        write_csv_log(run.work / LOG_NAME, state.history)
+        if val is not None:
+            plot_curves(run.work / PLOT_NAME, state.history)
+
+
+def training_record(run: Run, weights_from: str, command: Optional[str], parent: Optional[str],
+                    notes: Optional[dict]) -> dict:
+    """The bundle's ``training`` section."""
+    from .. import __version__
+
+    config, state, splits = run.config, run.state, run.splits
+    last = state.history[-1] if state.history else {}
+    best = weights_from == "best"
+    metrics = {
+        "val_dice": state.best_dice if best else last.get("val_dice"),
+        "val_dice_per_label": state.best_per_label if best else last.get("val_dice_per_label"),
+        "validated_on": run.validated_on, "best_epoch": state.best_epoch, "weights": weights_from,
+        "final_train_loss": last.get("loss"),
+        "train_cases": splits["train"], "val_cases": splits["validation"], "test_cases": splits["test"],
+        "train_seconds": round(sum(r.get("seconds") or 0.0 for r in state.history), 2),
+    }
+    if splits.get("val_dataset"):
+        metrics["val_dataset"] = Path(splits["val_dataset"]).name
+    if config.target_dice is not None:
+        metrics["target_dice"] = config.target_dice
+        metrics["reached_target_at_epoch"] = state.reached_target_at
+    recipe = {"optimizer": "AdamW", "lr": config.lr, "min_lr": run.schedule.min_lr,
+              "weight_decay": config.weight_decay, "warmup_steps": run.schedule.warmup_steps,
+              "total_steps": run.schedule.total_steps, "iterations_per_epoch": config.iterations_per_epoch,
+              "batch_size": run.setup.batch_size, "world_size": run.dist.world_size,
+              "loss": {"ce_dice_deep_supervision": True, "lambda_rc": 0.5 if config.use_reconstruction else 0,
+                       "lambda_sdkt": 2.0 if config.use_sdkt else 0},
+              "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": "1:1 fg/bg",
+              "amp": run.amp, "freeze_encoder": config.freeze_encoder, "device": run.device.type}
+    if run.init_report is not None:
+        recipe["reinitialized"] = sorted({k.split(".")[0] for k in run.init_report["fresh"]})
+    return {"dataset": _dataset_text(run.dataset, len(splits["train"]), len(splits["validation"]), run.validated_on),
+            "epochs": config.epochs, "seed": config.seed, "command": command or "",
+            "metrics": _json_safe(metrics), "parent": parent,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "veloxseg_version": __version__,
+            "notes": json.dumps(_json_safe({"recipe": recipe, **(notes or {})}), sort_keys=True)}
+
+
+def write_bundle(run: Run, output, command: Optional[str] = None, parent: Optional[str] = None,
+                 notes: Optional[dict] = None) -> Tuple[Path, dict]:
+    """The bundle (atomically): best or last weights, inference tensors only, and its metadata."""
+    from ..bundle import save_bundle
+
+    config = run.config
+    weights_from, final_state = "last", run.model.state_dict()
+    if config.final_weights == "best" and run.writer.exists("best") and run.state.best_epoch is not None:
+        weights_from, final_state = "best", read_checkpoint(run.writer.path("best")).model_state()
+    net = run.setup.build_model(training=False)
+    net.load_state_dict(final_state, strict=False)
+    weights = net.inference_state_dict() if hasattr(net, "inference_state_dict") else net.state_dict()
+    description = config.description or (
+        f"{run.setup.model_name} trained on {run.dataset.root.name}" + (f", fine-tuned from {parent}" if parent else ""))
+    meta = build_bundle_meta(run.setup, bundle_name_for(output, config.bundle_name),
+                             training_record(run, weights_from, command, parent, notes), description)
+    write_csv_log(run.work / LOG_NAME, run.state.history)
+    plot_curves(run.work / PLOT_NAME, run.state.history)
+    return save_bundle(output, meta, weights, overwrite=config.overwrite), meta
+
+
+def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Optional[RunSetup] = None,
+                 init_weights: Optional[Dict[str, torch.Tensor]] = None, reinit_prefixes: Sequence[str] = (),
+                 parent: Optional[str] = None, resume: bool = False, work_dir=None,
+                 progress: Optional[ProgressReporter] = None, stop: Optional[StopRequest] = None,
+                 command: Optional[str] = None, notes: Optional[dict] = None,
+                 planner_overrides: Optional[dict] = None) -> TrainResult:
+    """Train on the nnU-Net raw ``dataset`` and write the bundle ``output``.
+
+    ``plans`` (dict or JSON path) or ``setup`` describe the model and data; without either the
+    planner runs. ``init_weights`` start from existing weights (fine-tuning), keeping the fresh
+    initialization under ``reinit_prefixes``. ``resume`` continues from ``work_dir``'s ``last``
+    checkpoint exactly. ``stop`` (set by SIGINT/SIGTERM while running) saves a resumable
+    checkpoint and raises :class:`Cancelled`.
+    """
+    t_start = time.perf_counter()
+    stop = stop or StopRequest()
+    run = assemble_run(dataset, output, config, plans=plans, setup=setup, init_weights=init_weights,
+                       reinit_prefixes=reinit_prefixes, resume=resume, work_dir=work_dir, progress=progress,
+                       planner_overrides=planner_overrides)
+    st, sp = run.state, run.splits
+    run.progress.emit({"event": "start", "epochs": config.epochs, "iterations_per_epoch": config.iterations_per_epoch,
+                       "start_epoch": st.epoch, "start_step": st.epoch * config.iterations_per_epoch + st.iteration,
+                       "train_cases": len(sp["train"]), "val_cases": len(sp["validation"]),
+                       "validation": run.validated_on, "device": str(run.device),
+                       "world_size": run.dist.world_size, "resumed": run.resumed})
+    if run.validated_on == "training cases":
+        msg = (f"only {len(run.dataset.cases)} case(s): no case can be held out, so validation Dice is measured on "
+               f"the training cases (optimistic)")
+        log.warning(msg)
+        run.progress.emit({"event": "message", "message": msg})
+    train_epochs(run, stop)
+    result = TrainResult(None, run.work, st.history, st.best_dice, st.best_epoch, run.validated_on, model=run.model)
+    if run.dist.is_main:
+        result.bundle, result.meta = write_bundle(run, output, command, parent, notes)
+        run.progress.emit({"event": "done", "bundle": str(result.bundle),
+                           "val_dice": result.meta["training"]["metrics"]["val_dice"],
+                           "weights": result.meta["training"]["metrics"]["weights"],
+                           "seconds": time.perf_counter() - t_start})
+    ddp.barrier(run.dist)
+    return result
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def benchmark_training_step(model_name: str = "veloxseg-b", batch: int = 2, patch=(96, 96, 96), threads: int = 2,
+                            iters: int = 3, in_channels=(1, 1), num_classes: int = 2, warmup: int = 1) -> dict:
+    """Seconds per training iteration (forward_train + loss + backward + AdamW step) on the CPU
+    and the process's peak resident memory afterwards. ``model_name`` may be ``monai-unet``
+    (MONAI UNet 16..256, 2 residual units, CE + Dice loss) for the peer figure.
+
+    Peak memory is the process's high-water mark (``ru_maxrss``): measure the smaller model
+    first, or run each model in its own process, for a clean per-model figure.
+    """
+    import resource
+    import sys
+
+    from ..losses import VeloxSegLoss, dice_ce_loss
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    patch = tuple(int(p) for p in (patch if isinstance(patch, (list, tuple)) else (patch,) * 3))
+    c_in = sum(in_channels)
+    if model_name.startswith("monai-"):
+        from monai.networks import nets
+
+        if model_name != "monai-unet":
+            raise ConfigError(f"unknown benchmark model {model_name}")
+        net = nets.UNet(3, c_in, num_classes, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
+
+        def step_loss(x, y):
+            return dice_ce_loss(net(x), y)
+    else:
+        from ..model import build_model
+
+        net = build_model(model_name, in_channels=tuple(in_channels), num_classes=num_classes, patch_size=patch)
+        loss_fn = VeloxSegLoss()
+
+        def step_loss(x, y):
+            return loss_fn(net.forward_train(x), y, x)[0]
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=PAPER_LR, weight_decay=PAPER_WEIGHT_DECAY)
+    x = torch.randn(batch, c_in, *patch)
+    y = (torch.rand(batch, *patch) > 0.9).long()
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        loss = step_loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+    times.sort()
+    return {"model": model_name, "batch": batch, "patch": list(patch), "threads": int(threads), "iters": iters,
+            "s_per_iter_median": times[len(times) // 2], "s_per_iter_best": times[0],
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "peak_rss_mb": peak_mb}
+
+
+def training_benchmark(models: Sequence[str] = ("monai-unet", "veloxseg-b"), batch: int = 2, patch: int = 96,
+                       threads: int = 2, iters: int = 3, progress=None, timeout: float = 1800) -> dict:
+    """:func:`benchmark_training_step` for each model in its own process (clean peak memory);
+    returns ``{"rows": [...], "markdown": "..."}`` for ``veloxseg bench``'s training section."""
+    import subprocess
+    import sys
+
+    rows = []
+    for name in models:
+        if progress:
+            progress(f"[bench] training step: {name}, batch {batch}, {patch}^3, {threads} thread(s)")
+        code = ("import json; from VeloxSegLib.train.trainer import benchmark_training_step as b; "
+                f"print(json.dumps(b({name!r}, batch={batch}, patch={patch}, threads={threads}, iters={iters})))")
+        env = dict(os.environ)
+        env.pop("OMP_NUM_THREADS", None)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training benchmark of {name} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    peer = next((r for r in rows if r["model"] == "monai-unet"), None)
+    lines = [f"Seconds per training iteration (forward with deep supervision, teachers and Gram matrices, loss, "
+             f"backward, AdamW step), batch {batch}, {patch}^3 patches, 2 input channels, {threads} CPU thread(s); "
+             f"median (best) of {iters} after one warm-up; peak RSS of the worker process.", "",
+             "| model | params (M) | s/iteration | best | x UNet | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{peer['s_per_iter_median'] / r['s_per_iter_median']:.2f}" if peer else "-"
+        lines.append(f"| {r['model']} | {r['params_m']:.3f} | {r['s_per_iter_median']:.2f} | "
+                     f"{r['s_per_iter_best']:.2f} | {ratio} | {r['peak_rss_mb']:.0f} |")
+    return {"rows": rows, "markdown": "\n".join(lines)}
+
+
+__all__ = ["TrainConfig", "RunSetup", "TrainResult", "TrainLoop", "TrainForward", "Validator", "StopRequest",
+           "LoopState", "Run", "assemble_run", "train_epochs", "end_epoch", "training_record", "write_bundle",
+           "run_training", "resolve_plans", "split_cases", "preprocess_case", "freeze_encoder",
+           "load_initial_weights", "build_bundle_meta", "bundle_name_for", "default_work_dir",
+           "benchmark_training_step", "training_benchmark", "HEAD_PREFIXES"]
