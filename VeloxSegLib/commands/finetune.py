@@ -5,7 +5,7 @@ from .train import add_run_arguments, command_line, config_from_args, execute
 
 
 def register(subparsers):
-    from ..train.finetune import FINETUNE_EPOCHS, FINETUNE_ITERATIONS, FINETUNE_LR
+    from ..train.defaults import FINETUNE_EPOCHS, FINETUNE_ITERATIONS, FINETUNE_LR
 
     p = subparsers.add_parser(
         "finetune", help="fine-tune a bundle on local cases (nnU-Net raw format) into a new bundle",

@@ -23,9 +23,7 @@ from .trainer import HEAD_PREFIXES, RunSetup, TrainConfig, TrainResult, run_trai
 log = logging.getLogger(__name__)
 
 #: Fine-tuning defaults (a short run at a lower learning rate than training from scratch).
-FINETUNE_EPOCHS = 20
-FINETUNE_ITERATIONS = 25
-FINETUNE_LR = 1e-4
+from .defaults import FINETUNE_EPOCHS, FINETUNE_ITERATIONS, FINETUNE_LR  # noqa: F401
 
 
 def _labels_for(dataset, bundle_labels: List[dict]):

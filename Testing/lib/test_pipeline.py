@@ -1,0 +1,351 @@
+"""The inference pipeline: geometry, alignment, cropping, padding, post-processing, files."""
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from VeloxSegLib.errors import Cancelled, InputError
+from VeloxSegLib.infer.pipeline import InferencePlan, Segmenter, find_cases, predict_case, predict_files, predict_folder
+
+ROT_Z90 = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+OBLIQUE = tuple(sitk.VersorTransform((0.1, 0.2, 0.9), 0.3).GetMatrix())
+
+
+class PetThreshold(torch.nn.Module):
+    """Stand-in network: class 1 where the normalized PET (channel 1) exceeds 1."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:2] - 1.0], 1)
+
+
+def _plan(**kw):
+    base = dict(
+        patch_size=(32, 32, 32), spacing=(2.0, 2.0, 2.0),
+        channels=[{"name": "CT", "normalization": {"scheme": "ct", "clip": [-1000, 600], "mean": 0, "std": 100}},
+                  {"name": "PET", "normalization": {"scheme": "pet_zscore_body"}}],
+        labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}])
+    base.update(kw)
+    return InferencePlan(**base)
+
+
+def _ct(shape=(40, 60, 70), spacing=(1.5, 1.5, 2.5), origin=(-50.0, -40.0, 10.0), direction=None):
+    arr = np.full(shape, -1000, np.int16)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    body = ((y - shape[1] / 2) / (shape[1] * 0.35)) ** 2 + ((x - shape[2] / 2) / (shape[2] * 0.4)) ** 2 <= 1
+    arr[:, body[0]] = 40
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction:
+        img.SetDirection(direction)
+    return img
+
+
+def _pet_with_blob(ct, point, shape=(30, 30, 30), spacing=(3.0, 3.0, 3.0), origin=None, direction=None, r=1):
+    """A PET grid covering the CT centre with uniform body uptake and a hot blob at ``point``."""
+    img = sitk.Image([shape[2], shape[1], shape[0]], sitk.sitkFloat32)
+    img.SetSpacing(spacing)
+    if direction:
+        img.SetDirection(direction)
+    if origin is None:  # centre the PET on the CT
+        c_ct = np.array(ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()]))
+        img.SetOrigin((0, 0, 0))
+        c_pet = np.array(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
+        origin = tuple(c_ct - c_pet)
+    img.SetOrigin(origin)
+    arr = np.zeros(shape, np.float32)
+    arr[2:-2, 2:-2, 2:-2] = 1.0  # body uptake; the minimum (0) is outside the body
+    i, j, k = img.TransformPhysicalPointToIndex(point)
+    arr[k - r:k + r + 1, j - r:j + r + 1, i - r:i + r + 1] = 50.0
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    return out, np.array(img.TransformIndexToPhysicalPoint((i, j, k)))
+
+
+def _label_centroid(labels):
+    arr = sitk.GetArrayViewFromImage(labels)
+    zyx = np.argwhere(arr == 1).mean(axis=0)
+    return np.array(labels.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]]))
+
+
+def _same_geometry_exactly(a, b):
+    return (a.GetSize() == b.GetSize() and a.GetOrigin() == b.GetOrigin() and a.GetSpacing() == b.GetSpacing()
+            and a.GetDirection() == b.GetDirection())
+
+
+@pytest.mark.parametrize("pet_grid", [
+    dict(spacing=(4.0, 4.0, 4.0), shape=(20, 25, 25)),                      # coarser grid
+    dict(spacing=(3.0, 3.0, 3.0), shape=(20, 20, 20), origin=(-30.0, -25.0, 30.0)),  # shifted, partial FOV
+    dict(spacing=(3.0, 3.0, 3.0), shape=(30, 30, 30), direction=ROT_Z90),   # another orientation
+], ids=["coarser", "shifted", "rotated"])
+def test_pet_lesion_lands_where_it_belongs_on_the_ct_grid(pet_grid):
+    ct = _ct()
+    point = (-5.0, 2.0, 60.0)
+    pet, centre = _pet_with_blob(ct, point, **pet_grid)
+    labels, _ = predict_case(PetThreshold(), [ct, pet], plan=_plan())
+    assert _same_geometry_exactly(labels, ct)
+    assert labels.GetPixelID() == sitk.sitkUInt8
+    assert np.linalg.norm(_label_centroid(labels) - centre) < 2.0
+    idx = ct.TransformPhysicalPointToIndex(tuple(centre))
+    assert sitk.GetArrayViewFromImage(labels)[idx[2], idx[1], idx[0]] == 1
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (1.5, 1.5, 2.5), None])
+def test_output_geometry_equals_the_reference_input_exactly(spacing):
+    ct = _ct(shape=(37, 51, 45), spacing=(1.37, 0.93, 2.41), origin=(-17.3, 81.1, -402.7), direction=OBLIQUE)
+    pet, _ = _pet_with_blob(ct, ct.TransformContinuousIndexToPhysicalPoint((22.0, 25.0, 18.0)),
+                            spacing=(2.5, 2.5, 2.5))
+    result = predict_case(PetThreshold(), [ct, pet], plan=_plan(spacing=spacing), probabilities=True)
+    assert _same_geometry_exactly(result.labels, ct)
+    assert _same_geometry_exactly(result.probabilities, ct)
+    assert result.probabilities.GetNumberOfComponentsPerPixel() == 2
+    p = sitk.GetArrayViewFromImage(result.probabilities)
+    assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
+    lab = sitk.GetArrayViewFromImage(result.labels)
+    assert np.array_equal(lab, (p[..., 1] > p[..., 0]).astype(np.uint8)) or spacing is not None
+    assert 0 < np.count_nonzero(lab) < lab.size
+
+
+def test_volume_smaller_than_a_window_is_padded_not_rejected():
+    ct = _ct(shape=(10, 20, 24), spacing=(2.0, 2.0, 2.0))
+    pet, centre = _pet_with_blob(ct, ct.TransformContinuousIndexToPhysicalPoint((12.0, 10.0, 5.0)),
+                                 shape=(10, 20, 24), spacing=(2.0, 2.0, 2.0))
+    result = predict_case(PetThreshold(), [ct, pet], plan=_plan(patch_size=(32, 32, 32)))
+    assert _same_geometry_exactly(result.labels, ct)
+    assert result.info["windows_total"] == 1
+    assert np.linalg.norm(_label_centroid(result.labels) - centre) < 1.0
+
+
+def test_air_is_cropped_and_empty_windows_are_not_run():
+    ct = _ct(shape=(60, 100, 100), spacing=(2.0, 2.0, 2.0))
+    arr = sitk.GetArrayFromImage(ct)
+    arr[:] = -1000
+    arr[5:25, 10:40, 10:40] = 40  # a small body in one corner
+    ct2 = sitk.GetImageFromArray(arr)
+    ct2.CopyInformation(ct)
+    pet, _ = _pet_with_blob(ct2, ct2.TransformContinuousIndexToPhysicalPoint((25.0, 25.0, 15.0)),
+                            shape=(60, 100, 100), spacing=(2.0, 2.0, 2.0), origin=ct.GetOrigin())
+    cropped = predict_case(PetThreshold(), [ct2, pet], plan=_plan())
+    full = predict_case(PetThreshold(), [ct2, pet], plan=_plan(), crop_to_body=False)
+    assert cropped.info["windows_run"] < full.info["windows_run"]
+    assert np.array_equal(sitk.GetArrayViewFromImage(cropped.labels), sitk.GetArrayViewFromImage(full.labels))
+
+
+def test_small_components_are_removed_by_volume():
+    ct = _ct(shape=(40, 40, 40), spacing=(1.0, 1.0, 1.0))
+    pet = np.zeros((40, 40, 40), np.float32)
+    pet[1:-1, 1:-1, 1:-1] = 1.0
+    pet[5:15, 5:15, 5:15] = 50  # 1000 mm^3
+    pet[30:32, 30:32, 30:32] = 50  # 8 mm^3
+    peti = sitk.GetImageFromArray(pet)
+    peti.CopyInformation(ct)
+    plan = _plan(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
+    keep = sitk.GetArrayFromImage(predict_case(PetThreshold(), [ct, peti], plan=plan).labels)
+    assert np.count_nonzero(keep) == 1008
+    drop = sitk.GetArrayFromImage(predict_case(PetThreshold(), [ct, peti], plan=plan, min_component_mm3=50).labels)
+    assert np.count_nonzero(drop) == 1000
+
+
+def test_mirror_tta_of_a_flip_invariant_network_changes_nothing():
+    ct = _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    a = predict_case(PetThreshold(), [ct, pet], plan=_plan()).labels
+    b = predict_case(PetThreshold(), [ct, pet], plan=_plan(), tta=True, blending="gaussian").labels
+    assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+
+
+def test_wrong_number_of_inputs_prints_the_expected_order():
+    with pytest.raises(InputError, match=r"expects 2 input image\(s\) in this order: 1\) CT, 2\) PET; got 1"):
+        predict_case(PetThreshold(), [_ct()], plan=_plan())
+
+
+def test_non_overlapping_modalities_are_rejected():
+    ct = _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    pet.SetOrigin((1000.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="does not overlap"):
+        predict_case(PetThreshold(), [ct, pet], plan=_plan())
+
+
+def test_in_memory_inputs_are_not_modified():
+    ct = _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    before = [sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(pet)]
+    predict_case(PetThreshold(), [ct, pet], plan=_plan())
+    assert np.array_equal(sitk.GetArrayViewFromImage(ct), before[0])
+    assert np.array_equal(sitk.GetArrayViewFromImage(pet), before[1])
+
+
+def test_progress_reports_stages_in_order_and_cancel_stops():
+    ct = _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    seen = []
+    predict_case(PetThreshold(), [ct, pet], plan=_plan(), progress=lambda s, f: seen.append((s, f)))
+    stages = [s for s, _ in seen]
+    assert stages.index("read") < stages.index("preprocess") < stages.index("predict") < stages.index("postprocess")
+    assert all(0.0 <= f <= 1.0 for _, f in seen) and ("predict", 1.0) in seen
+    ev = threading.Event()
+
+    def cancel_on_predict(stage, fraction):
+        if stage == "predict":
+            ev.set()
+
+    with pytest.raises(Cancelled):
+        predict_case(PetThreshold(), [ct, pet], plan=_plan(), progress=cancel_on_predict, cancel=ev)
+
+
+def test_an_empty_scan_gives_an_empty_segmentation():
+    ct = _ct()
+    air = sitk.GetImageFromArray(np.full(sitk.GetArrayViewFromImage(ct).shape, -1000, np.int16))
+    air.CopyInformation(ct)
+    pet = sitk.GetImageFromArray(np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.float32))
+    pet.CopyInformation(ct)
+    result = predict_case(PetThreshold(), [air, pet], plan=_plan())
+    assert result.info["windows_run"] == 0
+    assert _same_geometry_exactly(result.labels, ct) and sitk.GetArrayViewFromImage(result.labels).max() == 0
+
+
+def _write_case(folder, case="case", ct=None):
+    ct = ct or _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    paths = [folder / f"{case}_0000.nii.gz", folder / f"{case}_0001.nii.gz"]
+    sitk.WriteImage(ct, str(paths[0]), True)
+    sitk.WriteImage(pet, str(paths[1]), True)
+    return paths
+
+
+def test_predict_files_writes_labels_and_probabilities_atomically(tmp_path):
+    inputs = _write_case(tmp_path)
+    before = [p.read_bytes() for p in inputs]
+    out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    predict_files(PetThreshold(), inputs, out, probabilities_path=prob, plan=_plan())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_0000.nii.gz", "case_0001.nii.gz",
+                                                          "prob.nii.gz", "seg.nii.gz"]
+    assert [p.read_bytes() for p in inputs] == before
+    seg = sitk.ReadImage(str(out))
+    assert _same_geometry_exactly(seg, sitk.ReadImage(str(inputs[0])))
+    with pytest.raises(InputError, match="exists"):
+        predict_files(PetThreshold(), inputs, out, plan=_plan())
+
+
+def test_predict_files_cancelled_leaves_no_file(tmp_path):
+    inputs = _write_case(tmp_path)
+    with pytest.raises(Cancelled):
+        predict_files(PetThreshold(), inputs, tmp_path / "seg.nii.gz", plan=_plan(), cancel=lambda: True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_0000.nii.gz", "case_0001.nii.gz"]
+
+
+def test_predict_folder_runs_every_nnunet_case(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_case(src, "a")
+    _write_case(src, "b")
+    seg = Segmenter(PetThreshold(), _plan())
+    results = predict_folder(seg, src, tmp_path / "out")
+    assert sorted(results) == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+
+
+def test_incomplete_nnunet_case_names_the_missing_channel(tmp_path):
+    _write_case(tmp_path, "a")
+    (tmp_path / "a_0001.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"case 'a' needs 2 file\(s\): a_0000 \(CT\), a_0001 \(PET\)"):
+        find_cases(tmp_path, 2, ["CT", "PET"])
+
+
+class _OomNet(torch.nn.Module):
+    """Pretends to run out of accelerator memory for batches larger than ``limit`` (or always
+    when ``limit`` is 0) on a non-CPU device; answers on the CPU."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((x.device.type, x.shape[0]))
+        if x.device.type != "cpu" and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros((x.shape[0], 2) + tuple(x.shape[2:]))
+
+
+def test_out_of_memory_halves_the_window_batch():
+    from VeloxSegLib.infer.pipeline import _WindowPredictor
+
+    net = _OomNet(limit=1)
+    pred = _WindowPredictor(net, torch.device("meta"), tta=False, max_batch=4)
+    out = pred(torch.zeros(4, 2, 8, 8, 8))
+    assert out.shape == (4, 2, 8, 8, 8) and pred.max_batch == 1 and not pred.fell_back
+    assert [b for _, b in net.calls] == [4, 2, 1, 1, 1, 1]
+
+
+def test_out_of_memory_at_one_window_falls_back_to_cpu_with_a_warning():
+    from VeloxSegLib.infer.pipeline import _WindowPredictor
+
+    net = _OomNet(limit=0)
+    pred = _WindowPredictor(net, torch.device("meta"), tta=False, max_batch=2)
+    with pytest.warns(UserWarning, match="continuing on the CPU"):
+        out = pred(torch.zeros(2, 2, 8, 8, 8))
+    assert out.shape == (2, 2, 8, 8, 8) and pred.fell_back and pred.device.type == "cpu"
+    assert net.calls[-1] == ("cpu", 1)
+
+
+def test_other_errors_are_not_swallowed():
+    from VeloxSegLib.infer.pipeline import _WindowPredictor
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _WindowPredictor(Broken(), torch.device("meta"), tta=False, max_batch=2)(torch.zeros(2, 2, 8, 8, 8))
+
+
+def test_seg_nrrd_output_names_and_colors_the_segments(tmp_path):
+    inputs = _write_case(tmp_path)
+    out = tmp_path / "seg.seg.nrrd"
+    plan = _plan(labels=[{"value": 0, "name": "background"},
+                         {"value": 1, "name": "lesion", "color": [255, 0, 0]}])
+    predict_files(PetThreshold(), inputs, out, plan=plan)
+    seg = sitk.ReadImage(str(out))
+    assert seg.GetMetaData("Segment0_Name") == "lesion"
+    assert seg.GetMetaData("Segment0_LabelValue") == "1"
+    assert seg.GetMetaData("Segment0_Color") == "1 0 0"
+    assert seg.GetPixelID() == sitk.sitkUInt8
+
+
+def test_seg_nrrd_output_opens_as_a_slicer_segmentation(tmp_path):
+    slicer = pytest.importorskip("slicer")
+    inputs = _write_case(tmp_path)
+    out = tmp_path / "seg.seg.nrrd"
+    plan = _plan(labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "lesion", "color": [0, 255, 0]}])
+    predict_files(PetThreshold(), inputs, out, plan=plan)
+    scene = slicer.vtkMRMLScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == "lesion" and tuple(segment.GetColor()) == (0.0, 1.0, 0.0)
+
+
+def test_plan_from_bundle_meta_takes_the_inference_defaults():
+    meta = {
+        "name": "m", "model": {"name": "veloxseg-b", "in_channels": [1, 1], "num_classes": 2, "patch_size": [64, 96, 96]},
+        "spacing": [2.0, 2.0, 3.0],
+        "channels": [{"name": "CT", "normalization": {"scheme": "ct", "clip": [-1000, 600], "mean": 0, "std": 1}},
+                     {"name": "PET", "normalization": {"scheme": "pet_zscore_body"}}],
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}],
+        "inference": {"overlap": 0.5, "blending": "gaussian", "tta": True, "min_component_mm3": 10.0,
+                      "crop_to_body": False},
+    }
+    plan = InferencePlan.from_meta(meta)
+    assert plan.patch_size == (64, 96, 96) and plan.spacing == (2.0, 2.0, 3.0)
+    assert (plan.overlap, plan.blending, plan.tta, plan.min_component_mm3, plan.crop_to_body) == \
+        (0.5, "gaussian", True, 10.0, False)
+    assert plan.channel_names == ["CT", "PET"] and plan.num_classes == 2
+    assert plan.expected_inputs() == "1) CT, 2) PET"

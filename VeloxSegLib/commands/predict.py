@@ -1,0 +1,225 @@
+"""``veloxseg predict``: segment a case (or a folder of cases) with a model bundle.
+
+    veloxseg predict -m BUNDLE_OR_NAME -i CT.nii.gz PET.nii.gz -o seg.nii.gz
+    veloxseg predict -m BUNDLE_OR_NAME -i cases/ -o segs/        (nnU-Net naming: case_0000.nii.gz, ...)
+
+Progress: a tqdm bar on a terminal; ``--progress json`` prints one JSON object per line on
+stdout ({"stage", "fraction", "elapsed", ...}) and nothing else there. SIGINT/SIGTERM cancel
+cleanly: no partial output is left behind (exit code 130).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+DESCRIPTION = __doc__.replace("``", "")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="segment images with a model bundle", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, metavar="BUNDLE_OR_NAME",
+                   help="bundle folder or .zip, or the name of an embedded/user bundle (see `veloxseg models`)")
+    p.add_argument("-i", "--input", nargs="+", metavar="IMAGE",
+                   help="input images in the bundle's channel order (NIfTI, NRRD, MHA or DICOM series folders), "
+                        "or one folder of cases in nnU-Net naming")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="output label map (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha), or a folder with -i FOLDER")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: CUDA, then MPS, then CPU (default: auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's default)")
+    p.add_argument("--overlap", type=float, metavar="F", help="window overlap in [0, 1) (default: the bundle's)")
+    p.add_argument("--blending", choices=("uniform", "gaussian"), help="window blending (default: the bundle's)")
+    p.add_argument("--tta", action="store_true", default=None, help="mirror test-time augmentation (8 flips)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (default: 1 CPU, 4 GPU)")
+    p.add_argument("--min-component-mm3", type=float, metavar="V",
+                   help="remove connected components smaller than V mm^3 (default: the bundle's)")
+    p.add_argument("--no-crop", action="store_true", help="run every window, also over air")
+    p.add_argument("--probabilities", metavar="FILE",
+                   help="also write per-class probabilities (float32 vector image) to FILE")
+    p.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
+                   help="auto: a bar on a terminal, else none; json: JSON lines on stdout")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class JsonProgress:
+    """One JSON object per line on stdout, flushed; predict events at most every 50 ms."""
+
+    def __init__(self, start: float, stream=None):
+        self.start = start
+        self.stream = stream or sys.stdout
+        self.last = 0.0
+
+    def emit(self, **fields) -> None:
+        fields["elapsed"] = round(time.perf_counter() - self.start, 3)
+        self.stream.write(json.dumps(fields) + "\n")
+        self.stream.flush()
+
+    def __call__(self, stage: str, fraction: float, case: str = None) -> None:
+        now = time.perf_counter()
+        if stage == "predict" and 0.0 < fraction < 1.0 and now - self.last < 0.05:
+            return
+        self.last = now
+        fields = {"stage": stage, "fraction": round(float(fraction), 4)}
+        if case is not None:
+            fields["case"] = case
+        self.emit(**fields)
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    """A tqdm bar on stderr, one per stage."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, fraction: float, case: str = None) -> None:
+        label = f"{case}: {stage}" if case else stage
+        if label != self.stage:
+            self.close()
+            self.stage = label
+            self.bar = self._tqdm(total=100, desc=label, unit="%", file=sys.stderr, leave=False,
+                                  bar_format="{desc:>20}: {percentage:3.0f}%|{bar}| {elapsed}")
+        self.bar.n = int(round(fraction * 100))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class NoProgress:
+    def __call__(self, *a, **k) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(mode: str, start: float):
+    if mode == "json":
+        return JsonProgress(start)
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        return BarProgress()
+    return NoProgress()
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class _CancelOnSignal:
+    """SIGINT/SIGTERM set an event the pipeline polls; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.old = {}
+
+    def _handler(self, signum, frame):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self.event
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        return False
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _folder_mode(inputs) -> bool:
+    """One input folder holding nnU-Net named images (otherwise a folder is a DICOM series)."""
+    if len(inputs) != 1 or not os.path.isdir(inputs[0]):
+        return False
+    from ..infer.pipeline import _CASE_RE
+
+    return any(_CASE_RE.match(n) for n in os.listdir(inputs[0]) if not n.startswith("."))
+
+
+def run(args) -> int:
+    from ..errors import InputError
+
+    start = time.perf_counter()
+    inputs = list(args.input or [])
+    folder = _folder_mode(inputs)
+    if folder:
+        from ..data.io import split_extension
+
+        if split_extension(args.output)[1].lower() in (".nii.gz", ".nii", ".nrrd", ".mha", ".nhdr", ".mhd"):
+            raise InputError(f"'{args.output}': with an input folder, -o must be a folder")
+        if args.probabilities:
+            raise InputError("--probabilities takes a file and works with single cases, not folders")
+    else:
+        from ..data.io import check_output_path
+
+        if inputs:  # checked before loading anything
+            check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
+            if args.probabilities:
+                check_output_path(args.probabilities, overwrite=args.overwrite, inputs=inputs)
+
+        # read the inputs in the background while torch is imported and the network built
+        from ..data.io import prefetch_images
+
+        inputs = prefetch_images(inputs)
+
+    from ..infer.pipeline import Segmenter
+
+    progress = _progress(args.progress, start)
+    options = dict(overlap=args.overlap, tta=args.tta, blending=args.blending,
+                   min_component_mm3=args.min_component_mm3, crop_to_body=False if args.no_crop else None)
+    try:
+        with _CancelOnSignal() as cancel:
+            seg = Segmenter(args.model, device=args.device, threads=args.threads, batch_size=args.batch_size)
+            plan = seg.plan
+            if not inputs:
+                raise InputError(f"no inputs: model '{plan.name}' expects {len(plan.channels)} image(s) with -i, "
+                                 f"in this order: {plan.expected_inputs()}")
+            if folder:
+                from ..infer.pipeline import predict_folder
+
+                results = predict_folder(seg, inputs[0], args.output, overwrite=args.overwrite, progress=progress,
+                                         cancel=cancel, **options)
+                summary = {"cases": len(results), "output": os.fspath(args.output)}
+            else:
+                from ..infer.pipeline import predict_files
+
+                result = predict_files(seg, inputs, args.output, probabilities_path=args.probabilities,
+                                       overwrite=args.overwrite, progress=progress, cancel=cancel, **options)
+                summary = {"output": os.fspath(args.output), "windows": result.info.get("windows_run"),
+                           "windows_total": result.info.get("windows_total")}
+    finally:
+        progress.close()
+        if not folder:  # a background read must be over before anything is printed
+            from ..data.io import wait_prefetched
+
+            wait_prefetched(inputs)
+    elapsed = time.perf_counter() - start
+    if isinstance(progress, JsonProgress):
+        progress.emit(stage="done", fraction=1.0, **summary)
+    elif args.progress != "none":
+        print(f"veloxseg predict: wrote {summary['output']} in {elapsed:.1f} s", file=sys.stderr)
+    return 0

@@ -1,0 +1,683 @@
+"""The inference pipeline: input files -> label map in the reference input's geometry.
+
+One path for every entry point (CLI, Slicer logic, batch)::
+
+    read + validate -> body box on the reference (first) channel's grid -> one resampling per
+    channel straight onto the working grid (the body box at the bundle spacing) -> per-channel
+    normalization -> sliding window (empty windows skipped, z-slab streaming) -> uint8 arg-max
+    -> small-component removal -> nearest-neighbour back onto the reference grid.
+
+:class:`Segmenter` holds a network and its :class:`InferencePlan` for repeated use;
+:func:`predict_case` is the one-call form; :func:`predict_files` and :func:`predict_folder`
+add atomic writing. See docs/inference.md for the design and its memory budget.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import Cancelled, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+
+STAGES = ("read", "preprocess", "predict", "postprocess", "write", "done")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class InferencePlan:
+    """Everything inference needs besides the weights (what a bundle's bundle.json holds).
+
+    patch_size: window size in array/tensor order (z, y, x), the model's ``patch_size``.
+    spacing: target spacing (x, y, z) mm, ITK order; None keeps the reference's spacing.
+    channels: one dict per input image, in input order: ``{"name", "normalization": {...}}``.
+    labels: ``[{"value", "name", ...}]`` with values 0..K-1.
+    spacing_tolerance: relative difference per axis below which the input is used at its own
+        spacing (no resampling; 2% is far inside training-time scale augmentation).
+    body_threshold_hu: CT voxels above it are body; other modalities use "above the minimum".
+    body_margin_mm: margin added around the body box.
+    """
+
+    patch_size: Tuple[int, int, int]
+    channels: List[Dict[str, Any]]
+    labels: List[Dict[str, Any]]
+    spacing: Optional[Tuple[float, float, float]] = None
+    overlap: float = 0.25
+    blending: str = "uniform"
+    tta: bool = False
+    min_component_mm3: float = 0.0
+    crop_to_body: bool = True
+    spacing_tolerance: float = 0.02
+    body_threshold_hu: float = -500.0
+    body_margin_mm: float = 10.0
+    name: str = "model"
+
+    def __post_init__(self):
+        ps = self.patch_size
+        if isinstance(ps, int):
+            ps = (ps,) * 3
+        self.patch_size = tuple(int(p) for p in ps)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(f"patch_size must be three positive integers, got {self.patch_size}")
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)
+            if len(self.spacing) != 3 or min(self.spacing) <= 0:
+                raise ConfigError(f"spacing must be three positive numbers, got {self.spacing}")
+        if not self.channels:
+            raise ConfigError("a plan needs at least one channel")
+        if not 1 <= len(self.labels) <= 256:
+            raise ConfigError(f"a plan needs 1 to 256 labels (uint8 label maps), got {len(self.labels)}")
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.blending not in ("uniform", "gaussian"):
+            raise ConfigError(f"blending must be 'uniform' or 'gaussian', got {self.blending!r}")
+
+    @property
+    def channel_names(self) -> List[str]:
+        return [str(c.get("name", f"channel {i}")) for i, c in enumerate(self.channels)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def expected_inputs(self) -> str:
+        return ", ".join(f"{i + 1}) {n}" for i, n in enumerate(self.channel_names))
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "InferencePlan":
+        """Build from a (validated) bundle.json dictionary, format version 1."""
+        model = meta["model"]
+        inf = dict(meta.get("inference") or {})
+        return cls(
+            patch_size=tuple(model["patch_size"]),
+            spacing=tuple(meta["spacing"]) if meta.get("spacing") else None,
+            channels=[dict(c) for c in meta["channels"]],
+            labels=[dict(lb) for lb in meta["labels"]],
+            overlap=float(inf.get("overlap", 0.25)),
+            blending=str(inf.get("blending", "uniform")),
+            tta=bool(inf.get("tta", False)),
+            min_component_mm3=float(inf.get("min_component_mm3", 0.0) or 0.0),
+            crop_to_body=bool(inf.get("crop_to_body", True)),
+            name=str(meta.get("name", "model")),
+        )
+
+
+@dataclass
+class CasePrediction:
+    """Result of one case. Unpacks as ``labels, probabilities = result``.
+
+    labels: uint8 image with exactly the reference input's size, origin, spacing, direction.
+    probabilities: float32 vector image (one component per class) on the same grid, or None.
+    info: windows run/total, body box, working grid, seconds per stage.
+    """
+
+    labels: sitk.Image
+    probabilities: Optional[sitk.Image] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.labels, self.probabilities))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+
+
+def _check_cancel(cancel) -> None:
+    if _is_cancelled(cancel):
+        raise Cancelled("cancelled")
+
+
+class _Progress:
+    """Calls ``fn(stage, fraction)``; never lets a reporting error kill the run."""
+
+    def __init__(self, fn: Optional[ProgressFn]):
+        self.fn = fn
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.fn is not None:
+            self.fn(stage, float(min(max(fraction, 0.0), 1.0)))
+
+
+def _model_output(y):
+    """Tolerate networks whose eval forward returns a list/tuple/TrainOutput: the first map."""
+    if hasattr(y, "logits"):
+        y = y.logits
+    if isinstance(y, (list, tuple)):
+        y = y[0]
+    return y
+
+
+class _WindowPredictor:
+    """Runs the network on a CPU batch of windows: device transfer, autocast, mirror TTA,
+    and the out-of-memory ladder (halve the batch, then fall back to the CPU)."""
+
+    def __init__(self, model, device, tta: bool, max_batch: int):
+        self.model = model
+        self.device = device
+        self.tta = tta
+        self.max_batch = max(int(max_batch), 1)
+        self.fell_back = False
+
+    def _forward(self, x):
+        import torch
+
+        from .device import autocast
+
+        with autocast(self.device):
+            y = _model_output(self.model(x)).float()
+            if self.tta:
+                n = 1
+                for dims in ((2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)):
+                    y += torch.flip(_model_output(self.model(torch.flip(x, dims))).float(), dims)
+                    n += 1
+                y /= n
+        return y
+
+    def __call__(self, batch):
+        import torch
+
+        from .device import empty_cache, is_oom
+
+        outs = []
+        i = 0
+        while i < batch.shape[0]:
+            chunk = batch[i:i + self.max_batch]
+            try:
+                x = chunk.to(self.device, non_blocking=True)
+                y = self._forward(x).to("cpu")
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, others re-raised
+                if not is_oom(exc) or self.device.type == "cpu":
+                    raise
+                empty_cache(self.device)
+                if self.max_batch > 1:
+                    self.max_batch //= 2
+                    log.warning("out of GPU memory; retrying with %d window(s) per batch", self.max_batch)
+                else:
+                    warnings.warn("out of GPU memory with one window per batch; continuing on the CPU")
+                    log.warning("out of GPU memory with one window per batch; continuing on the CPU")
+                    self.device = torch.device("cpu")
+                    self.model = self.model.to(self.device).float()
+                    self.fell_back = True
+                continue
+            outs.append(y)
+            i += chunk.shape[0]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _body_box_own(arr: np.ndarray, threshold: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Index box (x, y, z) lo..hi (exclusive) of voxels > threshold in an array (z, y, x)."""
+    mask = arr > threshold
+    zany = mask.any(axis=(1, 2))
+    if not zany.any():
+        return None
+    zs = np.flatnonzero(zany)
+    z0, z1 = int(zs[0]), int(zs[-1]) + 1
+    plane = mask[z0:z1].any(axis=0)  # (y, x)
+    del mask
+    ys = np.flatnonzero(plane.any(axis=1))
+    xs = np.flatnonzero(plane.any(axis=0))
+    return np.array([xs[0], ys[0], z0]), np.array([xs[-1] + 1, ys[-1] + 1, z1])
+
+
+def _body_threshold(spec: Mapping, norm, plan: InferencePlan) -> float:
+    if spec.get("scheme") == "ct":
+        return float(plan.body_threshold_hu)
+    return float(norm.background)
+
+
+def _body_channels(plan: InferencePlan) -> List[int]:
+    """CT channels define the body when there are any (PET/MRI background is noisy)."""
+    ct = [i for i, c in enumerate(plan.channels) if (c.get("normalization") or {}).get("scheme") == "ct"]
+    if ct:
+        return ct
+    return [i for i, c in enumerate(plan.channels) if (c.get("normalization") or {}).get("scheme") != "none"] or [0]
+
+
+# --------------------------------------------------------------------------- segmenter
+
+
+class Segmenter:
+    """A network ready for inference plus its plan; call :meth:`predict` per case.
+
+    model: a bundle (anything with ``.meta`` and ``.build_model(device)``), a bundle path or
+        name (loaded with ``VeloxSegLib.bundle.load_bundle``), or a torch module (then ``plan``
+        is required).
+    """
+
+    def __init__(self, model, plan: Optional[InferencePlan] = None, *, device: str = "auto",
+                 threads: Optional[int] = None, batch_size: Optional[int] = None):
+        import torch
+
+        from .device import default_batch_size, resolve_device, set_threads
+
+        self.device = resolve_device(device)
+        self.threads = threads
+        if threads is not None:
+            set_threads(threads)
+        if isinstance(model, (str, os.PathLike)):
+            from ..bundle import load_bundle
+
+            model = load_bundle(model)
+        if hasattr(model, "meta") and hasattr(model, "build_model"):
+            self.bundle = model
+            plan = plan or InferencePlan.from_meta(model.meta)
+            net = model.build_model(self.device)
+        elif isinstance(model, torch.nn.Module):
+            if plan is None:
+                raise ConfigError("a plan is required when predicting with a bare network")
+            self.bundle = None
+            net = model
+        else:
+            raise ConfigError(f"cannot predict with a {type(model).__name__}; pass a bundle, its path, or a network")
+        self.plan = plan
+        self.model = net.to(self.device).eval()
+        self.batch_size = int(batch_size) if batch_size else default_batch_size(self.device)
+
+    # ---------------------------------------------------------------- inputs
+
+    def _read(self, inputs, progress: _Progress, cancel) -> Tuple[List[sitk.Image], List[str]]:
+        from ..data.io import check_image, read_image
+
+        plan = self.plan
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if len(inputs) != len(plan.channels):
+            raise InputError(f"model '{plan.name}' expects {len(plan.channels)} input image(s) in this order: "
+                             f"{plan.expected_inputs()}; got {len(inputs)}")
+        images, names = [], []
+        progress("read", 0.0)
+        for i, (item, cname) in enumerate(zip(inputs, plan.channel_names)):
+            _check_cancel(cancel)
+            if isinstance(item, sitk.Image):
+                name = f"{cname} (input {i + 1})"
+                images.append(check_image(item, name))
+            elif hasattr(item, "take"):  # io.PrefetchedImage: already being read; we own it now
+                name = f"'{os.fspath(item)}'"
+                images.append(item.take())
+            else:
+                name = f"'{os.fspath(item)}'"
+                images.append(read_image(item))
+            names.append(name)
+            progress("read", (i + 1) / len(inputs))
+        return images, names
+
+    # ---------------------------------------------------------------- main
+
+    def predict(self, inputs, *, overlap: Optional[float] = None, tta: Optional[bool] = None,
+                blending: Optional[str] = None, probabilities: bool = False,
+                min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
+                progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
+        """Segment one case. ``inputs``: paths or SimpleITK images in the plan's channel order.
+
+        Options left as None take the plan's (bundle's) defaults.
+        """
+        import torch
+
+        from ..data.alignment import Grid, check_overlap, resample_to_grid, spacing_close
+        from ..data.normalization import fit_normalizer
+        from .postprocess import labels_from_logits, probabilities_from_logits, remove_small_components
+        from .sliding_window import stream_windows
+
+        plan = self.plan
+        overlap = plan.overlap if overlap is None else float(overlap)
+        if not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+        tta = plan.tta if tta is None else bool(tta)
+        blending = plan.blending if blending is None else blending
+        min_mm3 = plan.min_component_mm3 if min_component_mm3 is None else float(min_component_mm3)
+        crop = plan.crop_to_body if crop_to_body is None else bool(crop_to_body)
+        report = _Progress(progress)
+        times: Dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # 1. read and validate
+        images, names = self._read(inputs, report, cancel)
+        check_overlap(images, names)
+        times["read"] = time.perf_counter() - t0
+        ref = Grid.of(images[0])
+        t = time.perf_counter()
+        report("preprocess", 0.0)
+
+        # 2. statistics on each channel's own voxels; body box on the reference grid
+        specs = [dict(c.get("normalization") or {"scheme": "none"}) for c in plan.channels]
+        views = [sitk.GetArrayViewFromImage(img) for img in images]
+        norms = [fit_normalizer(v, s) for v, s in zip(views, specs)]
+        body_ch = _body_channels(plan)
+        lo = np.zeros(3, dtype=np.int64)
+        hi = np.asarray(ref.size, dtype=np.int64)
+        body_found = True
+        if crop:
+            boxes = []
+            for i in body_ch:
+                b = _body_box_own(views[i], _body_threshold(specs[i], norms[i], plan))
+                if b is None:
+                    continue
+                if i == 0 or Grid.of(images[i]).same_as(ref):
+                    boxes.append(b)
+                else:  # the channel's box, carried into reference index space
+                    g = Grid.of(images[i]).crop(*b)
+                    from ..data.alignment import index_box
+
+                    blo, bhi = index_box(ref, g)
+                    boxes.append((np.floor(blo + 0.5).astype(np.int64), np.ceil(bhi + 0.5).astype(np.int64)))
+            if boxes:
+                margin = np.ceil(plan.body_margin_mm / np.asarray(ref.spacing)).astype(np.int64)
+                lo = np.maximum(np.min([b[0] for b in boxes], axis=0) - margin, 0)
+                hi = np.minimum(np.max([b[1] for b in boxes], axis=0) + margin, ref.size)
+                body_found = bool(np.all(hi > lo))
+            else:
+                body_found = False
+        _check_cancel(cancel)
+        K = plan.num_classes
+        info: Dict[str, Any] = {"reference_size": ref.size, "body_box": (lo.tolist(), hi.tolist())}
+
+        if not body_found:
+            log.warning("no body voxels found in the inputs; the segmentation is empty")
+            report("preprocess", 1.0)
+            report("predict", 1.0)
+            labels = sitk.Image([int(s) for s in ref.size], sitk.sitkUInt8)
+            ref.stamp(labels)
+            probs = None
+            if probabilities:
+                arr = np.zeros(ref.shape + (K,), dtype=np.float32)
+                arr[..., 0] = 1.0
+                probs = ref.stamp(sitk.GetImageFromArray(arr, isVector=True))
+            info.update(windows_run=0, windows_total=0, times=times)
+            report("postprocess", 1.0)
+            return CasePrediction(labels, probs, info)
+
+        crop_grid = ref.crop(lo, hi)
+        resample = plan.spacing is not None and not spacing_close(ref.spacing, plan.spacing, plan.spacing_tolerance)
+        work = crop_grid.with_spacing(plan.spacing) if resample else crop_grid
+        info.update(working_size=work.size, working_spacing=work.spacing, resampled=resample)
+        (x0, y0, z0), (x1, y1, z1) = lo.tolist(), hi.tolist()
+
+        # 3. one resampling per channel onto the working grid, body mask, normalization
+        C = len(images)
+        inp = torch.empty((C,) + work.shape, dtype=torch.float32)
+        arr_in = inp.numpy()
+        body = np.zeros(work.shape, dtype=bool) if crop else None
+        for i, img in enumerate(images):
+            _check_cancel(cancel)
+            if not resample and (i == 0 or Grid.of(img).same_as(ref)):
+                arr_in[i] = views[i][z0:z1, y0:y1, x0:x1]
+            else:
+                res = resample_to_grid(img, work, default=norms[i].background)
+                arr_in[i] = sitk.GetArrayViewFromImage(res)
+                del res
+            if body is not None and i in body_ch:
+                body |= arr_in[i] > _body_threshold(specs[i], norms[i], plan)
+            norms[i].apply(arr_in[i])
+            report("preprocess", (i + 1) / C)
+        pad_values = [n.normalized_background for n in norms]
+        del views, images  # the caller's images live on in the caller; ours are freed here
+        times["preprocess"] = time.perf_counter() - t
+        t = time.perf_counter()
+
+        # 4. sliding window, streamed in z-slabs into uint8 labels (and optional probabilities)
+        labels_w = torch.zeros(work.shape, dtype=torch.uint8)
+        probs_w = torch.empty((K,) + work.shape, dtype=torch.float32) if probabilities else None
+        predictor = _WindowPredictor(self.model, self.device, tta, self.batch_size)
+        counts = {"run": 0, "total": 0}
+
+        def on_windows(done, total):
+            counts["run"], counts["total"] = done, total
+            report("predict", done / total if total else 1.0)
+
+        report("predict", 0.0)
+        with torch.inference_mode():
+            for zs, ze, acc, weight in stream_windows(
+                    inp, plan.patch_size, predictor, overlap=overlap, blending=blending,
+                    batch_size=self.batch_size, pad_value=pad_values, body=body, progress=on_windows,
+                    cancel=cancel, num_classes=K):
+                labels_from_logits(acc, out=labels_w[zs:ze])
+                if probs_w is not None:
+                    probs_w[:, zs:ze] = probabilities_from_logits(acc, weight)
+        del inp, arr_in, body
+        if predictor.fell_back:
+            info["fell_back_to_cpu"] = True
+        report("predict", 1.0)
+        times["predict"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _check_cancel(cancel)
+        report("postprocess", 0.0)
+
+        # 5. post-processing on the working grid, then back onto the reference grid
+        lab = labels_w.numpy()
+        if min_mm3 > 0:
+            remove_small_components(lab, work.spacing, min_mm3)
+        out = np.zeros(ref.shape, dtype=np.uint8)
+        if resample:
+            lab_img = work.stamp(sitk.GetImageFromArray(lab))
+            back = resample_to_grid(lab_img, crop_grid, interpolator=sitk.sitkNearestNeighbor, default=0,
+                                    pixel_type=sitk.sitkUInt8)
+            out[z0:z1, y0:y1, x0:x1] = sitk.GetArrayViewFromImage(back)
+            del lab_img, back
+        else:
+            out[z0:z1, y0:y1, x0:x1] = lab
+        del labels_w, lab
+        labels = ref.stamp(sitk.GetImageFromArray(out))
+        del out
+        probs = None
+        if probs_w is not None:
+            parr = np.zeros(ref.shape + (K,), dtype=np.float32)
+            parr[..., 0] = 1.0
+            for k in range(K):
+                pk = probs_w[k].numpy()
+                if resample:
+                    pk = sitk.GetArrayFromImage(resample_to_grid(
+                        work.stamp(sitk.GetImageFromArray(pk)), crop_grid, default=1.0 if k == 0 else 0.0))
+                parr[z0:z1, y0:y1, x0:x1, k] = pk
+            del probs_w
+            probs = ref.stamp(sitk.GetImageFromArray(parr, isVector=True))
+            del parr
+        report("postprocess", 1.0)
+        times["postprocess"] = time.perf_counter() - t
+        info.update(windows_run=counts["run"], windows_total=counts["total"], times=times)
+        return CasePrediction(labels, probs, info)
+
+
+def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device: str = "auto",
+                 threads: Optional[int] = None, batch_size: Optional[int] = None, overlap: Optional[float] = None,
+                 tta: Optional[bool] = None, blending: Optional[str] = None, probabilities: bool = False,
+                 min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
+                 progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
+    """Segment one case: ``labels, probabilities = predict_case(bundle, [ct, pet])``.
+
+    model: a bundle, bundle path/name, a :class:`Segmenter`, or a network with ``plan``.
+    inputs: file paths (or DICOM folders) or SimpleITK images, in the plan's channel order.
+    progress(stage, fraction) is called with stages ``read, preprocess, predict, postprocess``;
+    cancel is a threading.Event or a callable returning True to stop (raises Cancelled).
+    """
+    seg = model if isinstance(model, Segmenter) else Segmenter(model, plan, device=device, threads=threads,
+                                                               batch_size=batch_size)
+    return seg.predict(inputs, overlap=overlap, tta=tta, blending=blending, probabilities=probabilities,
+                       min_component_mm3=min_component_mm3, crop_to_body=crop_to_body, progress=progress,
+                       cancel=cancel)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_atomically(items: Sequence[Tuple[sitk.Image, Path]], *, overwrite: bool, cancel) -> None:
+    """Write every image to a temporary sibling, then rename all into place (or none)."""
+    from ..data.io import _first_line, temporary_path_for
+
+    tmps: List[Tuple[Path, Path]] = []
+    try:
+        for image, path in items:
+            tmp = temporary_path_for(path)
+            tmps.append((tmp, path))
+            try:
+                sitk.WriteImage(image, str(tmp), True)
+            except RuntimeError as exc:
+                raise InputError(f"'{path}': cannot write image ({_first_line(exc)})") from None
+            _check_cancel(cancel)
+        for _, path in tmps:
+            if path.exists() and not overwrite:
+                raise InputError(f"'{path}': output exists (pass --overwrite to replace it)")
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in tmps:
+            if tmp.exists():
+                try:
+                    tmp.unlink()
+                except OSError:  # pragma: no cover
+                    log.warning("could not remove temporary file %s", tmp)
+
+
+_DEFAULT_COLORS = [(230, 80, 60), (60, 160, 230), (80, 200, 90), (240, 200, 50), (170, 90, 210), (240, 140, 40),
+                   (60, 210, 200), (220, 90, 160)]
+
+
+def add_segment_metadata(labels: sitk.Image, plan_labels: Sequence[Mapping[str, Any]]) -> sitk.Image:
+    """Describe each non-background label as a Slicer segment (name, color, label value) in the
+    image's metadata, so a ``.seg.nrrd`` opens in 3D Slicer as a named, colored segmentation."""
+    fg = [lb for lb in plan_labels if int(lb.get("value", 0)) != 0]
+    labels.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    labels.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    labels.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    size = labels.GetSize()
+    for i, lb in enumerate(fg):
+        rgb = lb.get("color") or _DEFAULT_COLORS[i % len(_DEFAULT_COLORS)]
+        key = f"Segment{i}_"
+        labels.SetMetaData(key + "ID", f"Segment_{int(lb['value'])}")
+        labels.SetMetaData(key + "Name", str(lb.get("name", f"label {lb['value']}")))
+        labels.SetMetaData(key + "Color", " ".join(f"{c / 255.0:.6g}" for c in rgb))
+        labels.SetMetaData(key + "ColorAutoGenerated", "0" if lb.get("color") else "1")
+        labels.SetMetaData(key + "LabelValue", str(int(lb["value"])))
+        labels.SetMetaData(key + "Layer", "0")
+        labels.SetMetaData(key + "Extent", f"0 {size[0] - 1} 0 {size[1] - 1} 0 {size[2] - 1}")
+        labels.SetMetaData(key + "Tags", "|")
+    return labels
+
+
+def predict_files(model, inputs: Sequence[Union[str, os.PathLike]], output: Union[str, os.PathLike], *,
+                  probabilities_path: Optional[Union[str, os.PathLike]] = None, overwrite: bool = False,
+                  progress: Optional[ProgressFn] = None, cancel=None, **options) -> CasePrediction:
+    """:func:`predict_case` on files, writing the uint8 labels (and optionally the per-class
+    probabilities, a float32 vector image) atomically. Output paths are checked before any work:
+    existing folder, no existing file unless ``overwrite``, not one of the inputs."""
+    from ..data.io import check_output_path
+
+    out = check_output_path(output, overwrite=overwrite, inputs=inputs)
+    items = [out]
+    if probabilities_path is not None:
+        pp = check_output_path(probabilities_path, overwrite=overwrite, inputs=inputs)
+        if pp.resolve() == out.resolve():
+            raise InputError(f"'{pp}': probabilities and labels need different files")
+        items.append(pp)
+    seg = model if isinstance(model, Segmenter) else Segmenter(
+        model, options.pop("plan", None), device=options.pop("device", "auto"),
+        threads=options.pop("threads", None), batch_size=options.pop("batch_size", None))
+    result = seg.predict(inputs, probabilities=probabilities_path is not None, progress=progress, cancel=cancel,
+                         **options)
+    _check_cancel(cancel)
+    if progress:
+        progress("write", 0.0)
+    if out.name.lower().endswith(".seg.nrrd"):
+        add_segment_metadata(result.labels, seg.plan.labels)
+    images = [result.labels] + ([result.probabilities] if probabilities_path is not None else [])
+    _write_atomically(list(zip(images, items)), overwrite=overwrite, cancel=cancel)
+    if progress:
+        progress("write", 1.0)
+    return result
+
+
+_CASE_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})(?P<ext>\.nii\.gz|\.nii|\.nrrd|\.mha|\.nhdr|\.mhd)$", re.I)
+
+
+def find_cases(folder: Union[str, os.PathLike], n_channels: int,
+               channel_names: Optional[Sequence[str]] = None) -> List[Tuple[str, List[Path], str]]:
+    """Cases of an nnU-Net style folder (``case_0000.nii.gz``, ``case_0001.nii.gz``, ...):
+    ``[(case_id, [channel paths in order], file ending)]``, sorted by case id."""
+    folder = Path(os.fspath(folder))
+    if not folder.is_dir():
+        raise InputError(f"'{folder}': no such folder")
+    cases: Dict[str, Dict[int, Path]] = {}
+    exts: Dict[str, str] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        m = _CASE_RE.match(p.name)
+        if not m:
+            continue
+        cases.setdefault(m["case"], {})[int(m["ch"])] = p
+        exts.setdefault(m["case"], m["ext"])
+    if not cases:
+        raise InputError(f"'{folder}': no images named like CASE_0000.nii.gz (nnU-Net naming)")
+    names = list(channel_names or [f"channel {i}" for i in range(n_channels)])
+    want = set(range(n_channels))
+    out = []
+    for case in sorted(cases):
+        have = cases[case]
+        if set(have) != want:
+            expect = ", ".join(f"{case}_{i:04d} ({names[i]})" for i in range(n_channels))
+            found = ", ".join(sorted(p.name for p in have.values()))
+            raise InputError(f"'{folder}': case '{case}' needs {n_channels} file(s): {expect}; found {found}")
+        out.append((case, [have[i] for i in range(n_channels)], exts[case]))
+    return out
+
+
+def predict_folder(model, input_dir, output_dir, *, overwrite: bool = False,
+                   progress: Optional[Callable[[str, float, str], None]] = None, cancel=None,
+                   **options) -> Dict[str, CasePrediction]:
+    """Segment every case of an nnU-Net style folder into ``output_dir/CASE.<ending>``.
+
+    The output folder is created if its parent exists. Every output path is checked before the
+    first case runs. progress(stage, fraction, case) is called per case.
+    """
+    from ..data.io import check_output_path
+
+    seg = model if isinstance(model, Segmenter) else Segmenter(
+        model, options.pop("plan", None), device=options.pop("device", "auto"),
+        threads=options.pop("threads", None), batch_size=options.pop("batch_size", None))
+    cases = find_cases(input_dir, len(seg.plan.channels), seg.plan.channel_names)
+    out_dir = Path(os.fspath(output_dir))
+    if not out_dir.exists():
+        if not (out_dir.parent if str(out_dir.parent) else Path(".")).is_dir():
+            raise InputError(f"'{out_dir}': output folder's parent '{out_dir.parent}' does not exist")
+    elif not out_dir.is_dir():
+        raise InputError(f"'{out_dir}': exists and is not a folder")
+    outputs = [out_dir / f"{case}{ext}" for case, _, ext in cases]
+    if out_dir.exists():
+        for o, (_, paths, _) in zip(outputs, cases):
+            check_output_path(o, overwrite=overwrite, inputs=paths)
+    created = False
+    if not out_dir.exists():
+        out_dir.mkdir()
+        created = True
+    results = {}
+    try:
+        for (case, paths, _), o in zip(cases, outputs):
+            cb = (lambda s, f, _c=case: progress(s, f, _c)) if progress else None
+            results[case] = predict_files(seg, paths, o, overwrite=overwrite, progress=cb, cancel=cancel, **options)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    return results
+
+
+__all__ = ["InferencePlan", "CasePrediction", "Segmenter", "predict_case", "predict_files", "add_segment_metadata",
+           "find_cases",
+           "predict_folder", "STAGES"]
