@@ -271,7 +271,8 @@ def mean_metrics(per_case: List[Dict[int, Dict[str, float]]]) -> Dict[int, Dict[
     it is finite (``hd95_cases`` says how many; ``None`` if none). ``cases`` counts the cases.
     """
     out: Dict[int, Dict[str, Optional[float]]] = {}
-    labels = sorted({lab for case in per_case for lab in case})
+    seen = {lab: None for case in per_case for lab in case}  # label values, then named regions
+    labels = sorted(k for k in seen if not isinstance(k, str)) + [k for k in seen if isinstance(k, str)]
     for lab in labels:
         rows = [case[lab] for case in per_case if lab in case]
         entry: Dict[str, Optional[float]] = {}

@@ -248,3 +248,34 @@ def test_subprocess(tmp_path):
                           "--labels", "1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().count("\n") == 0 and "label(s) 2" in bad.stderr
+
+
+def test_regions_are_evaluated_as_unions_of_labels(tmp_path):
+    import SimpleITK as sitk
+    import numpy as np
+
+    from VeloxSegLib.cli import main
+
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[1:3, 2:6, 2:6] = 2
+    ref[2, 3:5, 3:5] = 1
+    pred = ref.copy()
+    pred[pred == 1] = 2  # label 1 missed, but the union {1, 2} is perfect
+    for name, arr in (("p.nii.gz", pred), ("r.nii.gz", ref)):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / name))
+    out = tmp_path / "m.json"
+    code = main(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--ref", str(tmp_path / "r.nii.gz"),
+                 "--labels", "1", "2", "--regions", "TC=1", "WT=1,2", "--json", str(out)])
+    assert code == 0
+    import json
+
+    mean = json.loads(out.read_text())["mean"]
+    assert mean["1"]["dice"] == 0.0 and mean["WT"]["dice"] == 1.0 and mean["TC"]["dice"] == 0.0
+
+
+def test_malformed_region_is_a_clear_error(tmp_path, capsys):
+    from VeloxSegLib.cli import main
+
+    code = main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path), "--regions", "WT"])
+    assert code != 0
+    assert "--regions: 'WT'" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def register(subparsers):
                                                             "(folder, .zip or name)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': print JSON to "
                                                    "stdout instead of the table)")
+    p.add_argument("--regions", nargs="+", metavar="NAME=L,L",
+                   help="also evaluate unions of labels as one mask each, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run)
     return p
@@ -129,8 +131,24 @@ def _fmt_labels(values) -> str:
 # --------------------------------------------------------------------------- evaluation
 
 
+def parse_regions(items: Optional[Sequence[str]]) -> Dict[str, List[int]]:
+    """``["ET=3", "TC=1,3", "WT=1,2,3"]`` -> ``{"ET": [3], "TC": [1, 3], "WT": [1, 2, 3]}``."""
+    regions: Dict[str, List[int]] = {}
+    for item in items or ():
+        name, _, values = item.partition("=")
+        try:
+            labels = sorted({int(v) for v in values.split(",") if v.strip()})
+        except ValueError:
+            labels = []
+        if not name.strip() or not labels or any(v < 1 for v in labels) or name.strip() in regions:
+            raise InputError(f"--regions: '{item}' is not NAME=LABEL[,LABEL...] with positive label values "
+                             f"and a new name (e.g. WT=1,2,3)")
+        regions[name.strip()] = labels
+    return regions
+
+
 def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Optional[Dict[int, str]] = None,
-             progress=None) -> dict:
+             progress=None, regions: Optional[Dict[str, Sequence[int]]] = None) -> dict:
     """Evaluate ``pred`` against ``ref`` (two label-map files or two folders); return a results dict.
 
     ``labels``: the label values to evaluate; any other non-zero label in a reference or a
@@ -138,6 +156,8 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
     absent from both masks of a case gets the both-empty values there). Raises InputError for
     unreadable files and grids that differ. Metric values may be ``inf`` (HD95 with one empty
     mask); :func:`VeloxSegLib.metrics.json_safe` turns them into ``None`` for JSON.
+    ``regions``: named unions of labels evaluated as one mask each (BraTS: ET=3, TC=1,3, WT=1,2,3),
+    reported after the labels under their names.
     """
     import numpy as np
 
@@ -173,18 +193,23 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
             case_labels = sorted(set(r_labels) | set(p_labels))
         spacing = tuple(reversed(r_img.GetSpacing()))
         per_label = M.evaluate_arrays(p_arr, r_arr, case_labels, spacing)
+        for name, values in (regions or {}).items():
+            per_label[name] = M.label_metrics(np.isin(p_arr, values), np.isin(r_arr, values), spacing)
         del r_arr, p_arr, r_img, p_img
         cases.append({"case": case, "pred": str(p_path), "ref": str(r_path),
                       "spacing": [float(s) for s in reversed(spacing)], "metrics": per_label})
         if progress:
             progress(i + 1, len(pairs))
-    all_labels = known if known is not None else sorted({lab for c in cases for lab in c["metrics"]})
+    all_labels = list(known if known is not None else
+                      sorted({lab for c in cases for lab in c["metrics"] if isinstance(lab, int)}))
+    all_labels += list(regions or {})
     both_empty = M.label_metrics(np.zeros(1, bool), np.zeros(1, bool), (1.0,))
     for c in cases:  # discovery mode: labels absent from both masks of a case
         for lab in all_labels:
             c["metrics"].setdefault(lab, dict(both_empty))
         c["metrics"] = {lab: c["metrics"][lab] for lab in all_labels}
-    names = {lab: (label_names or {}).get(lab, f"label {lab}") for lab in all_labels}
+    names = {lab: (label_names or {}).get(lab, lab if isinstance(lab, str) else f"label {lab}")
+             for lab in all_labels}
     return {
         "pred": str(pred),
         "ref": str(ref),
@@ -209,18 +234,18 @@ def _num(v, digits=4) -> str:
 
 
 def format_table(results: dict) -> str:
-    names = results["labels"]
+    names = {lab: (name if isinstance(lab, str) else f"{lab} {name}") for lab, name in results["labels"].items()}
     header = ("case", "label", "Dice", "HD95_mm", "precision", "recall", "FP_ml", "FN_ml")
     rows = []
     for c in results["cases"]:
         for lab, m in c["metrics"].items():
-            rows.append((c["case"], f"{lab} {names[lab]}", _num(m["dice"]), _num(m["hd95_mm"], 2),
+            rows.append((c["case"], names[lab], _num(m["dice"]), _num(m["hd95_mm"], 2),
                          _num(m["precision"]), _num(m["recall"]), _num(m["fp_volume_ml"], 3),
                          _num(m["fn_volume_ml"], 3)))
     n = len(results["cases"])
     notes = []
     for lab, m in results["mean"].items():
-        rows.append((f"mean ({n})", f"{lab} {names[lab]}", _num(m["dice"]), _num(m["hd95_mm"], 2),
+        rows.append((f"mean ({n})", names[lab], _num(m["dice"]), _num(m["hd95_mm"], 2),
                      _num(m["precision"]), _num(m["recall"]), _num(m["fp_volume_ml"], 3),
                      _num(m["fn_volume_ml"], 3)))
         if m["hd95_cases"] < m["cases"]:
@@ -288,7 +313,7 @@ def run(args) -> int:
             if unknown:
                 raise InputError(f"--labels {_fmt_labels(unknown)} not in bundle '{bundle.name}' "
                                  f"(labels: {_fmt_labels(sorted(names))})")
-    results = evaluate(args.pred, args.ref, labels=labels, label_names=names)
+    results = evaluate(args.pred, args.ref, labels=labels, label_names=names, regions=parse_regions(args.regions))
     safe = M.json_safe(results)
     if args.json == "-":
         print(json.dumps(safe, indent=2, allow_nan=False))
