@@ -40,7 +40,9 @@ class JLConv(nn.Module):
             conv = branch[0]
             if fast and conv.kernel_size == (1, 1, 1):
                 # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
-                y = fastops.pointwise(x, fastops.block_diagonal(conv.weight, conv.groups), conv.bias)
+                dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
+                                       lambda: fastops.block_diagonal(conv.weight, conv.groups))
+                y = fastops.pointwise(x, dense, conv.bias)
                 for layer in list(branch)[1:]:
                     y = layer(y)
             else:

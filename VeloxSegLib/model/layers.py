@@ -58,7 +58,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and not torch.is_grad_enabled():
-            w, b = fastops.fold_affine(self.reduction.weight, None, self.norm.weight, self.norm.bias)
+            w, b = fastops.cached(self, "folded", (self.reduction.weight, self.norm.weight, self.norm.bias),
+                                  lambda: fastops.fold_affine(self.reduction.weight, None, self.norm.weight,
+                                                              self.norm.bias))
             return fastops.pointwise(fastops.channel_normalize(space_to_depth(x), self.norm.eps), w, b)
         return self.reduction(self.norm(space_to_depth(x)))
 
@@ -94,7 +96,9 @@ class UpConv(nn.Module):
         if self.fast and not torch.is_grad_enabled():
             # kernel 2 / stride 2 transposed conv == 1x1 conv to 8*Cout, then depth-to-space by 2
             w = self.conv.weight  # (Cin, Cout, 2, 2, 2)
-            y = fastops.pointwise(x, w.reshape(w.shape[0], -1).t(), self.conv.bias.repeat_interleave(8))
+            wt, bt = fastops.cached(self, "gemm", (w, self.conv.bias), lambda: (
+                w.reshape(w.shape[0], -1).t().contiguous(), self.conv.bias.repeat_interleave(8)))
+            y = fastops.pointwise(x, wt, bt)
             return self.norm(pixel_shuffle_3d(y, 2))
         return self.norm(self.conv(x))
 
@@ -144,7 +148,8 @@ class ShuffleHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and not torch.is_grad_enabled():
-            return pixel_shuffle_3d(fastops.conv3x3_gemm(x, self.conv.weight, self.conv.bias), self.r)
+            wk = fastops.cached(self, "gemm", (self.conv.weight,), lambda: fastops.conv3x3_weight(self.conv.weight))
+            return pixel_shuffle_3d(fastops.conv3x3_gemm(x, self.conv.weight, self.conv.bias, wk), self.r)
         return pixel_shuffle_3d(self.conv(x), self.r)
 
 

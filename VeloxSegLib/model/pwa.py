@@ -171,8 +171,9 @@ class PairedWindowAttention(nn.Module):
         L = self.num_tokens
         blk = h * (2 * dq + dv)
         eps = self.norms[0].eps
-        qkv = torch.cat([fastops.pointwise(fastops.channel_normalize(xs[m], eps), *self._fast_projection(m))
-                         for m in range(M)], 0)  # (M*B, pairs*blk, D, H, W)
+        qkv = torch.cat([fastops.pointwise(fastops.channel_normalize(xs[m], eps), *fastops.cached(
+            self, f"qkv{m}", (self.qkv[m].weight, self.qkv[m].bias, self.norms[m].weight, self.norms[m].bias),
+            lambda: self._fast_projection(m))) for m in range(M)], 0)  # (M*B, pairs*blk, D, H, W)
         counts = [(D // bg[0]) * (H // bg[1]) * (W // bg[2]) for bg in self.bigs]
         total = sum(counts)
         q = qkv.new_empty(B, h, total, M * L, dq)
@@ -190,7 +191,7 @@ class PairedWindowAttention(nn.Module):
                 tgt = dst[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, M, n0, n1, n2, width)
                 tgt.copy_(src.permute(1, 2, 4, 6, 8, 0, 5, 7, 9, 3))
             start += counts[i]
-        bias = self.relative_position_bias()
+        bias = fastops.cached(self, "bias", (self.relative_position_bias_table,), self.relative_position_bias)
         out = fastops.windowed_attention(q, k, v, bias)  # (B, h, windows, M*L, dv)
         y = qkv.new_empty(M * B, self.channels_v, D, H, W)
         start = 0
@@ -243,6 +244,7 @@ class PWABlock(nn.Module):
 
     def _ffn_fast(self, m: int, y: torch.Tensor) -> torch.Tensor:
         norm, ffn = self.norms[m], self.ffns[m]
-        w1, b1 = fastops.fold_affine(ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias)
+        w1, b1 = fastops.cached(self, f"ffn{m}", (ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias),
+                                lambda: fastops.fold_affine(ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias))
         hidden = F.gelu(fastops.pointwise(fastops.channel_normalize(y, norm.eps), w1, b1))
         return fastops.pointwise(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=y)
