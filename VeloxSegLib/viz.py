@@ -82,7 +82,7 @@ def orthogonal_panel(ct: np.ndarray, pet: np.ndarray, spacing_zyx: Sequence[floa
                       for a in range(3)]
     z, y, x = centre
     sz, sy, sx = spacing_zyx
-    scale = min(spacing_zyx)
+    scale = min(spacing_zyx) / 2  # two display pixels per finest voxel
     views = [  # (slicer, pixel spacing (rows, cols)); coronal/sagittal flipped so the head is up
         (lambda a: a[z], (sy, sx)),
         (lambda a: a[::-1, y, :], (sz, sx)),

@@ -1,0 +1,75 @@
+"""End to end with the embedded demo bundles: `veloxseg demo`, `veloxseg predict` and the Slicer batch
+script (plain Python + slicer-core) on freshly generated phantoms."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from VeloxSegLib.bundle import embedded_bundles_dir, list_bundles, load_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = "petct-lesion-demo"
+
+
+def run(args, timeout=900, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_petct_demo_bundle_is_embedded_small_and_honestly_labelled():
+    bundle = load_bundle(DEMO)
+    assert Path(bundle.path).parent == embedded_bundles_dir()
+    size = sum(f.stat().st_size for f in Path(bundle.path).iterdir())
+    assert size < 10 * 2 ** 20
+    assert bundle.meta["model"]["name"] == "veloxseg-b" and bundle.meta["model"]["in_channels"] == [1, 1]
+    assert bundle.channel_names == ["CT", "PET"]
+    assert "phantom" in bundle.meta["description"].lower()
+    assert any(b["name"] == DEMO and b["source"] == "embedded" and "error" not in b for b in list_bundles())
+
+
+def test_veloxseg_demo_writes_segmentation_and_picture_and_reports_dice(tmp_path):
+    out = tmp_path / "demo_output"
+    result = run(["-m", "VeloxSegLib.cli", "demo", "--output", str(out), "--threads", "2", "--progress", "none"])
+    assert result.returncode == 0, result.stderr
+    dice = float(result.stdout.split("lesion Dice ")[1].split()[0])
+    assert 0.0 <= dice <= 1.0
+    segs = list(out.glob("*_seg.nii.gz"))
+    pngs = list(out.glob("*.png"))
+    assert len(segs) == 1 and len(pngs) == 1
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ct = sitk.ReadImage(str(next(out.glob("*_0000.nii.gz"))))
+    seg = sitk.ReadImage(str(segs[0]))
+    assert seg.GetSize() == ct.GetSize() and seg.GetSpacing() == pytest.approx(ct.GetSpacing())
+    assert seg.GetOrigin() == pytest.approx(ct.GetOrigin())
+
+
+def test_batch_script_runs_the_demo_model_end_to_end_under_plain_python(tmp_path):
+    slicer = pytest.importorskip("slicer")
+    from VeloxSegLib.data.phantom import generate_petct_case
+
+    ct, pet, _truth, _ = generate_petct_case(777, 0, size=(96, 96, 72))
+    paths = [tmp_path / "case_0000.nii.gz", tmp_path / "case_0001.nii.gz"]
+    sitk.WriteImage(ct, str(paths[0]))
+    sitk.WriteImage(pet, str(paths[1]))
+    output = tmp_path / "seg.seg.nrrd"
+    result = run([str(ROOT / "VeloxSegExtension" / "VeloxSegBatch.py"), "--model", DEMO, "--input",
+                  *map(str, paths), "--output", str(output)])
+    assert result.returncode == 0, result.stderr
+    import vtk  # noqa: F401  (slicer-core's VTK)
+
+    node = slicer.vtkMRMLSegmentationNode()
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(output))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert names == [lab["name"] for lab in load_bundle(DEMO).labels[1:]]
+    geometry = seg.GetConversionParameter("Reference image geometry")
+    values = [float(v) for v in geometry.split(";")[:12]]  # first three rows of the ijk-to-RAS matrix
+    # ijk-to-RAS spacing of the reference (CT) grid: LPS spacing with x/y sign flips
+    assert values[0] == pytest.approx(-ct.GetSpacing()[0]) and values[10] == pytest.approx(ct.GetSpacing()[2])
