@@ -545,35 +545,15 @@ class VeloxSegTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(widget.ui.applyButton)
 
     def test_phantom_segmented_with_demo_model(self):
-        import numpy as np
-
-        from VeloxSegLogic import SegmentationRequest, VeloxSegCoreLogic
+        from VeloxSegLogic import VeloxSegCoreLogic
         from VeloxSegLogic.bundles import list_bundle_infos
-        from VeloxSegLogic.segmentation import segment_array
-        from VeloxSegLogic.volumes import add_volume_from_array
+        from VeloxSegLogic.selftest import demo_phantom_dice
 
-        demos = [b for b in list_bundle_infos() if b.source == "embedded" and [c.get("modality") for c in b.channels] == ["CT", "PET"]]
-        if not demos:
-            self.delayDisplay("No embedded PET/CT demo model: skipping the segmentation test")
-            return
-        bundle = demos[0]
-        self.delayDisplay(f"Segmenting a phantom with {bundle.name}")
-        shape = (64, 96, 96)
-        spacing = np.array(bundle.spacing or [2.0, 2.0, 3.0], float)
-        kk, jj, ii = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-        center = np.array(shape) / 2
-        body = ((kk - center[0]) / 28) ** 2 + ((jj - center[1]) / 40) ** 2 + ((ii - center[2]) / 44) ** 2 < 1
-        lesion = ((kk - 30) ** 2 + (jj - 50) ** 2 + (ii - 40) ** 2) < 36
-        rng = np.random.default_rng(0)
-        ct = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, shape)
-        pet = np.where(body, 1.5, 0.05) + np.where(lesion, 12.0, 0.0) + rng.normal(0, 0.1, shape)
-        matrix = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-        ctNode = add_volume_from_array(slicer.mrmlScene, ct.astype(np.int16), matrix, "phantom CT")
-        petNode = add_volume_from_array(slicer.mrmlScene, pet.astype(np.float32), matrix, "phantom PET")
-        logic = VeloxSegCoreLogic()
-        node = logic.segment(SegmentationRequest(bundle=bundle.path, input_nodes=[ctNode, petNode], device="cpu"), timeout=600)
-        lesionName = next(str(lab["name"]) for lab in bundle.labels if int(lab["value"]) == 1)
-        predicted = segment_array(node, node.GetSegmentation().GetSegmentIdBySegmentName(lesionName), ctNode) > 0
-        dice = 2.0 * np.logical_and(predicted, lesion).sum() / max(1, predicted.sum() + lesion.sum())
-        self.delayDisplay(f"Dice on the phantom lesion: {dice:.3f}")
-        self.assertGreater(dice, 0.5)
+        if not any(b.name == "petct-lesion-demo" and b.source == "embedded" for b in list_bundle_infos()):
+            self.fail("the embedded petct-lesion-demo bundle is missing from the installed extension")
+        self.delayDisplay("Segmenting a generated PET/CT phantom with petct-lesion-demo")
+        dice, _node, _ct = demo_phantom_dice(VeloxSegCoreLogic())
+        self.delayDisplay(f"Lesion Dice on the phantom: {dice:.3f}")
+        # the demo model is weak (docs/models.md: held-out Dice 0.31); this checks that the whole flow
+        # puts the prediction on the lesion, in the right place
+        self.assertGreater(dice, 0.15)
