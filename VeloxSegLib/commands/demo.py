@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..infer.pipeline import predict_case
     from ..metrics import dice_score
     from ..viz import orthogonal_panel, write_png
-    from .predict import _progress
+    from .predict import make_progress
 
     start = time.perf_counter()
     out = Path(args.output)
@@ -49,7 +49,7 @@ def run(args) -> int:
     for key, image in (("ct", ct), ("pet", pet), ("truth", truth)):
         write_image(image, paths[key], overwrite=True)
 
-    reporter = _progress(args.progress, start)
+    reporter = make_progress(args.progress, start)
     try:
         result = predict_case(bundle, [paths["ct"], paths["pet"]], device=args.device, threads=args.threads,
                               progress=reporter)

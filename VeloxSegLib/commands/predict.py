@@ -113,7 +113,8 @@ class NoProgress:
         pass
 
 
-def _progress(mode: str, start: float):
+def make_progress(mode: str, start: float):
+    """The progress reporter for --progress auto|bar|json|none (shared by predict and demo)."""
     if mode == "json":
         return JsonProgress(start)
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
@@ -188,7 +189,7 @@ def run(args) -> int:
 
     from ..infer.pipeline import Segmenter
 
-    progress = _progress(args.progress, start)
+    progress = make_progress(args.progress, start)
     options = dict(overlap=args.overlap, tta=args.tta, blending=args.blending,
                    min_component_mm3=args.min_component_mm3, crop_to_body=False if args.no_crop else None)
     try:

@@ -1,2 +1,0 @@
-"""Training-speed section of ``veloxseg bench``."""
-from .trainer import training_benchmark as run  # noqa: F401
