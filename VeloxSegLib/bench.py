@@ -39,18 +39,9 @@ def make_model(name: str, fast: bool = True):
     import torch  # noqa: F401
 
     if name.startswith("monai-"):
-        from monai.networks import nets
+        from .model.peers import build_peer
 
-        if name == "monai-unet":
-            return nets.UNet(3, IN_CHANNELS, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
-        if name == "monai-segresnet":
-            return nets.SegResNet(spatial_dims=3, init_filters=16, in_channels=IN_CHANNELS, out_channels=2)
-        if name == "monai-swinunetr":
-            try:
-                return nets.SwinUNETR(in_channels=IN_CHANNELS, out_channels=2, feature_size=24, spatial_dims=3)
-            except TypeError:  # older MONAI needs img_size
-                return nets.SwinUNETR(img_size=PATCH, in_channels=IN_CHANNELS, out_channels=2, feature_size=24)
-        raise ValueError(name)
+        return build_peer(name, in_channels=(IN_CHANNELS,), num_classes=2, patch_size=PATCH)
     from .model import build_model, set_fast_path
 
     in_ch = (1, 1)

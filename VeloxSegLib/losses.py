@@ -17,11 +17,16 @@ from .model.outputs import TrainOutput
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, include_background: bool = False,
-                   smooth: float = 1e-5) -> torch.Tensor:
+                   smooth: float = 1e-5, batch: bool = False) -> torch.Tensor:
     """1 - soft Dice over (foreground) classes, averaged over samples and classes.
 
     logits (N, K, ...) and integer target (N, ...) or (N, 1, ...). Same definition as MONAI's
-    DiceLoss(softmax=True, to_onehot_y=True, include_background=False).
+    DiceLoss(softmax=True, to_onehot_y=True, include_background=False[, batch=True]).
+
+    ``batch=True`` ("batch Dice", nnU-Net's choice for 3D) sums intersection and volumes over the
+    whole batch before the ratio: a patch without foreground then still penalises false positives
+    through the denominator instead of contributing a constant ~1 with no useful gradient, which
+    matters for small, sparse targets such as PET lesions.
     """
     if target.dim() == logits.dim():
         target = target[:, 0]
@@ -31,15 +36,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, include_backgroun
     if not include_background and k > 1:
         probs, onehot = probs[:, 1:], onehot[:, 1:]
     dims = tuple(range(2, probs.dim()))
+    if batch:
+        dims = (0,) + dims
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False) -> torch.Tensor:
     if target.dim() == logits.dim():
         target = target[:, 0]
-    return F.cross_entropy(logits.float(), target.long()) + soft_dice_loss(logits, target)
+    return F.cross_entropy(logits.float(), target.long()) + soft_dice_loss(logits, target, batch=batch_dice)
 
 
 def deep_supervision_weights(n: int, weights: Optional[Sequence[float]] = None) -> list:
@@ -63,6 +70,7 @@ class LossConfig:
     ds_weights: Optional[Sequence[float]] = None
     use_reconstruction: bool = True
     use_sdkt: bool = True
+    batch_dice: bool = False
 
 
 class VeloxSegLoss(nn.Module):
@@ -75,7 +83,7 @@ class VeloxSegLoss(nn.Module):
     def forward(self, out: TrainOutput, target: torch.Tensor, image: Optional[torch.Tensor] = None):
         cfg = self.config
         weights = deep_supervision_weights(len(out.logits), cfg.ds_weights)
-        seg = sum(w * dice_ce_loss(lg, target) for w, lg in zip(weights, out.logits))
+        seg = sum(w * dice_ce_loss(lg, target, cfg.batch_dice) for w, lg in zip(weights, out.logits))
         parts: Dict[str, float] = {"seg": float(seg.detach())}
         total = seg
         if cfg.use_reconstruction and out.reconstruction is not None and cfg.lambda_rc > 0:

@@ -16,6 +16,42 @@ def test_soft_dice_over_foreground_matches_monai():
     assert soft_dice_loss(logits, target) == pytest.approx(ref.item(), abs=1e-6)
 
 
+def test_batch_dice_matches_monai_batch_mode():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 2, 6, 7, 8)
+    target = torch.randint(0, 2, (3, 1, 6, 7, 8))
+    target[0] = 0  # a patch without foreground, as the 1:1 sampler produces
+    ref = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)(logits, target)
+    assert soft_dice_loss(logits, target, batch=True) == pytest.approx(ref.item(), abs=1e-6)
+    assert soft_dice_loss(logits, target, batch=True) != pytest.approx(soft_dice_loss(logits, target).item())
+
+
+def test_batch_dice_penalises_false_positives_in_an_empty_patch():
+    # per-patch Dice gives an empty patch a constant ~1 (no gradient); batch Dice pushes its
+    # foreground probabilities down through the shared denominator
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[1, :2] = 1
+    grads = {}
+    for batch in (False, True):
+        logits = torch.zeros(2, 2, 4, 4, 4, requires_grad=True)
+        soft_dice_loss(logits, target, batch=batch).backward()
+        grads[batch] = logits.grad[0, 1].abs().max().item()  # empty patch, foreground logit
+    assert grads[False] < 1e-6
+    assert grads[True] > 1e-4 and grads[True] > 1000 * grads[False]
+
+
+def test_loss_config_batch_dice_changes_the_segmentation_term():
+    torch.manual_seed(2)
+    out = TrainOutput(logits=[torch.randn(2, 2, 4, 4, 4)])
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[1, 1:3] = 1
+    _, per_patch = VeloxSegLoss(LossConfig(batch_dice=False))(out, target)
+    _, batch = VeloxSegLoss(LossConfig(batch_dice=True))(out, target)
+    expected = dice_ce_loss(out.logits[0], target, batch_dice=True).item()
+    assert batch["seg"] == pytest.approx(expected, abs=1e-6)
+    assert batch["seg"] != pytest.approx(per_patch["seg"])
+
+
 def test_gram_matrix_of_zero_features_is_zero_not_nan():
     g = gram_matrix(torch.zeros(2, 16, 4, 4, 4))
     assert torch.equal(g, torch.zeros(2, 16, 16))

@@ -228,3 +228,37 @@ def test_stop_during_validation_checkpoints_the_finished_epoch(dataset, tmp_path
     assert ckpt.state["loop"]["epoch"] == 0 and ckpt.state["loop"]["iteration"] == 1
     result = run_training(dataset, tmp_path / "v", _config(epochs=1, iterations_per_epoch=1), resume=True)
     assert [r["val_dice"] for r in result.history] == [0.5] and len(calls) == 2
+
+
+def test_monai_unet_peer_trains_with_batch_dice_into_a_bundle_predict_can_use(dataset, tmp_path):
+    """The same-budget comparison path: ``--model monai-unet`` (benchmark peer) with batch Dice."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.cli import main
+    from VeloxSegLib.model.peers import PeerNet
+
+    out = tmp_path / "unet"
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["train", str(dataset), "-o", str(out), "--model", "monai-unet", "--epochs", "1",
+                   "--iterations-per-epoch", "2", "--batch-size", "2", "--batch-dice", "--device", "cpu",
+                   "--progress", "none"])
+    assert rc == 0
+    bundle = load_bundle(out)
+    assert bundle.meta["model"]["name"] == "monai-unet"
+    assert json.loads(bundle.meta["training"]["notes"])["recipe"]["loss"]["batch_dice"] is True
+    net = bundle.build_model()
+    assert isinstance(net, PeerNet) and not net.training
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    images = sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:1]
+    case = images[0].name[:-len("_0000.nii.gz")]
+    rc = main(["predict", "-m", str(out), "-i", str(images[0]), str(images[0]).replace("_0000", "_0001"),
+               "-o", str(pred_dir / f"{case}.nii.gz"), "--progress", "none"])
+    assert rc == 0
+    seg = sitk.ReadImage(str(pred_dir / f"{case}.nii.gz"))
+    ref = sitk.ReadImage(str(images[0]))
+    assert seg.GetSize() == ref.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1}

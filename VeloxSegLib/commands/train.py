@@ -20,6 +20,9 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-sdkt", action="store_true", help="ablation: no Gram (SDKT) distillation loss")
     p.add_argument("--no-reconstruction", action="store_true", help="ablation: no teacher reconstruction loss")
+    p.add_argument("--batch-dice", action="store_true",
+                   help="Dice over the whole batch instead of per patch (nnU-Net's 3D choice; helps small, "
+                        "sparse targets such as PET lesions)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")
@@ -78,7 +81,8 @@ def config_from_args(args, **extra):
     return TrainConfig(model=getattr(args, "model_preset", None), epochs=args.epochs,
                        iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, val_every=args.val_every, use_sdkt=not args.no_sdkt,
-                       use_reconstruction=not args.no_reconstruction, device=args.device, threads=args.threads,
+                       use_reconstruction=not args.no_reconstruction, batch_dice=args.batch_dice,
+                       device=args.device, threads=args.threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
                        **extra)

@@ -46,16 +46,22 @@ def list_models() -> List[str]:
 
 def build_model(name: str = "veloxseg-b", in_channels=(1, 1), num_classes: int = 2,
                 patch_size=(96, 96, 96), **overrides):
-    """Build a network by preset name.
+    """Build a network by preset name (or one of the MONAI benchmark peers of ``peers.PEERS``,
+    which need MONAI installed and are for benchmarks and training comparisons only).
 
     in_channels has one entry per modality (channels of that modality): (1, 1) is PET/CT with
     cross-modal attention, (2,) PET and CT stacked (early fusion), (4,) BraTS ("VeloxSeg-C").
     """
     key = name.lower()
-    if key not in PRESETS:
-        raise ConfigError(f"unknown model '{name}'; available: {', '.join(PRESETS)}")
     if isinstance(in_channels, int):
         in_channels = (in_channels,)
+    if key not in PRESETS:
+        from .peers import PEERS, build_peer
+
+        if key in PEERS and not overrides:
+            return build_peer(key, in_channels, num_classes, patch_size)
+        raise ConfigError(f"unknown model '{name}'; available: {', '.join(PRESETS)} "
+                          f"(benchmark peers, with MONAI installed: {', '.join(PEERS)})")
     in_channels = tuple(int(c) for c in in_channels)
     if isinstance(patch_size, int):
         patch_size = (patch_size,) * 3

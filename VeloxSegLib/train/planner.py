@@ -470,9 +470,11 @@ def make_plans(
         decisions["in_channels"] = "one attention stream per channel (modality)"
     if model != "veloxseg-b":
         from ..model import list_models  # imports torch: only when a preset is named
+        from ..model.peers import PEERS
 
-        if model.lower() not in list_models():
-            raise ConfigError(f"unknown model {model!r}; available: {', '.join(list_models())}")
+        if model.lower() not in list_models() and model.lower() not in PEERS:
+            raise ConfigError(f"unknown model {model!r}; available: {', '.join(list_models())} "
+                              f"(benchmark peers: {', '.join(PEERS)})")
         overrides["model"] = model
 
     labels = _labels(fingerprint)
