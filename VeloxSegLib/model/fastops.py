@@ -78,16 +78,23 @@ def fold_affine(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Te
 
 
 def max_pool_separable(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Non-overlapping 3D max pooling as three 1D max reductions (exact, no indices)."""
+    """Non-overlapping 3D max pooling as three 1D max reductions (exact, no indices).
+
+    Outer axes first, so that the first two passes reduce whole contiguous rows (a pair of rows
+    by one element-wise maximum); the innermost axis, the only strided one, is reduced last on
+    the smallest tensor.
+    """
     b, c, d, h, w = x.shape
     sd, sh, sw = size
-    if sw > 1:
-        x = x.reshape(b, c, d, h, w // sw, sw).amax(-1)
-    if sh > 1:
-        x = x.reshape(b, c, d, h // sh, sh, w // sw).amax(-2)
     if sd > 1:
-        x = x.reshape(b, c, d // sd, sd, h // sh, w // sw).amax(-3)
-    return x
+        x = x.reshape(b, c, d // sd, sd, h * w)
+        x = torch.maximum(x[:, :, :, 0], x[:, :, :, 1]) if sd == 2 else x.amax(3)
+    if sh > 1:
+        x = x.reshape(b, c, d // sd, h // sh, sh, w)
+        x = torch.maximum(x[:, :, :, :, 0], x[:, :, :, :, 1]) if sh == 2 else x.amax(4)
+    if sw > 1:
+        x = x.reshape(b, c, d // sd, h // sh, w // sw, sw).amax(-1)
+    return x.reshape(b, c, d // sd, h // sh, w // sw)
 
 
 @lru_cache(maxsize=64)
@@ -111,15 +118,17 @@ def interp_matrix(n: int, size: int, dtype, device) -> torch.Tensor:
     return _interp_matrix_cpu(n, size).to(dtype=dtype, device=device)
 
 
-def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, bias: torch.Tensor,
                        chunk_elems: int = 1 << 18) -> torch.Tensor:
-    """softmax(q k^T + bias) v over (B, heads, windows, T, d) with q already scaled.
+    """softmax(q k^T + bias) v over (B, heads, windows, T, d) with q already scaled, returned
+    transposed: (B, heads, windows, dv, T). ``v_t`` is v transposed, (B, heads, windows, dv, T).
 
     Windows are processed in chunks whose score block stays in cache; the bias (heads, T, T) is
-    fused into the GEMM through baddbmm.
+    fused into the GEMM through baddbmm. The value product is computed as v^T P^T: with dv of
+    4-8 the (T x T)(T x dv) GEMM runs at a quarter of the speed of its transpose on CPU BLAS.
     """
     b, h, nw, t, _ = q.shape
-    out = q.new_empty(b, h, nw, t, v.shape[-1])
+    out = q.new_empty(b, h, nw, v_t.shape[-2], t)
     n = max(1, chunk_elems // (t * t))
     for bi in range(b):
         for hi in range(h):
@@ -128,7 +137,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
                 w1 = min(nw, w0 + n)
                 s = torch.baddbmm(bh.expand(w1 - w0, t, t), q[bi, hi, w0:w1], k[bi, hi, w0:w1].transpose(1, 2))
                 s = torch.softmax(s, dim=-1)
-                torch.bmm(s, v[bi, hi, w0:w1], out=out[bi, hi, w0:w1])
+                torch.bmm(v_t[bi, hi, w0:w1], s.transpose(1, 2), out=out[bi, hi, w0:w1])
     return out
 
 

@@ -178,7 +178,7 @@ class PairedWindowAttention(nn.Module):
         total = sum(counts)
         q = qkv.new_empty(B, h, total, M * L, dq)
         k = qkv.new_empty(B, h, total, M * L, dq)
-        v = qkv.new_empty(B, h, total, M * L, dv)
+        v_t = qkv.new_empty(B, h, total, dv, M * L)  # transposed for the value GEMM
         start = 0
         for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):
             xi = qkv[:, i * blk:(i + 1) * blk]
@@ -186,13 +186,16 @@ class PairedWindowAttention(nn.Module):
                 xi = fastops.max_pool_separable(xi, small)
             Nd, Nh, Nw = D // big[0], H // big[1], W // big[2]
             xv = xi.reshape(M, B, blk, Nd, n0, Nh, n1, Nw, n2)
-            for dst, lo, width in ((q, 0, dq), (k, h * dq, dq), (v, 2 * h * dq, dv)):
+            for dst, lo, width in ((q, 0, dq), (k, h * dq, dq)):
                 src = xv[:, :, lo:lo + h * width].reshape(M, B, h, width, Nd, n0, Nh, n1, Nw, n2)
                 tgt = dst[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, M, n0, n1, n2, width)
                 tgt.copy_(src.permute(1, 2, 4, 6, 8, 0, 5, 7, 9, 3))
+            src = xv[:, :, 2 * h * dq:2 * h * dq + h * dv].reshape(M, B, h, dv, Nd, n0, Nh, n1, Nw, n2)
+            tgt = v_t[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, dv, M, n0, n1, n2)
+            tgt.copy_(src.permute(1, 2, 4, 6, 8, 3, 0, 5, 7, 9))
             start += counts[i]
         bias = fastops.cached(self, "bias", (self.relative_position_bias_table,), self.relative_position_bias)
-        out = fastops.windowed_attention(q, k, v, bias)  # (B, h, windows, M*L, dv)
+        out = fastops.windowed_attention(q, k, v_t, bias).transpose(-1, -2)  # (B, h, windows, M*L, dv) view
         y = qkv.new_empty(M * B, self.channels_v, D, H, W)
         start = 0
         for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):

@@ -1,0 +1,55 @@
+"""The CPU fast-path kernels against PyTorch's own operators (the plain path's building blocks)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from VeloxSegLib.model import fastops
+
+
+@pytest.mark.parametrize("size", [(2, 2, 2), (4, 4, 4), (8, 8, 8), (1, 2, 4), (2, 1, 1), (1, 1, 2), (4, 2, 1)])
+def test_separable_max_pool_equals_max_pool3d_on_channel_slices(size):
+    torch.manual_seed(0)
+    full = torch.randn(2, 7, 16, 24, 8)
+    x = full[:, 2:5]  # a channel slice, as the window pairs pool their own channel groups
+    assert torch.equal(fastops.max_pool_separable(x, size), F.max_pool3d(x, size, size))
+
+
+@pytest.mark.parametrize("heads,windows,tokens,dq,dv", [(1, 37, 54, 4, 4), (2, 3, 432, 8, 8), (2, 5, 16, 4, 12)])
+def test_windowed_attention_returns_the_transposed_softmax_product(heads, windows, tokens, dq, dv):
+    torch.manual_seed(1)
+    q = torch.randn(2, heads, windows, tokens, dq)
+    k = torch.randn(2, heads, windows, tokens, dq)
+    v = torch.randn(2, heads, windows, tokens, dv)
+    bias = torch.randn(heads, tokens, tokens)
+    ref = torch.softmax(q @ k.transpose(-1, -2) + bias[None, :, None], dim=-1) @ v
+    out = fastops.windowed_attention(q, k, v.transpose(-1, -2).contiguous(), bias, chunk_elems=3 * tokens * tokens)
+    assert out.shape == (2, heads, windows, dv, tokens)
+    torch.testing.assert_close(out.transpose(-1, -2), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv3x3_gemm_equals_conv3d():
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 6, 7, 8)
+    w = torch.randn(9, 5, 3, 3, 3)
+    b = torch.randn(9)
+    torch.testing.assert_close(fastops.conv3x3_gemm(x, w, b, fastops.conv3x3_weight(w)),
+                               F.conv3d(x, w, b, padding=1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fastops.conv3x3_gemm(x, w, None), F.conv3d(x, w, None, padding=1),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_strided_im2col_conv_equals_conv3d():
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 8, 6, 10)
+    w = torch.randn(6, 4, 3, 3, 3)
+    b = torch.randn(6)
+    torch.testing.assert_close(fastops.conv3d_im2col(x, w, b, 2, 1), F.conv3d(x, w, b, stride=2, padding=1),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_trilinear_matrix_matches_interpolate_align_corners():
+    torch.manual_seed(4)
+    t = torch.randn(3, 1, 5)
+    a = fastops.interp_matrix(5, 12, t.dtype, t.device)
+    ref = F.interpolate(t, size=12, mode="linear", align_corners=True)
+    torch.testing.assert_close((a @ t[:, 0, :, None])[..., 0], ref[:, 0], rtol=1e-6, atol=1e-6)
