@@ -50,9 +50,14 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = 
 
 
 def deep_supervision_weights(n: int, weights: Optional[Sequence[float]] = None) -> list:
-    """Normalized weights (equal by default, as the reference's (1, 1, 1, 1))."""
+    """Normalized weights (equal by default, as the reference's (1, 1, 1, 1)).
+
+    Given weights are matched to the heads from full resolution down: extra weights are dropped
+    and heads without a weight get 0 (so one setting serves networks with 1-4 heads).
+    """
     w = [1.0] * n if weights is None else [float(v) for v in weights][:n]
-    if len(w) != n or sum(w) <= 0:
+    w += [0.0] * (n - len(w))
+    if any(v < 0 for v in w) or sum(w) <= 0:
         raise ValueError(f"need {n} deep-supervision weights with a positive sum, got {weights}")
     total = sum(w)
     return [v / total for v in w]

@@ -71,8 +71,25 @@ def test_sdkt_is_mean_mse_over_teachers():
 def test_deep_supervision_weights_are_normalized():
     assert deep_supervision_weights(4) == [0.25] * 4
     assert deep_supervision_weights(2, [3, 1]) == [0.75, 0.25]
-    with pytest.raises(ValueError):
-        deep_supervision_weights(3, [1, 1])
+    # nnU-Net-style halving serves networks with fewer heads: extra weights dropped, missing ones 0
+    assert deep_supervision_weights(3, [1, 0.5, 0.25, 0.125]) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert deep_supervision_weights(1, [1, 0.5]) == [1.0]
+    assert deep_supervision_weights(3, [2, 2]) == [0.5, 0.5, 0.0]
+    for bad in ([0, 0], [1, -1]):
+        with pytest.raises(ValueError):
+            deep_supervision_weights(3, bad)
+
+
+def test_train_command_passes_ds_weights_and_batch_dice_to_the_loss():
+    from VeloxSegLib.cli import build_parser
+    from VeloxSegLib.commands.train import config_from_args
+
+    args = build_parser().parse_args(["train", "ds", "-o", "out", "--ds-weights", "1", "0.5", "--batch-dice"])
+    config = config_from_args(args)
+    assert config.ds_weights == (1.0, 0.5) and config.batch_dice is True
+    args = build_parser().parse_args(["train", "ds", "-o", "out"])
+    config = config_from_args(args)
+    assert config.ds_weights is None and config.batch_dice is False
 
 
 def test_total_loss_uses_paper_weights_and_can_switch_terms_off():

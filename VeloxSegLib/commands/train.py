@@ -23,6 +23,9 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
     p.add_argument("--batch-dice", action="store_true",
                    help="Dice over the whole batch instead of per patch (nnU-Net's 3D choice; helps small, "
                         "sparse targets such as PET lesions)")
+    p.add_argument("--ds-weights", type=float, nargs="+", metavar="W",
+                   help="deep-supervision loss weights, full resolution first (default: equal, as the paper; "
+                        "nnU-Net halves them per scale: 1 0.5 0.25 0.125). Missing coarse weights count as 0")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")
@@ -82,6 +85,7 @@ def config_from_args(args, **extra):
                        iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, val_every=args.val_every, use_sdkt=not args.no_sdkt,
                        use_reconstruction=not args.no_reconstruction, batch_dice=args.batch_dice,
+                       ds_weights=tuple(args.ds_weights) if args.ds_weights else None,
                        device=args.device, threads=args.threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,

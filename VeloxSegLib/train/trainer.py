@@ -82,6 +82,7 @@ class TrainConfig:
     use_sdkt: bool = True
     use_reconstruction: bool = True
     batch_dice: bool = False
+    ds_weights: Optional[Tuple[float, ...]] = None
     device: str = "auto"
     amp: Optional[bool] = None
     threads: Optional[int] = None
@@ -110,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"--target-dice must be in (0, 1], got {self.target_dice}")
         if self.val_dataset is not None and (self.fold is not None or self.split is not None):
             raise ConfigError("--val-dataset validates on another dataset; it excludes --fold and --split")
+        if self.ds_weights is not None and (any(w < 0 for w in self.ds_weights) or not sum(self.ds_weights) > 0):
+            raise ConfigError(f"--ds-weights must be non-negative with a positive sum, got {list(self.ds_weights)}")
         if self.final_weights not in ("best", "last"):
             raise ConfigError("final weights must be 'best' or 'last'")
 
@@ -648,7 +651,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         freeze_encoder(model)
     model.to(device)
     loss_fn = VeloxSegLoss(LossConfig(use_reconstruction=config.use_reconstruction, use_sdkt=config.use_sdkt,
-                                       batch_dice=config.batch_dice))
+                                       batch_dice=config.batch_dice, ds_weights=config.ds_weights))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
@@ -775,6 +778,7 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
               "total_steps": run.schedule.total_steps, "iterations_per_epoch": config.iterations_per_epoch,
               "batch_size": run.setup.batch_size, "world_size": run.dist.world_size,
               "loss": {"ce_dice_deep_supervision": True, "batch_dice": config.batch_dice,
+                       "ds_weights": list(config.ds_weights) if config.ds_weights else "equal",
                        "lambda_rc": 0.5 if config.use_reconstruction else 0,
                        "lambda_sdkt": 2.0 if config.use_sdkt else 0},
               "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": "1:1 fg/bg",
