@@ -53,3 +53,24 @@ def test_trilinear_matrix_matches_interpolate_align_corners():
     a = fastops.interp_matrix(5, 12, t.dtype, t.device)
     ref = F.interpolate(t, size=12, mode="linear", align_corners=True)
     torch.testing.assert_close((a @ t[:, 0, :, None])[..., 0], ref[:, 0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,cin,classes,size", [(1, 16, 2, (24, 24, 24)), (2, 4, 3, (3, 8, 5)), (1, 6, 1, (2, 4, 7))])
+def test_winograd_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, classes, size):
+    from VeloxSegLib.model.layers import pixel_shuffle_3d
+
+    torch.manual_seed(5)
+    r = 4
+    x = torch.randn(batch, cin, *size)
+    w = torch.randn(classes * r ** 3, cin, 3, 3, 3) * 0.2
+    b = torch.randn(classes * r ** 3)
+    ref = pixel_shuffle_3d(F.conv3d(x.double(), w.double(), b.double(), padding=1), r)
+    out = fastops.conv3x3_shuffle_winograd(x, fastops.winograd_head_weight(w), b, r)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    # within a few float32 roundings of the exact (float64) result, like the direct GEMM
+    direct = pixel_shuffle_3d(fastops.conv3x3_gemm(x, w, b), r)
+    err, err_direct = (out.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
+    assert err < max(20 * err_direct, 1e-5) and err < 1e-4 * ref.abs().max().item()
+    no_bias = fastops.conv3x3_shuffle_winograd(x, fastops.winograd_head_weight(w), None, r)
+    torch.testing.assert_close(no_bias.double(), pixel_shuffle_3d(F.conv3d(x.double(), w.double(), None, padding=1), r),
+                               rtol=1e-4, atol=1e-4)

@@ -148,6 +148,11 @@ class ShuffleHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and not torch.is_grad_enabled():
+            if x.shape[3] % fastops.WINO_TILE == 0:
+                wp = fastops.cached(self, "winograd", (self.conv.weight,),
+                                    lambda: fastops.winograd_head_weight(self.conv.weight))
+                return fastops.conv3x3_shuffle_winograd(
+                    x, wp, self.conv.bias, self.r, lambda name, shape: fastops.workspace(self, name, shape, x))
             wk = fastops.cached(self, "gemm", (self.conv.weight,), lambda: fastops.conv3x3_weight(self.conv.weight))
             return pixel_shuffle_3d(fastops.conv3x3_gemm(x, self.conv.weight, self.conv.bias, wk), self.r)
         return pixel_shuffle_3d(self.conv(x), self.r)
