@@ -74,3 +74,15 @@ def test_winograd_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, clas
     no_bias = fastops.conv3x3_shuffle_winograd(x, fastops.winograd_head_weight(w), None, r)
     torch.testing.assert_close(no_bias.double(), pixel_shuffle_3d(F.conv3d(x.double(), w.double(), None, padding=1), r),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 24, 24, 24), (2, 3, 8, 8, 8), (1, 4, 3, 3, 3)])
+def test_instance_norm_equals_instance_norm3d(shape):
+    torch.manual_seed(6)
+    x = torch.randn(*shape) * 3 + 5  # an offset mean, where one-pass variance would lose digits
+    norm = torch.nn.InstanceNorm3d(shape[1])
+    torch.testing.assert_close(fastops.instance_norm(norm, x), norm(x), rtol=1e-5, atol=1e-5)
+    affine = torch.nn.InstanceNorm3d(shape[1], affine=True)  # not handled: runs as itself
+    with torch.no_grad():
+        affine.weight.uniform_(0.5, 2.0)
+    assert torch.equal(fastops.instance_norm(affine, x), affine(x))

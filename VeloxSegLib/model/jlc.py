@@ -38,13 +38,16 @@ class JLConv(nn.Module):
         out = x
         for branch in self.branches:
             conv = branch[0]
-            if fast and conv.kernel_size == (1, 1, 1):
-                # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
-                dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
-                                       lambda: fastops.block_diagonal(conv.weight, conv.groups))
-                y = fastops.pointwise(x, dense, conv.bias)
-                for layer in list(branch)[1:]:
-                    y = layer(y)
+            if fast:
+                if conv.kernel_size == (1, 1, 1):
+                    # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
+                    dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
+                                           lambda: fastops.block_diagonal(conv.weight, conv.groups))
+                    y = fastops.pointwise(x, dense, conv.bias)
+                else:
+                    y = conv(x)
+                if len(branch) > 1:
+                    y = F.gelu(fastops.instance_norm(branch[1], y))
             else:
                 y = branch(x)
             out = out + y
@@ -69,7 +72,7 @@ class JLCBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         if self.fast and not torch.is_grad_enabled():
-            hidden = F.gelu(fastops.pointwise(self.norm(y), self.fc1.weight, self.fc1.bias))
+            hidden = F.gelu(fastops.pointwise(fastops.instance_norm(self.norm, y), self.fc1.weight, self.fc1.bias))
             return fastops.pointwise(hidden, self.fc2.weight, self.fc2.bias, residual=y)
         return y + self.drop(self.fc2(self.act(self.fc1(self.norm(y)))))
 

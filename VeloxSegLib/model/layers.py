@@ -78,7 +78,9 @@ class DownConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and self.factor == 2 and not torch.is_grad_enabled():
-            return self.norm(fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1))
+            return fastops.instance_norm(self.norm, fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1))
+        if self.fast and not torch.is_grad_enabled():
+            return fastops.instance_norm(self.norm, self.conv(x))
         return self.norm(self.conv(x))
 
 
@@ -99,7 +101,7 @@ class UpConv(nn.Module):
             wt, bt = fastops.cached(self, "gemm", (w, self.conv.bias), lambda: (
                 w.reshape(w.shape[0], -1).t().contiguous(), self.conv.bias.repeat_interleave(8)))
             y = fastops.pointwise(x, wt, bt)
-            return self.norm(pixel_shuffle_3d(y, 2))
+            return fastops.instance_norm(self.norm, pixel_shuffle_3d(y, 2))
         return self.norm(self.conv(x))
 
 
@@ -132,7 +134,7 @@ class ModalMixer(nn.Module):
                 part = fastops.pointwise(x, w[:, start:start + c], self.conv.bias if out is None else None,
                                          residual=out)
                 out, start = part, start + c
-            return self.norm(out)
+            return fastops.instance_norm(self.norm, out)
         return self.norm(self.conv(torch.cat(list(xs), dim=1)))
 
 
