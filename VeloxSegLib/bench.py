@@ -210,7 +210,25 @@ def render_markdown(result: dict) -> str:
         sec = result.get(key)
         if sec and sec.get("markdown"):
             lines += ["", f"## {title}", "", sec["markdown"]]
+    for data in result.get("comparisons") or []:
+        from .commands.compare import render_markdown as comparison_table
+
+        lines += ["", "## Same-budget training comparison", "", comparison_table(data)]
     return "\n".join(lines) + "\n"
+
+
+def load_comparisons(folder: Path) -> List[dict]:
+    """The ``veloxseg compare`` results kept next to docs/benchmarks.md (training-comparison*.json):
+    the trainings take an hour or more on a CPU, so ``make bench`` reuses them instead of re-running."""
+    out = []
+    for path in sorted(folder.glob("training-comparison*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            from .errors import InputError
+
+            raise InputError(f"'{path}': not a readable comparison ({exc})") from None
+    return out
 
 
 def run(models: Optional[List[str]] = None, reps: int = 8, output: Optional[str] = None,
@@ -223,6 +241,7 @@ def run(models: Optional[List[str]] = None, reps: int = 8, output: Optional[str]
     result.update(_pipeline_sections(sections, progress))
     if output:
         path = Path(output)
+        result["comparisons"] = load_comparisons(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(render_markdown(result))

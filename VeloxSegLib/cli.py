@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "train",
     "finetune": "finetune",
     "bench": "bench",
+    "compare": "compare",
     "demo": "demo",
 }
 

@@ -48,22 +48,30 @@ def workspace(module, name: str, shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
-    """1x1x1 convolution as a (batched) GEMM: (B, C, *S) -> (B, O, *S); optional fused residual."""
+              residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1x1x1 convolution as a (batched) GEMM: (B, C, *S) -> (B, O, *S); optional fused residual;
+    ``out`` (contiguous, (B, O, *S)) receives the result instead of a new tensor."""
     b, c = x.shape[:2]
     spatial = x.shape[2:]
     w = weight.reshape(weight.shape[0], c)
     xf = x.reshape(b, c, -1)
+    dst = None if out is None else out.view(b, w.shape[0], -1)
     if residual is not None:
         base = residual.reshape(b, w.shape[0], -1)
         if bias is not None:
             base = base + bias.view(1, -1, 1)
-        out = torch.baddbmm(base, w.expand(b, -1, -1), xf)
+        res = torch.baddbmm(base, w.expand(b, -1, -1), xf, out=dst)
     elif bias is not None:
-        out = torch.baddbmm(bias.view(1, -1, 1), w.expand(b, -1, -1), xf)
+        res = torch.baddbmm(bias.view(1, -1, 1), w.expand(b, -1, -1), xf, out=dst)
     else:
-        out = torch.matmul(w, xf)
-    return out.view(b, w.shape[0], *spatial)
+        res = torch.matmul(w, xf, out=dst)
+    return res.view(b, w.shape[0], *spatial)
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU in place, for fresh temporaries: same values as ``F.gelu`` without a new
+    allocation (fresh pages for every hidden activation cost a page fault each)."""
+    return torch.ops.aten.gelu_(x)
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -47,10 +47,13 @@ class JLConv(nn.Module):
                 else:
                     y = conv(x)
                 if len(branch) > 1:
-                    y = F.gelu(fastops.instance_norm(branch[1], y))
-            else:
-                y = branch(x)
-            out = out + y
+                    y = fastops.gelu_(fastops.instance_norm(branch[1], y))
+                if out is x:
+                    out = x + y
+                else:
+                    out.add_(y)
+                continue
+            out = out + branch(x)
         return out
 
 
@@ -72,7 +75,8 @@ class JLCBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         if self.fast and not torch.is_grad_enabled():
-            hidden = F.gelu(fastops.pointwise(fastops.instance_norm(self.norm, y), self.fc1.weight, self.fc1.bias))
+            hidden = fastops.gelu_(fastops.pointwise(fastops.instance_norm(self.norm, y), self.fc1.weight,
+                                                     self.fc1.bias))
             return fastops.pointwise(hidden, self.fc2.weight, self.fc2.bias, residual=y)
         return y + self.drop(self.fc2(self.act(self.fc1(self.norm(y)))))
 

@@ -171,9 +171,11 @@ class PairedWindowAttention(nn.Module):
         L = self.num_tokens
         blk = h * (2 * dq + dv)
         eps = self.norms[0].eps
-        qkv = torch.cat([fastops.pointwise(fastops.channel_normalize(xs[m], eps), *fastops.cached(
-            self, f"qkv{m}", (self.qkv[m].weight, self.qkv[m].bias, self.norms[m].weight, self.norms[m].bias),
-            lambda: self._fast_projection(m))) for m in range(M)], 0)  # (M*B, pairs*blk, D, H, W)
+        qkv = xs[0].new_empty(M * B, self.num_pairs * blk, D, H, W)
+        for m in range(M):
+            fastops.pointwise(fastops.channel_normalize(xs[m], eps), *fastops.cached(
+                self, f"qkv{m}", (self.qkv[m].weight, self.qkv[m].bias, self.norms[m].weight, self.norms[m].bias),
+                lambda: self._fast_projection(m)), out=qkv[m * B:(m + 1) * B])  # (M*B, pairs*blk, D, H, W)
         counts = [(D // bg[0]) * (H // bg[1]) * (W // bg[2]) for bg in self.bigs]
         total = sum(counts)
         q = qkv.new_empty(B, h, total, M * L, dq)
@@ -249,5 +251,5 @@ class PWABlock(nn.Module):
         norm, ffn = self.norms[m], self.ffns[m]
         w1, b1 = fastops.cached(self, f"ffn{m}", (ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias),
                                 lambda: fastops.fold_affine(ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias))
-        hidden = F.gelu(fastops.pointwise(fastops.channel_normalize(y, norm.eps), w1, b1))
+        hidden = fastops.gelu_(fastops.pointwise(fastops.channel_normalize(y, norm.eps), w1, b1))
         return fastops.pointwise(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=y)

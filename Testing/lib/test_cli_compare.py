@@ -1,0 +1,100 @@
+"""``veloxseg compare``: bundles evaluated side by side on one held-out dataset, and the table
+``make bench`` puts into docs/benchmarks.md."""
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+from VeloxSegLib.bench import load_comparisons, render_markdown
+from VeloxSegLib.bundle import embedded_bundles_dir
+from VeloxSegLib.cli import main
+from VeloxSegLib.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("compare") / "heldout"
+    write_phantom_dataset(root, "petct", 2, seed=31, size=(64, 64, 48))
+    return root
+
+
+def test_compare_tabulates_each_bundle_with_its_training_record(heldout, tmp_path):
+    demo = embedded_bundles_dir() / "petct-lesion-demo"
+    copy = tmp_path / "petct-copy"
+    shutil.copytree(demo, copy)
+    out_json = tmp_path / "cmp.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["compare", str(demo), str(copy), "--heldout", str(heldout), "-o", str(out_json),
+                   "--threads", "1", "--title", "same weights twice"])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    assert data["cases"] == 2 and data["heldout"] == "heldout" and data["title"] == "same weights twice"
+    a, b = data["rows"]
+    meta = json.loads((demo / "bundle.json").read_text())
+    notes = json.loads(meta["training"]["notes"])
+    assert a["model"] == "veloxseg-b" and a["in_channels"] == [1, 1]
+    assert a["params_m"] == pytest.approx(_params_reaching_the_output(meta["model"]), abs=1e-6)
+    assert a["iterations"] == notes["recipe"]["total_steps"] and a["batch_size"] == notes["recipe"]["batch_size"]
+    assert a["train_seconds"] == pytest.approx(meta["training"]["metrics"]["train_seconds"])
+    assert set(a["dice"]) == {"lesion"} and 0.0 <= a["dice"]["lesion"] <= 1.0
+    assert a["dice"] == b["dice"]  # identical weights, identical segmentations
+    table = stdout.getvalue()
+    assert f"| petct-lesion-demo | veloxseg-b | {a['params_m']:.3f} |" in table and "Dice lesion" in table
+
+
+def _params_reaching_the_output(model_meta):
+    """Inference parameters counted as the network benchmark does: those the eval output's
+    gradient reaches (patch-dependent: the attention bias tables follow the windows)."""
+    import torch
+
+    from VeloxSegLib import build_model
+
+    net = build_model(model_meta["name"], tuple(model_meta["in_channels"]), model_meta["num_classes"],
+                      tuple(model_meta["patch_size"])).eval()
+    net(torch.randn(1, sum(model_meta["in_channels"]), *model_meta["patch_size"])).sum().backward()
+    return sum(p.numel() for p in net.parameters() if p.grad is not None) / 1e6
+
+
+def test_compare_agrees_with_predict_then_evaluate(heldout, tmp_path):
+    demo = str(embedded_bundles_dir() / "petct-lesion-demo")
+    preds = tmp_path / "preds"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["predict", "-m", demo, "-i", str(heldout / "imagesTr"), "-o", str(preds),
+                     "--progress", "none", "--threads", "1"]) == 0
+        assert main(["evaluate", "--pred", str(preds), "--ref", str(heldout / "labelsTr"), "-m", demo,
+                     "--json", str(tmp_path / "eval.json")]) == 0
+        assert main(["compare", demo, "--heldout", str(heldout), "-o", str(tmp_path / "cmp.json")]) == 0
+    expected = json.loads((tmp_path / "eval.json").read_text())["mean"]["1"]["dice"]
+    got = json.loads((tmp_path / "cmp.json").read_text())["rows"][0]["dice"]["lesion"]
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_compare_refuses_a_folder_without_labels(tmp_path, capsys):
+    (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
+    rc = main(["compare", "petct-lesion-demo", "--heldout", str(tmp_path / "ds"), "-o", str(tmp_path / "c.json")])
+    assert rc != 0
+    assert "labelsTr" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_bench_page_includes_saved_comparisons(tmp_path):
+    data = {"heldout": "heldout_mri", "cases": 10, "title": "MRI phantoms, 1800 iterations each",
+            "rows": [{"bundle": "a", "model": "veloxseg-b", "params_m": 1.5, "iterations": 1800, "batch_size": 2,
+                      "patch_size": [64, 64, 64], "train_seconds": 700.0, "dice": {"ET": 0.9}, "val_dice": 0.92,
+                      "predict_seconds_per_case": 1.5}]}
+    (tmp_path / "training-comparison-mri.json").write_text(json.dumps(data))
+    loaded = load_comparisons(tmp_path)
+    assert loaded == [data]
+    result = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "os": "y", "python": "3", "torch": "t",
+                          "date": "d"}, "patch": [], "comparisons": loaded}
+    page = render_markdown(result)
+    assert "## Same-budget training comparison" in page
+    assert "| a | veloxseg-b | 1.500 | 1800 x 2 | 64x64x64 | 700 | 0.900 | 0.920 | 1.5 |" in page
+    (tmp_path / "training-comparison-bad.json").write_text("{")
+    with pytest.raises(InputError, match="training-comparison-bad.json"):
+        load_comparisons(tmp_path)

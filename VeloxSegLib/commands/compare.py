@@ -1,0 +1,165 @@
+"""``veloxseg compare``: trained bundles side by side on the same held-out cases.
+
+The same-budget comparison of docs/benchmarks.md: every bundle segments every case of a held-out
+dataset through the normal inference pipeline, is evaluated against its labels, and its training
+record (network, iterations, batch, patch, seconds) is read from the bundle. The result is a
+JSON file (``make bench`` renders it into docs/benchmarks.md) and a markdown table on stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+from ..errors import InputError
+
+#: Where ``make bench`` looks for the comparison (next to docs/benchmarks.md).
+DEFAULT_OUTPUT = "docs/training-comparison.json"
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "compare",
+        help="evaluate trained bundles side by side on the same held-out dataset",
+        description=(
+            "Segment every case of a held-out dataset (nnU-Net raw format: imagesTr, labelsTr) with each "
+            "bundle, evaluate against the labels and tabulate mean Dice per label (and --regions) next to "
+            "each bundle's training record (network, parameters, iterations, batch, patch, training "
+            "seconds). Writes JSON for docs/benchmarks.md and prints a markdown table."),
+    )
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders, .zip files or names")
+    p.add_argument("--heldout", required=True, metavar="DATASET", help="held-out dataset folder")
+    p.add_argument("--regions", nargs="+", metavar="NAME=L,L",
+                   help="also evaluate unions of labels, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
+    p.add_argument("--title", help="a line describing the comparison (data, budget)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"JSON to write (default {DEFAULT_OUTPUT})")
+    p.add_argument("--threads", type=int, help="CPU threads for inference")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="default: cpu")
+    p.set_defaults(func=run)
+    return p
+
+
+def _inference_params(bundle) -> float:
+    """Parameters used at inference (training-only modules such as teachers and deep-supervision
+    heads excluded, as in the network benchmark)."""
+    from ..bundle import _training_only_prefixes
+
+    net = bundle.build_model("cpu")
+    skip = _training_only_prefixes(net)
+    if not skip and hasattr(net, "ds_heads"):  # LightMedSeg: its deep-supervision heads train only
+        skip = ("ds_heads.",)
+    return sum(p.numel() for n, p in net.named_parameters() if not (skip and n.startswith(skip))) / 1e6
+
+
+def _training_record(bundle) -> dict:
+    tr = bundle.meta.get("training") or {}
+    try:
+        notes = json.loads(tr.get("notes") or "{}")
+    except ValueError:
+        notes = {}
+    recipe = notes.get("recipe", {})
+    metrics = tr.get("metrics") or {}
+    return {"iterations": recipe.get("total_steps"), "batch_size": recipe.get("batch_size"),
+            "epochs": tr.get("epochs"), "train_seconds": metrics.get("train_seconds"),
+            "val_dice": metrics.get("val_dice"), "loss": recipe.get("loss"), "command": tr.get("command")}
+
+
+def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[int]]] = None,
+            threads: Optional[int] = None, device: str = "cpu", progress=None) -> dict:
+    """Evaluate each bundle on ``heldout``; returns {"heldout", "cases", "rows": [...]}."""
+    from ..bundle import load_bundle
+    from ..infer.pipeline import predict_folder
+    from .evaluate import evaluate
+
+    heldout = pathlib.Path(heldout)
+    images, labels = heldout / "imagesTr", heldout / "labelsTr"
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise InputError(f"'{heldout}': no {folder.name} folder (expected an nnU-Net raw dataset)")
+    loaded = [load_bundle(b) for b in bundles]
+    label_sets = {tuple(lab["value"] for lab in b.labels) for b in loaded}
+    if len(label_sets) > 1:
+        raise InputError("the bundles have different label sets: " +
+                         "; ".join(f"{b.name}: {[lab['value'] for lab in b.labels]}" for b in loaded))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="veloxseg-compare-") as tmp:
+        for i, bundle in enumerate(loaded):
+            if progress:
+                progress(f"[compare] {bundle.name}: segmenting {heldout.name}")
+            out = pathlib.Path(tmp) / f"b{i}"
+            t0 = time.perf_counter()
+            predicted = predict_folder(bundle, images, out, device=device, threads=threads)
+            seconds = time.perf_counter() - t0
+            names = {lab["value"]: lab["name"] for lab in bundle.labels if lab["value"] != 0}
+            res = evaluate(out, labels, labels=sorted(names), label_names=names, regions=regions)
+            dice = {str(names.get(k, k)): v["dice"] for k, v in res["mean"].items()}
+            m = bundle.meta["model"]
+            rows.append({"bundle": bundle.name, "model": m["name"], "in_channels": m["in_channels"],
+                         "patch_size": m["patch_size"], "params_m": _inference_params(bundle),
+                         **_training_record(bundle), "dice": dice,
+                         "predict_seconds_per_case": seconds / max(1, len(predicted))})
+    return {"heldout": heldout.name, "cases": len(res["cases"]), "rows": rows}
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(data: dict) -> str:
+    """The comparison table (used by ``make bench`` for docs/benchmarks.md)."""
+    rows = data["rows"]
+    keys = list(rows[0]["dice"]) if rows else []
+    head = ["bundle", "network", "params (M)", "iterations x batch", "patch", "train s"] + \
+           [f"Dice {k}" for k in keys] + ["val Dice", "predict s/case"]
+    lines = []
+    if data.get("title"):
+        lines += [data["title"], ""]
+    lines += [f"Held-out: `{data['heldout']}`, {data['cases']} cases, mean Dice per label "
+              "(`veloxseg compare`; training figures from each bundle's record).", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        budget = f"{r['iterations']} x {r['batch_size']}" if r.get("iterations") else "-"
+        patch = "x".join(str(v) for v in r["patch_size"])
+        cells = [r["bundle"], r["model"], f"{r['params_m']:.3f}", budget, patch, _fmt(r.get("train_seconds"), 0)]
+        cells += [_fmt(r["dice"].get(k)) for k in keys]
+        cells += [_fmt(r.get("val_dice")), _fmt(r.get("predict_seconds_per_case"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json_atomic(data: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> int:
+    from .. import metrics as M
+    from ..infer.device import set_threads
+    from .evaluate import parse_regions
+
+    if args.threads:
+        set_threads(args.threads)
+    data = compare(args.bundles, args.heldout, regions=parse_regions(args.regions), threads=args.threads,
+                   device=args.device, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.title:
+        data["title"] = args.title
+    data = M.json_safe(data)
+    write_json_atomic(data, pathlib.Path(args.output))
+    print(render_markdown(data))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
