@@ -129,3 +129,28 @@ def test_finetune_refuses_a_dataset_with_other_channels(source_bundle, tmp_path)
     write_phantom_dataset(mri, "mri", 1, seed=0, size=(32, 32, 32))
     with pytest.raises(InputError, match="expects 2"):
         run_finetune(source_bundle, mri, tmp_path / "x")
+
+
+def test_finetune_inherits_the_parents_loss_settings_unless_overridden(two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle, save_bundle
+    from VeloxSegLib.train.finetune import _inherit_loss_settings
+    from VeloxSegLib.train.trainer import TrainConfig
+
+    src = load_bundle(source_bundle)
+    meta = json.loads(json.dumps(src.meta))
+    meta["training"]["notes"] = json.dumps({"recipe": {"loss": {"batch_dice": True,
+                                                                 "ds_weights": [1, 0.5, 0.25, 0.125]}}})
+    parent = save_bundle(tmp_path / "parent", meta, src.state_dict())
+    rc, _ = _finetune(["-m", str(parent), str(two_cases), "-o", str(tmp_path / "child"),
+                       "--epochs", "1", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    loss = json.loads(load_bundle(tmp_path / "child").meta["training"]["notes"])["recipe"]["loss"]
+    assert loss["batch_dice"] is True and loss["ds_weights"] == [1, 0.5, 0.25, 0.125]
+    # given on the command line, the settings win over the parent's
+    config = TrainConfig(batch_dice=False, ds_weights=(1.0,))
+    _inherit_loss_settings(config, meta)
+    assert config.batch_dice is False and config.ds_weights == (1.0,)
+    # a parent trained before these settings existed: per-patch Dice, equal weights
+    config = TrainConfig()
+    _inherit_loss_settings(config, src.meta)
+    assert config.batch_dice is False and config.ds_weights is None

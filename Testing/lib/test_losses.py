@@ -89,7 +89,7 @@ def test_train_command_passes_ds_weights_and_batch_dice_to_the_loss():
     assert config.ds_weights == (1.0, 0.5) and config.batch_dice is True
     args = build_parser().parse_args(["train", "ds", "-o", "out"])
     config = config_from_args(args)
-    assert config.ds_weights is None and config.batch_dice is False
+    assert config.ds_weights is None and config.batch_dice is None  # train: off; finetune: the parent's
 
 
 def test_total_loss_uses_paper_weights_and_can_switch_terms_off():

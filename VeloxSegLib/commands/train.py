@@ -1,6 +1,7 @@
 """``veloxseg train``: train a model on an nnU-Net raw dataset and write a bundle."""
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 
@@ -20,12 +21,13 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-sdkt", action="store_true", help="ablation: no Gram (SDKT) distillation loss")
     p.add_argument("--no-reconstruction", action="store_true", help="ablation: no teacher reconstruction loss")
-    p.add_argument("--batch-dice", action="store_true",
+    p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
                    help="Dice over the whole batch instead of per patch (nnU-Net's 3D choice; helps small, "
-                        "sparse targets such as PET lesions)")
+                        "sparse targets such as PET lesions). Default: off for train, the parent's for finetune")
     p.add_argument("--ds-weights", type=float, nargs="+", metavar="W",
-                   help="deep-supervision loss weights, full resolution first (default: equal, as the paper; "
-                        "nnU-Net halves them per scale: 1 0.5 0.25 0.125). Missing coarse weights count as 0")
+                   help="deep-supervision loss weights, full resolution first (default: equal, as the paper, "
+                        "or the parent's for finetune; nnU-Net halves them per scale: 1 0.5 0.25 0.125). "
+                        "Missing coarse weights count as 0")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")

@@ -13,6 +13,7 @@ names it as ``parent``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -52,6 +53,20 @@ def _weights_sha256(bundle) -> str:
     return hashlib.sha256(bundle._weights()).hexdigest()
 
 
+def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
+    """Batch Dice and deep-supervision weights not given on the command line follow the parent's
+    recorded recipe (the loss the weights were trained with)."""
+    try:
+        loss = json.loads((meta.get("training") or {}).get("notes") or "{}").get("recipe", {}).get("loss", {})
+    except (ValueError, AttributeError):
+        loss = {}
+    if config.batch_dice is None:
+        config.batch_dice = bool(loss.get("batch_dice", False))
+    weights = loss.get("ds_weights")
+    if config.ds_weights is None and isinstance(weights, list) and weights:
+        config.ds_weights = tuple(float(w) for w in weights)
+
+
 def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     """Fine-tune ``bundle`` (path or name) on the nnU-Net raw ``dataset``; write ``output``.
 
@@ -77,6 +92,7 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, 
         log.warning("dataset channels %s differ in name from the bundle's %s; using them in that order",
                     ds.channel_list, names)
     labels, same = _labels_for(ds, meta["labels"])
+    _inherit_loss_settings(config, meta)
     m = meta["model"]
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
                      patch_size=tuple(m["patch_size"]), spacing=tuple(meta["spacing"]),

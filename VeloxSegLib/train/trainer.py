@@ -81,7 +81,7 @@ class TrainConfig:
     split: Optional[Tuple[float, float, float]] = None
     use_sdkt: bool = True
     use_reconstruction: bool = True
-    batch_dice: bool = False
+    batch_dice: Optional[bool] = None  # None: off (train) or the parent's (finetune)
     ds_weights: Optional[Tuple[float, ...]] = None
     device: str = "auto"
     amp: Optional[bool] = None
@@ -651,7 +651,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         freeze_encoder(model)
     model.to(device)
     loss_fn = VeloxSegLoss(LossConfig(use_reconstruction=config.use_reconstruction, use_sdkt=config.use_sdkt,
-                                       batch_dice=config.batch_dice, ds_weights=config.ds_weights))
+                                       batch_dice=bool(config.batch_dice), ds_weights=config.ds_weights))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
@@ -777,7 +777,7 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
               "weight_decay": config.weight_decay, "warmup_steps": run.schedule.warmup_steps,
               "total_steps": run.schedule.total_steps, "iterations_per_epoch": config.iterations_per_epoch,
               "batch_size": run.setup.batch_size, "world_size": run.dist.world_size,
-              "loss": {"ce_dice_deep_supervision": True, "batch_dice": config.batch_dice,
+              "loss": {"ce_dice_deep_supervision": True, "batch_dice": bool(config.batch_dice),
                        "ds_weights": list(config.ds_weights) if config.ds_weights else "equal",
                        "lambda_rc": 0.5 if config.use_reconstruction else 0,
                        "lambda_sdkt": 2.0 if config.use_sdkt else 0},
