@@ -10,6 +10,7 @@ operator) found: the value product of attention in a BLAS shape 4x slower than i
 PyTorch's CPU instance norm 4x slower than two plain passes; the pixel-shuffle head (44% of the
 MACs) at the GEMM floor, so it now does half the multiply-adds through Winograd F(4, 3); and page
 faults on the head's fresh temporaries doubling its time, so it reuses them.
+"""
 from __future__ import annotations
 
 from functools import lru_cache
