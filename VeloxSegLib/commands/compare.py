@@ -8,7 +8,6 @@ JSON file (``make bench`` renders it into docs/benchmarks.md) and a markdown tab
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import tempfile
@@ -135,22 +134,10 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(data: dict, path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args) -> int:
     from .. import metrics as M
     from ..infer.device import set_threads
-    from .evaluate import parse_regions
+    from .evaluate import parse_regions, write_json_atomic
 
     if args.threads:
         set_threads(args.threads)
@@ -159,7 +146,9 @@ def run(args) -> int:
     if args.title:
         data["title"] = args.title
     data = M.json_safe(data)
-    write_json_atomic(data, pathlib.Path(args.output))
+    out = pathlib.Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(data, out)
     print(render_markdown(data))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
