@@ -86,3 +86,31 @@ def test_instance_norm_equals_instance_norm3d(shape):
     with torch.no_grad():
         affine.weight.uniform_(0.5, 2.0)
     assert torch.equal(fastops.instance_norm(affine, x), affine(x))
+
+
+def test_workspace_is_reused_per_shape_and_kept_apart_per_thread():
+    import threading
+
+    owner = torch.nn.Module()
+    like = torch.zeros(1)
+    a = fastops.workspace(owner, "slab", (2, 3), like)
+    assert fastops.workspace(owner, "slab", (2, 3), like) is a
+    assert fastops.workspace(owner, "slab", (3, 3), like).shape == (3, 3)  # a new shape replaces it
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(fastops.workspace(owner, "slab", (3, 3), like)))
+    t.start()
+    t.join()
+    assert seen[0] is not fastops.workspace(owner, "slab", (3, 3), like)
+
+
+def test_head_gives_identical_results_when_called_again_with_its_reused_buffers():
+    from VeloxSegLib.model.layers import ShuffleHead
+
+    torch.manual_seed(7)
+    head = ShuffleHead(8, 2, 4).eval()
+    x1, x2 = torch.randn(1, 8, 8, 8, 8), torch.randn(2, 8, 8, 8, 8)
+    with torch.inference_mode():
+        first = head(x1)
+        head(x2)  # another input through the same scratch buffers
+        again = head(x1)
+    assert torch.equal(first, again)

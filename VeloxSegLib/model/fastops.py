@@ -13,6 +13,7 @@ faults on the head's fresh temporaries doubling its time, so it reuses them.
 """
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Sequence
 
@@ -40,14 +41,16 @@ def workspace(module, name: str, shape, like: torch.Tensor) -> torch.Tensor:
     The shuffle head's temporaries are the largest of the forward pass (about 30 MB at 96^3) and
     are allocated last, after the allocator has handed most freed memory back to the system:
     fresh pages cost a page fault each, which doubled the head's time. Reusing them removes that
-    (results are unchanged; the buffers live as long as the model).
+    (results are unchanged; the buffers live as long as the model). Each thread gets its own
+    buffers, so concurrent forward passes of one model do not share scratch memory.
     """
     store = module.__dict__.setdefault("_workspace", {})
+    key = (name, threading.get_ident())
     shape = tuple(int(v) for v in shape)
-    buf = store.get(name)
+    buf = store.get(key)
     if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
         buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-        store[name] = buf
+        store[key] = buf
     return buf
 
 
