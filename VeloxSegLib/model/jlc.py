@@ -34,27 +34,30 @@ class JLConv(nn.Module):
     fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self.fast and not torch.is_grad_enabled()
-        out = x
+        if not self.fast or torch.is_grad_enabled():
+            out = x
+            for branch in self.branches:
+                out = out + branch(x)
+            return out
+        out = None
         for branch in self.branches:
-            conv = branch[0]
-            if fast:
-                if conv.kernel_size == (1, 1, 1):
-                    # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
-                    dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
-                                           lambda: fastops.block_diagonal(conv.weight, conv.groups))
-                    y = fastops.pointwise(x, dense, conv.bias)
-                else:
-                    y = conv(x)
-                if len(branch) > 1:
-                    y = fastops.gelu_(fastops.instance_norm(branch[1], y))
-                if out is x:
-                    out = x + y
-                else:
-                    out.add_(y)
-                continue
-            out = out + branch(x)
+            y = self._branch_fast(branch, x)
+            out = x + y if out is None else out.add_(y)
         return out
+
+    @staticmethod
+    def _branch_fast(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        conv = branch[0]
+        if conv.kernel_size == (1, 1, 1):
+            # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
+            dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
+                                   lambda: fastops.block_diagonal(conv.weight, conv.groups))
+            y = fastops.pointwise(x, dense, conv.bias)
+        else:
+            y = conv(x)
+        if len(branch) > 1:  # instance norm, GELU
+            y = fastops.gelu_(fastops.instance_norm(branch[1], y))
+        return y
 
 
 class JLCBlock(nn.Module):

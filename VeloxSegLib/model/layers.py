@@ -77,10 +77,10 @@ class DownConv(nn.Module):
         self.norm = nn.InstanceNorm3d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and self.factor == 2 and not torch.is_grad_enabled():
-            return fastops.instance_norm(self.norm, fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1))
         if self.fast and not torch.is_grad_enabled():
-            return fastops.instance_norm(self.norm, self.conv(x))
+            y = (fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1) if self.factor == 2
+                 else self.conv(x))
+            return fastops.instance_norm(self.norm, y)
         return self.norm(self.conv(x))
 
 
