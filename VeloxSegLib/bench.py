@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .model.peers import PEERS, build_peer
+
 PATCH = (96, 96, 96)
 IN_CHANNELS = 2
 
@@ -28,9 +30,7 @@ MODELS = {
     "veloxseg-b+": "VeloxSeg B+ (widths 32)",
     "veloxseg-l": "VeloxSeg L (depth 2)",
     "lightmedseg": "LightMedSeg (our in-house peer)",
-    "monai-unet": "MONAI UNet 16..256, 2 res units",
-    "monai-segresnet": "MONAI SegResNet, 16 filters",
-    "monai-swinunetr": "MONAI SwinUNETR, feature size 24",
+    **PEERS,  # the MONAI peers, as model/peers.py builds them
 }
 PEER = "monai-unet"
 
@@ -39,8 +39,6 @@ def make_model(name: str, fast: bool = True):
     import torch  # noqa: F401
 
     if name.startswith("monai-"):
-        from .model.peers import build_peer
-
         return build_peer(name, in_channels=(IN_CHANNELS,), num_classes=2, patch_size=PATCH)
     from .model import build_model, set_fast_path
 

@@ -49,8 +49,6 @@ def _inference_params(bundle) -> float:
 
     net = bundle.build_model("cpu")
     skip = _training_only_prefixes(net)
-    if not skip and hasattr(net, "ds_heads"):  # LightMedSeg: its deep-supervision heads train only
-        skip = ("ds_heads.",)
     return sum(p.numel() for n, p in net.named_parameters() if not (skip and n.startswith(skip))) / 1e6
 
 

@@ -297,6 +297,9 @@ class LightMedSeg(nn.Module):
             ``forward_train``.
     """
 
+    #: Modules used only by ``forward_train`` (bundles may store them or not).
+    training_only_prefixes = ("ds_heads.",)
+
     def __init__(
         self,
         in_channels: Sequence[int] = (4,),
