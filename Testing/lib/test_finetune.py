@@ -63,6 +63,8 @@ def test_finetune_leaves_the_source_untouched_names_its_parent_and_validates_on_
     assert tr["parent"] == "petct-source"
     assert json.loads(tr["notes"])["parent_weights_sha256"] == hashlib.sha256(
         (source_bundle / "model.safetensors").read_bytes()).hexdigest()
+    lineage = json.loads(tr["notes"])["lineage"]
+    assert [e["name"] for e in lineage] == ["petct-source"] and lineage[0]["dataset"] == "test"
     assert tr["metrics"]["validated_on"] == "training cases"
     assert tr["metrics"]["val_cases"] == tr["metrics"]["train_cases"] == ["petct_0000", "petct_0001"]
     assert records[0]["validation"] == "training cases"
@@ -144,8 +146,16 @@ def test_finetune_inherits_the_parents_loss_settings_unless_overridden(two_cases
     rc, _ = _finetune(["-m", str(parent), str(two_cases), "-o", str(tmp_path / "child"),
                        "--epochs", "1", "--iterations-per-epoch", "1"])
     assert rc == 0
-    loss = json.loads(load_bundle(tmp_path / "child").meta["training"]["notes"])["recipe"]["loss"]
+    child = load_bundle(tmp_path / "child")
+    loss = json.loads(child.meta["training"]["notes"])["recipe"]["loss"]
     assert loss["batch_dice"] is True and loss["ds_weights"] == [1, 0.5, 0.25, 0.125]
+    # a grandchild records the whole chain, nearest ancestor first
+    rc, _ = _finetune(["-m", str(tmp_path / "child"), str(two_cases), "-o", str(tmp_path / "grandchild"),
+                       "--epochs", "1", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    lineage = json.loads(load_bundle(tmp_path / "grandchild").meta["training"]["notes"])["lineage"]
+    assert [e["name"] for e in lineage] == [child.name, "petct-source"]
+    assert lineage[0]["command"] == child.meta["training"]["command"] and lineage[0]["parent"] == "petct-source"
     # given on the command line, the settings win over the parent's
     config = TrainConfig(batch_dice=False, ds_weights=(1.0,))
     _inherit_loss_settings(config, meta)

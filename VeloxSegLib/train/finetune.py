@@ -8,7 +8,8 @@ shuffle head and the deep-supervision heads) start afresh; training-only modules
 the bundle (bundles store inference weights: texture teachers, deep-supervision heads) start
 afresh in any case. ``--freeze-encoder`` trains only
 decoder, heads and teachers. The source bundle is only read; the new bundle's training record
-names it as ``parent``.
+names it as ``parent`` and carries the ``lineage`` (every ancestor's name, command, dataset and
+date, nearest first), so a chain of fine-tunes can be reproduced from the last bundle alone.
 """
 from __future__ import annotations
 
@@ -67,6 +68,19 @@ def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
         config.ds_weights = tuple(float(w) for w in weights)
 
 
+def lineage_of(meta: dict) -> List[dict]:
+    """The ancestry a child of the bundle ``meta`` records: this bundle's own training run first,
+    then the lineage it recorded itself (a bundle trained from scratch has none)."""
+    tr = meta.get("training") or {}
+    try:
+        notes = json.loads(tr.get("notes") or "{}")
+    except ValueError:
+        notes = {}
+    earlier = notes.get("lineage") if isinstance(notes, dict) else None
+    entry = {"name": meta.get("name"), **{k: tr.get(k) for k in ("command", "dataset", "date", "parent")}}
+    return [entry] + [e for e in (earlier or []) if isinstance(e, dict)]
+
+
 def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
     """Fine-tune ``bundle`` (path or name) on the nnU-Net raw ``dataset``; write ``output``.
 
@@ -101,7 +115,8 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, 
     weights = src.state_dict()
     sha = _weights_sha256(src)
     notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,
-             "heads_reinitialized": not same, "parent_labels": [lb["name"] for lb in meta["labels"]]}
+             "heads_reinitialized": not same, "parent_labels": [lb["name"] for lb in meta["labels"]],
+             "lineage": lineage_of(meta)}
     if not same:
         log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
     if config.description is None:
@@ -111,4 +126,4 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, 
                         reinit_prefixes=() if same else HEAD_PREFIXES, parent=src.name, notes=notes, **kwargs)
 
 
-__all__ = ["run_finetune", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]
+__all__ = ["run_finetune", "lineage_of", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]
