@@ -54,13 +54,21 @@ def _weights_sha256(bundle) -> str:
     return hashlib.sha256(bundle._weights()).hexdigest()
 
 
+def _training_notes(meta: dict) -> dict:
+    """The bundle's ``training.notes`` (a JSON text) as a dict; {} when absent or unreadable."""
+    try:
+        notes = json.loads((meta.get("training") or {}).get("notes") or "{}")
+    except ValueError:
+        return {}
+    return notes if isinstance(notes, dict) else {}
+
+
 def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
     """Batch Dice and deep-supervision weights not given on the command line follow the parent's
     recorded recipe (the loss the weights were trained with)."""
-    try:
-        loss = json.loads((meta.get("training") or {}).get("notes") or "{}").get("recipe", {}).get("loss", {})
-    except (ValueError, AttributeError):
-        loss = {}
+    recipe = _training_notes(meta).get("recipe")
+    loss = recipe.get("loss") if isinstance(recipe, dict) else None
+    loss = loss if isinstance(loss, dict) else {}
     if config.batch_dice is None:
         config.batch_dice = bool(loss.get("batch_dice", False))
     weights = loss.get("ds_weights")
@@ -72,13 +80,9 @@ def lineage_of(meta: dict) -> List[dict]:
     """The ancestry a child of the bundle ``meta`` records: this bundle's own training run first,
     then the lineage it recorded itself (a bundle trained from scratch has none)."""
     tr = meta.get("training") or {}
-    try:
-        notes = json.loads(tr.get("notes") or "{}")
-    except ValueError:
-        notes = {}
-    earlier = notes.get("lineage") if isinstance(notes, dict) else None
+    earlier = _training_notes(meta).get("lineage")
     entry = {"name": meta.get("name"), **{k: tr.get(k) for k in ("command", "dataset", "date", "parent")}}
-    return [entry] + [e for e in (earlier or []) if isinstance(e, dict)]
+    return [entry] + [e for e in (earlier if isinstance(earlier, list) else []) if isinstance(e, dict)]
 
 
 def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
