@@ -368,6 +368,16 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
 # --------------------------------------------------------------------------- file checks
 
 
+def training_notes(meta: dict) -> dict:
+    """A bundle's ``training.notes`` (a JSON text: the recipe, fine-tuning parentage) as a dict;
+    {} when absent or unreadable."""
+    try:
+        notes = json.loads((meta.get("training") or {}).get("notes") or "{}")
+    except ValueError:
+        return {}
+    return notes if isinstance(notes, dict) else {}
+
+
 def _looks_like_pickle(data: bytes) -> Optional[str]:
     """Describe ``data`` if it starts like a pickle or a torch.save checkpoint (else None).
 

@@ -7,7 +7,6 @@ JSON file (``make bench`` renders it into docs/benchmarks.md) and a markdown tab
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import tempfile
@@ -53,12 +52,10 @@ def _inference_params(bundle) -> float:
 
 
 def _training_record(bundle) -> dict:
+    from ..bundle import training_notes
+
     tr = bundle.meta.get("training") or {}
-    try:
-        notes = json.loads(tr.get("notes") or "{}")
-    except ValueError:
-        notes = {}
-    recipe = notes.get("recipe", {})
+    recipe = training_notes(bundle.meta).get("recipe", {})
     metrics = tr.get("metrics") or {}
     return {"iterations": recipe.get("total_steps"), "batch_size": recipe.get("batch_size"),
             "epochs": tr.get("epochs"), "train_seconds": metrics.get("train_seconds"),

@@ -14,11 +14,11 @@ date, nearest first), so a chain of fine-tunes can be reproduced from the last b
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import List, Optional
 
+from ..bundle import training_notes
 from ..errors import InputError
 from .trainer import HEAD_PREFIXES, RunSetup, TrainConfig, TrainResult, run_training
 
@@ -54,19 +54,10 @@ def _weights_sha256(bundle) -> str:
     return hashlib.sha256(bundle._weights()).hexdigest()
 
 
-def _training_notes(meta: dict) -> dict:
-    """The bundle's ``training.notes`` (a JSON text) as a dict; {} when absent or unreadable."""
-    try:
-        notes = json.loads((meta.get("training") or {}).get("notes") or "{}")
-    except ValueError:
-        return {}
-    return notes if isinstance(notes, dict) else {}
-
-
 def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
     """Batch Dice and deep-supervision weights not given on the command line follow the parent's
     recorded recipe (the loss the weights were trained with)."""
-    recipe = _training_notes(meta).get("recipe")
+    recipe = training_notes(meta).get("recipe")
     loss = recipe.get("loss") if isinstance(recipe, dict) else None
     loss = loss if isinstance(loss, dict) else {}
     if config.batch_dice is None:
@@ -80,7 +71,7 @@ def lineage_of(meta: dict) -> List[dict]:
     """The ancestry a child of the bundle ``meta`` records: this bundle's own training run first,
     then the lineage it recorded itself (a bundle trained from scratch has none)."""
     tr = meta.get("training") or {}
-    earlier = _training_notes(meta).get("lineage")
+    earlier = training_notes(meta).get("lineage")
     entry = {"name": meta.get("name"), **{k: tr.get(k) for k in ("command", "dataset", "date", "parent")}}
     return [entry] + [e for e in (earlier if isinstance(earlier, list) else []) if isinstance(e, dict)]
 
