@@ -101,9 +101,10 @@ def test_freeze_encoder_with_new_labels_trains_heads_and_decoder_only(two_cases,
     meta = json.loads((ds / "dataset.json").read_text())
     meta["labels"] = {"background": 0, "lesion": 1, "cyst": 2}
     (ds / "dataset.json").write_text(json.dumps(meta))
-    rc, _ = _finetune(["-m", str(source_bundle), str(ds), "-o", str(tmp_path / "three-labels"), "--epochs", "1",
-                       "--iterations-per-epoch", "1", "--freeze-encoder", "--no-sdkt", "--no-reconstruction"])
+    rc, records = _finetune(["-m", str(source_bundle), str(ds), "-o", str(tmp_path / "three-labels"), "--epochs",
+                             "1", "--iterations-per-epoch", "1", "--freeze-encoder", "--no-sdkt", "--no-reconstruction"])
     assert rc == 0
+    assert not any(r["event"] == "start_validation" for r in records)  # fresh heads: nothing to compare with
     new = load_bundle(tmp_path / "three-labels")
     assert new.num_classes == 3 and [lb["name"] for lb in new.labels] == ["background", "lesion", "cyst"]
     assert new.labels[1].get("color") == load_bundle(source_bundle).labels[1].get("color")
@@ -164,3 +165,115 @@ def test_finetune_inherits_the_parents_loss_settings_unless_overridden(two_cases
     config = TrainConfig()
     _inherit_loss_settings(config, src.meta)
     assert config.batch_dice is False and config.ds_weights is None
+
+
+# --------------------------------------------------------------------------- the starting weights
+
+
+@pytest.fixture(scope="module")
+def lesion_everywhere_bundle(source_bundle, tmp_path_factory):
+    """The source bundle with its head biased to 'lesion': a parent whose Dice is not zero."""
+    from VeloxSegLib.bundle import load_bundle, save_bundle
+
+    src = load_bundle(source_bundle)
+    state = src.state_dict()
+    bias = state["head.conv.bias"].clone().view(2, -1)
+    bias[1] += 20.0
+    state["head.conv.bias"] = bias.view(-1)
+    return save_bundle(tmp_path_factory.mktemp("biased") / "petct-biased", src.meta, state)
+
+
+def test_finetune_validates_the_starting_weights_first(two_cases, lesion_everywhere_bundle, tmp_path):
+    """The start_validation record comes before training and equals the parent's Dice measured
+    independently (veloxseg predict, then Dice counted here)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.cli import main
+
+    preds = tmp_path / "parent-preds"
+    assert main(["predict", "-m", str(lesion_everywhere_bundle), "-i", str(two_cases / "imagesTr"), "-o", str(preds),
+                 "--device", "cpu", "--progress", "none"]) == 0
+    dices = []
+    for case in ("petct_0000", "petct_0001"):
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(preds / f"{case}.nii.gz"))) == 1
+        r = sitk.GetArrayFromImage(sitk.ReadImage(str(two_cases / "labelsTr" / f"{case}.nii.gz"))) == 1
+        dices.append(2.0 * (p & r).sum() / (p.sum() + r.sum()))
+    expected = float(np.mean(dices))
+    assert 0.0 < expected < 0.5
+
+    rc, records = _finetune(["-m", str(lesion_everywhere_bundle), str(two_cases), "-o", str(tmp_path / "ft"),
+                             "--epochs", "1", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    events = [r["event"] for r in records]
+    assert events.index("start_validation") < events.index("step") < events.index("epoch")
+    start = next(r for r in records if r["event"] == "start_validation")
+    assert start["val_dice"] == pytest.approx(expected, abs=1e-6)
+    metrics = load_bundle(tmp_path / "ft").meta["training"]["metrics"]
+    assert metrics["start_val_dice"] == pytest.approx(expected, abs=1e-6)
+
+
+def _scripted_validation(monkeypatch, scores):
+    from VeloxSegLib.train import trainer as T
+
+    it = iter(scores)
+    calls = []
+
+    def validate(self, net, cancel=None):
+        calls.append(1)
+        d = next(it)
+        return {"dice": d, "per_label": {"lesion": d}}
+
+    monkeypatch.setattr(T.Validator, "__call__", validate)
+    return calls
+
+
+def _same_weights(a, b):
+    from VeloxSegLib.bundle import load_bundle
+
+    sa, sb = load_bundle(a).state_dict(), load_bundle(b).state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_no_epoch_better_than_the_start_keeps_the_parents_weights(two_cases, source_bundle, tmp_path, monkeypatch):
+    from VeloxSegLib.bundle import load_bundle
+
+    _scripted_validation(monkeypatch, [0.6, 0.4, 0.5])
+    rc, records = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "worse"),
+                             "--epochs", "2", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    assert [r["val_dice"] for r in records if r["event"] == "epoch"] == [0.4, 0.5]
+    assert not any(r.get("best") for r in records if r["event"] == "epoch")
+    assert any(r["event"] == "message" and "keeps the starting weights" in r["message"] for r in records)
+    m = load_bundle(tmp_path / "worse").meta["training"]["metrics"]
+    assert (m["weights"], m["val_dice"], m["start_val_dice"], m["best_epoch"]) == ("start", 0.6, 0.6, None)
+    assert _same_weights(source_bundle, tmp_path / "worse")
+
+
+def test_an_epoch_better_than_the_start_is_kept(two_cases, source_bundle, tmp_path, monkeypatch):
+    from VeloxSegLib.bundle import load_bundle
+
+    _scripted_validation(monkeypatch, [0.3, 0.5, 0.4])
+    rc, records = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "better"),
+                             "--epochs", "2", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    assert [r["best"] for r in records if r["event"] == "epoch"] == [True, False]
+    m = load_bundle(tmp_path / "better").meta["training"]["metrics"]
+    assert (m["weights"], m["val_dice"], m["start_val_dice"], m["best_epoch"]) == ("best", 0.5, 0.3, 0)
+    assert not _same_weights(source_bundle, tmp_path / "better")
+
+
+def test_a_target_the_parent_already_reaches_trains_nothing(two_cases, source_bundle, tmp_path, monkeypatch):
+    from VeloxSegLib.bundle import load_bundle
+
+    calls = _scripted_validation(monkeypatch, [0.8])
+    rc, records = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "met"),
+                             "--epochs", "3", "--iterations-per-epoch", "2", "--target-dice", "0.7"])
+    assert rc == 0 and len(calls) == 1
+    assert not any(r["event"] in ("step", "epoch") for r in records)
+    assert any(r["event"] == "message" and "nothing to train" in r["message"] for r in records)
+    m = load_bundle(tmp_path / "met").meta["training"]["metrics"]
+    assert m["target_met_at_start"] is True and m["reached_target_at_epoch"] is None
+    assert (m["weights"], m["val_dice"], m["train_seconds"]) == ("start", 0.8, 0)
+    assert _same_weights(source_bundle, tmp_path / "met")

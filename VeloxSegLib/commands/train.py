@@ -33,9 +33,11 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                                       "(default: OUTPUT.training beside the bundle)")
     p.add_argument("--val-dataset", help="validate on every case of this other dataset (all of DATASET trains)")
     p.add_argument("--target-dice", type=float,
-                   help="validate every epoch and stop once the validation Dice reaches this value")
+                   help="validate every epoch and stop once the validation Dice reaches this value (finetune: "
+                        "nothing is trained if the starting weights already reach it)")
     p.add_argument("--final-weights", choices=["best", "last"], default="best",
-                   help="weights put in the bundle: best validation Dice (default) or the last epoch's")
+                   help="weights put in the bundle: best validation Dice (default; for finetune the starting "
+                        "weights are validated first and count as a candidate) or the last epoch's")
     p.add_argument("--name", help="bundle name (default: the output folder's name)")
     p.add_argument("--description", help="bundle description")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle / start over")

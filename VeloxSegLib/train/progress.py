@@ -12,6 +12,8 @@ Reporters receive plain dict records (every one has an ``event``):
 - ``epoch``: ``epoch`` (0-based), ``epochs``, ``loss`` (epoch means of ``seg``, ``rc``, ``sdkt``,
   ``total``), ``lr``, ``val_dice`` (mean foreground Dice, or null when not validated this
   epoch), ``val_dice_per_label``, ``best``, ``seconds``;
+- ``start_validation`` (fine-tuning, before the first step): ``val_dice`` and
+  ``val_dice_per_label`` of the starting (parent's) weights, ``seconds``;
 - ``message``: ``message`` (e.g. "validating on the training cases");
 - ``done``: ``bundle``, ``val_dice``, ``seconds``.
 
@@ -100,6 +102,9 @@ class TqdmProgress(ProgressReporter):
                 self.bar.write(text, file=self.stream)
             else:
                 print(text, file=self.stream)
+        elif event == "start_validation":
+            text = f"starting weights: val Dice {record['val_dice']:.4f} ({record['seconds']:.1f} s)"
+            (self.bar.write if self.bar is not None else print)(text, file=self.stream)
         elif event == "message":
             (self.bar.write if self.bar is not None else print)(record["message"], file=self.stream)
 

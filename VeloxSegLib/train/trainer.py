@@ -397,6 +397,10 @@ class LoopState:
     best_epoch: Optional[int] = None
     best_per_label: Dict[str, float] = field(default_factory=dict)
     reached_target_at: Optional[int] = None
+    #: fine-tuning: validation of the starting (parent's) weights before the first step
+    #: (``dice``, ``per_label``, ``seconds``), and whether they already reached ``target_dice``
+    start: Optional[dict] = None
+    target_met_at_start: bool = False
 
 
 def freeze_encoder(model: nn.Module) -> int:
@@ -675,6 +679,43 @@ def _interrupted(run: Run, stop: StopRequest) -> Cancelled:
                      f"(run again with --resume)")
 
 
+def validate_start(run: Run, stop: StopRequest) -> None:
+    """Fine-tuning: validate the starting (parent's) weights before the first step.
+
+    Their Dice is the figure to beat: with ``final_weights="best"`` the starting weights are the
+    first candidate (the ``best`` checkpoint), so a run in which no epoch improves on them keeps
+    the parent's weights instead of handing back a worse model; with a ``target_dice`` that they
+    already reach, nothing is trained. Emits a ``start_validation`` record.
+    """
+    config, state, progress = run.config, run.state, run.progress
+    t0 = time.perf_counter()
+    val, cancelled = None, False
+    if run.validator is not None:
+        progress.emit({"event": "message", "message": f"validating the starting weights on "
+                                                      f"{len(run.validator.cases)} case(s)"})
+        try:
+            val = run.validator(run.model, cancel=stop.event)
+        except Cancelled:
+            cancelled = True
+        run.model.train()
+    val, cancelled = ddp.broadcast_object((val, cancelled), run.dist)
+    if cancelled:
+        raise Cancelled("interrupted while validating the starting weights; nothing was trained or written")
+    if val is None or not math.isfinite(val["dice"]):
+        return
+    seconds = time.perf_counter() - t0
+    state.start = {"dice": val["dice"], "per_label": val["per_label"], "seconds": seconds}
+    if config.final_weights == "best":
+        state.best_dice, state.best_per_label = val["dice"], val["per_label"]  # best_epoch stays None
+        run.save(["best"])
+    progress.emit({"event": "start_validation", "val_dice": val["dice"], "val_dice_per_label": val["per_label"],
+                   "seconds": seconds})
+    if config.target_dice is not None and val["dice"] >= config.target_dice:
+        state.target_met_at_start = True
+        progress.emit({"event": "message", "message": f"the starting weights already reach validation Dice "
+                       f"{val['dice']:.4f} >= the target {config.target_dice:g}; nothing to train"})
+
+
 def train_epochs(run: Run, stop: StopRequest) -> None:
     """The loop: steps, step summaries, epoch ends (validation, best, checkpoints, logs), stops."""
     config, state, progress = run.config, run.state, run.progress
@@ -683,7 +724,7 @@ def train_epochs(run: Run, stop: StopRequest) -> None:
     every = config.steps_per_summary or max(1, iters // 20)
     run.model.train()
     with stop.handling_signals():
-        while state.epoch < config.epochs and state.reached_target_at is None:
+        while state.epoch < config.epochs and state.reached_target_at is None and not state.target_met_at_start:
             t_epoch = time.perf_counter()
             while state.iteration < iters:
                 parts = run.loop.step()
@@ -759,7 +800,9 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
 
     config, state, splits = run.config, run.state, run.splits
     last = state.history[-1] if state.history else {}
-    best = weights_from == "best"
+    if not state.history and state.start is not None:  # nothing trained: the starting weights' figures
+        last = {"val_dice": state.start["dice"], "val_dice_per_label": state.start["per_label"]}
+    best = weights_from in ("best", "start")
     metrics = {
         "val_dice": state.best_dice if best else last.get("val_dice"),
         "val_dice_per_label": state.best_per_label if best else last.get("val_dice_per_label"),
@@ -770,9 +813,14 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
     }
     if splits.get("val_dataset"):
         metrics["val_dataset"] = Path(splits["val_dataset"]).name
+    if state.start is not None:
+        metrics["start_val_dice"] = state.start["dice"]
+        metrics["start_val_dice_per_label"] = state.start["per_label"]
+        metrics["start_validation_seconds"] = round(state.start["seconds"], 2)
     if config.target_dice is not None:
         metrics["target_dice"] = config.target_dice
         metrics["reached_target_at_epoch"] = state.reached_target_at
+        metrics["target_met_at_start"] = state.target_met_at_start
     recipe = {"optimizer": "AdamW", "lr": config.lr, "min_lr": run.schedule.min_lr,
               "weight_decay": config.weight_decay, "warmup_steps": run.schedule.warmup_steps,
               "total_steps": run.schedule.total_steps, "iterations_per_epoch": config.iterations_per_epoch,
@@ -798,10 +846,17 @@ def write_bundle(run: Run, output, command: Optional[str] = None, parent: Option
     """The bundle (atomically): best or last weights, inference tensors only, and its metadata."""
     from ..bundle import save_bundle
 
-    config = run.config
+    config, state = run.config, run.state
     weights_from, final_state = "last", run.model.state_dict()
-    if config.final_weights == "best" and run.writer.exists("best") and run.state.best_epoch is not None:
-        weights_from, final_state = "best", read_checkpoint(run.writer.path("best")).model_state()
+    if config.final_weights == "best" and run.writer.exists("best"):
+        if state.best_epoch is not None:
+            weights_from, final_state = "best", read_checkpoint(run.writer.path("best")).model_state()
+        elif state.start is not None and state.best_dice is not None:
+            weights_from, final_state = "start", read_checkpoint(run.writer.path("best")).model_state()
+            if state.history:
+                run.progress.emit({"event": "message", "message": (
+                    f"no epoch improved on the starting weights' validation Dice {state.best_dice:.4f}: the new "
+                    f"bundle keeps the starting weights (--final-weights last keeps the last epoch's)")})
     net = run.setup.build_model(training=False)
     net.load_state_dict(final_state, strict=False)
     weights = net.inference_state_dict() if hasattr(net, "inference_state_dict") else net.state_dict()
@@ -844,6 +899,9 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                f"the training cases (optimistic)")
         log.warning(msg)
         run.progress.emit({"event": "message", "message": msg})
+    if init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0 and not st.history \
+            and st.start is None:
+        validate_start(run, stop)
     train_epochs(run, stop)
     result = TrainResult(None, run.work, st.history, st.best_dice, st.best_epoch, run.validated_on, model=run.model)
     if run.dist.is_main:
@@ -959,7 +1017,7 @@ def training_benchmark(models: Sequence[str] = ("monai-unet", "veloxseg-b"), bat
 
 
 __all__ = ["TrainConfig", "RunSetup", "TrainResult", "TrainLoop", "TrainForward", "Validator", "StopRequest",
-           "LoopState", "Run", "assemble_run", "train_epochs", "end_epoch", "training_record", "write_bundle",
+           "LoopState", "Run", "assemble_run", "validate_start", "train_epochs", "end_epoch", "training_record", "write_bundle",
            "run_training", "resolve_plans", "split_cases", "preprocess_case", "freeze_encoder",
            "load_initial_weights", "build_bundle_meta", "bundle_name_for", "default_work_dir",
            "benchmark_training_step", "training_benchmark", "HEAD_PREFIXES"]
