@@ -150,12 +150,15 @@ def test_real_finetune_command_runs_one_short_epoch_into_a_new_bundle(scene, tmp
         ct, pet, seg, _ = _case(scene, f"c{i}", shift=40.0 * i)
         cases.append(F.FineTuneCase([ct, pet], seg, f"c{i}"))
     labels = [{"value": 0, "name": "background"}, labels_meta()[1]]
-    epochs, fractions = [], []
+    epochs, fractions, logs = [], [], []
     job = F.FineTuneJob(str(source), cases, CHANNELS, labels, "tuned", epochs=1, lr=1e-4, device="cpu",
                         models_dir=str(tmp_path / "models"), on_epoch=epochs.append,
-                        on_progress=lambda f, r: fractions.append(f))
+                        on_progress=lambda f, r: fractions.append(f), on_log=logs.append)
     job.start(command=lambda args: args + ["--iterations-per-epoch", "2"])
     info = job.wait(timeout=600)
     assert [r["epoch"] for r in epochs] == [0] and "total" in epochs[0]["loss"]
+    # the parent's weights are validated before training, and the panel log says so in words
+    assert isinstance(job.start_dice, float)
+    assert any(line.startswith("Starting weights: validation Dice") for line in logs)
     assert info.name == "tuned" and os.path.isfile(os.path.join(info.path, "model.safetensors"))
     assert fractions and fractions[-1] <= 1.0

@@ -153,6 +153,7 @@ class FineTuneJob:
         if os.path.exists(self.output_bundle):
             raise InputError(f"a model named '{self.new_name}' already exists in {self.models_dir}")
         self.epochs, self.lr, self.device = epochs, lr, device
+        self.start_dice = None
         self.on_epoch, self.on_log, self.on_done, self.on_progress = on_epoch, on_log, on_done, on_progress
         self.fraction = 0.0
         self.history = []
@@ -195,6 +196,17 @@ class FineTuneJob:
             self.runner.cancel()
 
     def _record(self, record):
+        event = record.get("event")
+        if event == "start_validation":  # the parent's Dice, validated before the first step
+            self.start_dice = record.get("val_dice")
+            if self.on_log and isinstance(self.start_dice, (int, float)):
+                self.on_log(f"Starting weights: validation Dice {float(self.start_dice):.3f} "
+                            f"(kept unless an epoch does better)")
+            return
+        if event == "message":
+            if self.on_log:
+                self.on_log(str(record.get("message", "")))
+            return
         if "epoch" in record:
             self.history.append(record)
             if self.on_epoch:
