@@ -202,3 +202,63 @@ def test_pet_has_physiological_uptake_outside_lesions():
     les = sitk.GetArrayFromImage(lab) > 0
     assert (on_ct[~les] > 4).sum() > 50  # brain, bladder, heart, kidneys light up too
     assert set(info["organ_suv"]) == {"myocardium", "liver", "kidney", "urine", "brain", "blood"}
+
+
+# --------------------------------------------------------------------------- scanner profiles
+
+
+def _pet_on_ct(pet, ct):
+    return sitk.GetArrayFromImage(sitk.Resample(pet, ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+
+
+def test_scanners_image_the_same_patient():
+    """Same (seed, index): same labels and lesion records on every scanner; only the images change."""
+    cases = {name: phantom.generate_petct_case(3, 2, scanner=name) for name in phantom.SCANNERS}
+    ref = cases["default"]
+    for name, (ct, pet, lab, info) in cases.items():
+        assert np.array_equal(sitk.GetArrayFromImage(lab), sitk.GetArrayFromImage(ref[2])), name
+        assert info == ref[3], name
+    assert np.array_equal(sitk.GetArrayFromImage(cases["digital"][0]), sitk.GetArrayFromImage(ref[0]))  # same CT
+    assert not np.array_equal(sitk.GetArrayFromImage(cases["digital"][1]), sitk.GetArrayFromImage(ref[1]))
+
+
+def test_digital_scanner_has_finer_pet_voxels_and_recovers_more_lesion_uptake():
+    for index in range(10):  # the first case with a solid hot lesion of some size
+        ct, pet, lab, info = phantom.generate_petct_case(21, index)
+        big = [l for l in info["lesions"] if l["voxels"] >= 40 and not l["necrotic_core"] and l["suv"] > 4]
+        if big:
+            break
+    assert big
+    _, pet_d, _, _ = phantom.generate_petct_case(21, index, scanner="digital")
+    assert pet_d.GetSpacing() == pytest.approx(ct.GetSpacing())
+    assert pet.GetSpacing()[0] == pytest.approx(ct.GetSpacing()[0] * 4.0728 / 3.0)
+    cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(lab > 0)))
+    lesion = cc == 1  # the largest lesion
+    default_mean, digital_mean = _pet_on_ct(pet, ct)[lesion].mean(), _pet_on_ct(pet_d, ct)[lesion].mean()
+    assert digital_mean > 1.05 * default_mean  # less blur: more of the lesion's SUV stays inside it
+
+
+def test_low_dose_ct_is_noisier_by_the_stated_amount():
+    ct, pet, lab, _ = phantom.generate_petct_case(5, 0)
+    ct_l, pet_l, _, _ = phantom.generate_petct_case(5, 0, scanner="low-dose")
+    a, b = sitk.GetArrayFromImage(ct).astype(float), sitk.GetArrayFromImage(ct_l).astype(float)
+    body = a > -300
+    # same noise draws scaled from 14 to 40 HU: the difference is 26 HU of white noise (and rounding)
+    assert np.std((b - a)[body]) == pytest.approx(40.0 - 14.0, abs=1.0)
+    assert pet_l.GetSpacing() == pet.GetSpacing() and pet_l.GetSize() == pet.GetSize()
+
+
+def test_cli_records_the_scanner_and_refuses_unknown_ones(tmp_path, capsys):
+    out = tmp_path / "digital"
+    assert main(["phantom", "--kind", "petct", "-n", "1", "-o", str(out), "--size", "48", "48", "40",
+                 "--scanner", "digital"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())["veloxseg_phantom"]
+    assert meta["scanner"] == "digital" and "digital" in meta["scanner_description"]
+    assert "(scanner digital)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["phantom", "--kind", "petct", "-n", "1", "-o", str(tmp_path / "x"), "--scanner", "nope"])
+    with pytest.raises(phantom.ConfigError, match="one of default, digital, low-dose"):
+        phantom.generate_petct_case(0, 0, scanner="nope")
+    assert main(["phantom", "--kind", "mri", "-n", "1", "-o", str(tmp_path / "m"), "--scanner", "digital"]) != 0
+    assert "scanner profiles are for PET/CT" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()

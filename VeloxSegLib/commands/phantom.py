@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+from ..data.phantom import SCANNERS
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                    help="voxels of the (CT) grid; the field of view stays fixed, so smaller sizes mean "
                         "coarser spacing (default petct 128 128 96 at 3x3x3.5 mm, mri 96 96 96 at 2 mm)")
+    p.add_argument("--scanner", default="default", choices=list(SCANNERS),
+                   help="petct only: how the cases are imaged; the same seed gives the same patients on every "
+                        "scanner. " + "; ".join(f"{s.name}: {s.description}" for s in SCANNERS.values()))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 
@@ -35,8 +40,9 @@ def run(args) -> int:
     with tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
-            progress=lambda done, total: bar.update(1),
+            progress=lambda done, total: bar.update(1), scanner=args.scanner,
         )
-    print(f"wrote {args.num_cases} {args.kind} phantom case(s) to {args.output} "
+    scanner = f" (scanner {args.scanner})" if args.kind == "petct" else ""
+    print(f"wrote {args.num_cases} {args.kind} phantom case(s){scanner} to {args.output} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0

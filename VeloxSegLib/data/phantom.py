@@ -39,6 +39,45 @@ PET_AXIAL_MARGIN_MM = 12.0
 PET_CENTRE_SHIFT_MM = (2.3, -3.1, 1.7)
 PET_PSF_FWHM_MM = 7.0
 
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """How a PET/CT scanner and protocol image the phantom: PET voxel size (relative to the CT
+    grid), PET resolution (PSF FWHM, then a post-reconstruction Gaussian of ``pet_post_sigma``
+    PET voxels), PET noise (standard deviation ``pet_noise * sqrt(SUV)``) and CT quantum noise.
+    The anatomy, the lesions and the labels of a case do not depend on the scanner: the same
+    ``(seed, index)`` gives the same patient on every scanner."""
+
+    name: str
+    description: str
+    pet_spacing_factor: Tuple[float, float, float] = PET_SPACING_FACTOR
+    pet_psf_fwhm_mm: float = PET_PSF_FWHM_MM
+    pet_post_sigma: float = 0.6
+    pet_noise: float = 0.3
+    ct_noise_hu: float = 14.0
+
+
+#: ``veloxseg phantom --scanner``: the default is the scanner every shipped model was trained on.
+SCANNERS: Dict[str, Scanner] = {s.name: s for s in (
+    Scanner("default", "analog PET/CT: 4.07 mm PET voxels, 7 mm PSF, post-filter 0.6 voxel, CT noise 14 HU"),
+    Scanner("digital", "digital (SiPM) PET/CT: PET voxels as fine as the CT's, 4 mm PSF, light post-filter "
+                       "(0.3 voxel), two thirds of the PET noise",
+            pet_spacing_factor=(1.0, 1.0, 1.0), pet_psf_fwhm_mm=4.0, pet_post_sigma=0.3, pet_noise=0.2),
+    Scanner("low-dose", "low-dose protocol on the default scanner: half the PET counts (noise x1.41) and a "
+                        "low-dose CT (noise 40 HU)",
+            pet_noise=0.3 * math.sqrt(2.0), ct_noise_hu=40.0),
+)}
+
+
+def scanner_named(name) -> Scanner:
+    if isinstance(name, Scanner):
+        return name
+    if name not in SCANNERS:
+        raise ConfigError(f"unknown scanner {name!r}; choose one of {', '.join(SCANNERS)}")
+    return SCANNERS[name]
+
+
 PETCT_CHANNELS = ("CT", "PET")
 PETCT_LABELS = {"background": 0, "lesion": 1}
 MRI_CHANNELS = ("T1", "T1ce", "T2", "FLAIR")
@@ -272,12 +311,12 @@ _PETCT_TISSUES = [
 _T = {name: i for i, (name, *_rest) in enumerate(_PETCT_TISSUES)}
 
 
-def petct_grids(size=None) -> Tuple[Grid, Grid]:
+def petct_grids(size=None, scanner="default") -> Tuple[Grid, Grid]:
     """The CT grid and the PET grid of PET/CT phantoms of ``size`` (CT voxels, x y z)."""
     size = _check_size(size, "petct")
     ct_spacing = tuple(f / n for f, n in zip(PETCT_FOV_MM, size))
     ct = Grid.centred(size, ct_spacing)
-    pet_spacing = tuple(s * k for s, k in zip(ct_spacing, PET_SPACING_FACTOR))
+    pet_spacing = tuple(s * k for s, k in zip(ct_spacing, scanner_named(scanner).pet_spacing_factor))
     pet_fov = (PETCT_FOV_MM[0] * PET_FOV_FACTOR_XY, PETCT_FOV_MM[1] * PET_FOV_FACTOR_XY,
                PETCT_FOV_MM[2] - 2 * PET_AXIAL_MARGIN_MM)
     pet_size = tuple(max(8, int(math.floor(f / s))) for f, s in zip(pet_fov, pet_spacing))
@@ -458,13 +497,15 @@ def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit)
     return label, ct_value, suv_value, records
 
 
-def generate_petct_case(seed: int, index: int, size=None):
+def generate_petct_case(seed: int, index: int, size=None, scanner="default"):
     """One PET/CT phantom case: ``(ct, pet, label, info)``; images are SimpleITK images
-    (CT int16 HU on the CT grid, PET float32 SUV on the PET grid, label uint8 on the CT grid)."""
+    (CT int16 HU on the CT grid, PET float32 SUV on the PET grid, label uint8 on the CT grid).
+    ``scanner`` (a name in :data:`SCANNERS` or a :class:`Scanner`) sets how it is imaged."""
     import SimpleITK as sitk
 
+    scanner = scanner_named(scanner)
     rng = case_rng(seed, index)
-    ct_grid, pet_grid = petct_grids(size)
+    ct_grid, pet_grid = petct_grids(size, scanner)
     tissue, body, organs, suv, shift, build = _petct_anatomy(rng, ct_grid)
     z_limit = PETCT_FOV_MM[2] / 2 - PET_AXIAL_MARGIN_MM - 8.0
     label, les_hu, les_suv, lesions = _petct_lesions(rng, ct_grid, tissue, body, organs, shift, build, z_limit)
@@ -484,7 +525,7 @@ def generate_petct_case(seed: int, index: int, size=None):
     ct[label] = les_hu[label]
     ct += tex_lut[tissue] * texture
     ct = _smooth(ct, ct_grid, 0.45 * min(ct_grid.spacing))
-    ct += rng.normal(0.0, 14.0, size=ct.shape).astype(np.float32)
+    ct += rng.normal(0.0, scanner.ct_noise_hu, size=ct.shape).astype(np.float32)
     ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
 
     # PET: activity (SUV) on the CT grid, PSF blur, resampled onto the PET grid, noise
@@ -493,13 +534,13 @@ def generate_petct_case(seed: int, index: int, size=None):
         suv_lut[_T[name]] = value
     activity = suv_lut[tissue] * (1.0 + 0.08 * texture)
     activity[label] = les_suv[label]
-    activity = _smooth(np.maximum(activity, 0), ct_grid, PET_PSF_FWHM_MM / 2.3548)
+    activity = _smooth(np.maximum(activity, 0), ct_grid, scanner.pet_psf_fwhm_mm / 2.3548)
     resampled = sitk.Resample(
         ct_grid.image(activity), pet_grid.size, sitk.Transform(), sitk.sitkLinear, pet_grid.origin,
         pet_grid.spacing, (1, 0, 0, 0, 1, 0, 0, 0, 1), 0.0, sitk.sitkFloat32)
     pet = sitk.GetArrayFromImage(resampled)
-    pet = pet + rng.normal(0.0, 1.0, size=pet.shape).astype(np.float32) * 0.3 * np.sqrt(np.maximum(pet, 0))
-    pet = np.maximum(_smooth(pet, pet_grid, 0.6 * min(pet_grid.spacing)), 0.0).astype(np.float32)
+    pet = pet + rng.normal(0.0, 1.0, size=pet.shape).astype(np.float32) * scanner.pet_noise * np.sqrt(np.maximum(pet, 0))
+    pet = np.maximum(_smooth(pet, pet_grid, scanner.pet_post_sigma * min(pet_grid.spacing)), 0.0).astype(np.float32)
 
     info = {
         "lesions": lesions,
@@ -638,14 +679,19 @@ def write_phantom_dataset(
     size: Optional[Sequence[int]] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    scanner: str = "default",
 ) -> dict:
     """Write ``n`` phantom cases of ``kind`` as an nnU-Net raw dataset at ``output``
-    (atomically: a temporary folder renamed at the end). Returns the dataset.json written."""
+    (atomically: a temporary folder renamed at the end). Returns the dataset.json written.
+    ``scanner`` (PET/CT only, a name in :data:`SCANNERS`) sets how the cases are imaged."""
     from .nnunet import (IMAGES_DIR, LABELS_DIR, atomic_directory, image_file_name, make_dataset_json,
                          write_dataset_json, write_image)
 
     _check_kind(kind)
     size = _check_size(size, kind)
+    if kind != "petct" and scanner != "default":
+        raise ConfigError(f"scanner profiles are for PET/CT phantoms; {kind} phantoms have none")
+    scanner = scanner_named(scanner)
     if n < 1:
         raise ConfigError(f"number of cases must be at least 1, got {n}")
     if seed < 0:
@@ -659,7 +705,7 @@ def write_phantom_dataset(
         for i in range(n):
             case = f"{kind}_{i:04d}"
             if kind == "petct":
-                ct, pet, label, info = generate_petct_case(seed, i, size)
+                ct, pet, label, info = generate_petct_case(seed, i, size, scanner)
                 images = [ct, pet]
             else:
                 images, label, info = generate_mri_case(seed, i, size)
@@ -675,6 +721,8 @@ def write_phantom_dataset(
             description=("Synthetic phantoms generated by `veloxseg phantom` (analytic anatomy, "
                          "not patient data)."),
             veloxseg_phantom={"kind": kind, "seed": int(seed), "size": list(size), "version": PHANTOM_VERSION,
+                              **({"scanner": scanner.name, "scanner_description": scanner.description}
+                                 if kind == "petct" else {}),
                               "cases": cases},
         )
         write_dataset_json(tmp, data)
