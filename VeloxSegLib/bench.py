@@ -33,6 +33,8 @@ MODELS = {
     **PEERS,  # the MONAI peers, as model/peers.py builds them
 }
 PEER = "monai-unet"
+#: Models also timed in the opt-in CPU bfloat16 precision (1 thread), the peer included.
+BF16_MODELS = ("veloxseg-b", "veloxseg-s", PEER)
 
 
 def make_model(name: str, fast: bool = True):
@@ -63,13 +65,15 @@ def count(name: str) -> Dict[str, float]:
     return {"params_m": params / 1e6, "gmac": counter.get_total_flops() / 2e9}
 
 
-def worker_speed(name: str, threads: int, reps: int, fast: bool = True) -> Dict[str, float]:
+def worker_speed(name: str, threads: int, reps: int, fast: bool = True, bf16: bool = False) -> Dict[str, float]:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = make_model(name, fast=fast).eval()
     x = torch.randn(1, IN_CHANNELS, *PATCH)
+    if bf16:  # the opt-in CPU bfloat16 path (``veloxseg predict --precision bf16``)
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     base_rss = _rss_mb()
     times = []
     with torch.inference_mode():
@@ -129,11 +133,18 @@ def machine() -> Dict[str, str]:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 3) -> List[dict]:
+def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 3,
+                    bf16: Optional[bool] = None) -> List[dict]:
     """Parameters, MACs and patches/s of every model. The timed repetitions are spread over
     ``rounds`` rounds in which every model runs in turn, and the best time over all rounds
     counts: slow spells of a shared machine then fall on all models alike instead of on the one
-    that happened to run during them (ratios against the peer are what the table is for)."""
+    that happened to run during them (ratios against the peer are what the table is for).
+    ``bf16`` (default: when the CPU runs bfloat16 natively) adds 1-thread bf16 runs of
+    :data:`BF16_MODELS`."""
+    if bf16 is None:
+        from .infer.device import cpu_has_native_bf16
+
+        bf16 = cpu_has_native_bf16()
     rows = {}
     for name in models:
         progress(f"[bench] {name}: counting")
@@ -145,17 +156,19 @@ def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 
             slow = name in ("monai-swinunetr", "monai-segresnet")
             n = max(1, -(-(max(2, reps // 4) if slow else reps) // rounds))
             runs = [(t, "fast") for t in (1, 2)] + ([(1, "plain")] if name.startswith("veloxseg") else [])
+            if bf16 and name in BF16_MODELS:
+                runs.append((1, "bf16"))
             for threads, path in runs:
-                extra = " (plain path)" if path == "plain" else ""
+                extra = {"plain": " (plain path)", "bf16": " (bf16)"}.get(path, "")
                 progress(f"[bench] round {rnd + 1}/{rounds} {name}: {threads} thread(s){extra}")
-                r = run_worker(["speed", name, str(threads), str(n)] + (["plain"] if path == "plain" else []))
+                r = run_worker(["speed", name, str(threads), str(n)] + ([path] if path != "fast" else []))
                 key = (name, threads, path)
                 best[key] = min(best.get(key, float("inf")), r["best_s"])
                 medians.setdefault(key, []).append(r["median_s"])
                 rows[name]["peak_rss_mb"] = max(rows[name].get("peak_rss_mb", 0.0), r["peak_rss_mb"])
     for (name, threads, path), t in best.items():
-        if path == "plain":
-            rows[name]["pps_1t_plain"] = 1.0 / t
+        if path in ("plain", "bf16"):
+            rows[name][f"pps_1t_{path}"] = 1.0 / t
         else:
             rows[name][f"pps_{threads}t"] = 1.0 / t
             ms = sorted(medians[(name, threads, path)])
@@ -220,6 +233,21 @@ def render_markdown(result: dict) -> str:
         "\"plain path\" is the straightforward module code (the reference's structure); the default fast",
         "path computes the same function (tests compare them to 1e-4).",
     ]
+    bf16_rows = [r for r in result["patch"] if "pps_1t_bf16" in r]
+    peer = next((r for r in result["patch"] if r["model"] == PEER), None)
+    if bf16_rows and peer and "pps_1t_bf16" in peer:
+        lines += [
+            "", "## Opt-in bfloat16 on the CPU (`veloxseg predict --precision bf16`)", "",
+            "Weights and activations in bfloat16 (oneDNN's native bf16 on CPUs with AVX512-BF16 or AMX), 1 thread,",
+            "same rounds as above. Not the default: logits are rounded to bf16 (docs/inference.md has the effect",
+            "on held-out Dice).", "",
+            "| model | patches/s fp32 | patches/s bf16 | bf16 speed-up | bf16 x UNet fp32 | bf16 x UNet bf16 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in bf16_rows:
+            lines.append(f"| {r['model']} | {r['pps_1t']:.2f} | {r['pps_1t_bf16']:.2f} | "
+                         f"{r['pps_1t_bf16'] / r['pps_1t']:.2f} | {r['pps_1t_bf16'] / peer['pps_1t']:.2f} | "
+                         f"{r['pps_1t_bf16'] / peer['pps_1t_bf16']:.2f} |")
     for key, title in (("wholebody", "Whole-body PET/CT inference"), ("training", "Training speed")):
         sec = result.get(key)
         if sec and sec.get("markdown"):
@@ -272,8 +300,9 @@ def _worker_main(argv: List[str]) -> None:
     if kind == "count":
         print(json.dumps(count(name)))
     elif kind == "speed":
-        fast = not (len(argv) > 4 and argv[4] == "plain")
-        print(json.dumps(worker_speed(name, int(argv[2]), int(argv[3]), fast=fast)))
+        option = argv[4] if len(argv) > 4 else "fast"
+        print(json.dumps(worker_speed(name, int(argv[2]), int(argv[3]), fast=option != "plain",
+                                      bf16=option == "bf16")))
     else:
         raise SystemExit(f"unknown worker kind {kind}")
 

@@ -185,6 +185,17 @@ def test_volume_smaller_than_a_window_is_padded(tmp_path, bundle):
     assert sitk.ReadImage(str(out)).GetSize() == (20, 16, 12)
 
 
+def test_bf16_precision_option_runs_and_matches_fp32(tmp_path, bundle):
+    ct, pet = _case(tmp_path)
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        outs[precision] = tmp_path / f"seg-{precision}.nii.gz"
+        assert main(["predict", "-m", str(bundle), "-i", str(ct), str(pet), "-o", str(outs[precision]),
+                     "--threads", "1", "--precision", precision, "--progress", "none"]) == 0
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(outs[p]))) for p in ("fp32", "bf16"))
+    assert (a == b).mean() > 0.99
+
+
 def test_folder_of_nnunet_cases(tmp_path, bundle):
     src = tmp_path / "in"
     src.mkdir()

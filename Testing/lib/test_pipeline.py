@@ -6,7 +6,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from VeloxSegLib.errors import Cancelled, InputError
+from VeloxSegLib import build_model
+from VeloxSegLib.errors import Cancelled, ConfigError, InputError
 from VeloxSegLib.infer.pipeline import InferencePlan, Segmenter, find_cases, predict_case, predict_files, predict_folder
 
 ROT_Z90 = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
@@ -349,3 +350,53 @@ def test_plan_from_bundle_meta_takes_the_inference_defaults():
         (0.5, "gaussian", True, 10.0, False)
     assert plan.channel_names == ["CT", "PET"] and plan.num_classes == 2
     assert plan.expected_inputs() == "1) CT, 2) PET"
+
+
+# --------------------------------------------------------------------------- opt-in CPU bfloat16
+
+
+@pytest.fixture(scope="module")
+def demo_case(tmp_path_factory):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("bf16") / "ds"
+    write_phantom_dataset(root, "petct", 1, seed=905, size=(96, 96, 72))
+    return [str(root / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)], root / "labelsTr" / "petct_0000.nii.gz"
+
+
+def test_bf16_segments_like_fp32(demo_case):
+    """The shipped PET/CT demo in bf16 gives (nearly) the fp32 segmentation of a phantom."""
+    from VeloxSegLib.bundle import embedded_bundles_dir
+    from VeloxSegLib.metrics import dice_score
+
+    images, _ = demo_case
+    bundle = str(embedded_bundles_dir() / "petct-lesion-demo")
+    ref = Segmenter(bundle, device="cpu", threads=1).predict(images, probabilities=True)
+    seg = Segmenter(bundle, device="cpu", threads=1, precision="bf16")
+    assert next(seg.model.parameters()).dtype == torch.bfloat16
+    got = seg.predict(images, probabilities=True)
+    a, b = sitk.GetArrayFromImage(ref.labels), sitk.GetArrayFromImage(got.labels)
+    assert a.any() and dice_score(a == 1, b == 1) > 0.97
+    pa, pb = sitk.GetArrayFromImage(ref.probabilities), sitk.GetArrayFromImage(got.probabilities)
+    assert pb.dtype == np.float32 and np.abs(pa - pb).max() < 0.15 and np.abs(pa - pb).mean() < 1e-3
+
+
+def test_bf16_fast_and_plain_paths_stay_close_to_fp32():
+    from VeloxSegLib.model import set_fast_path
+
+    torch.manual_seed(0)
+    net = build_model("veloxseg-b", in_channels=(1, 1), num_classes=2, patch_size=(64, 64, 64)).eval()
+    x = torch.randn(1, 2, 64, 64, 64)
+    with torch.inference_mode():
+        ref = net(x)
+        scale = ref.abs().max().item()
+        bf = net.to(torch.bfloat16)
+        for fast in (True, False):
+            y = set_fast_path(bf, fast)(x.to(torch.bfloat16)).float()
+            assert (y - ref).abs().max().item() < 0.05 * scale, fast
+            assert (y.argmax(1) == ref.argmax(1)).float().mean().item() > 0.97, fast
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
+        Segmenter(torch.nn.Identity(), _plan(), precision="fp16")

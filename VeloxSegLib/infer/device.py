@@ -66,6 +66,14 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN can run bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def is_oom(exc: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     if oom_type is not None and isinstance(exc, oom_type):
