@@ -122,6 +122,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.overlapSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.ttaCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.bf16CheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.optionsCollapsibleButton.connect("contentsCollapsed(bool)", self.onOptionsCollapsed)
         self.ui.applyButton.connect("clicked()", self.onApplyOrCancel)
@@ -178,6 +179,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.params.overlap is not None:
                 self.ui.overlapSpinBox.value = self.params.overlap
             self.ui.ttaCheckBox.checked = self.params.tta
+            self.ui.bf16CheckBox.checked = self.params.bf16
             self.ui.outputSegmentationSelector.setCurrentNode(self.params.output_segmentation)
             self.ui.epochsSpinBox.value = self.params.epochs
             self.ui.learningRateSpinBox.value = self.params.learning_rate
@@ -197,6 +199,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.params.device = self.ui.deviceComboBox.currentData
         self.params.overlap = self.ui.overlapSpinBox.value
         self.params.tta = self.ui.ttaCheckBox.checked
+        self.params.bf16 = self.ui.bf16CheckBox.checked
         self.params.output_segmentation = self.ui.outputSegmentationSelector.currentNode()
         for index, selector in enumerate(self.inputSelectors):
             self.params.set_input_node(index, selector.currentNode())
@@ -390,7 +393,8 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundle = self.currentBundle()
         request = SegmentationRequest(
             bundle=bundle.path, input_nodes=self.inputNodes(), output_node=self.ui.outputSegmentationSelector.currentNode(),
-            device=self.ui.deviceComboBox.currentData, overlap=self.ui.overlapSpinBox.value, tta=self.ui.ttaCheckBox.checked)
+            device=self.ui.deviceComboBox.currentData, overlap=self.ui.overlapSpinBox.value, tta=self.ui.ttaCheckBox.checked,
+            precision="bf16" if self.ui.bf16CheckBox.checked else "fp32")
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         with showErrors("Could not start the segmentation."):

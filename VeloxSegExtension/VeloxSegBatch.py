@@ -41,6 +41,8 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="CPU arithmetic: bf16 is faster on CPUs with AVX512-BF16 or AMX (see docs/inference.md)")
     parser.add_argument("--subprocess", action="store_true", help="run the network in a child process (as the panel does)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -86,7 +88,8 @@ def segment_files(logic, info, paths, output, args, log):
                 log(f"  {record.get('stage')}: {100 * float(record.get('fraction', 0)):.0f}%")
 
         request = SegmentationRequest(bundle=info.path, input_nodes=nodes, device=args.device, overlap=args.overlap,
-                                      tta=args.tta, output_name=os.path.basename(output).split(".")[0])
+                                      tta=args.tta, precision=args.precision,
+                                      output_name=os.path.basename(output).split(".")[0])
         node = logic.segment(request, in_process=not args.subprocess, progress=progress)
         save_segmentation(node, output)
         scene.RemoveNode(node)

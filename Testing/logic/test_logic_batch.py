@@ -59,7 +59,7 @@ def test_unknown_model_fails_with_bundle_exit_code(tmp_path):
     assert result.returncode == 3 and "no-such-model-xyz" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("mode", ["in-process", "subprocess"])
+@pytest.mark.parametrize("mode", ["in-process", "subprocess", "in-process-bf16"])
 def test_batch_end_to_end_writes_seg_nrrd_with_names_and_geometry(tmp_path, session, mode):
     import slicer
 
@@ -69,7 +69,7 @@ def test_batch_end_to_end_writes_seg_nrrd_with_names_and_geometry(tmp_path, sess
     bundle = random_bundle(str(tmp_path / "bundle"))
     ct, pet = _write_pair(str(tmp_path))
     out = str(tmp_path / "out.seg.nrrd")
-    extra = ["--subprocess"] if mode == "subprocess" else []
+    extra = {"subprocess": ["--subprocess"], "in-process-bf16": ["--precision", "bf16"]}.get(mode, [])
     result = run_batch("--model", str(bundle), "--input", ct, pet, "--output", out, "--device", "cpu", *extra)
     assert result.returncode == 0, result.stderr
     scene = session.scene

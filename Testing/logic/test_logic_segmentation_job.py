@@ -14,8 +14,8 @@ from VeloxSegLogic.errors import InputError
 
 @pytest.fixture
 def fake_cli(monkeypatch):
-    def command(bundle, inputs, output, device="auto", overlap=None, tta=False):
-        args = L.predict_command.__wrapped__(bundle, inputs, output, device, overlap, tta)
+    def command(bundle, inputs, output, device="auto", overlap=None, tta=False, precision="fp32"):
+        args = L.predict_command.__wrapped__(bundle, inputs, output, device, overlap, tta, precision)
         index = args.index("predict")
         return [sys.executable, os.path.join(HELPERS, "fake_predict.py")] + args[index + 1:]
 
@@ -77,6 +77,15 @@ def test_predict_command_uses_this_python_and_json_progress():
     assert args[args.index("-i") + 1: args.index("-o")] == ["/a.nii.gz", "/p.nii.gz"]
     assert "--tta" in args and args[args.index("--overlap") + 1] == "0.5"
     assert args[args.index("--progress") + 1] == "json"
+    assert "--precision" not in args  # fp32: the library's default, not spelled out
+    args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", device="cpu", precision="bf16")
+    assert args[args.index("--precision") + 1] == "bf16"
+
+
+def test_request_refuses_an_unknown_precision(scene, metadata_bundle):
+    ct, pet = _pet_ct(scene)
+    with pytest.raises(InputError, match="precision must be one of fp32, bf16"):
+        L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet], precision="fp16").validate()
 
 
 def test_labelmap_result_for_the_segment_editor_is_on_the_source_grid(scene, metadata_bundle, fake_cli):

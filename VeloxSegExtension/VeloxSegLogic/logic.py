@@ -21,6 +21,7 @@ from .errors import Cancelled, InputError, VeloxSegError
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass
@@ -31,6 +32,7 @@ class SegmentationRequest:
     device: str = "auto"
     overlap: float | None = None  # None: the bundle's default
     tta: bool = False
+    precision: str = "fp32"  # "bf16": opt-in bfloat16 on CPUs that run it natively
     output_name: str | None = None
     # "segmentation": import into output_node; "labelmap": return a label map node on the first
     # input's grid (the Segment Editor effect applies it itself; the caller removes the node)
@@ -47,6 +49,8 @@ class SegmentationRequest:
             raise InputError(f"device must be one of {', '.join(DEVICES)}")
         if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:
             raise InputError("overlap must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}")
         for node in self.input_nodes:
             if node.GetImageData() is None:
                 raise InputError(f"volume '{node.GetName()}' has no image data")
@@ -73,7 +77,7 @@ def write_inputs(input_nodes, folder: str) -> list:
     return paths
 
 
-def predict_command(bundle_path, input_paths, output_path, device="auto", overlap=None, tta=False):
+def predict_command(bundle_path, input_paths, output_path, device="auto", overlap=None, tta=False, precision="fp32"):
     """The argument list of ``veloxseg predict`` run by the current Python."""
     from .process import python_executable
 
@@ -83,10 +87,13 @@ def predict_command(bundle_path, input_paths, output_path, device="auto", overla
         args += ["--overlap", f"{float(overlap):g}"]
     if tta:
         args.append("--tta")
+    if precision != "fp32":
+        args += ["--precision", precision]
     return args
 
 
-def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=False, progress=None, cancel=None):
+def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=False, progress=None, cancel=None,
+                       precision="fp32"):
     """Adapter to VeloxSegLib's in-process prediction: SimpleITK images in, uint8 label image out.
 
     ``progress(dict)`` receives records shaped like the CLI's JSON lines ({"stage", "fraction"});
@@ -97,7 +104,7 @@ def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=Fal
     def report(stage, fraction):
         progress({"stage": stage, "fraction": float(fraction)})
 
-    result = predict_case(bundle_path, list(images), device=device, overlap=overlap, tta=bool(tta),
+    result = predict_case(bundle_path, list(images), device=device, overlap=overlap, tta=bool(tta), precision=precision,
                           progress=report if progress is not None else None, cancel=cancel)
     return result.labels
 
@@ -131,7 +138,7 @@ class SegmentationJob:
         self._log(f"writing {len(self.request.input_nodes)} input volume(s) to {self.temp_dir}")
         inputs = write_inputs(self.request.input_nodes, self.temp_dir)
         args = predict_command(self.info.path, inputs, self.output_path, self.request.device,
-                               self.request.overlap, self.request.tta)
+                               self.request.overlap, self.request.tta, self.request.precision)
         self._log(" ".join(args))
         self.runner = ProcessRunner(args, env=library_env(), on_progress=self._progress, on_log=self._log,
                                     on_finished=self._finished)
@@ -240,7 +247,7 @@ class VeloxSegCoreLogic:
                 finally:
                     self.scene.RemoveNode(resampled)
         label_image = predict_in_process(info.path, images, request.device, request.overlap, request.tta,
-                                         progress=progress, cancel=cancel)
+                                         progress=progress, cancel=cancel, precision=request.precision)
         return self.import_prediction_image(label_image, request, info)
 
     def import_prediction_file(self, path, request, info):

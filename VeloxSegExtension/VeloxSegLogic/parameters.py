@@ -12,6 +12,7 @@ DEFAULTS = {
     "Device": "auto",
     "Overlap": "",  # empty: the bundle's default
     "TTA": "false",
+    "BF16": "false",
     "Epochs": "50",
     "LearningRate": "0.0001",
     "NewModelName": "",
@@ -68,6 +69,15 @@ class Parameters:
     @tta.setter
     def tta(self, value):
         self._set("TTA", "true" if value else "false")
+
+    @property
+    def bf16(self):
+        """Opt-in bfloat16 arithmetic on the CPU (``veloxseg predict --precision bf16``)."""
+        return self._get("BF16").lower() == "true"
+
+    @bf16.setter
+    def bf16(self, value):
+        self._set("BF16", "true" if value else "false")
 
     @property
     def epochs(self):

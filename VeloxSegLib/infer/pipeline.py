@@ -269,8 +269,8 @@ class Segmenter:
         is required).
     precision: ``"fp32"`` (default) or ``"bf16"``: opt-in bfloat16 weights and activations on
         the CPU (about 1.5x faster on CPUs with AVX512-BF16 or AMX; logits differ from fp32 by
-        bf16 rounding, see docs/inference.md). On a GPU the network already runs under float16
-        autocast, and ``"bf16"`` is refused there.
+        bf16 rounding, see docs/inference.md). On a GPU the network runs under float16 autocast
+        as usual, and ``"bf16"`` is ignored with a warning.
     """
 
     def __init__(self, model, plan: Optional[InferencePlan] = None, *, device: str = "auto",
@@ -283,8 +283,9 @@ class Segmenter:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
         if precision == "bf16" and self.device.type != "cpu":
-            raise ConfigError(f"precision bf16 is a CPU option; on {self.device.type} the network already runs "
-                              f"in float16 autocast")
+            warnings.warn(f"precision bf16 is a CPU option; on {self.device.type} the network runs under float16 "
+                          f"autocast as usual")
+            precision = "fp32"
         if precision == "bf16" and not cpu_has_native_bf16():
             warnings.warn("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 will be slower than fp32")
         self.precision = precision
@@ -517,7 +518,8 @@ class Segmenter:
 
 
 def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device: str = "auto",
-                 threads: Optional[int] = None, batch_size: Optional[int] = None, overlap: Optional[float] = None,
+                 threads: Optional[int] = None, batch_size: Optional[int] = None, precision: str = "fp32",
+                 overlap: Optional[float] = None,
                  tta: Optional[bool] = None, blending: Optional[str] = None, probabilities: bool = False,
                  min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
                  progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
@@ -529,7 +531,7 @@ def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device:
     cancel is a threading.Event or a callable returning True to stop (raises Cancelled).
     """
     seg = model if isinstance(model, Segmenter) else Segmenter(model, plan, device=device, threads=threads,
-                                                               batch_size=batch_size)
+                                                               batch_size=batch_size, precision=precision)
     return seg.predict(inputs, overlap=overlap, tta=tta, blending=blending, probabilities=probabilities,
                        min_component_mm3=min_component_mm3, crop_to_body=crop_to_body, progress=progress,
                        cancel=cancel)
@@ -609,7 +611,8 @@ def predict_files(model, inputs: Sequence[Union[str, os.PathLike]], output: Unio
         items.append(pp)
     seg = model if isinstance(model, Segmenter) else Segmenter(
         model, options.pop("plan", None), device=options.pop("device", "auto"),
-        threads=options.pop("threads", None), batch_size=options.pop("batch_size", None))
+        threads=options.pop("threads", None), batch_size=options.pop("batch_size", None),
+        precision=options.pop("precision", "fp32"))
     result = seg.predict(inputs, probabilities=probabilities_path is not None, progress=progress, cancel=cancel,
                          **options)
     _check_cancel(cancel)
@@ -671,7 +674,8 @@ def predict_folder(model, input_dir, output_dir, *, overwrite: bool = False,
 
     seg = model if isinstance(model, Segmenter) else Segmenter(
         model, options.pop("plan", None), device=options.pop("device", "auto"),
-        threads=options.pop("threads", None), batch_size=options.pop("batch_size", None))
+        threads=options.pop("threads", None), batch_size=options.pop("batch_size", None),
+        precision=options.pop("precision", "fp32"))
     cases = find_cases(input_dir, len(seg.plan.channels), seg.plan.channel_names)
     out_dir = Path(os.fspath(output_dir))
     if not out_dir.exists():
