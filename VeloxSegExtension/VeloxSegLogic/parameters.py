@@ -7,6 +7,13 @@ from __future__ import annotations
 
 MODULE_NAME = "VeloxSeg"
 
+
+def _flag(key, doc):
+    """A boolean parameter stored as "true"/"false"."""
+    return property(lambda self: self._get(key).lower() == "true",
+                    lambda self, value: self._set(key, "true" if value else "false"), doc=doc)
+
+
 DEFAULTS = {
     "Model": "",
     "Device": "auto",
@@ -62,22 +69,8 @@ class Parameters:
     def overlap(self, value):
         self._set("Overlap", "" if value is None else f"{float(value):g}")
 
-    @property
-    def tta(self):
-        return self._get("TTA").lower() == "true"
-
-    @tta.setter
-    def tta(self, value):
-        self._set("TTA", "true" if value else "false")
-
-    @property
-    def bf16(self):
-        """Opt-in bfloat16 arithmetic on the CPU (``veloxseg predict --precision bf16``)."""
-        return self._get("BF16").lower() == "true"
-
-    @bf16.setter
-    def bf16(self, value):
-        self._set("BF16", "true" if value else "false")
+    tta = _flag("TTA", "mirror test-time augmentation")
+    bf16 = _flag("BF16", "opt-in bfloat16 arithmetic on the CPU (``veloxseg predict --precision bf16``)")
 
     @property
     def epochs(self):
