@@ -376,9 +376,9 @@ def test_bf16_segments_like_fp32(demo_case):
     assert next(seg.model.parameters()).dtype == torch.bfloat16
     got = seg.predict(images, probabilities=True)
     a, b = sitk.GetArrayFromImage(ref.labels), sitk.GetArrayFromImage(got.labels)
-    assert a.any() and dice_score(a == 1, b == 1) > 0.97
+    assert (a == 1).sum() > 100 and dice_score(a == 1, b == 1) > 0.98  # measured: 1.000 on 557 voxels
     pa, pb = sitk.GetArrayFromImage(ref.probabilities), sitk.GetArrayFromImage(got.probabilities)
-    assert pb.dtype == np.float32 and np.abs(pa - pb).max() < 0.15 and np.abs(pa - pb).mean() < 1e-3
+    assert pb.dtype == np.float32 and np.abs(pa - pb).max() < 0.08 and np.abs(pa - pb).mean() < 1e-4
 
 
 def test_bf16_fast_and_plain_paths_stay_close_to_fp32():
