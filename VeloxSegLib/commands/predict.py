@@ -35,8 +35,9 @@ def register(subparsers) -> None:
                    help="auto: CUDA, then MPS, then CPU (default: auto)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's default)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="CPU arithmetic: fp32 (default) or opt-in bf16, about 1.5x faster on CPUs with "
-                        "AVX512-BF16 or AMX, with logits rounded to bf16 (see docs/inference.md)")
+                   help="CPU arithmetic: fp32 (default) or opt-in bf16, faster on CPUs with AVX512-BF16 or "
+                        "AMX (1.1-1.5x for veloxseg-b in our runs), with logits rounded to bf16 "
+                        "(see docs/inference.md)")
     p.add_argument("--overlap", type=float, metavar="F", help="window overlap in [0, 1) (default: the bundle's)")
     p.add_argument("--blending", choices=("uniform", "gaussian"), help="window blending (default: the bundle's)")
     p.add_argument("--tta", action="store_true", default=None, help="mirror test-time augmentation (8 flips)")

@@ -901,7 +901,8 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         run.progress.emit({"event": "message", "message": msg})
     if init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0 and not st.history \
             and st.start is None:
-        validate_start(run, stop)
+        with stop.handling_signals():
+            validate_start(run, stop)
     train_epochs(run, stop)
     result = TrainResult(None, run.work, st.history, st.best_dice, st.best_epoch, run.validated_on, model=run.model)
     if run.dist.is_main:
