@@ -13,6 +13,7 @@ add atomic writing. See docs/inference.md for the design and its memory budget.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -310,8 +311,8 @@ class Segmenter:
             raise ConfigError(f"cannot predict with a {type(model).__name__}; pass a bundle, its path, or a network")
         self.plan = plan
         self.model = net.to(self.device).eval()
-        if precision == "bf16":
-            self.model = self.model.to(torch.bfloat16)
+        if precision == "bf16":  # a caller's own network is converted on a copy, not in place
+            self.model = (self.model if self.bundle is not None else copy.deepcopy(self.model)).to(torch.bfloat16)
         self.batch_size = int(batch_size) if batch_size else default_batch_size(self.device)
 
     # ---------------------------------------------------------------- inputs

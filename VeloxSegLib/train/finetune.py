@@ -10,9 +10,10 @@ afresh in any case. ``--freeze-encoder`` trains only
 decoder, heads and teachers. With the bundle's own labels, the starting weights are validated
 before the first step: their Dice is the figure to beat (a run in which no epoch beats it keeps
 them, and a ``--target-dice`` they already reach means nothing is trained), and the training
-record keeps it as ``start_val_dice``. The source bundle is only read; the new bundle's training record
-names it as ``parent`` and carries the ``lineage`` (every ancestor's name, command, dataset and
-date, nearest first), so a chain of fine-tunes can be reproduced from the last bundle alone.
+record keeps it as ``start_val_dice``. The source bundle is only read; the new bundle's
+training record names it as ``parent`` and carries the ``lineage`` (every ancestor's name,
+command, dataset and date, nearest first), so a chain of fine-tunes can be reproduced from the
+last bundle alone.
 """
 from __future__ import annotations
 

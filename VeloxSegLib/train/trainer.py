@@ -899,8 +899,7 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                f"the training cases (optimistic)")
         log.warning(msg)
         run.progress.emit({"event": "message", "message": msg})
-    if init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0 and not st.history \
-            and st.start is None:
+    if init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0 and st.start is None:
         with stop.handling_signals():
             validate_start(run, stop)
     train_epochs(run, stop)
