@@ -14,6 +14,13 @@ def test_separable_max_pool_equals_max_pool3d_on_channel_slices(size):
     assert torch.equal(fastops.max_pool_separable(x, size), F.max_pool3d(x, size, size))
 
 
+def _base2_attention(q, k, v, bias, **kw):
+    """fastops.windowed_attention fed as the PWA fast path feeds it: q and bias in log2 units,
+    v transposed with a row of ones."""
+    v1_t = torch.cat([v.transpose(-1, -2), torch.ones_like(v[..., :1]).transpose(-1, -2)], dim=-2)
+    return fastops.windowed_attention(q * fastops.LOG2E, k, v1_t.contiguous(), bias * fastops.LOG2E, **kw)
+
+
 @pytest.mark.parametrize("heads,windows,tokens,dq,dv", [(1, 37, 54, 4, 4), (2, 3, 432, 8, 8), (2, 5, 16, 4, 12)])
 def test_windowed_attention_returns_the_transposed_softmax_product(heads, windows, tokens, dq, dv):
     torch.manual_seed(1)
@@ -22,9 +29,26 @@ def test_windowed_attention_returns_the_transposed_softmax_product(heads, window
     v = torch.randn(2, heads, windows, tokens, dv)
     bias = torch.randn(heads, tokens, tokens)
     ref = torch.softmax(q @ k.transpose(-1, -2) + bias[None, :, None], dim=-1) @ v
-    out = fastops.windowed_attention(q, k, v.transpose(-1, -2).contiguous(), bias, chunk_elems=3 * tokens * tokens)
+    out = _base2_attention(q, k, v, bias, chunk_elems=3 * tokens * tokens)
     assert out.shape == (2, heads, windows, dv, tokens)
     torch.testing.assert_close(out.transpose(-1, -2), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [200.0, -400.0])
+def test_windowed_attention_survives_scores_that_overflow_or_underflow_without_the_max(offset):
+    """Skipping the max subtraction is only safe while 2^scores stays a normal float: chunks
+    with huge or hugely negative scores (here a constant offset, which softmax ignores) must take
+    the max-subtracted route and still give the exact result, not inf or NaN."""
+    torch.manual_seed(4)
+    q = torch.randn(1, 1, 6, 27, 4)
+    k = torch.randn(1, 1, 6, 27, 4)
+    v = torch.randn(1, 1, 6, 27, 4)
+    shifted = torch.randn(1, 27, 27) + offset
+    ref = torch.softmax(q @ k.transpose(-1, -2) + shifted[None, :, None], dim=-1) @ v
+    out = _base2_attention(q, k, v, shifted, chunk_elems=2 * 27 * 27)  # 3 chunks
+    assert torch.isfinite(out).all()
+    # scores of a few hundred carry float32 rounding of ~3e-5 (in either base), hence 1e-4
+    torch.testing.assert_close(out.transpose(-1, -2), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_conv3x3_gemm_equals_conv3d():

@@ -150,14 +150,15 @@ class PairedWindowAttention(nn.Module):
 
 
     def _fast_projection(self, m: int):
-        """q/k/v weights of modality m with the layer-norm affine and the q scale folded in,
-        rows regrouped per window pair as [q_i | k_i | v_i]."""
+        """q/k/v weights of modality m with the layer-norm affine and the q scale folded in (times
+        log2(e): the fast attention works in base 2), rows regrouped per window pair as
+        [q_i | k_i | v_i]."""
         w, b = fastops.fold_affine(self.qkv[m].weight, self.qkv[m].bias, self.norms[m].weight, self.norms[m].bias)
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         cq = self.channels_qk
         w_parts, b_parts = [], []
         for i in range(self.num_pairs):
-            for off, width, scale in ((0, h * dq, self.scale), (cq, h * dq, 1.0), (2 * cq, h * dv, 1.0)):
+            for off, width, scale in ((0, h * dq, self.scale * fastops.LOG2E), (cq, h * dq, 1.0), (2 * cq, h * dv, 1.0)):
                 lo = off + i * width
                 w_parts.append(w[lo:lo + width] * scale)
                 b_parts.append(b[lo:lo + width] * scale)
@@ -180,7 +181,8 @@ class PairedWindowAttention(nn.Module):
         total = sum(counts)
         q = qkv.new_empty(B, h, total, M * L, dq)
         k = qkv.new_empty(B, h, total, M * L, dq)
-        v_t = qkv.new_empty(B, h, total, dv, M * L)  # transposed for the value GEMM
+        v_t = qkv.new_empty(B, h, total, dv + 1, M * L)  # transposed for the value GEMM, plus a row
+        v_t[:, :, :, dv].fill_(1.0)  # of ones that makes the GEMM sum the probabilities too
         start = 0
         for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):
             xi = qkv[:, i * blk:(i + 1) * blk]
@@ -193,11 +195,13 @@ class PairedWindowAttention(nn.Module):
                 tgt = dst[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, M, n0, n1, n2, width)
                 tgt.copy_(src.permute(1, 2, 4, 6, 8, 0, 5, 7, 9, 3))
             src = xv[:, :, 2 * h * dq:2 * h * dq + h * dv].reshape(M, B, h, dv, Nd, n0, Nh, n1, Nw, n2)
-            tgt = v_t[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, dv, M, n0, n1, n2)
+            tgt = v_t[:, :, start:start + counts[i], :dv].unflatten(-1, (M, n0, n1, n2)).unflatten(2, (Nd, Nh, Nw))
             tgt.copy_(src.permute(1, 2, 4, 6, 8, 3, 0, 5, 7, 9))
             start += counts[i]
-        bias = fastops.cached(self, "bias", (self.relative_position_bias_table,), self.relative_position_bias)
-        out = fastops.windowed_attention(q, k, v_t, bias).transpose(-1, -2)  # (B, h, windows, M*L, dv) view
+        bias = fastops.cached(self, "bias2", (self.relative_position_bias_table,),
+                              lambda: self.relative_position_bias() * fastops.LOG2E)
+        out = fastops.windowed_attention(q, k, v_t, bias, scratch=lambda name, shape: fastops.workspace(
+            self, name, shape, qkv)).transpose(-1, -2)  # (B, h, windows, M*L, dv) view
         y = qkv.new_empty(M * B, self.channels_v, D, H, W)
         start = 0
         for i, (big, small) in enumerate(zip(self.bigs, self.smalls)):
