@@ -16,7 +16,8 @@ def test_rounds_let_every_model_use_its_quiet_spell(monkeypatch):
         base = {"monai-unet": 0.4, "veloxseg-b": 0.07}[name] / threads
         slow = 2.0 if (name == "veloxseg-b" and rnd == 1) or (name == "monai-unet" and rnd == 3) else 1.0
         t = base * slow * (1.5 if "plain" in args else 1.0)
-        return {"best_s": t, "median_s": t * 1.1, "peak_rss_mb": 100.0 + rnd}
+        spread = 1.3 if name == "veloxseg-b" else 1.1  # within a round, VeloxSeg's median is further off its best
+        return {"best_s": t, "median_s": t * spread, "peak_rss_mb": 100.0 + rnd}
 
     monkeypatch.setattr(bench, "run_worker", worker)
     rows = bench.patch_benchmark(["monai-unet", "veloxseg-b"], reps=6, progress=lambda m: None, rounds=3,
@@ -29,6 +30,14 @@ def test_rounds_let_every_model_use_its_quiet_spell(monkeypatch):
     assert velox["ratio_1t"] == pytest.approx(0.4 / 0.07) and velox["ratio_2t"] == pytest.approx(0.4 / 0.07)
     assert velox["pps_1t_plain"] == pytest.approx(1 / 0.105)
     assert velox["peak_rss_mb"] == 103.0 and "pps_1t_plain" not in unet
+    # the median-based ratio takes the middle round's median of each (no slow round for either)
+    assert velox["ratio_1t_median"] == pytest.approx((0.4 * 1.1) / (0.07 * 1.3))
+    assert velox["timed_reps"] == unet["timed_reps"] == 6
+    md = bench.render_markdown({"machine": {k: "x" for k in ("cpu", "cores", "memory_gib", "os", "python", "torch",
+                                                             "date")}, "patch": rows})
+    row = next(line for line in md.splitlines() if line.startswith("| veloxseg-b |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:6] == [f"{0.4 / 0.07:.2f}", f"{(0.4 * 1.1) / (0.07 * 1.3):.2f}"] and cells[-1] == "6"
 
 
 def test_bf16_runs_are_reported_against_the_peer_in_both_precisions(monkeypatch):

@@ -10,7 +10,8 @@ def register(subparsers):
                                           "peak memory for every VeloxSeg preset, LightMedSeg and MONAI peers "
                                           "(UNet, SegResNet, SwinUNETR) in the same run.")
     p.add_argument("--models", nargs="+", help="subset of models (default: all)")
-    p.add_argument("--reps", type=int, default=8, help="timed repetitions per model and thread count")
+    p.add_argument("--reps", type=int, default=24,
+                   help="timed repetitions per model and thread count (a quarter for SegResNet and SwinUNETR)")
     p.add_argument("--output", "-o", help="write a markdown table here (and the raw figures as .json)")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON on stdout")
     p.add_argument("--sections", nargs="+", choices=["patch", "wholebody", "training"],
