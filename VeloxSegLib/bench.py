@@ -212,6 +212,8 @@ def render_markdown(result: dict) -> str:
         "which every model runs in turn, so slow spells of the (shared) machine fall on all models alike.",
         "Ratios are against MONAI UNet measured in the same run; \"x UNet (medians)\" compares the median",
         "round times instead of the best ones (memory-bound networks lose more than UNet in slow spells).",
+        "Workers run with the `veloxseg` command's malloc settings (`keep_freed_memory`, docs/inference.md),",
+        "every model alike.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
         f"torch {m['torch']}; {m['date']}.",
@@ -300,6 +302,9 @@ def run(models: Optional[List[str]] = None, reps: int = 24, output: Optional[str
 
 
 def _worker_main(argv: List[str]) -> None:
+    from .infer.device import keep_freed_memory
+
+    keep_freed_memory()  # the allocator settings of the ``veloxseg`` command, for every model alike
     kind, name = argv[0], argv[1]
     if kind == "count":
         print(json.dumps(count(name)))

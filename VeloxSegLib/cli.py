@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .infer.device import keep_freed_memory
+
+    keep_freed_memory()  # sliding windows re-allocate the same activations: no page fault per window
     try:
         return int(args.func(args) or 0)
     except VeloxSegError as exc:
