@@ -138,3 +138,17 @@ def test_head_gives_identical_results_when_called_again_with_its_reused_buffers(
         head(x2)  # another input through the same scratch buffers
         again = head(x1)
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("chunk_elems", [1, 3 * 6 * 128 * 2 * 5, 1 << 30])
+def test_winograd_head_gives_the_same_numbers_whatever_depth_chunks_it_goes_over(chunk_elems):
+    """Chunks of 1 slice, of 3 slices (7 = 3 + 3 + 1: a ragged last chunk) and all at once: the
+    same sums, up to the BLAS kernel's summation order for another GEMM width."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 5, 7, 8, 5)
+    w = torch.randn(128, 5, 3, 3, 3) * 0.2
+    b = torch.randn(128)
+    wp = fastops.winograd_head_weight(w)
+    whole = fastops.conv3x3_shuffle_winograd(x, wp, b, 4, chunk_elems=1 << 30)
+    torch.testing.assert_close(fastops.conv3x3_shuffle_winograd(x, wp, b, 4, chunk_elems=chunk_elems), whole,
+                               rtol=1e-5, atol=2e-5)

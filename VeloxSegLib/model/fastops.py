@@ -258,7 +258,7 @@ def winograd_head_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def conv3x3_shuffle_winograd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, r: int,
-                             scratch=None) -> torch.Tensor:
+                             scratch=None, chunk_elems: int = 1 << 18) -> torch.Tensor:
     """Dense 3x3x3 convolution (padding 1) followed by a 3D pixel shuffle by r, in one piece.
 
     The convolution uses Winograd F(4, 3) along the height axis: every 4 output rows come from
@@ -267,14 +267,18 @@ def conv3x3_shuffle_winograd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tens
     VeloxSeg-B's MACs). Output transform, bias and pixel shuffle are fused into one strided copy
     whose inner axes stay those of the plain pixel shuffle. Rounding differs from the direct
     convolution by a few 1e-6 relative (the fast-path test bounds the whole network at 1e-4).
-    Needs the height to be a multiple of 4 (see :data:`WINO_TILE`). ``scratch(name, shape)``
-    supplies reusable temporaries (see :func:`workspace`); by default they are allocated.
+    Needs the height to be a multiple of 4 (see :data:`WINO_TILE`). The GEMM, the transform and
+    the copy go over a few depth slices at a time (``chunk_elems`` floats of GEMM output, about
+    1 MB), so the GEMM's output is still in cache when the transform reads it.
+    ``scratch(name, shape)`` supplies reusable temporaries (see :func:`workspace`); by default
+    they are allocated.
     """
     b, c, d, h, w = x.shape
     o = wp.shape[1]
     k = o // r ** 3
     nt = h // WINO_TILE
-    n = d * nt * w
+    per_slice = nt * w  # GEMM columns per depth slice
+    step = max(1, min(d, chunk_elems // (6 * o * per_slice)))
     scratch = scratch or (lambda name, shape: x.new_empty(shape))
     y = x.new_empty(b, k, d * r, h * r, w * r)
     for bi in range(b):
@@ -284,23 +288,29 @@ def conv3x3_shuffle_winograd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tens
                          2 * (t3 - t1) + t4 - t2, 2 * (t1 - t3) + t4 - t2, 4 * t1 - 5 * t3 + t5])
         slab = scratch("slab", (6, 9 * c, d, nt, w))
         torch.cat([u[:, :, i:i + d, :, j:j + w] for i in range(3) for j in range(3)], dim=1, out=slab)
-        m = torch.bmm(wp, slab.view(6, 9 * c, n), out=scratch("m", (6, o, n)))
-        pairs = scratch("pairs", (4, o, n))
-        s12, d12, s34, d34 = pairs.unbind(0)
-        torch.add(m[1], m[2], out=s12)
-        torch.sub(m[1], m[2], out=d12)
-        torch.add(m[3], m[4], out=s34)
-        torch.sub(m[3], m[4], out=d34)
-        z = scratch("z", (WINO_TILE, o, n))
-        torch.add(s12, s34, out=z[0]).add_(m[0])
-        torch.add(d12, d34, alpha=2, out=z[1])
-        torch.add(s12, s34, alpha=4, out=z[2])
-        torch.add(d12, d34, alpha=8, out=z[3]).add_(m[5])
-        if bias is not None:
-            z.add_(bias.view(1, o, 1))
-        # y (k, d, s1, t, e, s2, w, s3) <- z (e, k, s1, s2, s3, d, t, w)
-        y[bi].view(k, d, r, nt, WINO_TILE, r, w, r).copy_(
-            z.view(WINO_TILE, k, r, r, r, d, nt, w).permute(1, 5, 2, 6, 0, 3, 7, 4))
+        slab = slab.view(6, 9 * c, d, per_slice)
+        yv = y[bi].view(k, d, r, nt, WINO_TILE, r, w, r)
+        m_buf = scratch("m", (6, o, step * per_slice))
+        pairs_buf = scratch("pairs", (4, o, step * per_slice))
+        z_buf = scratch("z", (WINO_TILE, o, step * per_slice))
+        for d0 in range(0, d, step):
+            d1 = min(d, d0 + step)
+            n = (d1 - d0) * per_slice
+            m = torch.bmm(wp, slab[:, :, d0:d1].reshape(6, 9 * c, n), out=m_buf[:, :, :n])
+            s12, d12, s34, d34 = pairs_buf[:, :, :n].unbind(0)
+            torch.add(m[1], m[2], out=s12)
+            torch.sub(m[1], m[2], out=d12)
+            torch.add(m[3], m[4], out=s34)
+            torch.sub(m[3], m[4], out=d34)
+            z = z_buf[:, :, :n]
+            torch.add(s12, s34, out=z[0]).add_(m[0])
+            torch.add(d12, d34, alpha=2, out=z[1])
+            torch.add(s12, s34, alpha=4, out=z[2])
+            torch.add(d12, d34, alpha=8, out=z[3]).add_(m[5])
+            if bias is not None:
+                z.add_(bias.view(1, o, 1))
+            # y (k, d, s1, t, e, s2, w, s3) <- z (e, k, s1, s2, s3, d, t, w)
+            yv[:, d0:d1].copy_(z.view(WINO_TILE, k, r, r, r, d1 - d0, nt, w).permute(1, 5, 2, 6, 0, 3, 7, 4))
     return y
 
 
