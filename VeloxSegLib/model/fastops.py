@@ -11,7 +11,7 @@ PyTorch's CPU instance norm 4x slower than two plain passes; the pixel-shuffle h
 MACs) at the GEMM floor, so it now does half the multiply-adds through Winograd F(4, 3); and page
 faults on the head's fresh temporaries doubling its time, so it reuses them. A third round: the
 softmax is bound by ``exp``, and ``exp2`` is 2.7x faster, so attention runs in base 2 and takes its
-row sums from the value GEMM.
+row sums from the value GEMM; PyTorch's group norm (one channel per group) beats the two passes.
 """
 from __future__ import annotations
 
@@ -104,15 +104,13 @@ def channel_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def instance_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` for a plain ``InstanceNorm3d`` (no affine, no running statistics), computed as
-    two passes over each (sample, channel) row: 4x faster than PyTorch's CPU instance norm, which
-    goes through batch norm, for maps of 8^3 voxels and more. Other norms run as themselves."""
-    if (not isinstance(norm, torch.nn.InstanceNorm3d) or norm.affine or norm.track_running_stats
-            or x[0, 0].numel() < 512):
+    a group norm with one channel per group: the same normalization, and PyTorch's CPU group norm
+    kernel is 1.6-4x faster than two plain passes over each (sample, channel) row, which were
+    themselves 4x faster than its instance norm (it goes through batch norm). Other norms run as
+    themselves."""
+    if not isinstance(norm, torch.nn.InstanceNorm3d) or norm.affine or norm.track_running_stats:
         return norm(x)
-    rows = x.reshape(x.shape[0] * x.shape[1], -1)
-    d = rows - rows.mean(1, keepdim=True)
-    var = (d * d).mean(1, keepdim=True)
-    return d.mul_(torch.rsqrt(var.add_(norm.eps))).view(x.shape)
+    return F.group_norm(x, x.shape[1], eps=norm.eps)
 
 
 def fold_affine(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor):
