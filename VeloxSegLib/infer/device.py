@@ -111,9 +111,9 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
     at 96^3). glibc's default returns many of them to the system, so the next window takes a
     page fault for every 4 KB it touches again: 580-2,500 per 96^3 forward pass (measured over
     20 passes), kernel page zeroing that costs most in slow spells (median pass time 5% higher).
-    With these limits (the ceilings glibc's own adaptive limits grow to) about 100 remain. The cost: up to ``trim_mb`` MB of freed memory
-    stays with the process. The ``veloxseg`` command sets this for itself (the Slicer panel runs
-    it); library users may call it. Skipped when ``VELOXSEG_MALLOC=default`` or when the user
+    With these limits (the ceilings glibc's own adaptive limits grow to) about 100 remain. The
+    cost: up to ``trim_mb`` MB of freed memory stays with the process. The ``veloxseg`` command
+    sets this for itself (the Slicer panel runs it); library users may call it. Skipped when ``VELOXSEG_MALLOC=default`` or when the user
     tuned malloc through ``MALLOC_*`` or ``GLIBC_TUNABLES``.
     """
     if not sys.platform.startswith("linux") or os.environ.get("VELOXSEG_MALLOC", "").lower() == "default":
@@ -122,7 +122,7 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (an AttributeError unless this is glibc, not musl)
+        libc.gnu_get_libc_version  # noqa: B018 (AttributeError unless glibc, e.g. on musl)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

@@ -157,8 +157,9 @@ class PairedWindowAttention(nn.Module):
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         cq = self.channels_qk
         w_parts, b_parts = [], []
+        q_scale = self.scale * fastops.LOG2E
         for i in range(self.num_pairs):
-            for off, width, scale in ((0, h * dq, self.scale * fastops.LOG2E), (cq, h * dq, 1.0), (2 * cq, h * dv, 1.0)):
+            for off, width, scale in ((0, h * dq, q_scale), (cq, h * dq, 1.0), (2 * cq, h * dv, 1.0)):
                 lo = off + i * width
                 w_parts.append(w[lo:lo + width] * scale)
                 b_parts.append(b[lo:lo + width] * scale)
