@@ -113,8 +113,9 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
     20 passes), kernel page zeroing that costs most in slow spells (median pass time 5% higher).
     With these limits (the ceilings glibc's own adaptive limits grow to) about 100 remain. The
     cost: up to ``trim_mb`` MB of freed memory stays with the process. The ``veloxseg`` command
-    sets this for itself (the Slicer panel runs it); library users may call it. Skipped when ``VELOXSEG_MALLOC=default`` or when the user
-    tuned malloc through ``MALLOC_*`` or ``GLIBC_TUNABLES``.
+    sets this for itself (the Slicer panel runs it); library users may call it. Skipped when
+    ``VELOXSEG_MALLOC=default`` or when the user tuned malloc through ``MALLOC_*`` or
+    ``GLIBC_TUNABLES``.
     """
     if not sys.platform.startswith("linux") or os.environ.get("VELOXSEG_MALLOC", "").lower() == "default":
         return False
