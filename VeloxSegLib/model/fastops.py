@@ -177,7 +177,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v1_t: torch.Tensor, bia
 
     Inputs are in log2 units: ``q`` already carries the 1/sqrt(d) scale times log2(e) and
     ``bias2`` (heads, T, T) is the bias times log2(e), so the probabilities are
-    2^s / sum 2^s, the same numbers as the natural-base softmax; ``exp2`` runs 2.5x faster than
+    2^s / sum 2^s, the same numbers as the natural-base softmax; ``exp2`` runs 2.7x faster than
     ``exp`` on CPU. ``v1_t`` is v transposed with one extra row of ones, (B, heads, windows,
     dv + 1, T): the value GEMM then also yields every row's sum, so the T x T probabilities are
     never normalized (the dv x T result is). The usual max subtraction, which only guards
@@ -203,8 +203,8 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v1_t: torch.Tensor, bia
                 qc, kc, vc = q[bi, hi, w0:w1], k[bi, hi, w0:w1].transpose(1, 2), v1_t[bi, hi, w0:w1]
                 torch.baddbmm(bh.expand(w1 - w0, t, t), qc, kc, out=s).exp2_()
                 torch.bmm(vc, s.transpose(1, 2), out=r)
-                lo, hi_ = torch.aminmax(r[:, dv])
-                if not (lo.item() >= _SUM_MIN and hi_.item() < math.inf):
+                low, high = torch.aminmax(r[:, dv])  # the row sums
+                if not (low.item() >= _SUM_MIN and high.item() < math.inf):
                     torch.baddbmm(bh.expand(w1 - w0, t, t), qc, kc, out=s)
                     s.sub_(s.amax(-1, keepdim=True)).exp2_()
                     torch.bmm(vc, s.transpose(1, 2), out=r)
