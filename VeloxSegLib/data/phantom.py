@@ -40,7 +40,6 @@ PET_CENTRE_SHIFT_MM = (2.3, -3.1, 1.7)
 PET_PSF_FWHM_MM = 7.0
 
 
-
 @dataclass(frozen=True)
 class Scanner:
     """How a PET/CT scanner and protocol image the phantom: PET voxel size (relative to the CT

@@ -96,9 +96,6 @@ def default_batch_size(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-__all__ = ["DEVICES", "resolve_device", "set_threads", "autocast", "is_oom", "empty_cache", "default_batch_size"]
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -129,3 +126,7 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_mb << 20))
+
+
+__all__ = ["DEVICES", "resolve_device", "set_threads", "autocast", "cpu_has_native_bf16", "is_oom", "empty_cache",
+           "default_batch_size", "keep_freed_memory"]
