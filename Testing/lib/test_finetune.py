@@ -277,3 +277,66 @@ def test_a_target_the_parent_already_reaches_trains_nothing(two_cases, source_bu
     assert m["target_met_at_start"] is True and m["reached_target_at_epoch"] is None
     assert (m["weights"], m["val_dice"], m["train_seconds"]) == ("start", 0.8, 0)
     assert _same_weights(source_bundle, tmp_path / "met")
+
+
+def test_finetune_at_another_patch_size_relays_only_the_position_bias_tables(two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+
+    src = load_bundle(source_bundle)
+    old_patch = tuple(src.meta["model"]["patch_size"])  # z, y, x
+    xyz = (64, 64, 32)
+    assert tuple(reversed(xyz)) != old_patch
+    before = _tree_hashes(source_bundle)
+    rc, records = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "other-patch"),
+                             "--patch-size", *map(str, xyz), "--epochs", "1", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    assert _tree_hashes(source_bundle) == before
+    new = load_bundle(tmp_path / "other-patch")
+    assert tuple(new.meta["model"]["patch_size"]) == (32, 64, 64)  # stored z, y, x like every bundle
+    notes = json.loads(new.meta["training"]["notes"])
+    assert notes["parent_patch_size"] == list(old_patch)
+    old_state, new_shapes = src.state_dict(), {k: v.shape for k, v in new.build_model().state_dict().items()}
+    changed = {k for k in old_state if k in new_shapes and new_shapes[k] != old_state[k].shape}
+    assert changed and set(notes["bias_tables_resized"]) == changed
+    assert all(k.endswith("relative_position_bias_table") for k in changed)
+    assert any(r["event"] == "start_validation" for r in records)  # the re-laid start is the figure to beat
+    net = new.build_model().eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 2, 32, 64, 64)).shape == (1, 2, 32, 64, 64)
+
+
+def test_adapting_to_a_patch_size_keeps_every_other_tensor(source_bundle):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.model.pwa import relative_position_index
+    from VeloxSegLib.train.finetune import adapt_to_patch_size
+
+    src = load_bundle(source_bundle)
+    old = src.state_dict()
+    new, resized = adapt_to_patch_size(old, src.meta["model"], src.num_classes, (96, 64, 64))
+    assert resized and set(new) == set(old)
+    assert all(torch.equal(new[k], old[k]) for k in old if k not in resized)
+    net = src.build_model()
+    attn = dict(net.named_modules())[resized[0].rsplit(".", 1)[0]]
+    n_old = attn.tokens_per_axis
+    n_new = (3, 2, 2) if resized[0].startswith(("attn_stages.0", "attn_stages.2", "attn_stages.3")) else (6, 4, 4)
+    # the bias between two tokens of the old window is the bias between them in the new one
+    heads = old[resized[0]].shape[1]
+    L_old, L_new = len(relative_position_index(n_old)), len(relative_position_index(n_new))
+    b_old = old[resized[0]][relative_position_index(n_old).reshape(-1)].reshape(L_old, L_old, heads)
+    b_new = new[resized[0]][relative_position_index(n_new).reshape(-1)].reshape(L_new, L_new, heads)
+    pos_new = {tuple(c): i for i, c in enumerate(torch.cartesian_prod(*[torch.arange(k) for k in n_new]).tolist())}
+    coords_old = torch.cartesian_prod(*[torch.arange(k) for k in n_old]).tolist()
+    keep = [pos_new[tuple(c)] for c in coords_old]
+    assert torch.equal(b_new[keep][:, keep], b_old)
+
+
+def test_finetune_refuses_a_patch_size_the_windows_cannot_tile_and_writes_nothing(two_cases, source_bundle,
+                                                                                 tmp_path):
+    from VeloxSegLib.errors import ConfigError
+    from VeloxSegLib.train.finetune import run_finetune
+
+    before = _tree_hashes(source_bundle)
+    with pytest.raises(ConfigError, match=r"patch size 40 40 40 \(x y z\).*multiple of 32"):
+        run_finetune(source_bundle, two_cases, tmp_path / "x", patch_size=(40, 40, 40))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
+    assert _tree_hashes(source_bundle) == before

@@ -1,4 +1,5 @@
 """The VeloxSeg network: presets, sizes, windows, JL rule, training outputs and the fast path."""
+import itertools
 import math
 
 import pytest
@@ -213,3 +214,24 @@ def test_veloxseg_b_overfits_one_synthetic_case():
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("old_n, new_n", [((2, 2, 2), (3, 3, 3)), ((2, 2, 1), (3, 4, 2)), ((6, 6, 6), (4, 4, 4)),
+                                          ((4, 4, 2), (6, 6, 3))])
+def test_bias_table_resizing_keeps_every_shared_offset_and_extends_the_edges(old_n, new_n):
+    from VeloxSegLib.model.pwa import resize_relative_position_bias_table
+
+    heads = 2
+    old_shape = [2 * k - 1 for k in old_n]
+    table = torch.randn(math.prod(old_shape), heads)
+    new = resize_relative_position_bias_table(table, old_n, new_n)
+    assert new.shape == (math.prod(2 * k - 1 for k in new_n), heads)
+    g_old, g_new = table.reshape(*old_shape, heads), new.reshape(*[2 * k - 1 for k in new_n], heads)
+    for off in itertools.product(*[range(-(k - 1), k) for k in new_n]):  # every offset of the new window
+        nearest = [min(max(o, -(k - 1)), k - 1) for o, k in zip(off, old_n)]  # = off when the old table has it
+        want = g_old[tuple(o + k - 1 for o, k in zip(nearest, old_n))]
+        assert torch.equal(g_new[tuple(o + k - 1 for o, k in zip(off, new_n))], want)
+    if all(n >= o for n, o in zip(new_n, old_n)):  # growing then cutting back gives the table back
+        assert torch.equal(resize_relative_position_bias_table(new, new_n, old_n), table)
+    with pytest.raises(ValueError, match="does not fit"):
+        resize_relative_position_bias_table(table[:-1], old_n, new_n)

@@ -10,13 +10,16 @@ def register(subparsers):
     p = subparsers.add_parser(
         "finetune", help="fine-tune a bundle on local cases (nnU-Net raw format) into a new bundle",
         description=(
-            "Start from a bundle's weights and train on local cases with the bundle's spacing, patch size and "
-            "normalization. A dataset with other labels than the bundle re-initializes only the segmentation "
+            "Start from a bundle's weights and train on local cases with the bundle's spacing, patch size (unless "
+            "--patch-size changes it) and normalization. A dataset with other labels than the bundle re-initializes only the segmentation "
             "heads. Works with as few as 2 cases (then validation uses the training cases, and says so). The "
             "new bundle's training record names its parent; the source bundle is never modified."))
     p.add_argument("-m", "--model", required=True, help="source bundle: folder, .zip or installed name")
     p.add_argument("dataset", help="nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only decoder, heads (and teachers)")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="train (and predict) at this patch size instead of the bundle's; the attention windows "
+                        "follow it, and each position-bias table keeps the bias of every offset both windows share")
     add_run_arguments(p, epochs=FINETUNE_EPOCHS, iterations=FINETUNE_ITERATIONS, lr=FINETUNE_LR, val_every=1)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -28,5 +31,6 @@ def run(args) -> int:
     args.model_preset = None
     config = config_from_args(args, freeze_encoder=args.freeze_encoder)
     return execute(args, lambda progress, stop: run_finetune(
-        args.model, args.dataset, args.output, config, resume=args.resume, work_dir=args.work_dir,
+        args.model, args.dataset, args.output, config,
+        patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, resume=args.resume, work_dir=args.work_dir,
         progress=progress, stop=stop, command=command_line(args)))

@@ -36,6 +36,32 @@ def relative_position_index(n: Sequence[int]) -> torch.Tensor:
     return (rel * mult).sum(-1)
 
 
+def resize_relative_position_bias_table(table: torch.Tensor, old_n: Sequence[int],
+                                        new_n: Sequence[int]) -> torch.Tensor:
+    """A bias table for ``old_n`` tokens per axis, re-laid for ``new_n`` tokens per axis.
+
+    Entries are indexed by relative offset (``relative_position_index``), and an offset is the
+    same distance on the feature grid at any window size, so every offset both tables hold keeps
+    its learned bias exactly: the old table goes to the centre of the new one (or the new one is
+    cut from the old one's centre). Offsets the old table never held take the value of the
+    nearest offset it did (edge replication). ``table`` is ((2n0-1)(2n1-1)(2n2-1), heads).
+    """
+    old_n, new_n = tuple(int(v) for v in old_n), tuple(int(v) for v in new_n)
+    old_shape = tuple(2 * k - 1 for k in old_n)
+    if table.ndim != 2 or table.shape[0] != math.prod(old_shape):
+        raise ValueError(f"bias table of shape {tuple(table.shape)} does not fit {old_n} tokens per axis")
+    heads = table.shape[1]
+    grid = table.detach().reshape(*old_shape, heads).permute(3, 0, 1, 2)  # (heads, 2n0-1, 2n1-1, 2n2-1)
+    for axis, (o, n) in enumerate(zip(old_n, new_n)):
+        d = n - o
+        if d < 0:  # keep the central offsets -(n-1)..(n-1)
+            grid = grid.narrow(axis + 1, -d, 2 * n - 1)
+        elif d > 0:  # replicate the outermost offsets outward, d on each side
+            idx = torch.arange(-d, 2 * o - 1 + d).clamp(0, 2 * o - 2)
+            grid = grid.index_select(axis + 1, idx)
+    return grid.permute(1, 2, 3, 0).reshape(-1, heads).contiguous().to(table.dtype)
+
+
 class PairedWindowAttention(nn.Module):
     """Multimodal PWA: paired-window gathering, one grouped attention over all pairs and
     modalities, trilinear scattering and a per-modality mixer with residual (paper Eq. 3-6).

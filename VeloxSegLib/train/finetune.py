@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from ..bundle import training_notes
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .trainer import HEAD_PREFIXES, RunSetup, TrainConfig, TrainResult, run_training
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,42 @@ def lineage_of(meta: dict) -> List[dict]:
     return [entry] + [e for e in (earlier if isinstance(earlier, list) else []) if isinstance(e, dict)]
 
 
-def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, **kwargs) -> TrainResult:
+def adapt_to_patch_size(weights: Dict[str, torch.Tensor], model_meta: dict, num_classes: int,
+                        patch_size: Sequence[int]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The bundle weights ``weights`` (of the network ``model_meta`` describes) made to fit the
+    same network built for ``patch_size`` (z, y, x). The attention windows follow the patch size,
+    so only the relative-position bias tables can change shape: each is re-laid for the new
+    window (:func:`~VeloxSegLib.model.pwa.resize_relative_position_bias_table`, every offset both
+    windows share keeps its bias). Returns the new weights and the names of the tables resized."""
+    from ..model import build_model
+    from ..model.pwa import PairedWindowAttention, resize_relative_position_bias_table
+
+    def windows(patch):
+        try:
+            net = build_model(model_meta["name"], in_channels=tuple(model_meta["in_channels"]),
+                              num_classes=num_classes, patch_size=tuple(patch),
+                              **dict(model_meta.get("overrides") or {}))
+        except ValueError as exc:
+            raise ConfigError(f"patch size {' '.join(str(v) for v in reversed(tuple(patch)))} (x y z): {exc}") from exc
+        return {f"{name}.relative_position_bias_table": mod.tokens_per_axis
+                for name, mod in net.named_modules() if isinstance(mod, PairedWindowAttention)}
+
+    old, new = windows(model_meta["patch_size"]), windows(patch_size)
+    out, resized = dict(weights), []
+    for key, n_new in new.items():
+        n_old = old.get(key)
+        if key in out and n_old is not None and tuple(n_old) != tuple(n_new):
+            out[key] = resize_relative_position_bias_table(out[key], n_old, n_new)
+            resized.append(key)
+    return out, resized
+
+
+def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
+                 patch_size: Optional[Sequence[int]] = None, **kwargs) -> TrainResult:
     """Fine-tune ``bundle`` (path or name) on the nnU-Net raw ``dataset``; write ``output``.
 
+    ``patch_size`` (z, y, x) trains at another patch size than the bundle's: the attention
+    windows follow it and the position-bias tables are re-laid (:func:`adapt_to_patch_size`).
     ``kwargs`` go to :func:`trainer.run_training` (progress, stop, resume, work_dir, command).
     """
     from ..bundle import load_bundle
@@ -107,15 +142,23 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, 
     labels, same = _labels_for(ds, meta["labels"])
     _inherit_loss_settings(config, meta)
     m = meta["model"]
+    patch = tuple(int(v) for v in (patch_size if patch_size is not None else m["patch_size"]))
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
-                     patch_size=tuple(m["patch_size"]), spacing=tuple(meta["spacing"]),
+                     patch_size=patch, spacing=tuple(meta["spacing"]),
                      channels=[dict(c) for c in meta["channels"]], labels=labels,
                      batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}))
     weights = src.state_dict()
     sha = _weights_sha256(src)
+    resized: List[str] = []
+    if patch != tuple(m["patch_size"]):
+        weights, resized = adapt_to_patch_size(weights, m, len(meta["labels"]), patch)
+        log.info("patch size %s instead of the bundle's %s: %d position-bias table(s) re-laid for the new windows",
+                 "x".join(map(str, patch)), "x".join(map(str, m["patch_size"])), len(resized))
     notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,
              "heads_reinitialized": not same, "parent_labels": [lb["name"] for lb in meta["labels"]],
              "lineage": lineage_of(meta)}
+    if patch != tuple(m["patch_size"]):
+        notes.update({"parent_patch_size": list(m["patch_size"]), "bias_tables_resized": resized})
     if not same:
         log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
     if config.description is None:
@@ -125,4 +168,4 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None, 
                         reinit_prefixes=() if same else HEAD_PREFIXES, parent=src.name, notes=notes, **kwargs)
 
 
-__all__ = ["run_finetune", "lineage_of", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]
+__all__ = ["run_finetune", "adapt_to_patch_size", "lineage_of", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]
