@@ -11,8 +11,8 @@ def register(subparsers):
         "finetune", help="fine-tune a bundle on local cases (nnU-Net raw format) into a new bundle",
         description=(
             "Start from a bundle's weights and train on local cases with the bundle's spacing, patch size (unless "
-            "--patch-size changes it) and normalization. A dataset with other labels than the bundle re-initializes only the segmentation "
-            "heads. Works with as few as 2 cases (then validation uses the training cases, and says so). The "
+            "--patch-size changes it) and normalization. A dataset with other labels than the bundle re-initializes "
+            "only the segmentation heads. Works with as few as 2 cases (then validation uses the training cases, and says so). The "
             "new bundle's training record names its parent; the source bundle is never modified."))
     p.add_argument("-m", "--model", required=True, help="source bundle: folder, .zip or installed name")
     p.add_argument("dataset", help="nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr)")
@@ -32,5 +32,5 @@ def run(args) -> int:
     config = config_from_args(args, freeze_encoder=args.freeze_encoder)
     return execute(args, lambda progress, stop: run_finetune(
         args.model, args.dataset, args.output, config,
-        patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, resume=args.resume, work_dir=args.work_dir,
-        progress=progress, stop=stop, command=command_line(args)))
+        patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, resume=args.resume,
+        work_dir=args.work_dir, progress=progress, stop=stop, command=command_line(args)))

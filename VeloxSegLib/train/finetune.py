@@ -2,9 +2,10 @@
 
 The new run starts from the bundle's weights and keeps everything the bundle fixed at planning
 time (model, patch size, spacing, per-channel normalization with its stored statistics), so the
-network keeps seeing inputs scaled as it was trained. When the dataset's labels differ from the
-bundle's (other names or another number of classes), only the segmentation heads (the pixel
-shuffle head and the deep-supervision heads) start afresh; training-only modules absent from
+network keeps seeing inputs scaled as it was trained; only ``patch_size`` may be changed (the
+attention windows follow it, and the position-bias tables are re-laid: ``adapt_to_patch_size``).
+When the dataset's labels differ from the bundle's (other names or another number of classes),
+only the segmentation heads (the pixel shuffle head and the deep-supervision heads) start afresh; training-only modules absent from
 the bundle (bundles store inference weights: texture teachers, deep-supervision heads) start
 afresh in any case. ``--freeze-encoder`` trains only
 decoder, heads and teachers. With the bundle's own labels, the starting weights are validated
