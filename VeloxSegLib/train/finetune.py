@@ -5,12 +5,12 @@ The new run starts from the bundle's weights and keeps everything the bundle fix
 keeps seeing inputs scaled as it was trained; only ``patch_size`` may be changed (the attention
 windows follow it, and the position-bias tables are re-laid: ``adapt_to_patch_size``). When the
 dataset's labels differ from the bundle's (other names or another number of classes), only the
-segmentation heads (the pixel shuffle head and the deep-supervision heads) start afresh; training-
-only modules absent from the bundle (bundles store inference weights: texture teachers, deep-
-supervision heads) start afresh in any case. ``--freeze-encoder`` trains only decoder, heads and
-teachers. With the bundle's own labels, the starting weights are validated before the first step:
-their Dice is the figure to beat (a run in which no epoch beats it keeps them, and a ``--target-
-dice`` they already reach means nothing is trained), and the training record keeps it as
+segmentation heads (the pixel shuffle head and the deep-supervision heads) start afresh;
+training-only modules absent from the bundle (bundles store inference weights: texture teachers,
+deep-supervision heads) start afresh in any case. ``--freeze-encoder`` trains only decoder, heads
+and teachers. With the bundle's own labels, the starting weights are validated before the first
+step: their Dice is the figure to beat (a run in which no epoch beats it keeps them, and a
+``--target-dice`` they already reach means nothing is trained), and the training record keeps it as
 ``start_val_dice``. The source bundle is only read; the new bundle's training record names it as
 ``parent`` and carries the ``lineage`` (every ancestor's name, command, dataset and date, nearest
 first), so a chain of fine-tunes can be reproduced from the last bundle alone.
