@@ -149,16 +149,14 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
                      batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}))
     weights = src.state_dict()
     sha = _weights_sha256(src)
-    resized: List[str] = []
-    if patch != tuple(m["patch_size"]):
-        weights, resized = adapt_to_patch_size(weights, m, len(meta["labels"]), patch)
-        log.info("patch size %s instead of the bundle's %s: %d position-bias table(s) re-laid for the new windows",
-                 "x".join(map(str, patch)), "x".join(map(str, m["patch_size"])), len(resized))
     notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,
              "heads_reinitialized": not same, "parent_labels": [lb["name"] for lb in meta["labels"]],
              "lineage": lineage_of(meta)}
     if patch != tuple(m["patch_size"]):
+        weights, resized = adapt_to_patch_size(weights, m, len(meta["labels"]), patch)
         notes.update({"parent_patch_size": list(m["patch_size"]), "bias_tables_resized": resized})
+        log.info("patch size %s instead of the bundle's %s: %d position-bias table(s) re-laid for the new windows",
+                 "x".join(map(str, patch)), "x".join(map(str, m["patch_size"])), len(resized))
     if not same:
         log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
     if config.description is None:
