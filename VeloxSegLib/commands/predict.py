@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's default)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="CPU arithmetic: fp32 (default) or opt-in bf16, faster on CPUs with AVX512-BF16 or "
-                        "AMX (1.1-1.2x over fp32 for veloxseg-b in our runs), with logits rounded to bf16 "
+                        "AMX (1.1-1.3x over fp32 for veloxseg-b in our runs), with logits rounded to bf16 "
                         "(see docs/inference.md)")
     p.add_argument("--overlap", type=float, metavar="F", help="window overlap in [0, 1) (default: the bundle's)")
     p.add_argument("--blending", choices=("uniform", "gaussian"), help="window blending (default: the bundle's)")

@@ -269,7 +269,7 @@ class Segmenter:
         name (loaded with ``VeloxSegLib.bundle.load_bundle``), or a torch module (then ``plan``
         is required).
     precision: ``"fp32"`` (default) or ``"bf16"``: opt-in bfloat16 weights and activations on
-        the CPU (1.1-1.2x faster than fp32 for veloxseg-b on CPUs with AVX512-BF16 or AMX in our
+        the CPU (1.1-1.3x faster than fp32 for veloxseg-b on CPUs with AVX512-BF16 or AMX in our
         runs, see docs/benchmarks.md; logits differ from fp32 by bf16 rounding, see
         docs/inference.md). On a GPU the network runs under float16 autocast as usual, and
         ``"bf16"`` is ignored with a warning.
