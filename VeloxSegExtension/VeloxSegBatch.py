@@ -40,7 +40,8 @@ def parse_args(argv):
     parser.add_argument("-o", "--output", required=True, help=".seg.nrrd file, or a folder for a folder of cases")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation")
+    parser.add_argument("--tta", action="store_true",
+                        help="mirror test-time augmentation along the axes the model was mirrored along in training")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="CPU arithmetic: bf16 is faster on CPUs with AVX512-BF16 or AMX (see docs/inference.md)")
     parser.add_argument("--subprocess", action="store_true", help="run the network in a child process (as the panel does)")

@@ -57,10 +57,15 @@ MODELS_ENV = "VELOXSEG_MODELS"
 
 NORMALIZATION_SCHEMES = ("ct", "pet_zscore_body", "pet_suv", "zscore_nonzero", "none")
 BLENDING_MODES = ("uniform", "gaussian")
+#: Image axes a bundle's mirror TTA may flip ("x", "y", "z": ITK/NIfTI index axes; "z" is the slice axis).
+MIRROR_AXES = ("x", "y", "z")
 INFERENCE_DEFAULTS = {
     "overlap": 0.25,
     "blending": "uniform",
     "tta": False,
+    # The axes the network was mirrored along in training (what TTA may average over). A bundle
+    # without the field was trained by our trainer, whose augmentation flips z only.
+    "tta_axes": ["z"],
     "min_component_mm3": 0.0,
     "crop_to_body": True,
 }
@@ -341,6 +346,13 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
         inf_out["blending"] = inf["blending"]
     if "tta" in inf:
         inf_out["tta"] = ck.boolean(inf["tta"], "inference.tta")
+    if "tta_axes" in inf:
+        axes = ck.array(inf["tta_axes"], "inference.tta_axes")
+        if any(a not in MIRROR_AXES for a in axes) or len(set(axes)) != len(axes):
+            ck.fail("inference.tta_axes", f"must list distinct axes out of {', '.join(MIRROR_AXES)} "
+                                          f"(got {json.dumps(axes)})")
+        inf_out["tta_axes"] = sorted(axes, key=MIRROR_AXES.index)
+    inf_out["tta_axes"] = list(inf_out["tta_axes"])
     if "min_component_mm3" in inf:
         inf_out["min_component_mm3"] = ck.number(inf["min_component_mm3"], "inference.min_component_mm3", lo=0)
     if "crop_to_body" in inf:

@@ -157,6 +157,77 @@ def test_mirror_tta_of_a_flip_invariant_network_changes_nothing():
     assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
+class _CountingNet(torch.nn.Module):
+    """PetThreshold that records the input of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return PetThreshold()(x)
+
+
+@pytest.mark.parametrize("axes,passes", [(("z",), 2), (("x", "z"), 4), (("x", "y", "z"), 8)])
+def test_mirror_tta_runs_only_the_flips_of_the_plans_axes(axes, passes):
+    ct = _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    plain, net = _CountingNet(), _CountingNet()
+    predict_case(plain, [ct, pet], plan=_plan(crop_to_body=False))
+    predict_case(net, [ct, pet], plan=_plan(tta_axes=axes, crop_to_body=False), tta=True)
+    assert len(net.inputs) == passes * len(plain.inputs)
+    # every pass of a window is the window mirrored along a combination of exactly these axes
+    window = plain.inputs[0]
+    dims = {"z": 2, "y": 3, "x": 4}
+    seen = set()
+    for x in net.inputs[:passes]:
+        match = [f for f in _subsets([dims[a] for a in axes]) if torch.equal(x, torch.flip(window, f) if f else window)]
+        assert match, "a pass is not a flip of the window along the plan's axes"
+        seen.add(match[0])
+    assert len(seen) == passes
+
+
+def _subsets(dims):
+    out = [()]
+    for d in dims:
+        out += [s + (d,) for s in out]
+    return out
+
+
+def test_mirror_tta_averages_the_flipped_predictions():
+    from VeloxSegLib.infer.pipeline import _WindowPredictor
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, 2, 3, padding=1).eval()  # not flip-invariant
+    x = torch.randn(1, 2, 8, 10, 12)
+    with torch.no_grad():
+        z_only = _WindowPredictor(net, torch.device("cpu"), tta=True, max_batch=1, tta_axes=("z",))(x)
+        every = _WindowPredictor(net, torch.device("cpu"), tta=True, max_batch=1, tta_axes=("x", "y", "z"))(x)
+        expect_z = (net(x) + torch.flip(net(torch.flip(x, (2,))), (2,))) / 2
+        expect_all = sum(torch.flip(net(torch.flip(x, d)), d) if d else net(x) for d in _subsets([2, 3, 4])) / 8
+    assert torch.allclose(z_only, expect_z, atol=1e-6) and torch.allclose(every, expect_all, atol=1e-6)
+    assert not torch.allclose(z_only, every, atol=1e-3)
+
+
+def test_tta_axes_are_checked_and_overridable_per_call():
+    with pytest.raises(ConfigError, match="TTA axes must be distinct axes out of x, y, z; got w"):
+        _plan(tta_axes=("w",))
+    with pytest.raises(ConfigError, match="got z, z"):
+        _plan(tta_axes=("z", "z"))
+    assert _plan(tta_axes=("z", "x")).tta_axes == ("x", "z")
+    ct = _ct()
+    pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
+    net = _CountingNet()
+    predict_case(net, [ct, pet], plan=_plan(crop_to_body=False), tta=True, tta_axes=("y", "z"))
+    n_windows = len(net.inputs) // 4
+    net.inputs.clear()
+    predict_case(net, [ct, pet], plan=_plan(crop_to_body=False), tta=True)  # the plan's default: z
+    assert len(net.inputs) == 2 * n_windows
+    with pytest.warns(UserWarning, match="records no mirror axes"):
+        predict_case(PetThreshold(), [ct, pet], plan=_plan(tta_axes=()), tta=True)
+
+
 def test_wrong_number_of_inputs_prints_the_expected_order():
     with pytest.raises(InputError, match=r"expects 2 input image\(s\) in this order: 1\) CT, 2\) PET; got 1"):
         predict_case(PetThreshold(), [_ct()], plan=_plan())
@@ -350,6 +421,9 @@ def test_plan_from_bundle_meta_takes_the_inference_defaults():
         (0.5, "gaussian", True, 10.0, False)
     assert plan.channel_names == ["CT", "PET"] and plan.num_classes == 2
     assert plan.expected_inputs() == "1) CT, 2) PET"
+    assert plan.tta_axes == ("z",)  # bundles without the field: our trainer's z-flip
+    meta["inference"]["tta_axes"] = ["y", "z"]
+    assert InferencePlan.from_meta(meta).tta_axes == ("y", "z")
 
 
 # --------------------------------------------------------------------------- opt-in CPU bfloat16

@@ -58,6 +58,8 @@ def test_train_command_writes_a_bundle_that_load_bundle_accepts(cli_run):
     assert tr["metrics"]["validated_on"] == "held-out" and len(tr["metrics"]["val_cases"]) == 1
     assert 0.0 <= tr["metrics"]["val_dice"] <= 1.0
     assert bundle.meta["channels"][0]["normalization"]["scheme"] == "ct"
+    # the bundle says which flips test-time augmentation may average: the recipe mirrors z only
+    assert json.loads((out / "bundle.json").read_text())["inference"]["tta_axes"] == ["z"]
 
 
 def test_json_progress_lines_parse_and_carry_the_fields(cli_run):

@@ -40,7 +40,12 @@ def register(subparsers) -> None:
                         "(see docs/inference.md)")
     p.add_argument("--overlap", type=float, metavar="F", help="window overlap in [0, 1) (default: the bundle's)")
     p.add_argument("--blending", choices=("uniform", "gaussian"), help="window blending (default: the bundle's)")
-    p.add_argument("--tta", action="store_true", default=None, help="mirror test-time augmentation (8 flips)")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="mirror test-time augmentation: average the flips of the axes the model was mirrored "
+                        "along in training (the bundle's inference.tta_axes; z for our bundles: 2 passes)")
+    p.add_argument("--tta-axes", nargs="+", choices=("x", "y", "z"), metavar="AXIS",
+                   help="flip these image axes (x, y, z) instead of the bundle's; implies --tta (2^n passes). "
+                        "Flips the model never saw in training usually cost accuracy")
     p.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (default: 1 CPU, 4 GPU)")
     p.add_argument("--min-component-mm3", type=float, metavar="V",
                    help="remove connected components smaller than V mm^3 (default: the bundle's)")
@@ -194,7 +199,8 @@ def run(args) -> int:
     from ..infer.pipeline import Segmenter
 
     progress = make_progress(args.progress, start)
-    options = dict(overlap=args.overlap, tta=args.tta, blending=args.blending,
+    options = dict(overlap=args.overlap, tta=True if args.tta_axes else args.tta, tta_axes=args.tta_axes,
+                   blending=args.blending,
                    min_component_mm3=args.min_component_mm3, crop_to_body=False if args.no_crop else None)
     try:
         with _CancelOnSignal() as cancel:

@@ -39,6 +39,11 @@ class Augmenter:
     rotate_p: float = 0.5
     max_angle: float = 15.0
 
+    @property
+    def mirror_axes(self) -> Tuple[str, ...]:
+        """Image axes this augmentation mirrors (what a bundle's mirror TTA may flip)."""
+        return ("z",) if self.flip_p > 0 else ()
+
     def draw(self, rng: np.random.Generator) -> AugmentParams:
         flip = bool(rng.random() < self.flip_p)
         angle = float(rng.uniform(-self.max_angle, self.max_angle)) if rng.random() < self.rotate_p else 0.0

@@ -47,6 +47,10 @@ from .progress import ProgressReporter, make_reporter, plot_curves, write_csv_lo
 from .sampler import CaseData, PatchSampler, rank_generator
 from .schedule import PAPER_LR, PAPER_WEIGHT_DECAY, recipe_schedule
 
+#: The recipe's patch augmentation (z-flip and rotation about z); bundles record its mirror axes
+#: as ``inference.tta_axes``, the flips test-time augmentation may average.
+RECIPE_AUGMENTER = Augmenter()
+
 log = logging.getLogger(__name__)
 
 #: Fixed shuffling seed of the case splits (independent of --seed, as nnU-Net's splits file).
@@ -459,7 +463,7 @@ def build_bundle_meta(setup: RunSetup, name: str, training: dict, description: s
         "spacing": list(setup.spacing),
         "channels": setup.channels,
         "labels": setup.labels,
-        "inference": dict(INFERENCE_DEFAULTS),
+        "inference": dict(INFERENCE_DEFAULTS, tta_axes=list(RECIPE_AUGMENTER.mirror_axes)),
         "training": training,
     }
 
@@ -660,7 +664,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                                   weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
     sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
-                           Augmenter())
+                           RECIPE_AUGMENTER)
     find_unused = use_teachers and not (config.use_reconstruction and config.use_sdkt)
     forward = ddp.wrap_model(TrainForward(model), dist, device, find_unused=find_unused)
     loop = TrainLoop(forward, loss_fn, optimizer, schedule, sampler, device, amp)
