@@ -134,7 +134,7 @@ def test_finetune_refuses_a_dataset_with_other_channels(source_bundle, tmp_path)
         run_finetune(source_bundle, mri, tmp_path / "x")
 
 
-def test_finetune_inherits_the_parents_loss_settings_unless_overridden(two_cases, source_bundle, tmp_path):
+def test_finetune_inherits_the_parents_loss_and_inference_settings(two_cases, source_bundle, tmp_path):
     from VeloxSegLib.bundle import load_bundle, save_bundle
     from VeloxSegLib.train.finetune import _inherit_loss_settings
     from VeloxSegLib.train.trainer import TrainConfig
@@ -143,6 +143,8 @@ def test_finetune_inherits_the_parents_loss_settings_unless_overridden(two_cases
     meta = json.loads(json.dumps(src.meta))
     meta["training"]["notes"] = json.dumps({"recipe": {"loss": {"batch_dice": True,
                                                                  "ds_weights": [1, 0.5, 0.25, 0.125]}}})
+    meta["inference"] = {"overlap": 0.5, "blending": "gaussian", "tta": True, "tta_axes": ["x"],
+                         "min_component_mm3": 20.0, "crop_to_body": False}
     parent = save_bundle(tmp_path / "parent", meta, src.state_dict())
     rc, _ = _finetune(["-m", str(parent), str(two_cases), "-o", str(tmp_path / "child"),
                        "--epochs", "1", "--iterations-per-epoch", "1"])
@@ -150,6 +152,9 @@ def test_finetune_inherits_the_parents_loss_settings_unless_overridden(two_cases
     child = load_bundle(tmp_path / "child")
     loss = json.loads(child.meta["training"]["notes"])["recipe"]["loss"]
     assert loss["batch_dice"] is True and loss["ds_weights"] == [1, 0.5, 0.25, 0.125]
+    # how to run the model carries over too; the child has also seen the recipe's z flips
+    assert child.meta["inference"] == {"overlap": 0.5, "blending": "gaussian", "tta": True, "tta_axes": ["x", "z"],
+                                       "min_component_mm3": 20.0, "crop_to_body": False}
     # a grandchild records the whole chain, nearest ancestor first
     rc, _ = _finetune(["-m", str(tmp_path / "child"), str(two_cases), "-o", str(tmp_path / "grandchild"),
                        "--epochs", "1", "--iterations-per-epoch", "1"])

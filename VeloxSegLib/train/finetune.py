@@ -13,7 +13,9 @@ step: their Dice is the figure to beat (a run in which no epoch beats it keeps t
 ``--target-dice`` they already reach means nothing is trained), and the training record keeps it as
 ``start_val_dice``. The source bundle is only read; the new bundle's training record names it as
 ``parent`` and carries the ``lineage`` (every ancestor's name, command, dataset and date, nearest
-first), so a chain of fine-tunes can be reproduced from the last bundle alone.
+first), so a chain of fine-tunes can be reproduced from the last bundle alone. The new bundle keeps
+the parent's inference settings (overlap, blending, TTA, post-processing), its TTA axes joined by
+the recipe's z flip.
 """
 from __future__ import annotations
 
@@ -146,7 +148,8 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
                      patch_size=patch, spacing=tuple(meta["spacing"]),
                      channels=[dict(c) for c in meta["channels"]], labels=labels,
-                     batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}))
+                     batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}),
+                     inference=dict(meta["inference"]))
     weights = src.state_dict()
     sha = _weights_sha256(src)
     notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,

@@ -134,6 +134,7 @@ class RunSetup:
     labels: List[dict]
     batch_size: int = 2
     overrides: Dict[str, Any] = field(default_factory=dict)
+    inference: Optional[Dict[str, Any]] = None  # a parent bundle's inference settings (fine-tuning)
 
     @classmethod
     def from_plans(cls, plans: dict, config: TrainConfig) -> "RunSetup":
@@ -452,8 +453,14 @@ def bundle_name_for(output, given: Optional[str] = None) -> str:
 
 
 def build_bundle_meta(setup: RunSetup, name: str, training: dict, description: str = "") -> dict:
-    from ..bundle import FORMAT_VERSION, INFERENCE_DEFAULTS
+    """bundle.json of a run. Inference settings: the parent's (fine-tuning) or the defaults; the TTA
+    axes add the recipe's mirror axes (the network has now been trained with those flips too)."""
+    from ..bundle import FORMAT_VERSION, INFERENCE_DEFAULTS, MIRROR_AXES
 
+    inference = dict(INFERENCE_DEFAULTS, tta_axes=[])
+    inference.update(setup.inference or {})
+    axes = set(inference["tta_axes"]) | set(RECIPE_AUGMENTER.mirror_axes)
+    inference["tta_axes"] = [a for a in MIRROR_AXES if a in axes]
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -463,7 +470,7 @@ def build_bundle_meta(setup: RunSetup, name: str, training: dict, description: s
         "spacing": list(setup.spacing),
         "channels": setup.channels,
         "labels": setup.labels,
-        "inference": dict(INFERENCE_DEFAULTS, tta_axes=list(RECIPE_AUGMENTER.mirror_axes)),
+        "inference": inference,
         "training": training,
     }
 
