@@ -152,3 +152,28 @@ def test_winograd_head_gives_the_same_numbers_whatever_depth_chunks_it_goes_over
     whole = fastops.conv3x3_shuffle_winograd(x, wp, b, 4, chunk_elems=1 << 30)
     torch.testing.assert_close(fastops.conv3x3_shuffle_winograd(x, wp, b, 4, chunk_elems=chunk_elems), whole,
                                rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("channels,groups,k,size", [(16, 4, 5, 12), (16, 4, 3, 12), (32, 4, 5, 6), (8, 1, 3, 5)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_grouped_conv_in_either_layout_equals_the_module_and_returns_a_contiguous_tensor(
+        channels, groups, k, size, channels_last):
+    torch.manual_seed(3)
+    conv = torch.nn.Conv3d(channels, channels, k, padding=k // 2, groups=groups)
+    x = torch.randn(2, channels, size, size + 1, size - 1)
+    with torch.inference_mode():
+        y = fastops.grouped_conv(conv, x, channels_last=channels_last)
+        torch.testing.assert_close(y, conv(x), atol=1e-4, rtol=1e-4)
+    assert y.is_contiguous()
+
+
+def test_grouped_conv_layout_default_follows_the_cpu_capability(monkeypatch):
+    fastops.grouped_conv_channels_last_default.cache_clear()
+    try:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        assert fastops.grouped_conv_channels_last_default() is True
+        fastops.grouped_conv_channels_last_default.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert fastops.grouped_conv_channels_last_default() is False
+    finally:
+        fastops.grouped_conv_channels_last_default.cache_clear()

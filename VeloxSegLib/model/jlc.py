@@ -54,7 +54,7 @@ class JLConv(nn.Module):
                                    lambda: fastops.block_diagonal(conv.weight, conv.groups))
             y = fastops.pointwise(x, dense, conv.bias)
         else:
-            y = conv(x)
+            y = fastops.grouped_conv(conv, x)
         if len(branch) > 1:  # instance norm, GELU
             y = fastops.gelu_(fastops.instance_norm(branch[1], y))
         return y
