@@ -104,3 +104,16 @@ def test_total_loss_uses_paper_weights_and_can_switch_terms_off():
     assert total.item() == pytest.approx(seg + 0.5 * rc + 2.0 * 1.0, rel=1e-5)
     total2, parts2 = VeloxSegLoss(LossConfig(use_reconstruction=False, use_sdkt=False))(out, y, x)
     assert total2.item() == pytest.approx(seg, rel=1e-5) and set(parts2) == {"seg", "total"}
+
+
+def test_gram_matrix_stays_float32_and_finite_under_autocast():
+    """Under float16/bfloat16 autocast the sum over a 96^3 patch would overflow or lose digits:
+    the Gram matrix is computed in float32 whatever the autocast state."""
+    from VeloxSegLib.model.layers import gram_matrix
+
+    x = torch.full((1, 4, 96, 96, 96), 300.0)
+    ref = gram_matrix(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gram_matrix(x.to(torch.bfloat16))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.allclose(got, ref, rtol=1e-6)

@@ -24,6 +24,12 @@ import torch
 import torch.nn.functional as F
 
 
+def use_fast(enabled: bool, x: torch.Tensor) -> bool:
+    """Whether a block takes its fast path: switched on, no autograd, and a CPU tensor. On a GPU
+    the plain modules run (they are what autocast and cuDNN are made for)."""
+    return bool(enabled) and not torch.is_grad_enabled() and x.device.type == "cpu"
+
+
 def cached(module, name: str, tensors, build):
     """Weights derived for the fast path (folded norms, regrouped or block-diagonal matrices),
     rebuilt only when a source tensor changes (storage or in-place version): without the cache,

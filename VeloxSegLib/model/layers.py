@@ -57,7 +57,7 @@ class PatchMerging(nn.Module):
     fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():
+        if fastops.use_fast(self.fast, x):
             w, b = fastops.cached(self, "folded", (self.reduction.weight, self.norm.weight, self.norm.bias),
                                   lambda: fastops.fold_affine(self.reduction.weight, None, self.norm.weight,
                                                               self.norm.bias))
@@ -77,7 +77,7 @@ class DownConv(nn.Module):
         self.norm = nn.InstanceNorm3d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():
+        if fastops.use_fast(self.fast, x):
             y = (fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1) if self.factor == 2
                  else self.conv(x))
             return fastops.instance_norm(self.norm, y)
@@ -95,7 +95,7 @@ class UpConv(nn.Module):
         self.norm = nn.InstanceNorm3d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():
+        if fastops.use_fast(self.fast, x):
             # kernel 2 / stride 2 transposed conv == 1x1 conv to 8*Cout, then depth-to-space by 2
             w = self.conv.weight  # (Cin, Cout, 2, 2, 2)
             wt, bt = fastops.cached(self, "gemm", (w, self.conv.bias), lambda: (
@@ -125,7 +125,7 @@ class ModalMixer(nn.Module):
         self.norm = nn.InstanceNorm3d(cout)
 
     def forward(self, xs) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():
+        if fastops.use_fast(self.fast, xs[0]):
             # the concatenation is folded into a sum of per-modality GEMMs
             w = self.conv.weight.reshape(self.conv.out_channels, -1)
             out, start = None, 0
@@ -149,7 +149,7 @@ class ShuffleHead(nn.Module):
         self.conv = nn.Conv3d(cin, cout * r ** 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():
+        if fastops.use_fast(self.fast, x):
             if x.shape[3] % fastops.WINO_TILE == 0:
                 wp = fastops.cached(self, "winograd", (self.conv.weight,),
                                     lambda: fastops.winograd_head_weight(self.conv.weight))
@@ -163,8 +163,10 @@ class ShuffleHead(nn.Module):
 def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     """GM(X) = X X^T / (C * H * W * D) per sample (SDKT, paper Eq. 9). Zero in, zero out."""
     n, c = x.shape[:2]
-    f = x.reshape(n, c, -1)
-    return torch.bmm(f, f.transpose(1, 2)) / f[0].numel()
+    # float32 even under autocast: in float16 the sum over a 96^3 patch overflows to inf
+    with torch.autocast(x.device.type, enabled=False):
+        f = x.float().reshape(n, c, -1)
+        return torch.bmm(f, f.transpose(1, 2)) / f[0].numel()
 
 
 def he_init(module: nn.Module, neg_slope: float = 1e-2) -> None:
