@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--scanner", default="default", choices=list(SCANNERS),
                    help="petct only: how the cases are imaged; the same seed gives the same patients on every "
                         "scanner. " + "; ".join(f"{s.name}: {s.description}" for s in SCANNERS.values()))
+    p.add_argument("--workers", type=int, default=1, metavar="W",
+                   help="generate cases in W processes (default 1); the files are the same for any W")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 
@@ -40,7 +42,7 @@ def run(args) -> int:
     with tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
-            progress=lambda done, total: bar.update(1), scanner=args.scanner,
+            progress=lambda done, total: bar.update(1), scanner=args.scanner, workers=args.workers,
         )
     scanner = f" (scanner {args.scanner})" if args.kind == "petct" else ""
     print(f"wrote {args.num_cases} {args.kind} phantom case(s){scanner} to {args.output} "

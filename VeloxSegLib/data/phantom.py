@@ -670,6 +670,23 @@ def generate_mri_case(seed: int, index: int, size=None):
 # --------------------------------------------------------------------------- datasets
 
 
+def _write_case(job) -> Tuple[str, dict]:
+    """Generate and write case ``index`` into the dataset folder being built (a process-pool job)."""
+    from .nnunet import IMAGES_DIR, LABELS_DIR, image_file_name, write_image
+
+    tmp, kind, seed, index, size, scanner = job
+    case = f"{kind}_{index:04d}"
+    if kind == "petct":
+        ct, pet, label, info = generate_petct_case(seed, index, size, scanner_named(scanner))
+        images = [ct, pet]
+    else:
+        images, label, info = generate_mri_case(seed, index, size)
+    for c, img in enumerate(images):
+        write_image(img, tmp / IMAGES_DIR / image_file_name(case, c))
+    write_image(label, tmp / LABELS_DIR / f"{case}.nii.gz")
+    return case, info
+
+
 def write_phantom_dataset(
     output,
     kind: str,
@@ -679,12 +696,14 @@ def write_phantom_dataset(
     overwrite: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
     scanner: str = "default",
+    workers: int = 1,
 ) -> dict:
     """Write ``n`` phantom cases of ``kind`` as an nnU-Net raw dataset at ``output``
     (atomically: a temporary folder renamed at the end). Returns the dataset.json written.
-    ``scanner`` (PET/CT only, a name in :data:`SCANNERS`) sets how the cases are imaged."""
-    from .nnunet import (IMAGES_DIR, LABELS_DIR, atomic_directory, image_file_name, make_dataset_json,
-                         write_dataset_json, write_image)
+    ``scanner`` (PET/CT only, a name in :data:`SCANNERS`) sets how the cases are imaged.
+    ``workers`` > 1 generates cases in that many processes; a case depends only on
+    ``(seed, index)``, so the files are the same bytes whatever the number of workers."""
+    from .nnunet import IMAGES_DIR, LABELS_DIR, atomic_directory, make_dataset_json, write_dataset_json
 
     _check_kind(kind)
     size = _check_size(size, kind)
@@ -697,23 +716,32 @@ def write_phantom_dataset(
         raise ConfigError(f"seed must be non-negative, got {seed}")
     channels = PETCT_CHANNELS if kind == "petct" else MRI_CHANNELS
     labels = PETCT_LABELS if kind == "petct" else MRI_LABELS
+    if int(workers) < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    workers = min(int(workers), n)
     cases = {}
     with atomic_directory(output, overwrite=overwrite) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         (tmp / LABELS_DIR).mkdir()
-        for i in range(n):
-            case = f"{kind}_{i:04d}"
-            if kind == "petct":
-                ct, pet, label, info = generate_petct_case(seed, i, size, scanner)
-                images = [ct, pet]
-            else:
-                images, label, info = generate_mri_case(seed, i, size)
-            for c, img in enumerate(images):
-                write_image(img, tmp / IMAGES_DIR / image_file_name(case, c))
-            write_image(label, tmp / LABELS_DIR / f"{case}.nii.gz")
-            cases[case] = info
-            if progress is not None:
-                progress(i + 1, n)
+        jobs = [(tmp, kind, seed, i, size, scanner.name) for i in range(n)]
+        if workers == 1:
+            results = map(_write_case, jobs)
+            pool = None
+        else:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            # spawn: a forked copy of a process that already runs torch threads can deadlock
+            pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            results = pool.map(_write_case, jobs)  # in index order, computed ahead
+        try:
+            for i, (case, info) in enumerate(results):
+                cases[case] = info
+                if progress is not None:
+                    progress(i + 1, n)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         data = make_dataset_json(
             list(channels), labels, n,
             name=f"VeloxSeg {kind} phantoms",
