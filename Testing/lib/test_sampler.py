@@ -93,3 +93,63 @@ def test_foreground_fraction_is_exact_over_a_run(fraction, expected):
         draws.append(s._is_foreground_draw())
         s.drawn += 1
     assert sum(draws) / len(draws) == pytest.approx(expected)
+
+
+def _stream(sampler, n):
+    return [sampler.sample() for _ in range(n)]
+
+
+@pytest.mark.parametrize("threads,batch", [(1, 2), (3, 2), (4, 3)])
+def test_loader_threads_give_the_same_patch_stream(threads, batch):
+    cases = [_case(), _case("d", lesion=((2, 9), (30, 40), (5, 12)))]
+    plain = _stream(PatchSampler(cases, (16, 16, 16), batch, rank_generator(4), Augmenter()), 7)
+    threaded = PatchSampler(cases, (16, 16, 16), batch, rank_generator(4), Augmenter(), threads=threads)
+    try:
+        got = _stream(threaded, 7)
+        assert len(threaded._pending) == threaded.depth - 1 >= 1  # batches really were prepared ahead
+    finally:
+        threaded.close()
+    for (xa, ya), (xb, yb) in zip(plain, got):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+def test_threaded_state_is_that_of_the_batches_handed_out():
+    cases = [_case(), _case("d")]
+    plain = PatchSampler(cases, (16, 16, 16), 2, rank_generator(8), Augmenter())
+    threaded = PatchSampler(cases, (16, 16, 16), 2, rank_generator(8), Augmenter(), threads=2)
+    try:
+        _stream(plain, 3)
+        _stream(threaded, 3)  # more batches than these were drawn ahead
+        assert threaded._own_state()["drawn"] > plain.drawn == 6
+        state = threaded.state_dict()
+        assert state == plain.state_dict()
+        expected = _stream(plain, 2)
+        # a run resumed from that state, with or without threads, goes on with the same batches
+        for resumed in (PatchSampler(cases, (16, 16, 16), 2, rank_generator(0), Augmenter()),
+                        PatchSampler(cases, (16, 16, 16), 2, rank_generator(0), Augmenter(), threads=2)):
+            resumed.load_state_dict(state)
+            try:
+                got = _stream(resumed, 2)
+            finally:
+                resumed.close()
+            for (xa, ya), (xb, yb) in zip(expected, got):
+                assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    finally:
+        threaded.close()
+
+
+def test_closing_rewinds_to_the_first_batch_not_handed_out():
+    cases = [_case()]
+    threaded = PatchSampler(cases, (16, 16, 16), 1, rank_generator(2), Augmenter(), threads=2)
+    first = threaded.sample()
+    threaded.close()
+    assert threaded.drawn == 1 and not threaded._pending
+    second = threaded.sample()  # works again after close, in the same stream
+    threaded.close()
+    plain = PatchSampler(cases, (16, 16, 16), 1, rank_generator(2), Augmenter())
+    assert np.array_equal(plain.sample()[0], first[0]) and np.array_equal(plain.sample()[0], second[0])
+
+
+def test_negative_loader_threads_are_refused():
+    with pytest.raises(Exception, match="loader threads"):
+        PatchSampler([_case()], (16, 16, 16), 1, rank_generator(0), threads=-1)

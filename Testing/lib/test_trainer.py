@@ -134,6 +134,36 @@ def test_resumed_run_matches_the_uninterrupted_run(dataset, tmp_path):
         assert r_full["loss"] == pytest.approx(r_resumed["loss"], rel=1e-12)  # epoch means, mid-epoch cut included
 
 
+def test_loader_threads_train_the_same_weights_through_an_interruption(dataset, tmp_path):
+    """Threads that prepare patches ahead change nothing: a threaded run, cut mid-epoch while
+    batches are in flight and resumed, ends with the weights of the plain uninterrupted run."""
+    torch.set_num_threads(1)
+    full = run_training(dataset, tmp_path / "full", _config(loader_threads=0))
+    stop = StopRequest()
+
+    def on_record(r):
+        if r.get("event") == "step" and r["step"] == 3:
+            stop.event.set()
+
+    with pytest.raises(Cancelled, match="--resume"):
+        run_training(dataset, tmp_path / "cut", _config(loader_threads=2), stop=stop,
+                     progress=make_reporter("none", on_record))
+    resumed = run_training(dataset, tmp_path / "cut", _config(loader_threads=3), resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_loader_threads_default_to_none_on_the_cpu_and_some_beside_a_gpu():
+    from VeloxSegLib.train.trainer import resolve_loader_threads
+
+    assert resolve_loader_threads(None, torch.device("cpu")) == 0
+    assert 1 <= resolve_loader_threads(None, torch.device("cuda")) <= 8
+    assert resolve_loader_threads(5, torch.device("cpu")) == 5
+    with pytest.raises(ConfigError, match="--loader-threads"):
+        TrainConfig(loader_threads=-1).check()
+
+
 def test_sigint_saves_a_resumable_checkpoint_and_leaves_no_bundle(dataset, tmp_path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "VeloxSegLib.cli", "train", str(dataset), "-o", str(out), "--epochs", "2",

@@ -19,6 +19,9 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--loader-threads", type=int, metavar="N",
+                   help="threads that read the cases and prepare the next patches while the network trains "
+                        "(default: 0 on the CPU, up to 8 with a GPU); the patches are the same for any N")
     p.add_argument("--no-sdkt", action="store_true", help="ablation: no Gram (SDKT) distillation loss")
     p.add_argument("--no-reconstruction", action="store_true", help="ablation: no teacher reconstruction loss")
     p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
@@ -90,7 +93,7 @@ def config_from_args(args, **extra):
                        seed=args.seed, val_every=args.val_every, use_sdkt=not args.no_sdkt,
                        use_reconstruction=not args.no_reconstruction, batch_dice=args.batch_dice,
                        ds_weights=tuple(args.ds_weights) if args.ds_weights else None,
-                       device=args.device, threads=args.threads,
+                       device=args.device, threads=args.threads, loader_threads=args.loader_threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
                        **extra)

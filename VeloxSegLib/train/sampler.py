@@ -7,10 +7,20 @@ background patches around a random voxel of label 0. Regions beyond the volume a
 the channel's normalized background and label 0. The sampler owns its random generator; its
 state (and the count of patches drawn) is plain JSON, saved in checkpoints so a resumed run
 draws exactly the patches the uninterrupted run would have drawn.
+
+With ``threads`` > 0 the sampler prepares the next batches in background threads while the
+network trains on the current one (what keeps a GPU fed). Every random number is still drawn
+on the calling thread, in the same order; the threads only cut and augment. The saved state is
+the one before the oldest batch not yet handed out, so a checkpoint taken with batches in
+flight resumes on exactly the batch the run would have received next: the patch stream is the
+same with or without threads.
 """
 from __future__ import annotations
 
+import collections
+import copy
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -83,11 +93,19 @@ class PatchSampler:
     """Draws batches ``(images (N, C, *patch), labels (N, *patch))`` as numpy arrays."""
 
     def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], batch_size: int,
-                 rng: np.random.Generator, augmenter: Optional[Augmenter] = None, fg_fraction: float = 0.5):
+                 rng: np.random.Generator, augmenter: Optional[Augmenter] = None, fg_fraction: float = 0.5,
+                 threads: int = 0):
         if not cases:
             raise ConfigError("the sampler needs at least one training case")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if threads < 0:
+            raise ConfigError(f"loader threads must be >= 0, got {threads}")
+        self.threads = int(threads)
+        # batches prepared ahead: enough to keep every thread busy, at least two
+        self.depth = max(2, math.ceil(2 * self.threads / batch_size)) if self.threads else 0
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: collections.deque = collections.deque()  # (state before, [futures])
         self.cases = list(cases)
         self.patch = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
@@ -116,7 +134,8 @@ class PatchSampler:
                 break
         return c
 
-    def draw_one(self) -> Tuple[np.ndarray, np.ndarray]:
+    def _draw_spec(self):
+        """Every random choice of one patch (case, place, augmentation), in the stream's order."""
         case = self.cases[int(self.rng.integers(len(self.cases)))]
         centre = self._centre(case, self._is_foreground_draw())
         self.drawn += 1
@@ -125,23 +144,67 @@ class PatchSampler:
         # the centre voxel lands at a random place of the final patch, which is the source's middle
         offset = np.array([int(self.rng.integers(p)) for p in self.patch])
         lo = centre - offset - (np.array(src) - np.array(self.patch)) // 2
+        return case, lo, src, params
+
+    def _make(self, spec) -> Tuple[np.ndarray, np.ndarray]:
+        """Cut and augment a drawn patch (no random numbers: safe in a worker thread)."""
+        case, lo, src, params = spec
         img = crop_padded(case.image, lo, src, case.pad_values)
         lab = crop_padded(case.label, lo, src, 0)
         if self.augmenter:
             return self.augmenter.apply(img, lab, params, self.patch)
         return img, lab
 
-    def sample(self) -> Tuple[np.ndarray, np.ndarray]:
-        pairs = [self.draw_one() for _ in range(self.batch_size)]
+    def draw_one(self) -> Tuple[np.ndarray, np.ndarray]:
+        return self._make(self._draw_spec())
+
+    @staticmethod
+    def _stack(pairs) -> Tuple[np.ndarray, np.ndarray]:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-    # -- checkpointing -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "drawn": self.drawn}
+    def sample(self) -> Tuple[np.ndarray, np.ndarray]:
+        if not self.threads:
+            return self._stack([self.draw_one() for _ in range(self.batch_size)])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="veloxseg-loader")
+        while len(self._pending) < self.depth:
+            before = self._own_state()
+            specs = [self._draw_spec() for _ in range(self.batch_size)]
+            self._pending.append((before, [self._pool.submit(self._make, sp) for sp in specs]))
+        _, futures = self._pending.popleft()
+        return self._stack([f.result() for f in futures])
 
-    def load_state_dict(self, state: dict) -> None:
+    def close(self) -> None:
+        """Stop the loader threads (batches prepared ahead are dropped; the state stays exact)."""
+        if self._pending:
+            before = self._pending[0][0]
+            for _, futures in self._pending:
+                for f in futures:
+                    f.cancel()
+            self._pending.clear()
+            self._set_state(before)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def _own_state(self) -> dict:
+        return {"rng": copy.deepcopy(self.rng.bit_generator.state), "drawn": self.drawn}
+
+    def _set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.drawn = int(state["drawn"])
+
+    def state_dict(self) -> dict:
+        """The state as of the batches handed out (not those prepared ahead)."""
+        return copy.deepcopy(self._pending[0][0]) if self._pending else self._own_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        for _, futures in self._pending:
+            for f in futures:
+                f.cancel()
+        self._pending.clear()
+        self._set_state(state)
 
 
 def rank_generator(seed: int, rank: int = 0) -> np.random.Generator:

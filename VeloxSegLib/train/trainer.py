@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"
     amp: Optional[bool] = None
     threads: Optional[int] = None
+    loader_threads: Optional[int] = None  # None: 0 on the CPU, up to 8 with a GPU
     freeze_encoder: bool = False
     final_weights: str = "best"
     target_dice: Optional[float] = None
@@ -105,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.loader_threads is not None and self.loader_threads < 0:
+            raise ConfigError(f"--loader-threads must be >= 0, got {self.loader_threads}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.fold is not None and self.split is not None:
@@ -628,6 +631,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     device = ddp.device_for(dist, device)
     progress = progress if (progress is not None and dist.is_main) else make_reporter("none")
     amp = (device.type == "cuda") if config.amp is None else bool(config.amp and device.type == "cuda")
+    if device.type == "cuda":  # fixed patch shapes: let cuDNN pick its fastest convolutions once
+        torch.backends.cudnn.benchmark = True
 
     ds = load_dataset(dataset)
     writer = CheckpointWriter(work / "checkpoints")
@@ -651,7 +656,14 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         if isinstance(plans, dict):
             write_json_atomic(work / PLANS_NAME, plans)
 
-    cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
+    loader_threads = resolve_loader_threads(config.loader_threads, device)
+    if loader_threads > 1 and len(splits["train"]) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(loader_threads) as pool:  # reading and resampling release the GIL
+            cases = list(pool.map(lambda c: preprocess_case(ds, c, setup), splits["train"]))
+    else:
+        cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
 
     # seeded so that every rank builds the same model (DDP also broadcasts rank 0's weights)
     torch.manual_seed(config.seed)
@@ -671,7 +683,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                                   weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
     sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
-                           RECIPE_AUGMENTER)
+                           RECIPE_AUGMENTER, threads=loader_threads)
     find_unused = use_teachers and not (config.use_reconstruction and config.use_sdkt)
     forward = ddp.wrap_model(TrainForward(model), dist, device, find_unused=find_unused)
     loop = TrainLoop(forward, loss_fn, optimizer, schedule, sampler, device, amp)
@@ -681,6 +693,16 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     if ckpt is not None:
         run.restore(ckpt)
     return run
+
+
+def resolve_loader_threads(requested: Optional[int], device: torch.device) -> int:
+    """Background threads that prepare patches: as asked, else none on the CPU (the network
+    already uses every core there) and up to 8 beside a GPU, whose steps outrun one thread."""
+    if requested is not None:
+        return int(requested)
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _interrupted(run: Run, stop: StopRequest) -> Cancelled:
@@ -910,10 +932,14 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                f"the training cases (optimistic)")
         log.warning(msg)
         run.progress.emit({"event": "message", "message": msg})
-    if init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0 and st.start is None:
-        with stop.handling_signals():
-            validate_start(run, stop)
-    train_epochs(run, stop)
+    try:
+        if (init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0
+                and st.start is None):
+            with stop.handling_signals():
+                validate_start(run, stop)
+        train_epochs(run, stop)
+    finally:
+        run.sampler.close()
     result = TrainResult(None, run.work, st.history, st.best_dice, st.best_epoch, run.validated_on, model=run.model)
     if run.dist.is_main:
         result.bundle, result.meta = write_bundle(run, output, command, parent, notes)
