@@ -174,14 +174,19 @@ class PatchSampler:
         _, futures = self._pending.popleft()
         return self._stack([f.result() for f in futures])
 
+    def _drop_pending(self) -> Optional[dict]:
+        """Forget the batches prepared ahead; returns the state before the first of them."""
+        first = self._pending[0][0] if self._pending else None
+        for _, futures in self._pending:
+            for f in futures:
+                f.cancel()
+        self._pending.clear()
+        return first
+
     def close(self) -> None:
         """Stop the loader threads (batches prepared ahead are dropped; the state stays exact)."""
-        if self._pending:
-            before = self._pending[0][0]
-            for _, futures in self._pending:
-                for f in futures:
-                    f.cancel()
-            self._pending.clear()
+        before = self._drop_pending()
+        if before is not None:
             self._set_state(before)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -200,10 +205,7 @@ class PatchSampler:
         return copy.deepcopy(self._pending[0][0]) if self._pending else self._own_state()
 
     def load_state_dict(self, state: dict) -> None:
-        for _, futures in self._pending:
-            for f in futures:
-                f.cancel()
-        self._pending.clear()
+        self._drop_pending()
         self._set_state(state)
 
 
