@@ -280,7 +280,7 @@ def test_a_target_the_parent_already_reaches_trains_nothing(two_cases, source_bu
     assert any(r["event"] == "message" and "nothing to train" in r["message"] for r in records)
     m = load_bundle(tmp_path / "met").meta["training"]["metrics"]
     assert m["target_met_at_start"] is True and m["reached_target_at_epoch"] is None
-    assert (m["weights"], m["val_dice"], m["train_seconds"]) == ("start", 0.8, 0)
+    assert (m["weights"], m["val_dice"], m["train_seconds"], m["steps_run"]) == ("start", 0.8, 0, 0)
     assert _same_weights(source_bundle, tmp_path / "met")
 
 

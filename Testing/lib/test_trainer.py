@@ -238,6 +238,13 @@ def test_target_dice_stops_the_run_early_and_is_recorded(dataset, tmp_path, monk
 
     m = load_bundle(tmp_path / "early").meta["training"]["metrics"]
     assert m["reached_target_at_epoch"] == 1 and m["val_dice"] == 0.95 and m["train_seconds"] > 0
+    assert m["steps_run"] == 2  # 2 epochs of 1 step, not the 5 planned
+    from VeloxSegLib.bundle import training_notes
+    from VeloxSegLib.commands.compare import _training_record
+
+    bundle = load_bundle(tmp_path / "early")
+    assert training_notes(bundle.meta)["recipe"]["total_steps"] == 5
+    assert _training_record(bundle)["iterations"] == 2  # compare reports the steps taken
 
 
 def test_stop_during_validation_checkpoints_the_finished_epoch(dataset, tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ def _training_record(bundle) -> dict:
     tr = bundle.meta.get("training") or {}
     recipe = training_notes(bundle.meta).get("recipe", {})
     metrics = tr.get("metrics") or {}
-    return {"iterations": recipe.get("total_steps"), "batch_size": recipe.get("batch_size"),
+    steps = metrics.get("steps_run")  # older records: only the planned schedule
+    return {"iterations": recipe.get("total_steps") if steps is None else steps, "batch_size": recipe.get("batch_size"),
             "epochs": tr.get("epochs"), "train_seconds": metrics.get("train_seconds"),
             "val_dice": metrics.get("val_dice"), "loss": recipe.get("loss"), "command": tr.get("command")}
 

@@ -843,6 +843,9 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
         "final_train_loss": last.get("loss"),
         "train_cases": splits["train"], "val_cases": splits["validation"], "test_cases": splits["test"],
         "train_seconds": round(sum(r.get("seconds") or 0.0 for r in state.history), 2),
+        # optimizer steps actually taken (fewer than the schedule's total_steps when --target-dice
+        # stopped the run early; 0 when the starting weights already met it)
+        "steps_run": state.epoch * config.iterations_per_epoch + state.iteration,
     }
     if splits.get("val_dataset"):
         metrics["val_dataset"] = Path(splits["val_dataset"]).name
