@@ -177,3 +177,52 @@ def test_grouped_conv_layout_default_follows_the_cpu_capability(monkeypatch):
         assert fastops.grouped_conv_channels_last_default() is False
     finally:
         fastops.grouped_conv_channels_last_default.cache_clear()
+
+
+@pytest.mark.parametrize("channels,out_per_group,groups,kernels,size,bias", [
+    (16, 4, 4, (3, 5), (12, 13, 11), True),   # JLConv's 3^3 and 5^3 branches, non-cubic grid
+    (32, 4, 8, (3, 5), (12, 12, 12), False),
+    (8, 8, 2, (5,), (5, 7, 9), True),         # odd sizes, one kernel (preset S)
+    (4, 3, 4, (3,), (6, 4, 5), True),         # depthwise with 3 outputs per group
+])
+def test_grouped_conv_fft_equals_the_direct_convolutions(channels, out_per_group, groups, kernels, size, bias):
+    torch.manual_seed(4)
+    convs = [torch.nn.Conv3d(channels, out_per_group * groups, k, padding=k // 2, groups=groups, bias=bias)
+             for k in kernels]
+    x = torch.randn(2, channels, *size)
+    with torch.inference_mode():
+        ys = fastops.grouped_conv_fft(x, convs)
+        assert len(ys) == len(convs)
+        for conv, y in zip(convs, ys):
+            assert y.is_contiguous() and y.shape == (2, out_per_group * groups, *size)
+            torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_conv_fft_uses_the_spectra_it_is_given():
+    torch.manual_seed(5)
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1, groups=2)
+    x = torch.randn(1, 8, 6, 6, 6)
+    sizes = []
+
+    def spectrum(size):
+        sizes.append(tuple(size))
+        return fastops.fft_kernel_spectrum(conv, size)
+
+    with torch.inference_mode():
+        (y,) = fastops.grouped_conv_fft(x, [conv], [spectrum])
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-4)
+        # a wrong spectrum gives a wrong answer: the result really comes from it
+        (z,) = fastops.grouped_conv_fft(x, [conv], [lambda size: 2 * fastops.fft_kernel_spectrum(conv, size)])
+        bias = conv.bias.view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(z - bias, 2 * (y - bias), atol=1e-5, rtol=1e-4)
+    assert sizes == [(8, 8, 8)]  # the input padded by the kernel minus one
+
+
+def test_fft_convolution_default_needs_avx2_float32_and_a_large_enough_grid(monkeypatch):
+    monkeypatch.setattr(fastops, "grouped_conv_channels_last_default", lambda: True)
+    n = fastops.FFT_CONV_MIN_SIZE
+    assert fastops.fft_conv_default(torch.zeros(1, 4, n, n + 1, n + 2))
+    assert not fastops.fft_conv_default(torch.zeros(1, 4, n, n - 1, n))
+    assert not fastops.fft_conv_default(torch.zeros(1, 4, n, n, n, dtype=torch.bfloat16))
+    monkeypatch.setattr(fastops, "grouped_conv_channels_last_default", lambda: False)
+    assert not fastops.fft_conv_default(torch.zeros(1, 4, n, n, n))

@@ -186,6 +186,25 @@ def test_fast_path_computes_the_same_function_as_the_plain_path(name, in_channel
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_fft", [True, False])
+def test_fast_path_with_and_without_fft_convolutions_equals_the_plain_path(use_fft, monkeypatch):
+    """Whatever this CPU's default, force JLConv's FFT convolutions on (every grid) or off."""
+    from VeloxSegLib.model import fastops
+
+    monkeypatch.setattr(fastops, "fft_conv_default", lambda x: use_fft and x.dtype == torch.float32)
+    calls = []
+    real = fastops.grouped_conv_fft
+    monkeypatch.setattr(fastops, "grouped_conv_fft", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(1)
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False).eval()
+    x = torch.randn(2, 2, 64, 64, 64)
+    with torch.inference_mode():
+        plain = set_fast_path(model, False)(x)
+        fast = set_fast_path(model, True)(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (7 if use_fft else 0)  # every JLConv of veloxseg-b, or none
+
+
 def test_fast_path_is_not_used_when_gradients_are_needed():
     torch.manual_seed(0)
     model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False).eval()
