@@ -12,6 +12,9 @@ MACs) at the GEMM floor, so it now does half the multiply-adds through Winograd 
 faults on the head's fresh temporaries doubling its time, so it reuses them. A third round: the
 softmax is bound by ``exp``, and ``exp2`` is 2.7x faster, so attention runs in base 2 and takes its
 row sums from the value GEMM; PyTorch's group norm (one channel per group) beats the two passes.
+A fourth, on an AVX2-only CPU whose GEMMs top out at 8-10 GMAC/s on one thread: the JL
+convolutions' 3^3 and 5^3 branches at 24^3 and 12^3 share one FFT of their input
+(:func:`grouped_conv_fft`), which needs a fraction of their multiply-adds.
 """
 from __future__ import annotations
 
