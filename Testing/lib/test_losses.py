@@ -117,3 +117,25 @@ def test_gram_matrix_stays_float32_and_finite_under_autocast():
         got = gram_matrix(x.to(torch.bfloat16))
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert torch.allclose(got, ref, rtol=1e-6)
+
+
+def test_deep_supervision_builds_the_one_hot_target_once_and_equals_separate_terms(monkeypatch):
+    import torch.nn.functional as F
+
+    from VeloxSegLib import losses
+
+    torch.manual_seed(2)
+    y = torch.randint(0, 3, (2, 6, 6, 6))
+    out = TrainOutput(logits=[torch.randn(2, 3, 6, 6, 6, requires_grad=True) for _ in range(4)])
+    weights = deep_supervision_weights(4, (1, 0.5, 0.25, 0.125))
+    expected = sum(w * dice_ce_loss(lg, y, batch_dice=True) for w, lg in zip(weights, out.logits))
+    calls = []
+    real = F.one_hot
+    monkeypatch.setattr(losses.F, "one_hot", lambda *a, **k: calls.append(1) or real(*a, **k))
+    total, _ = VeloxSegLoss(LossConfig(ds_weights=(1, 0.5, 0.25, 0.125), batch_dice=True))(out, y[:, None])
+    assert len(calls) == 1
+    torch.testing.assert_close(total, expected)
+    grads = torch.autograd.grad(total, out.logits)
+    want = torch.autograd.grad(expected, out.logits)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)

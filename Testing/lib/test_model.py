@@ -214,6 +214,69 @@ def test_fast_path_is_not_used_when_gradients_are_needed():
     assert model.head.conv.weight.grad is not None
 
 
+def test_dropout_keeps_one_minus_p_of_the_values_scaled_and_is_the_identity_in_eval():
+    from VeloxSegLib.model.layers import Dropout
+
+    drop = Dropout(0.1).train()
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(7)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, y.detach())  # the gradient goes through the same mask
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), y)  # the global seed decides the mask
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_training_path_is_the_same_function_as_the_literal_modules(monkeypatch):
+    """With autograd on the CPU the JL convolutions run channels-last (forced here, whatever this
+    CPU's default), the patch embeddings and 1x1 convolutions as GEMMs and the deep-supervision
+    upsampling as three small products: logits, reconstruction, loss and gradients equal those of
+    the literal ``nn.Conv3d`` and ``F.interpolate`` calls."""
+    from VeloxSegLib.model import fastops, layers
+
+    torch.manual_seed(8)
+    model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), conv_drop=0.0, attn_drop=0.0, proj_drop=0.0).train()
+    x = torch.randn(2, 2, 64, 64, 64)
+    y = (x[:, :1] > 1.0).long()
+    params = [model.patch_embeds[0].weight, model.conv_stages[0][0].conv.branches[2][0].weight,
+              model.decoder.stages[0][0].conv.branches[1][0].weight, model.head.conv.weight]
+
+    def run():
+        loss, _ = VeloxSegLoss()(out := model.forward_train(x), y, x)
+        return out, loss, torch.autograd.grad(loss, params)
+
+    calls = {"patchify": 0, "channels_last": 0}
+    real_patchify, real_grouped = fastops.patchify_conv, fastops.grouped_conv
+
+    def grouped(conv, t, channels_last=None):
+        calls["channels_last"] += 1
+        return real_grouped(conv, t, channels_last=True)
+
+    monkeypatch.setattr(fastops, "grouped_conv", grouped)
+    monkeypatch.setattr(fastops, "patchify_conv", lambda *a: calls.__setitem__("patchify", calls["patchify"] + 1)
+                        or real_patchify(*a))
+    out, loss, grads = run()
+    # 2 modalities; the 3^3 and 5^3 branches of 13 JLConvs: the student's 4 encoder and 3 decoder
+    # stages and the 3 decoder stages of each of the 2 teachers
+    assert calls == {"patchify": 2, "channels_last": 2 * 13}
+    monkeypatch.setattr(fastops, "grouped_conv", lambda conv, t, channels_last=None: conv(t))
+    monkeypatch.setattr(fastops, "patchify_conv", lambda t, w, b: torch.nn.functional.conv3d(t, w, b, stride=4))
+    monkeypatch.setattr(fastops, "upsample_trilinear", lambda t, size: torch.nn.functional.interpolate(
+        t, size=size, mode="trilinear", align_corners=True))
+    monkeypatch.setattr(layers.Conv1x1, "forward", torch.nn.Conv3d.forward)
+    ref_out, ref_loss, ref_grads = run()
+    for a, b in zip(out.logits + [out.reconstruction], ref_out.logits + [ref_out.reconstruction]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 def test_veloxseg_b_overfits_one_synthetic_case():
     torch.manual_seed(0)
     model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), conv_drop=0.0, attn_drop=0.0, proj_drop=0.0).train()

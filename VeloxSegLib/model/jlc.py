@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fastops
+from .layers import Conv1x1, Dropout
 
 
 class JLConv(nn.Module):
@@ -37,7 +38,7 @@ class JLConv(nn.Module):
         if not fastops.use_fast(self.fast, x):
             out = x
             for branch in self.branches:
-                out = out + branch(x)
+                out = out + self._branch_plain(branch, x)
             return out
         convolved = {}  # branch index -> its convolution, done through one FFT of x
         spatial = [i for i, b in enumerate(self.branches) if b[0].kernel_size != (1, 1, 1)]
@@ -57,6 +58,18 @@ class JLConv(nn.Module):
     def _spectrum(self, conv: nn.Conv3d):
         return lambda size: fastops.cached(conv, f"fft{tuple(size)}", (conv.weight,),
                                            lambda: fastops.fft_kernel_spectrum(conv, size))
+
+    @staticmethod
+    def _branch_plain(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """``branch(x)`` with autograd (training), its grouped convolution in the layout
+        :func:`fastops.grouped_conv` picks: channels-last 3D on AVX2 CPUs, where forward and
+        backward of the 5^3 branch at 24^3 take half the time (2026-12-04, batch 2, 2 threads: 106
+        against 209 ms for both spatial branches)."""
+        conv = branch[0]
+        y = conv(x) if conv.kernel_size == (1, 1, 1) else fastops.grouped_conv(conv, x)
+        for module in list(branch)[1:]:
+            y = module(y)
+        return y
 
     @staticmethod
     def _branch_fast(branch: nn.Sequential, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -82,10 +95,10 @@ class JLCBlock(nn.Module):
         super().__init__()
         self.conv = JLConv(channels, kernel_sizes, group_size)
         self.norm = nn.InstanceNorm3d(channels)
-        self.fc1 = nn.Conv3d(channels, channels * expansion, 1)
+        self.fc1 = Conv1x1(channels, channels * expansion)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv3d(channels * expansion, channels, 1)
-        self.drop = nn.Dropout(dropout)
+        self.fc2 = Conv1x1(channels * expansion, channels)
+        self.drop = Dropout(dropout)
 
     fast = True
 

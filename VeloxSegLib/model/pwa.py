@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fastops
-from .layers import FFN, LayerNorm3d
+from .layers import FFN, Conv1x1, Dropout, LayerNorm3d
 
 Size3 = Tuple[int, int, int]
 
@@ -95,11 +95,11 @@ class PairedWindowAttention(nn.Module):
 
         self.norms = nn.ModuleList([LayerNorm3d(channels) for _ in range(num_modalities)])
         # q, k and v of one modality in one 1x1 conv (same function as three convs).
-        self.qkv = nn.ModuleList([nn.Conv3d(channels, 2 * self.channels_qk + self.channels_v, 1)
+        self.qkv = nn.ModuleList([Conv1x1(channels, 2 * self.channels_qk + self.channels_v)
                                   for _ in range(num_modalities)])
-        self.mixers = nn.ModuleList([nn.Conv3d(self.channels_v, channels, 1) for _ in range(num_modalities)])
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj_drops = nn.ModuleList([nn.Dropout(proj_drop) for _ in range(num_modalities)])
+        self.mixers = nn.ModuleList([Conv1x1(self.channels_v, channels) for _ in range(num_modalities)])
+        self.attn_drop = Dropout(attn_drop)
+        self.proj_drops = nn.ModuleList([Dropout(proj_drop) for _ in range(num_modalities)])
         n = self.tokens_per_axis
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * n[0] - 1) * (2 * n[1] - 1) * (2 * n[2] - 1), num_heads))

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from . import fastops
 from .jlc import jlc_stage
-from .layers import DownConv, ModalMixer, PatchMerging, ShuffleHead, UpConv, gram_matrix, he_init
+from .layers import Conv1x1, DownConv, Dropout, ModalMixer, PatchMerging, ShuffleHead, UpConv, gram_matrix, he_init
 from .outputs import TrainOutput
 from .pwa import PWABlock
 
@@ -57,7 +58,7 @@ class TextureTeacher(nn.Module):
         super().__init__()
         enc = attn_ch + conv_ch
         self.adapters = nn.ModuleList([
-            nn.Sequential(nn.Conv3d(enc * 2 ** k, conv_ch * 2 ** k, 1), nn.InstanceNorm3d(conv_ch * 2 ** k))
+            nn.Sequential(Conv1x1(enc * 2 ** k, conv_ch * 2 ** k), nn.InstanceNorm3d(conv_ch * 2 ** k))
             for k in range(NUM_STAGES)])
         self.decoder = Decoder(conv_ch, depths, kernel_sizes, group_sizes, expansions, dropout)
         self.head = ShuffleHead(conv_ch, out_channels, patch_factor)
@@ -135,7 +136,7 @@ class VeloxSeg(nn.Module):
         # Attention stream (modal cooperation): one stream per modality, weights not shared.
         self.patch_embeds = nn.ModuleList([nn.Conv3d(c, attn_ch, patch_factor, stride=patch_factor)
                                            for c in in_channels])
-        self.embed_drop = nn.Dropout(proj_drop)
+        self.embed_drop = Dropout(proj_drop)
         feat = [p // patch_factor for p in self.patch_size]
         self.attn_stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -162,7 +163,7 @@ class VeloxSeg(nn.Module):
         self.head = ShuffleHead(base_ch, num_classes, patch_factor)
         self.deep_supervision = deep_supervision
         if deep_supervision:  # 1x1 heads on up2, up3, enc4 (training only)
-            self.ds_heads = nn.ModuleList([nn.Conv3d(base_ch * 2 ** k, num_classes, 1) for k in (1, 2, 3)])
+            self.ds_heads = nn.ModuleList([Conv1x1(base_ch * 2 ** k, num_classes) for k in (1, 2, 3)])
         self.teachers = None
         if with_teachers:
             self.teachers = nn.ModuleList([
@@ -174,7 +175,7 @@ class VeloxSeg(nn.Module):
     def encode(self, x: torch.Tensor):
         """Returns (attention features per stage: list of M tensors, conv encoder features)."""
         xs = torch.split(x, list(self.in_channels), dim=1)
-        xs = [self.embed_drop(emb(xm)) for emb, xm in zip(self.patch_embeds, xs)]
+        xs = [self.embed_drop(self._embed(emb, xm)) for emb, xm in zip(self.patch_embeds, xs)]
         attn_feats, enc_feats = [], []
         h = x
         for k in range(NUM_STAGES):
@@ -187,6 +188,15 @@ class VeloxSeg(nn.Module):
             h = self.conv_stages[k](self.downs[k](h) + mixed)
             enc_feats.append(h)
         return attn_feats, enc_feats
+
+    @staticmethod
+    def _embed(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding ``conv(x)``; with autograd on the CPU as one GEMM over the
+        non-overlapping patches (:func:`fastops.patchify_conv`: the same function, and its backward
+        is 4x faster than the convolution's)."""
+        if torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
+            return fastops.patchify_conv(x, conv.weight, conv.bias)
+        return conv(x)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != sum(self.in_channels):
@@ -209,7 +219,7 @@ class VeloxSeg(nn.Module):
         logits = [self.head(up1)]
         if self.deep_supervision:
             for head, f in zip(self.ds_heads, (up2, up3, enc[3])):
-                logits.append(F.interpolate(head(f), size=self.patch_size, mode="trilinear", align_corners=True))
+                logits.append(self._upsample(head(f)))
         out = TrainOutput(logits=logits, student_gram=gram_matrix(up1))
         if self.teachers is not None:
             recs = []
@@ -220,6 +230,13 @@ class VeloxSeg(nn.Module):
                 out.teacher_grams.append(gram)
             out.reconstruction = torch.cat(recs, dim=1)
         return out
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """Trilinear (align_corners) upsampling of deep-supervision logits to the patch size; on
+        the CPU as three small GEMMs (:func:`fastops.upsample_trilinear`, the same function)."""
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            return fastops.upsample_trilinear(x, self.patch_size)
+        return F.interpolate(x, size=self.patch_size, mode="trilinear", align_corners=True)
 
     def inference_state_dict(self):
         """State dict without the training-only modules (teachers, deep-supervision heads)."""
