@@ -57,6 +57,28 @@ def test_amp_training_step_reaches_every_parameter_with_finite_gradients():
     assert not bad
 
 
+def test_cpu_training_path_computes_the_gpu_function_in_loss_and_gradients(exact_fp32):
+    """The CPU's training shortcuts (channels-last JL convolutions, GEMM patch embeddings and 1x1
+    convolutions, separable deep-supervision upsampling) against the plain modules on the GPU."""
+    from VeloxSegLib.losses import VeloxSegLoss
+
+    torch.manual_seed(0)
+    net = build_model("veloxseg-b", in_channels=(1, 1), num_classes=2, patch_size=(96, 96, 96),
+                      conv_drop=0.0, attn_drop=0.0, proj_drop=0.0).train()
+    x = torch.randn(2, 2, 96, 96, 96)
+    y = (x[:, 1] > 1.5).long()
+    results = []
+    for device in ("cpu", "cuda"):
+        net.to(device).zero_grad(set_to_none=True)
+        loss, _ = VeloxSegLoss()(net.forward_train(x.to(device)), y.to(device), x.to(device))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.detach().cpu().clone() for n, p in net.named_parameters()}))
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results
+    assert abs(cpu_loss - gpu_loss) <= 1e-4 * abs(gpu_loss)
+    for name, g in gpu_grads.items():
+        assert (cpu_grads[name] - g).abs().max() <= 1e-3 * g.abs().max() + 1e-7, name
+
+
 def _phantom(tmp_path, n=1, seed=901):
     from VeloxSegLib.data.phantom import write_phantom_dataset
 
