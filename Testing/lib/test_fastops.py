@@ -267,3 +267,17 @@ def test_separable_trilinear_upsampling_equals_interpolate_in_values_and_gradien
                                g.double())[0]
     got = torch.autograd.grad(y, x, g)[0]
     assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+def test_interpolation_matrices_cached_in_inference_mode_still_work_with_autograd():
+    """A validation (inference mode, fast path) may build a cached matrix first; the next training
+    step's deep-supervision upsampling must still be able to save it for backward."""
+    fastops.interp_matrix.cache_clear()
+    fastops._interp_matrix_cpu.cache_clear()
+    with torch.inference_mode():
+        fastops.upsample_trilinear(torch.randn(1, 1, 5, 7, 3), (11, 13, 9))
+    x = torch.randn(1, 1, 5, 7, 3, requires_grad=True)
+    y = fastops.upsample_trilinear(x, (11, 13, 9))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    ref = F.interpolate(x, size=(11, 13, 9), mode="trilinear", align_corners=True)
+    torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), x)[0], atol=1e-4, rtol=1e-4)

@@ -259,6 +259,11 @@ def max_pool_separable(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 @lru_cache(maxsize=64)
 def _interp_matrix_cpu(n: int, size: int) -> torch.Tensor:
     """(size, n) linear interpolation matrix with align_corners=True."""
+    with torch.inference_mode(False):  # cached: must stay usable by autograd (training) too
+        return _build_interp_matrix(n, size)
+
+
+def _build_interp_matrix(n: int, size: int) -> torch.Tensor:
     a = torch.zeros(size, n, dtype=torch.float64)
     if n == 1 or size == 1:
         a[:, 0] = 1.0
@@ -274,7 +279,11 @@ def _interp_matrix_cpu(n: int, size: int) -> torch.Tensor:
 
 @lru_cache(maxsize=256)
 def interp_matrix(n: int, size: int, dtype, device) -> torch.Tensor:
-    return _interp_matrix_cpu(n, size).to(dtype=dtype, device=device)
+    """:func:`_interp_matrix_cpu` in ``dtype`` on ``device``, cached. Built outside inference mode
+    whatever the caller's mode: a cached inference tensor, made by the fast path during a
+    validation, could not be saved for backward by a later training step."""
+    with torch.inference_mode(False):
+        return _interp_matrix_cpu(n, size).to(dtype=dtype, device=device)
 
 
 def upsample_trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
