@@ -1,5 +1,7 @@
-"""CPU fast paths used at inference (no autograd). Each computes the same function as the plain
-module code, up to float rounding (tests compare them to 1e-4).
+"""CPU fast paths used at inference (no autograd), and a few used by the CPU training path with
+autograd (:func:`patchify_conv`, :func:`upsample_trilinear`, :func:`pointwise`,
+:func:`grouped_conv`; docs/training.md). Each computes the same function as the plain module code,
+up to float rounding (tests compare them to 1e-4).
 
 Profiling the plain network on one CPU thread showed the time going to memory-bound work around
 tiny matrices: attention scores of 2-4 heads x 54..432 tokens, 1x1 convolutions through PyTorch's

@@ -192,8 +192,8 @@ class VeloxSeg(nn.Module):
     @staticmethod
     def _embed(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         """The patch embedding ``conv(x)``; with autograd on the CPU as one GEMM over the
-        non-overlapping patches (:func:`fastops.patchify_conv`: the same function, and its backward
-        is 4x faster than the convolution's)."""
+        non-overlapping patches (:func:`fastops.patchify_conv`: the same function, forward and
+        backward 3.6x faster than the convolution's)."""
         if torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
             return fastops.patchify_conv(x, conv.weight, conv.bias)
         return conv(x)
