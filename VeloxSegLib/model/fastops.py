@@ -260,12 +260,8 @@ def max_pool_separable(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _interp_matrix_cpu(n: int, size: int) -> torch.Tensor:
-    """(size, n) linear interpolation matrix with align_corners=True."""
-    with torch.inference_mode(False):  # cached: must stay usable by autograd (training) too
-        return _build_interp_matrix(n, size)
-
-
-def _build_interp_matrix(n: int, size: int) -> torch.Tensor:
+    """(size, n) linear interpolation matrix with align_corners=True (called by
+    :func:`interp_matrix` only, outside inference mode)."""
     a = torch.zeros(size, n, dtype=torch.float64)
     if n == 1 or size == 1:
         a[:, 0] = 1.0
