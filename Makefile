@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q Testing
 
 bench: $(STAMP)
-	$(PY) -m VeloxSegLib.cli bench --output docs/benchmarks.md
+	$(PY) -m VeloxSegLib.cli bench --output docs/benchmarks.md $(if $(REFERENCE),--reference $(REFERENCE))
 
 demo: $(STAMP)
 	$(PY) -m VeloxSegLib.cli demo --output demo_output

@@ -33,13 +33,81 @@ MODELS = {
     **PEERS,  # the MONAI peers, as model/peers.py builds them
 }
 PEER = "monai-unet"
+#: The authors' published implementation, timed when ``veloxseg bench --reference DIR`` points at a
+#: checkout of https://github.com/JinPLu/VeloxSeg (never shipped or downloaded by us; see
+#: :func:`build_reference`). Issue #2's goal is stated against it.
+REFERENCE = "authors-veloxseg-b"
+REFERENCE_CONFIG = ("config", "models_config_autopetii.json")
 #: Models also timed in the opt-in CPU bfloat16 precision (1 thread), the peer included.
 BF16_MODELS = ("veloxseg-b", "veloxseg-s", PEER)
 
 
-def make_model(name: str, fast: bool = True):
+def check_reference(checkout) -> Path:
+    """The resolved folder of a checkout of the authors' repository, or a ConfigError that names
+    the file it lacks (checked before any benchmark starts)."""
+    from .errors import ConfigError
+
+    root = Path(checkout).expanduser().resolve()
+    if not root.is_dir():
+        raise ConfigError(f"--reference '{checkout}': no such folder (expected a checkout of "
+                          f"github.com/JinPLu/VeloxSeg)")
+    for needed in (Path("model", "VeloxSeg.py"), Path(*REFERENCE_CONFIG)):
+        if not (root / needed).is_file():
+            raise ConfigError(f"--reference '{checkout}': not a checkout of github.com/JinPLu/VeloxSeg "
+                              f"({needed} is missing)")
+    return root
+
+
+def reference_revision(checkout) -> str:
+    """The checkout's git commit (``git rev-parse HEAD``), or "unknown" without git."""
+    try:
+        proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+
+
+def build_reference(checkout) -> "torch.nn.Module":
+    """The authors' VeloxSeg-B for AutoPET-II (PET/CT, 2 classes, 96^3), built by that checkout's
+    own code (``model/VeloxSeg.py``) with its own configuration (``config/models_config_autopetii.json``,
+    entry "VeloxSeg"). This imports and runs the repository's Python code, so point it only at a
+    checkout you trust. It needs what that code imports (torch, einops and MONAI, all in our
+    ``bench`` extra). A folder that is not such a checkout is a ConfigError naming what is missing."""
+    import importlib
+
+    from .errors import ConfigError
+
+    root = check_reference(checkout)
+    config_path = root.joinpath(*REFERENCE_CONFIG)
+    try:
+        config = json.loads(config_path.read_text())["VeloxSeg"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"'{config_path}': no usable \"VeloxSeg\" entry ({exc!r})") from None
+    loaded = sys.modules.get("model")
+    if loaded is not None and not str(getattr(loaded, "__file__", "") or "").startswith(str(root)):
+        raise ConfigError(f"--reference '{checkout}': another module named 'model' is already imported "
+                          f"({getattr(loaded, '__file__', loaded)})")
+    sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module("model.VeloxSeg")
+    except ImportError as exc:
+        raise ConfigError(f"--reference '{checkout}': its model code does not import here ({exc}); "
+                          f"it needs torch, einops and monai (pip install -e '.[bench]')") from None
+    finally:
+        sys.path.remove(str(root))
+    return module.VeloxSeg(**config)
+
+
+def make_model(name: str, fast: bool = True, reference: Optional[str] = None):
     import torch  # noqa: F401
 
+    if name == REFERENCE:
+        if not reference:
+            from .errors import ConfigError
+
+            raise ConfigError(f"'{REFERENCE}' needs --reference DIR (a checkout of github.com/JinPLu/VeloxSeg)")
+        return build_reference(reference)
     if name.startswith("monai-"):
         return build_peer(name, in_channels=(IN_CHANNELS,), num_classes=2, patch_size=PATCH)
     from .model import build_model, set_fast_path
@@ -50,13 +118,13 @@ def make_model(name: str, fast: bool = True):
     return set_fast_path(model, fast)
 
 
-def count(name: str) -> Dict[str, float]:
+def count(name: str, reference: Optional[str] = None) -> Dict[str, float]:
     """Inference parameters (receiving a gradient from the eval output) and GMAC (FLOPs / 2)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    model = make_model(name, fast=False).eval()
+    model = make_model(name, fast=False, reference=reference).eval()
     x = torch.randn(1, IN_CHANNELS, *PATCH)
     model(x).sum().backward()
     params = sum(p.numel() for p in model.parameters() if p.grad is not None)
@@ -65,12 +133,13 @@ def count(name: str) -> Dict[str, float]:
     return {"params_m": params / 1e6, "gmac": counter.get_total_flops() / 2e9}
 
 
-def worker_speed(name: str, threads: int, reps: int, fast: bool = True, bf16: bool = False) -> Dict[str, float]:
+def worker_speed(name: str, threads: int, reps: int, fast: bool = True, bf16: bool = False,
+                 reference: Optional[str] = None) -> Dict[str, float]:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = make_model(name, fast=fast).eval()
+    model = make_model(name, fast=fast, reference=reference).eval()
     x = torch.randn(1, IN_CHANNELS, *PATCH)
     if bf16:  # the opt-in CPU bfloat16 path (``veloxseg predict --precision bf16``)
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
@@ -134,13 +203,16 @@ def machine() -> Dict[str, str]:
 
 
 def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 3,
-                    bf16: Optional[bool] = None) -> List[dict]:
+                    bf16: Optional[bool] = None, reference: Optional[str] = None) -> List[dict]:
     """Parameters, MACs and patches/s of every model. The timed repetitions are spread over
     ``rounds`` rounds in which every model runs in turn, and the best time over all rounds
     counts: slow spells of a shared machine then fall on all models alike instead of on the one
     that happened to run during them (ratios against the peer are what the table is for).
     ``bf16`` (default: when the CPU runs bfloat16 natively) adds 1-thread bf16 runs of
-    :data:`BF16_MODELS`."""
+    :data:`BF16_MODELS`. ``reference``: a checkout of the authors' repository; their network
+    (:data:`REFERENCE`) then runs in the same rounds, and every model gets ratios against it too."""
+    if reference and REFERENCE not in models:
+        models = list(models) + [REFERENCE]
     if bf16 is None:
         from .infer.device import cpu_has_native_bf16
 
@@ -148,7 +220,9 @@ def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 
     rows = {}
     for name in models:
         progress(f"[bench] {name}: counting")
-        rows[name] = {"model": name, "description": MODELS.get(name, name), **run_worker(["count", name])}
+        ref_arg = [reference] if name == REFERENCE else []
+        rows[name] = {"model": name, "description": MODELS.get(name, name),
+                      **run_worker(["count", name] + ref_arg)}
     best: Dict[tuple, float] = {}
     medians: Dict[tuple, list] = {}
     for rnd in range(rounds):
@@ -162,7 +236,8 @@ def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 
             for threads, path in runs:
                 extra = {"plain": " (plain path)", "bf16": " (bf16)"}.get(path, "")
                 progress(f"[bench] round {rnd + 1}/{rounds} {name}: {threads} thread(s){extra}")
-                r = run_worker(["speed", name, str(threads), str(n)] + ([path] if path != "fast" else []))
+                r = run_worker(["speed", name, str(threads), str(n), path]
+                               + ([reference] if name == REFERENCE else []))
                 key = (name, threads, path)
                 best[key] = min(best.get(key, float("inf")), r["best_s"])
                 medians.setdefault(key, []).append(r["median_s"])
@@ -175,12 +250,16 @@ def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 
             ms = sorted(medians[(name, threads, path)])
             rows[name][f"median_s_{threads}t"] = ms[len(ms) // 2]
     out = [rows[name] for name in models]
-    peer = rows.get(PEER)
+    peer, ref = rows.get(PEER), rows.get(REFERENCE)
     for r in out:
         if peer:
             r["ratio_1t"] = r["pps_1t"] / peer["pps_1t"]
             r["ratio_2t"] = r["pps_2t"] / peer["pps_2t"]
             r["ratio_1t_median"] = peer["median_s_1t"] / r["median_s_1t"]
+        if ref:
+            r["ratio_ref_1t"] = r["pps_1t"] / ref["pps_1t"]
+            r["ratio_ref_2t"] = r["pps_2t"] / ref["pps_2t"]
+            r["ratio_ref_1t_median"] = ref["median_s_1t"] / r["median_s_1t"]
     return out
 
 
@@ -239,6 +318,22 @@ def render_markdown(result: dict) -> str:
         "\"plain path\" is the straightforward module code (the reference's structure); the default fast",
         "path computes the same function (tests compare them to 1e-4).",
     ]
+    ref = next((r for r in result["patch"] if r["model"] == REFERENCE), None)
+    if ref:
+        info = result.get("reference", {})
+        commit = info.get("commit", "unknown")
+        lines += [
+            "", "## Against the authors' implementation", "",
+            f"`{REFERENCE}` is the authors' own code (github.com/JinPLu/VeloxSeg, commit {commit[:12]}), "
+            "built from that checkout",
+            "(`veloxseg bench --reference DIR`) with its AutoPET-II configuration (VeloxSeg-B, PET/CT, 96^3) and",
+            "timed in the same rounds as the rows above. Issue #2 asks for at least 2x its speed at 1 thread.",
+            "", "| model | patches/s 1 thread | x authors' | x authors' (medians) | patches/s 2 threads | x authors' |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["patch"]:
+            lines.append(f"| {r['model']} | {r['pps_1t']:.2f} | {r['ratio_ref_1t']:.2f} | "
+                         f"{r['ratio_ref_1t_median']:.2f} | {r['pps_2t']:.2f} | {r['ratio_ref_2t']:.2f} |")
     bf16_rows = [r for r in result["patch"] if "pps_1t_bf16" in r]
     peer = next((r for r in result["patch"] if r["model"] == PEER), None)
     if bf16_rows and peer and "pps_1t_bf16" in peer:
@@ -280,12 +375,19 @@ def load_comparisons(folder: Path) -> List[dict]:
 
 
 def run(models: Optional[List[str]] = None, reps: int = 24, output: Optional[str] = None,
-        as_json: bool = False, sections: Optional[List[str]] = None, progress=None) -> dict:
+        as_json: bool = False, sections: Optional[List[str]] = None, progress=None,
+        reference: Optional[str] = None) -> dict:
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     models = models or list(MODELS)
     if PEER not in models:
         models = [PEER] + models
-    result = {"machine": machine(), "patch": patch_benchmark(models, reps, progress)}
+    result = {"machine": machine()}
+    if reference:
+        root = check_reference(reference)
+        result["reference"] = {"path": str(root), "commit": reference_revision(root),
+                               "source": "https://github.com/JinPLu/VeloxSeg"}
+        reference = str(root)
+    result["patch"] = patch_benchmark(models, reps, progress, reference=reference)
     result.update(_pipeline_sections(sections, progress))
     if output:
         path = Path(output)
@@ -307,11 +409,11 @@ def _worker_main(argv: List[str]) -> None:
     keep_freed_memory()  # the allocator settings of the ``veloxseg`` command, for every model alike
     kind, name = argv[0], argv[1]
     if kind == "count":
-        print(json.dumps(count(name)))
+        print(json.dumps(count(name, reference=argv[2] if len(argv) > 2 else None)))
     elif kind == "speed":
         option = argv[4] if len(argv) > 4 else "fast"
         print(json.dumps(worker_speed(name, int(argv[2]), int(argv[3]), fast=option != "plain",
-                                      bf16=option == "bf16")))
+                                      bf16=option == "bf16", reference=argv[5] if len(argv) > 5 else None)))
     else:
         raise SystemExit(f"unknown worker kind {kind}")
 

@@ -64,3 +64,114 @@ def test_bf16_runs_are_reported_against_the_peer_in_both_precisions(monkeypatch)
     row = next(line for line in section.splitlines() if line.startswith("| veloxseg-b |"))
     # fp32 p/s, bf16 p/s, bf16 speed-up, x UNet fp32, x UNet bf16
     assert row == f"| veloxseg-b | {1 / 0.07:.2f} | {1 / 0.035:.2f} | 2.00 | {0.4 / 0.035:.2f} | {0.2 / 0.035:.2f} |"
+
+
+# -- the authors' implementation as a same-run reference (``veloxseg bench --reference DIR``) -----------
+
+FAKE_MODEL = '''
+import torch
+from torch import nn
+from .components.blocks import pointwise
+
+
+class VeloxSeg(nn.Module):
+    def __init__(self, in_ch, n_classes, input_size, **unused):
+        super().__init__()
+        self.conv = pointwise(sum(in_ch), n_classes)
+        self.unused = nn.Linear(3, 3)  # gets no gradient from the output: not an inference parameter
+
+    def forward(self, x):
+        return self.conv(x)
+'''
+
+
+def _fake_checkout(root, config=None):
+    """A folder laid out like github.com/JinPLu/VeloxSeg (model package with relative imports and
+    the AutoPET-II config), whose network is one 1x1 convolution: parameters and MACs are known."""
+    import json
+
+    (root / "model" / "components").mkdir(parents=True)
+    (root / "model" / "__init__.py").write_text("")
+    (root / "model" / "components" / "__init__.py").write_text("")
+    (root / "model" / "components" / "blocks.py").write_text(
+        "from torch import nn\n\ndef pointwise(cin, cout):\n    return nn.Conv3d(cin, cout, 1)\n")
+    (root / "model" / "VeloxSeg.py").write_text(FAKE_MODEL)
+    (root / "config").mkdir()
+    cfg = {"UNet": {}, "VeloxSeg": {"input_size": [96, 96, 96], "in_ch": [1, 1], "n_classes": 2}}
+    (root / "config" / "models_config_autopetii.json").write_text(json.dumps(cfg if config is None else config))
+    return root
+
+
+@pytest.fixture
+def clean_model_modules():
+    import sys
+
+    yield
+    for name in [n for n in sys.modules if n == "model" or n.startswith("model.")]:
+        del sys.modules[name]
+
+
+def test_reference_is_built_by_the_checkouts_own_code_and_config(tmp_path, clean_model_modules):
+    import sys
+
+    root = _fake_checkout(tmp_path / "VeloxSeg")
+    figures = bench.count(bench.REFERENCE, reference=str(root))
+    # one 1x1 conv 2 -> 2 with bias: 6 inference parameters; 2 * 2 MACs per voxel of the 96^3 patch
+    assert figures["params_m"] == pytest.approx(6 / 1e6)
+    assert figures["gmac"] == pytest.approx(2 * 2 * 96 ** 3 / 1e9)
+    assert str(root) not in sys.path  # the checkout is on the path only while its code is imported
+    speed = bench.worker_speed(bench.REFERENCE, threads=1, reps=2, reference=str(root))
+    assert speed["best_s"] > 0 and speed["threads"] == 1
+
+
+def test_reference_errors_name_the_folder_and_what_is_missing(tmp_path, clean_model_modules):
+    from VeloxSegLib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such folder"):
+        bench.check_reference(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"not a checkout of github.com/JinPLu/VeloxSeg \(model/VeloxSeg.py"):
+        bench.check_reference(tmp_path / "empty")
+    root = _fake_checkout(tmp_path / "noentry", config={"UNet": {}})
+    with pytest.raises(ConfigError, match="no usable \"VeloxSeg\" entry"):
+        bench.build_reference(root)
+    with pytest.raises(ConfigError, match="needs --reference DIR"):
+        bench.make_model(bench.REFERENCE)
+
+
+def test_reference_runs_in_the_same_rounds_and_every_model_gets_its_ratio(monkeypatch, tmp_path):
+    calls = []
+    times = {"monai-unet": 0.40, "veloxseg-b": 0.10, bench.REFERENCE: 0.25}
+
+    def worker(args):
+        calls.append(args)
+        if args[0] == "count":
+            return {"params_m": 1.0, "gmac": 1.0}
+        t = times[args[1]] / int(args[2]) * (1.4 if args[4] == "plain" else 1.0)
+        return {"best_s": t, "median_s": t * (1.2 if args[1] == "veloxseg-b" else 1.0), "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    rows = bench.patch_benchmark(["monai-unet", "veloxseg-b"], reps=3, progress=lambda m: None, rounds=3,
+                                 bf16=False, reference="/checkout")
+    assert [r["model"] for r in rows] == ["monai-unet", "veloxseg-b", bench.REFERENCE]
+    # only the reference's workers get the checkout, and it runs inside every round
+    assert all(c[-1] == "/checkout" for c in calls if c[1] == bench.REFERENCE)
+    assert not any("/checkout" in c for c in calls if c[1] != bench.REFERENCE)
+    speed_models = [c[1] for c in calls if c[0] == "speed"]
+    assert speed_models[:6] == ["monai-unet"] * 2 + ["veloxseg-b"] * 3 + [bench.REFERENCE]
+    assert speed_models.count(bench.REFERENCE) == 3 * 2
+    unet, velox, ref = rows
+    assert velox["ratio_ref_1t"] == pytest.approx(0.25 / 0.10) and velox["ratio_ref_2t"] == pytest.approx(2.5)
+    assert velox["ratio_ref_1t_median"] == pytest.approx(0.25 / 0.12)
+    assert unet["ratio_ref_1t"] == pytest.approx(0.25 / 0.40) and ref["ratio_ref_1t"] == pytest.approx(1.0)
+    assert ref["ratio_1t"] == pytest.approx(0.40 / 0.25)  # the authors' code against UNet, same run
+    md = bench.render_markdown({"machine": {k: "x" for k in ("cpu", "cores", "memory_gib", "os", "python", "torch",
+                                                             "date")}, "patch": rows,
+                                "reference": {"commit": "a668623" + "0" * 33}})
+    section = md.split("## Against the authors' implementation")[1]
+    assert "commit a6686230000" in section
+    row = next(line for line in section.splitlines() if line.startswith("| veloxseg-b |"))
+    assert row == f"| veloxseg-b | 10.00 | 2.50 | {0.25 / 0.12:.2f} | 20.00 | 2.50 |"
+    plain = bench.render_markdown({"machine": {k: "x" for k in ("cpu", "cores", "memory_gib", "os", "python",
+                                                                "torch", "date")}, "patch": rows[:2]})
+    assert "authors" not in plain  # without --reference the section is absent

@@ -16,6 +16,10 @@ def register(subparsers):
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON on stdout")
     p.add_argument("--sections", nargs="+", choices=["patch", "wholebody", "training"],
                    help="which benchmarks to run (default: all available)")
+    p.add_argument("--reference", metavar="DIR",
+                   help="also time the authors' implementation from this checkout of "
+                        "github.com/JinPLu/VeloxSeg (runs that repository's code; not downloaded by us) "
+                        "and report every model's speed against it")
     p.set_defaults(func=run)
 
 
@@ -27,7 +31,8 @@ def run(args) -> int:
         from ..errors import ConfigError
 
         raise ConfigError(f"unknown benchmark model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    result = run_bench(models=args.models, reps=args.reps, output=args.output, sections=args.sections)
+    result = run_bench(models=args.models, reps=args.reps, output=args.output, sections=args.sections,
+                       reference=args.reference)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
