@@ -281,3 +281,52 @@ def test_interpolation_matrices_cached_in_inference_mode_still_work_with_autogra
     (g,) = torch.autograd.grad(y.sum(), x)
     ref = F.interpolate(x, size=(11, 13, 9), mode="trilinear", align_corners=True)
     torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), x)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch,cin,classes,size", [(1, 16, 2, (24, 24, 24)), (2, 4, 3, (6, 4, 5)),
+                                                    (1, 6, 1, (2, 12, 2)), (1, 16, 2, (16, 32, 8))])
+def test_winograd2d_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, classes, size):
+    from VeloxSegLib.model.layers import pixel_shuffle_3d
+
+    torch.manual_seed(9)
+    r = 4
+    x = torch.randn(batch, cin, *size)
+    w = torch.randn(classes * r ** 3, cin, 3, 3, 3) * 0.2
+    b = torch.randn(classes * r ** 3)
+    ref = pixel_shuffle_3d(F.conv3d(x.double(), w.double(), b.double(), padding=1), r)
+    out = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w), b, r)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    # F(2, 3) x F(4, 3) rounds like the height-only F(4, 3): a few float32 roundings of the exact result
+    one_d = fastops.conv3x3_shuffle_winograd(x, fastops.winograd_head_weight(w), b, r)
+    err, err_1d = (out.double() - ref).abs().max().item(), (one_d.double() - ref).abs().max().item()
+    assert err < max(2 * err_1d, 1e-5) and err < 1e-5 * ref.abs().max().item()
+    no_bias = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w), None, r)
+    torch.testing.assert_close(no_bias.double(), pixel_shuffle_3d(F.conv3d(x.double(), w.double(), None, padding=1), r),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_elems", [1, 24 * 128 * 2 * 5 * 2, 1 << 30])
+def test_winograd2d_head_gives_the_same_numbers_whatever_depth_tiles_it_goes_over(chunk_elems):
+    """One depth tile at a time, two (3 tiles = 2 + 1: a ragged last chunk) and all at once."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 5, 6, 8, 5)
+    w = torch.randn(128, 5, 3, 3, 3) * 0.2
+    b = torch.randn(128)
+    u = fastops.winograd2d_head_weight(w)
+    whole = fastops.conv3x3_shuffle_winograd2d(x, u, b, 4, chunk_elems=1 << 30)
+    torch.testing.assert_close(fastops.conv3x3_shuffle_winograd2d(x, u, b, 4, chunk_elems=chunk_elems), whole,
+                               rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("size,path", [((24, 24, 24), "winograd2d"), ((5, 8, 8), "winograd"), ((6, 6, 8), "gemm")])
+def test_shuffle_head_takes_the_cheapest_exact_path_its_input_allows(size, path):
+    from VeloxSegLib.model.layers import ShuffleHead
+
+    torch.manual_seed(11)
+    head = ShuffleHead(8, 2, 4).eval()
+    x = torch.randn(1, 8, *size)
+    with torch.inference_mode():
+        fast = head(x)
+    plain = head(x)  # autograd on: the plain module
+    assert set(head._fast_cache) == {path}
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)

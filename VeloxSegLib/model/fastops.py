@@ -16,7 +16,9 @@ softmax is bound by ``exp``, and ``exp2`` is 2.7x faster, so attention runs in b
 row sums from the value GEMM; PyTorch's group norm (one channel per group) beats the two passes.
 A fourth, on an AVX2-only CPU whose GEMMs top out at 8-10 GMAC/s on one thread: the JL
 convolutions' 3^3 and 5^3 branches at 24^3 and 12^3 share one FFT of their input
-(:func:`grouped_conv_fft`), which needs a fraction of their multiply-adds.
+(:func:`grouped_conv_fft`), which needs a fraction of their multiply-adds. A fifth: the head's
+Winograd also runs over depth (F(2, 3), :func:`conv3x3_shuffle_winograd2d`), a third of the
+direct convolution's multiply-adds instead of a half.
 """
 from __future__ import annotations
 
@@ -381,6 +383,26 @@ _WINO_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 
 WINO_TILE = 4
 
 
+def _winograd_input_rows(t0, t1, t2, t3, t4, t5):
+    """F(4, 3)'s input transform B^T: the 6 transformed rows of a 6-row input tile."""
+    return (4 * t0 - 5 * t2 + t4, t3 + t4 - 4 * (t1 + t2), 4 * (t1 - t2) + t4 - t3,
+            2 * (t3 - t1) + t4 - t2, 2 * (t1 - t3) + t4 - t2, 4 * t1 - 5 * t3 + t5)
+
+
+def _winograd_output_rows(m: torch.Tensor, z: torch.Tensor, tmp: torch.Tensor) -> None:
+    """F(4, 3)'s output transform A^T along the first axis: ``m`` (6, ...) -> ``z`` (4, ...), with
+    ``tmp`` (4, ...) as scratch (10 element-wise passes)."""
+    s12, d12, s34, d34 = tmp.unbind(0)
+    torch.add(m[1], m[2], out=s12)
+    torch.sub(m[1], m[2], out=d12)
+    torch.add(m[3], m[4], out=s34)
+    torch.sub(m[3], m[4], out=d34)
+    torch.add(s12, s34, out=z[0]).add_(m[0])
+    torch.add(d12, d34, alpha=2, out=z[1])
+    torch.add(s12, s34, alpha=4, out=z[2])
+    torch.add(d12, d34, alpha=8, out=z[3]).add_(m[5])
+
+
 def winograd_head_weight(weight: torch.Tensor) -> torch.Tensor:
     """(O, C, 3, 3, 3) -> (6, O, (kd, kw, C)): the kh taps folded by F(4, 3)'s G (in float64)."""
     g = torch.tensor(_WINO_G, dtype=torch.float64, device=weight.device)
@@ -414,9 +436,7 @@ def conv3x3_shuffle_winograd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tens
     y = x.new_empty(b, k, d * r, h * r, w * r)
     for bi in range(b):
         xp = F.pad(x[bi], (1, 1, 1, 1, 1, 1))  # (C, d + 2, h + 2, w + 2)
-        t0, t1, t2, t3, t4, t5 = xp.unfold(2, 6, WINO_TILE).unbind(-1)  # each (C, d + 2, nt, w + 2)
-        u = torch.stack([4 * t0 - 5 * t2 + t4, t3 + t4 - 4 * (t1 + t2), 4 * (t1 - t2) + t4 - t3,
-                         2 * (t3 - t1) + t4 - t2, 2 * (t1 - t3) + t4 - t2, 4 * t1 - 5 * t3 + t5])
+        u = torch.stack(_winograd_input_rows(*xp.unfold(2, 6, WINO_TILE).unbind(-1)))  # (6, C, d + 2, nt, w + 2)
         slab = scratch("slab", (6, 9 * c, d, nt, w))
         torch.cat([u[:, :, i:i + d, :, j:j + w] for i in range(3) for j in range(3)], dim=1, out=slab)
         slab = slab.view(6, 9 * c, d, per_slice)
@@ -428,20 +448,79 @@ def conv3x3_shuffle_winograd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tens
             d1 = min(d, d0 + step)
             n = (d1 - d0) * per_slice
             m = torch.bmm(wp, slab[:, :, d0:d1].reshape(6, 9 * c, n), out=m_buf[:, :, :n])
-            s12, d12, s34, d34 = pairs_buf[:, :, :n].unbind(0)
-            torch.add(m[1], m[2], out=s12)
-            torch.sub(m[1], m[2], out=d12)
-            torch.add(m[3], m[4], out=s34)
-            torch.sub(m[3], m[4], out=d34)
             z = z_buf[:, :, :n]
-            torch.add(s12, s34, out=z[0]).add_(m[0])
-            torch.add(d12, d34, alpha=2, out=z[1])
-            torch.add(s12, s34, alpha=4, out=z[2])
-            torch.add(d12, d34, alpha=8, out=z[3]).add_(m[5])
+            _winograd_output_rows(m, z, pairs_buf[:, :, :n])
             if bias is not None:
                 z.add_(bias.view(1, o, 1))
             # y (k, d, s1, t, e, s2, w, s3) <- z (e, k, s1, s2, s3, d, t, w)
             yv[:, d0:d1].copy_(z.view(WINO_TILE, k, r, r, r, d1 - d0, nt, w).permute(1, 5, 2, 6, 0, 3, 7, 4))
+    return y
+
+
+# Winograd F(2, 3): 2 outputs of a 3-tap correlation from 4 products (small coefficients).
+_WINO2_G = ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1))
+WINO2_TILE = 2
+
+
+def winograd2d_head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, C, 3, 3, 3) -> (24, O, (kw, C)): the depth taps folded by F(2, 3)'s G and the height
+    taps by F(4, 3)'s (in float64); row p * 6 + q holds depth row p, height row q."""
+    g2 = torch.tensor(_WINO2_G, dtype=torch.float64, device=weight.device)
+    g4 = torch.tensor(_WINO_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("pk,ql,ockla->pqoac", g2, g4, weight.double())  # (4, 6, O, kw, C)
+    return u.reshape(24, weight.shape[0], -1).to(weight.dtype).contiguous()
+
+
+def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, r: int,
+                               scratch=None, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """:func:`conv3x3_shuffle_winograd` with Winograd on two axes: F(2, 3) over depth and F(4, 3)
+    over height. Every 2x4 block of output (depth, height) positions comes from 4x6 transformed
+    input positions, so the channel GEMMs (K = 3 * Cin over the width taps) do 24 * 3 / (8 * 27)
+    = 1/3 of the multiply-adds of a direct convolution (the height-only version: 1/2). F(4, 3)
+    on both axes would do 1/4, but its larger transform coefficients round about twice as much
+    and put the network past the fast path's 1e-4 bound; F(2, 3)'s coefficients are 1 and 1/2,
+    so the rounding stays that of the height-only version. The width stays the GEMM's innermost
+    axis, so the fused bias and pixel-shuffle copy keeps contiguous rows as long as the width.
+    Needs the depth to be even and the height a multiple of 4. The GEMM, the two output
+    transforms and the copy go over a few depth tiles at a time (``chunk_elems`` floats of GEMM
+    output). ``scratch(name, shape)`` supplies reusable temporaries (see :func:`workspace`).
+    """
+    b, c, d, h, w = x.shape
+    o = u.shape[1]
+    k = o // r ** 3
+    td, th = d // WINO2_TILE, h // WINO_TILE
+    per_tile = th * w  # GEMM columns per depth tile
+    step = max(1, min(td, chunk_elems // (24 * o * per_tile)))
+    scratch = scratch or (lambda name, shape: x.new_empty(shape))
+    y = x.new_empty(b, k, d * r, h * r, w * r)
+    for bi in range(b):
+        xp = F.pad(x[bi], (1, 1, 1, 1, 1, 1))  # (C, d + 2, h + 2, w + 2)
+        # F(4, 3)'s B^T over height on the input, then F(2, 3)'s over depth (4 passes on 6 rows)
+        v = torch.stack(_winograd_input_rows(*xp.unfold(2, 6, WINO_TILE).unbind(-1)))  # (6, C, d + 2, th, w + 2)
+        t0, t1, t2, t3 = v.unfold(2, 4, WINO2_TILE).unbind(-1)  # each (6, C, td, th, w + 2)
+        v = torch.stack([t0 - t2, t1 + t2, t2 - t1, t1 - t3]).reshape(24, c, td, th, w + 2)
+        slab = scratch("slab2d", (24, 3 * c, td, th, w))
+        torch.cat([v[..., j:j + w] for j in range(3)], dim=1, out=slab)
+        slab = slab.view(24, 3 * c, td, per_tile)
+        yv = y[bi].view(k, td, WINO2_TILE, r, th, WINO_TILE, r, w, r)  # (k, td, e, s1, th, f, s2, w, s3)
+        cols = step * per_tile
+        m_buf = scratch("m2d", (24, o, cols))
+        half_buf = scratch("half2d", (WINO2_TILE, 6, o, cols))
+        z_buf = scratch("z2d", (WINO2_TILE, WINO_TILE, o, cols))
+        tmp_buf = scratch("tmp2d", (4, WINO2_TILE, o, cols))
+        for a in range(0, td, step):
+            e = min(td, a + step)
+            n = (e - a) * per_tile
+            m = torch.bmm(u, slab[:, :, a:e].reshape(24, 3 * c, n), out=m_buf[:, :, :n]).view(4, 6, o, n)
+            half, z = half_buf[..., :n], z_buf[..., :n]
+            torch.add(m[0], m[1], out=half[0]).add_(m[2])  # F(2, 3)'s A^T over depth: (2, 6, o, n)
+            torch.sub(m[1], m[2], out=half[1]).sub_(m[3])
+            _winograd_output_rows(half.transpose(0, 1), z.transpose(0, 1), tmp_buf[..., :n])  # height: (2, 4, o, n)
+            if bias is not None:
+                z.add_(bias.view(1, 1, o, 1))
+            # y (k, td, e, s1, th, f, s2, w, s3) <- z (e, f, k, s1, s2, s3, td, th, w)
+            yv[:, a:e].copy_(z.view(WINO2_TILE, WINO_TILE, k, r, r, r, e - a, th, w)
+                             .permute(2, 6, 0, 3, 7, 1, 4, 8, 5))
     return y
 
 

@@ -179,11 +179,15 @@ class ShuffleHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fastops.use_fast(self.fast, x):
+            scratch = lambda name, shape: fastops.workspace(self, name, shape, x)  # noqa: E731
+            if x.shape[2] % fastops.WINO2_TILE == 0 and x.shape[3] % fastops.WINO_TILE == 0:
+                u = fastops.cached(self, "winograd2d", (self.conv.weight,),
+                                   lambda: fastops.winograd2d_head_weight(self.conv.weight))
+                return fastops.conv3x3_shuffle_winograd2d(x, u, self.conv.bias, self.r, scratch)
             if x.shape[3] % fastops.WINO_TILE == 0:
                 wp = fastops.cached(self, "winograd", (self.conv.weight,),
                                     lambda: fastops.winograd_head_weight(self.conv.weight))
-                return fastops.conv3x3_shuffle_winograd(
-                    x, wp, self.conv.bias, self.r, lambda name, shape: fastops.workspace(self, name, shape, x))
+                return fastops.conv3x3_shuffle_winograd(x, wp, self.conv.bias, self.r, scratch)
             wk = fastops.cached(self, "gemm", (self.conv.weight,), lambda: fastops.conv3x3_weight(self.conv.weight))
             return pixel_shuffle_3d(fastops.conv3x3_gemm(x, self.conv.weight, self.conv.bias, wk), self.r)
         return pixel_shuffle_3d(self.conv(x), self.r)
