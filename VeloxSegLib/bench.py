@@ -266,6 +266,61 @@ def patch_benchmark(models: List[str], reps: int, progress=print, rounds: int = 
     return out
 
 
+def worker_paired(names: List[str], threads: int, rounds: int, reference: Optional[str] = None,
+                  passes: int = 2) -> Dict[str, List[float]]:
+    """Every model of ``names`` in one process, alternating: each round runs ``passes`` forward
+    passes of each model in turn and keeps each model's fastest. Returns the per-round seconds of
+    every model. Models measured seconds apart share more of the machine's speed of the moment,
+    which a shared machine changes by tens of percent over minutes (see :func:`paired_summary`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    models = {name: make_model(name, reference=reference).eval() for name in names}
+    x = torch.randn(1, IN_CHANNELS, *PATCH)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for model in models.values():
+            model(x)  # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                best = float("inf")
+                for _ in range(passes):
+                    t0 = time.perf_counter()
+                    model(x)
+                    best = min(best, time.perf_counter() - t0)
+                times[name].append(best)
+    return times
+
+
+def paired_summary(times: Dict[str, List[float]]) -> List[dict]:
+    """Speed ratios of veloxseg-b against each other model (and of the authors' code against the
+    peer) from :func:`worker_paired`'s rounds: the median, lowest and highest of the per-round
+    ratios, and the ratio of the best times."""
+    import statistics
+
+    pairs = [("veloxseg-b", other) for other in times if other != "veloxseg-b"]
+    if REFERENCE in times and PEER in times:
+        pairs.append((REFERENCE, PEER))
+    out = []
+    for fast, slow in pairs:
+        if fast not in times:
+            continue
+        ratios = [b / a for a, b in zip(times[fast], times[slow])]
+        out.append({"model": fast, "against": slow, "rounds": len(ratios), "median": statistics.median(ratios),
+                    "min": min(ratios), "max": max(ratios), "best": min(times[slow]) / min(times[fast])})
+    return out
+
+
+def paired_benchmark(reference: Optional[str], progress=print, rounds: int = 15, threads: int = 1) -> dict:
+    """veloxseg-b, MONAI UNet and (with ``reference``) the authors' code alternating in one
+    worker process at ``threads`` thread(s), for ratios of passes made seconds apart."""
+    names = ["veloxseg-b", PEER] + ([REFERENCE] if reference else [])
+    progress(f"[bench] paired timing: {', '.join(names)}, {rounds} rounds, {threads} thread(s)")
+    times = run_worker(["paired", str(threads), str(rounds), reference or "-"] + names)
+    return {"threads": threads, "rounds": rounds, "times": times, "ratios": paired_summary(times)}
+
+
 def _pipeline_sections(sections, progress) -> Dict[str, dict]:
     """Whole-body inference (issue: <= 8 s, <= 1 GB) and training-step speed, each vs MONAI UNet."""
     out = {}
@@ -337,6 +392,22 @@ def render_markdown(result: dict) -> str:
         for r in result["patch"]:
             lines.append(f"| {r['model']} | {r['pps_1t']:.2f} | {r['ratio_ref_1t']:.2f} | "
                          f"{r['ratio_ref_1t_median']:.2f} | {r['pps_2t']:.2f} | {r['ratio_ref_2t']:.2f} |")
+    paired = result.get("paired")
+    if paired and paired.get("ratios"):
+        lines += [
+            "", "## Paired timing (one process, alternating)", "",
+            f"The networks below in one worker process at {paired['threads']} thread(s), taking turns: each of "
+            f"{paired['rounds']} rounds runs",
+            "2 forward passes of each and keeps each one's faster pass, so every per-round ratio compares passes",
+            "made seconds apart, where the table above compares best times taken minutes apart (the machine's",
+            "speed drifts by tens of percent over minutes; the lowest and highest per-round ratios show how",
+            "much it still moves within seconds).", "",
+            "| model | against | per-round speed ratio, median | lowest | highest | ratio of best times |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in paired["ratios"]:
+            lines.append(f"| {r['model']} | {r['against']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "
+                         f"{r['best']:.2f} |")
     bf16_rows = [r for r in result["patch"] if "pps_1t_bf16" in r]
     peer = next((r for r in result["patch"] if r["model"] == PEER), None)
     if bf16_rows and peer and "pps_1t_bf16" in peer:
@@ -391,6 +462,8 @@ def run(models: Optional[List[str]] = None, reps: int = 24, output: Optional[str
                                "source": "https://github.com/JinPLu/VeloxSeg"}
         reference = str(root)
     result["patch"] = patch_benchmark(models, reps, progress, reference=reference)
+    if "veloxseg-b" in models:
+        result["paired"] = paired_benchmark(reference, progress)
     result.update(_pipeline_sections(sections, progress))
     if output:
         path = Path(output)
@@ -411,7 +484,10 @@ def _worker_main(argv: List[str]) -> None:
 
     keep_freed_memory()  # the allocator settings of the ``veloxseg`` command, for every model alike
     kind, name = argv[0], argv[1]
-    if kind == "count":
+    if kind == "paired":  # paired THREADS ROUNDS REFERENCE|- NAME...
+        reference = None if argv[3] == "-" else argv[3]
+        print(json.dumps(worker_paired(argv[4:], int(argv[1]), int(argv[2]), reference=reference)))
+    elif kind == "count":
         print(json.dumps(count(name, reference=argv[2] if len(argv) > 2 else None)))
     elif kind == "speed":
         option = argv[4] if len(argv) > 4 else "fast"

@@ -176,3 +176,51 @@ def test_reference_runs_in_the_same_rounds_and_every_model_gets_its_ratio(monkey
     plain = bench.render_markdown({"machine": {k: "x" for k in ("cpu", "cores", "memory_gib", "os", "python",
                                                                 "torch", "date")}, "patch": rows[:2]})
     assert "authors" not in plain  # without --reference the section is absent
+
+
+def test_paired_timing_alternates_the_networks_in_one_process(monkeypatch):
+    import torch
+
+    order = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.conv = torch.nn.Conv3d(2, 2, 1)
+
+        def forward(self, x):
+            order.append(self.name)
+            return self.conv(x)
+
+    monkeypatch.setattr(bench, "PATCH", (8, 8, 8))
+    monkeypatch.setattr(bench, "make_model", lambda name, fast=True, reference=None: Probe(name))
+    times = bench.worker_paired(["veloxseg-b", "monai-unet"], threads=1, rounds=3)
+    assert set(times) == {"veloxseg-b", "monai-unet"} and all(len(v) == 3 for v in times.values())
+    assert all(t > 0 for v in times.values() for t in v)
+    # one warm-up pass each, then per round 2 passes of each model in turn
+    assert order == ["veloxseg-b", "monai-unet"] + ["veloxseg-b"] * 2 + ["monai-unet"] * 2 + \
+        ["veloxseg-b"] * 2 + ["monai-unet"] * 2 + ["veloxseg-b"] * 2 + ["monai-unet"] * 2
+
+
+def test_paired_ratios_are_per_round_and_reach_the_markdown(monkeypatch):
+    # the machine slows down 2x in round 2 for everyone: per-round ratios do not move, best-time ratios do not either
+    times = {"veloxseg-b": [0.20, 0.40, 0.25], "monai-unet": [0.80, 1.60, 0.90], bench.REFERENCE: [0.40, 0.80, 0.55]}
+    calls = []
+    monkeypatch.setattr(bench, "run_worker", lambda args: calls.append(args) or {n: times[n] for n in args[4:]})
+    result = bench.paired_benchmark("/checkout", progress=lambda m: None, rounds=3)
+    assert calls == [["paired", "1", "3", "/checkout", "veloxseg-b", "monai-unet", bench.REFERENCE]]
+    by_pair = {(r["model"], r["against"]): r for r in result["ratios"]}
+    unet = by_pair[("veloxseg-b", "monai-unet")]
+    assert unet["median"] == pytest.approx(4.0) and unet["min"] == pytest.approx(3.6) and unet["max"] == pytest.approx(4.0)
+    assert unet["best"] == pytest.approx(0.80 / 0.20) and unet["rounds"] == 3
+    ref = by_pair[("veloxseg-b", bench.REFERENCE)]
+    assert ref["median"] == pytest.approx(2.0) and ref["min"] == pytest.approx(2.0) and ref["max"] == pytest.approx(2.2)
+    assert by_pair[(bench.REFERENCE, "monai-unet")]["median"] == pytest.approx(0.80 / 0.40)
+    md = bench.render_markdown({"machine": {k: "x" for k in ("cpu", "cores", "memory_gib", "os", "python", "torch",
+                                                             "date")}, "patch": [], "paired": result})
+    section = md.split("## Paired timing (one process, alternating)")[1]
+    assert f"| veloxseg-b | {bench.REFERENCE} | 2.00 | 2.00 | 2.20 | 2.00 |" in section
+    without = bench.paired_benchmark(None, progress=lambda m: None, rounds=3)
+    assert calls[-1] == ["paired", "1", "3", "-", "veloxseg-b", "monai-unet"]
+    assert [(r["model"], r["against"]) for r in without["ratios"]] == [("veloxseg-b", "monai-unet")]
