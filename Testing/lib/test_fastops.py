@@ -330,3 +330,50 @@ def test_shuffle_head_takes_the_cheapest_exact_path_its_input_allows(size, path)
     plain = head(x)  # autograd on: the plain module
     assert set(head._fast_cache) == {path}
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_pointwise_adds_a_scaled_residual_and_can_accumulate_into_it(bias, scale):
+    torch.manual_seed(12)
+    x, w = torch.randn(2, 6, 3, 4, 5), torch.randn(7, 6)
+    b = torch.randn(7) if bias else None
+    res = torch.randn(2, 7, 3, 4, 5)
+    ref = scale * res.double() + torch.einsum("oc,bcdhw->bodhw", w.double(), x.double())
+    if bias:
+        ref = ref + b.double().view(1, -1, 1, 1, 1)
+    kept = res.clone()
+    out = fastops.pointwise(x, w, b, residual=res, residual_scale=scale)
+    assert torch.equal(res, kept) and out.data_ptr() != res.data_ptr()  # the residual is left alone
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    if scale == 1.0:  # accumulating into the residual: the same numbers, in its storage
+        acc = fastops.pointwise(x, w, b, residual=res, overwrite_residual=True)
+        assert acc.data_ptr() == res.data_ptr()
+        torch.testing.assert_close(acc, out, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out"):
+        fastops.pointwise(x, w, b, residual=kept, out=torch.empty_like(kept))
+
+
+def test_bias_before_a_plain_instance_norm_is_dropped_and_kept_before_any_other_norm():
+    b = torch.randn(4)
+    assert fastops.bias_before(torch.nn.InstanceNorm3d(4), b) is None
+    assert fastops.bias_before(torch.nn.InstanceNorm3d(4, track_running_stats=True), b) is b
+    assert fastops.bias_before(torch.nn.GroupNorm(2, 4), b) is b
+    assert fastops.bias_before(torch.nn.Identity(), b) is b
+    # the reason it may be dropped: the instance norm's output does not change
+    x = torch.randn(2, 4, 5, 6, 7)
+    norm = torch.nn.InstanceNorm3d(4)
+    torch.testing.assert_close(norm(x + b.view(1, -1, 1, 1, 1) * 10), norm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_fft_takes_the_biases_it_is_given():
+    torch.manual_seed(13)
+    x = torch.randn(1, 8, 12, 12, 12)
+    convs = [torch.nn.Conv3d(8, 8, k, padding=k // 2, groups=2) for k in (3, 5)]
+    with torch.no_grad():
+        own = fastops.grouped_conv_fft(x, convs)
+        none = fastops.grouped_conv_fft(x, convs, biases=[None, convs[1].bias])
+        torch.testing.assert_close(none[0], F.conv3d(x, convs[0].weight, None, padding=1, groups=2),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(none[1], own[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(own[0], convs[0](x), rtol=1e-4, atol=1e-4)

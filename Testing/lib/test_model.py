@@ -194,7 +194,8 @@ def test_fast_path_with_and_without_fft_convolutions_equals_the_plain_path(use_f
     monkeypatch.setattr(fastops, "fft_conv_default", lambda x: use_fft and x.dtype == torch.float32)
     calls = []
     real = fastops.grouped_conv_fft
-    monkeypatch.setattr(fastops, "grouped_conv_fft", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fastops, "grouped_conv_fft", lambda x, convs, *a, **k: calls.append(
+        [c.kernel_size for c in convs]) or real(x, convs, *a, **k))
     torch.manual_seed(1)
     model = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False).eval()
     x = torch.randn(2, 2, 64, 64, 64)
@@ -203,6 +204,31 @@ def test_fast_path_with_and_without_fft_convolutions_equals_the_plain_path(use_f
         fast = set_fast_path(model, True)(x)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     assert len(calls) == (7 if use_fft else 0)  # every JLConv of veloxseg-b, or none
+    assert all(kernels == [(5, 5, 5)] for kernels in calls)  # the 3^3 branch stays direct
+
+
+@pytest.mark.parametrize("name,use_fft", [("veloxseg-b", True), ("veloxseg-b", False), ("veloxseg-s", True)])
+def test_fast_path_equals_the_plain_path_with_every_parameter_random(name, use_fft, monkeypatch):
+    """He initialization leaves every bias at zero and every norm at identity; the fast path skips
+    the biases an instance norm cancels and folds others, so compare with all of them random
+    (veloxseg-s: its single-kernel JL convolutions have no norm, their biases must stay)."""
+    from VeloxSegLib.model import fastops
+
+    monkeypatch.setattr(fastops, "fft_conv_default", lambda x: use_fft and x.dtype == torch.float32)
+    torch.manual_seed(5)
+    model = build_model(name, (1, 1), 3, (64, 64, 64), with_teachers=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 2, 64, 64, 64)
+    with torch.inference_mode():
+        plain = set_fast_path(model, False)(x)
+        fast = set_fast_path(model, True)(x)
+    scale = plain.abs().max().item()
+    assert scale > 10.0  # random biases everywhere: logits in the hundreds, far from trivial
+    # float rounding grows with the logits: within 1e-5 of their scale (a bias dropped that an
+    # instance norm does not cancel moves them by about 0.2 of it)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_fast_path_is_not_used_when_gradients_are_needed():

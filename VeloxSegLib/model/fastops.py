@@ -18,7 +18,13 @@ A fourth, on an AVX2-only CPU whose GEMMs top out at 8-10 GMAC/s on one thread: 
 convolutions' 3^3 and 5^3 branches at 24^3 and 12^3 share one FFT of their input
 (:func:`grouped_conv_fft`), which needs a fraction of their multiply-adds. A fifth: the head's
 Winograd also runs over depth (F(2, 3), :func:`conv3x3_shuffle_winograd2d`), a third of the
-direct convolution's multiply-adds instead of a half.
+direct convolution's multiply-adds instead of a half. A sixth, on the same CPU: only the 5^3
+branch takes the FFT (the 3^3 one is cheaper direct, :data:`FFT_CONV_MIN_KERNEL`); residual 1x1
+convolutions accumulate into one fresh tensor, or into a temporary the caller hands over, instead
+of copying it again (and the PWA block's double residual rides along as a scale); biases that an
+instance norm cancels are not added (:func:`bias_before`); the complex products of the FFT path
+are fused multiply-adds; the head adds its bias to one of its 24 Winograd products, which carries
+it to all 8 outputs.
 """
 from __future__ import annotations
 
@@ -71,19 +77,34 @@ def workspace(module, name: str, shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """1x1x1 convolution as a (batched) GEMM: (B, C, *S) -> (B, O, *S); optional fused residual;
-    ``out`` (contiguous, (B, O, *S)) receives the result instead of a new tensor."""
+              residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+              residual_scale: float = 1.0, overwrite_residual: bool = False) -> torch.Tensor:
+    """1x1x1 convolution as a (batched) GEMM: (B, C, *S) -> (B, O, *S); optional fused residual
+    (``residual_scale * residual`` is added); ``out`` (contiguous, (B, O, *S)) receives the result
+    instead of a new tensor (not with a residual).
+
+    With a residual the GEMM accumulates in place into one fresh tensor that already holds
+    ``residual_scale * residual + bias`` (one pass; ``baddbmm`` with a separate base copies it
+    again). ``overwrite_residual`` (only for a contiguous temporary the caller no longer needs,
+    without autograd) accumulates into ``residual`` itself and returns it.
+    """
     b, c = x.shape[:2]
     spatial = x.shape[2:]
     w = weight.reshape(weight.shape[0], c)
     xf = x.reshape(b, c, -1)
     dst = None if out is None else out.view(b, w.shape[0], -1)
     if residual is not None:
-        base = residual.reshape(b, w.shape[0], -1)
-        if bias is not None:
-            base = base + bias.view(1, -1, 1)
-        res = torch.baddbmm(base, w.expand(b, -1, -1), xf, out=dst)
+        if out is not None:
+            raise ValueError("pointwise: out is not supported with a residual")
+        if overwrite_residual and residual_scale == 1.0 and residual.is_contiguous():
+            base = residual.view(b, w.shape[0], -1)
+            if bias is not None:
+                base.add_(bias.view(1, -1, 1))
+        elif bias is not None:
+            base = torch.add(bias.view(1, -1, 1), residual.reshape(b, w.shape[0], -1), alpha=residual_scale)
+        else:
+            base = residual.reshape(b, w.shape[0], -1).mul(residual_scale)
+        res = base.baddbmm_(w.expand(b, -1, -1), xf)
     elif bias is not None:
         res = torch.baddbmm(bias.view(1, -1, 1), w.expand(b, -1, -1), xf, out=dst)
     else:
@@ -147,6 +168,12 @@ def patchify_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #: (one thread, 2026-12-04: 3^3 + 5^3 branches at 24^3 x 16 channels 21 against 32 ms, at 12^3 x 32
 #: channels 7.5 against 10.2 ms; at 6^3 5.7 against 2.8 ms, where the FFTs' overhead dominates)
 FFT_CONV_MIN_SIZE = 12
+#: smallest kernel :class:`JLConv` sends through :func:`grouped_conv_fft`: the 3^3 branch costs the
+#: FFT route an inverse transform and a spectral product, as much as its direct channels-last
+#: convolution at 24^3 and twice as much at 12^3 (one thread, 2026-12-04: 5^3 through the FFT and
+#: 3^3 direct 5.5 against 6.9 ms for both through the FFT at 12^3 x 32 channels; 16.7 against 17.5
+#: at 24^3 x 16), so only the 5^3 branch takes it
+FFT_CONV_MIN_KERNEL = 5
 
 
 def fft_conv_default(x: torch.Tensor) -> bool:
@@ -172,14 +199,15 @@ def fft_kernel_spectrum(conv: torch.nn.Conv3d, size: Sequence[int]) -> torch.Ten
     return spec.reshape(groups, o // groups, gin, -1).contiguous()
 
 
-def grouped_conv_fft(x: torch.Tensor, convs: Sequence[torch.nn.Conv3d], spectra=None) -> list:
+def grouped_conv_fft(x: torch.Tensor, convs: Sequence[torch.nn.Conv3d], spectra=None, biases=None) -> list:
     """``[conv(x) for conv in convs]`` for stride-1 grouped 3D convolutions with "same" zero
     padding (odd kernels, padding k // 2) and the same groups, through one FFT of ``x``: each
     output is a grouped product of spectra and one inverse FFT. The grid is the input padded by
     the largest kernel minus one, so the circular correlation equals the zero-padded one on the
     output voxels. The same function as the direct convolution up to float rounding (a few 1e-7
     relative). ``spectra``: per conv, a function of the grid size that returns
-    :func:`fft_kernel_spectrum` (so callers can cache them); default computes them."""
+    :func:`fft_kernel_spectrum` (so callers can cache them); default computes them. ``biases``:
+    per conv, the bias to add (None for none); default each conv's own."""
     b, c, d, h, w = x.shape
     kmax = max(max(conv.kernel_size) for conv in convs)
     size = (d + kmax - 1, h + kmax - 1, w + kmax - 1)
@@ -192,10 +220,11 @@ def grouped_conv_fft(x: torch.Tensor, convs: Sequence[torch.nn.Conv3d], spectra=
         groups, og, gin, nf = spec.shape
         xg = xf.reshape(b, groups, 1, gin, nf)
         y = spec[:, :, 0] * xg[:, :, :, 0]  # (B, groups, out per group, frequencies)
-        for i in range(1, gin):
-            y.add_(spec[:, :, i] * xg[:, :, :, i])
-        if conv.bias is not None:  # a constant on the whole grid lives in the zero frequency
-            y.view(b, groups * og, nf)[:, :, 0] += conv.bias * n
+        for i in range(1, gin):  # fused multiply-add: no temporary per input channel
+            y.addcmul_(spec[:, :, i], xg[:, :, :, i])
+        bias = conv.bias if biases is None else biases[j]
+        if bias is not None:  # a constant on the whole grid lives in the zero frequency
+            y.view(b, groups * og, nf)[:, :, 0] += bias * n
         out = torch.fft.irfftn(y.reshape(b, groups * og, *fshape), s=size, dim=(2, 3, 4))
         outs.append(out[:, :, :d, :h, :w].contiguous())
     return outs
@@ -228,6 +257,16 @@ def instance_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(norm, torch.nn.InstanceNorm3d) or norm.affine or norm.track_running_stats:
         return norm(x)
     return F.group_norm(x, x.shape[1], eps=norm.eps)
+
+
+def bias_before(norm: torch.nn.Module, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``bias`` of a layer whose output goes straight into ``norm``, or None where the norm cancels
+    it: a plain ``InstanceNorm3d`` (no affine, no running statistics) subtracts each channel's
+    mean, so a per-channel constant added before it changes nothing but the rounding. The fast
+    paths then skip the pass that adds it."""
+    if isinstance(norm, torch.nn.InstanceNorm3d) and not norm.affine and not norm.track_running_stats:
+        return None
+    return bias
 
 
 def fold_affine(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor):
@@ -512,12 +551,12 @@ def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Ten
             e = min(td, a + step)
             n = (e - a) * per_tile
             m = torch.bmm(u, slab[:, :, a:e].reshape(24, 3 * c, n), out=m_buf[:, :, :n]).view(4, 6, o, n)
+            if bias is not None:  # product (1, 1) reaches all 8 outputs with weight 1 (both A^T)
+                m[1, 1].add_(bias.view(o, 1))
             half, z = half_buf[..., :n], z_buf[..., :n]
             torch.add(m[0], m[1], out=half[0]).add_(m[2])  # F(2, 3)'s A^T over depth: (2, 6, o, n)
             torch.sub(m[1], m[2], out=half[1]).sub_(m[3])
             _winograd_output_rows(half.transpose(0, 1), z.transpose(0, 1), tmp_buf[..., :n])  # height: (2, 4, o, n)
-            if bias is not None:
-                z.add_(bias.view(1, 1, o, 1))
             # y (k, td, e, s1, th, f, s2, w, s3) <- z (e, f, k, s1, s2, s3, td, th, w)
             yv[:, a:e].copy_(z.view(WINO2_TILE, WINO_TILE, k, r, r, r, e - a, th, w)
                              .permute(2, 6, 0, 3, 7, 1, 4, 8, 5))

@@ -41,18 +41,22 @@ class JLConv(nn.Module):
                 out = out + self._branch_plain(branch, x)
             return out
         convolved = {}  # branch index -> its convolution, done through one FFT of x
-        spatial = [i for i, b in enumerate(self.branches) if b[0].kernel_size != (1, 1, 1)]
+        spatial = [i for i, b in enumerate(self.branches) if min(b[0].kernel_size) >= fastops.FFT_CONV_MIN_KERNEL]
         if spatial and self.fft and fastops.fft_conv_default(x):
             convs = [self.branches[i][0] for i in spatial]
-            convolved = dict(zip(spatial, fastops.grouped_conv_fft(x, convs, [self._spectrum(c) for c in convs])))
+            biases = [fastops.bias_before(self.branches[i][1], c.bias) if len(self.branches[i]) > 1 else c.bias
+                      for i, c in zip(spatial, convs)]
+            convolved = dict(zip(spatial, fastops.grouped_conv_fft(x, convs, [self._spectrum(c) for c in convs],
+                                                                   biases)))
         out = None
         for i, branch in enumerate(self.branches):
             y = self._branch_fast(branch, x, convolved.get(i))
             out = x + y if out is None else out.add_(y)
         return out
 
-    #: the 3^3 and 5^3 branches through one FFT of the input where it is faster (see
-    #: :func:`fastops.fft_conv_default`); False keeps oneDNN's convolutions everywhere
+    #: the 5^3 branch through an FFT of the input where it is faster (see
+    #: :func:`fastops.fft_conv_default` and :data:`fastops.FFT_CONV_MIN_KERNEL`); False keeps
+    #: oneDNN's convolutions everywhere
     fft = True
 
     def _spectrum(self, conv: nn.Conv3d):
@@ -79,7 +83,7 @@ class JLConv(nn.Module):
             # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
             dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
                                    lambda: fastops.block_diagonal(conv.weight, conv.groups))
-            y = fastops.pointwise(x, dense, conv.bias)
+            y = fastops.pointwise(x, dense, fastops.bias_before(branch[1], conv.bias) if len(branch) > 1 else conv.bias)
         elif y is None:
             y = fastops.grouped_conv(conv, x)
         if len(branch) > 1:  # instance norm, GELU
@@ -107,7 +111,8 @@ class JLCBlock(nn.Module):
         if fastops.use_fast(self.fast, x):
             hidden = fastops.gelu_(fastops.pointwise(fastops.instance_norm(self.norm, y), self.fc1.weight,
                                                      self.fc1.bias))
-            return fastops.pointwise(hidden, self.fc2.weight, self.fc2.bias, residual=y)
+            # y is the JL convolution's fresh output: the second 1x1 conv accumulates into it
+            return fastops.pointwise(hidden, self.fc2.weight, self.fc2.bias, residual=y, overwrite_residual=True)
         return y + self.drop(self.fc2(self.act(self.fc1(self.norm(y)))))
 
 

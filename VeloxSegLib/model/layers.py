@@ -107,8 +107,9 @@ class DownConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fastops.use_fast(self.fast, x):
-            y = (fastops.conv3d_im2col(x, self.conv.weight, self.conv.bias, 2, 1) if self.factor == 2
-                 else self.conv(x))
+            bias = fastops.bias_before(self.norm, self.conv.bias)  # the instance norm cancels it
+            y = (fastops.conv3d_im2col(x, self.conv.weight, bias, 2, 1) if self.factor == 2
+                 else F.conv3d(x, self.conv.weight, bias, self.conv.stride, self.conv.padding))
             return fastops.instance_norm(self.norm, y)
         return self.norm(self.conv(x))
 
@@ -127,9 +128,9 @@ class UpConv(nn.Module):
         if fastops.use_fast(self.fast, x):
             # kernel 2 / stride 2 transposed conv == 1x1 conv to 8*Cout, then depth-to-space by 2
             w = self.conv.weight  # (Cin, Cout, 2, 2, 2)
-            wt, bt = fastops.cached(self, "gemm", (w, self.conv.bias), lambda: (
-                w.reshape(w.shape[0], -1).t().contiguous(), self.conv.bias.repeat_interleave(8)))
-            y = fastops.pointwise(x, wt, bt)
+            wt = fastops.cached(self, "gemm", (w,), lambda: w.reshape(w.shape[0], -1).t().contiguous())
+            bias = fastops.bias_before(self.norm, self.conv.bias)  # the instance norm cancels it
+            y = fastops.pointwise(x, wt, None if bias is None else bias.repeat_interleave(8))
             return fastops.instance_norm(self.norm, pixel_shuffle_3d(y, 2))
         return self.norm(self.conv(x))
 
@@ -160,8 +161,9 @@ class ModalMixer(nn.Module):
             out, start = None, 0
             for x in xs:
                 c = x.shape[1]
-                part = fastops.pointwise(x, w[:, start:start + c], self.conv.bias if out is None else None,
-                                         residual=out)
+                bias = fastops.bias_before(self.norm, self.conv.bias) if out is None else None
+                part = fastops.pointwise(x, w[:, start:start + c], bias,
+                                         residual=out, overwrite_residual=True)
                 out, start = part, start + c
             return fastops.instance_norm(self.norm, out)
         return self.norm(self.conv(torch.cat(list(xs), dim=1)))

@@ -191,7 +191,9 @@ class PairedWindowAttention(nn.Module):
                 b_parts.append(b[lo:lo + width] * scale)
         return torch.cat(w_parts), torch.cat(b_parts)
 
-    def _forward_fast(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def _forward_fast(self, xs: Sequence[torch.Tensor], residual_scale: float = 1.0) -> List[torch.Tensor]:
+        """The fast path; the output is ``residual_scale * x + mixer(attention)`` per modality
+        (2 gives the block's double residual in the same pass)."""
         M, B = self.num_modalities, xs[0].shape[0]
         D, H, W = self.feature_size
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
@@ -246,8 +248,8 @@ class PairedWindowAttention(nn.Module):
                 b0, b1, b2 = n0, n1, n2
             tgt = y[:, i * h * dv:(i + 1) * h * dv].view(M, B, h, dv, Nd, b0, Nh, b1, Nw, b2)
             tgt.copy_(t.permute(5, 0, 1, 9, 2, 6, 3, 7, 4, 8))
-        return [fastops.pointwise(y[m * B:(m + 1) * B], self.mixers[m].weight, self.mixers[m].bias, residual=xs[m])
-                for m in range(M)]
+        return [fastops.pointwise(y[m * B:(m + 1) * B], self.mixers[m].weight, self.mixers[m].bias, residual=xs[m],
+                                  residual_scale=residual_scale) for m in range(M)]
 
 
 class PWABlock(nn.Module):
@@ -271,9 +273,12 @@ class PWABlock(nn.Module):
     fast = True
 
     def forward(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        ys = self.attn(xs)
-        if self.double_residual:
-            ys = [x + y for x, y in zip(xs, ys)]
+        if self.double_residual and fastops.use_fast(self.fast and self.attn.fast, xs[0]):
+            ys = self.attn._forward_fast(xs, residual_scale=2.0)  # x + (x + PWA(x)) as 2x + PWA(x), one pass
+        else:
+            ys = self.attn(xs)
+            if self.double_residual:
+                ys = [x + y for x, y in zip(xs, ys)]
         if fastops.use_fast(self.fast, ys[0]):
             return [self._ffn_fast(m, y) for m, y in enumerate(ys)]
         return [y + self.ffns[m](self.norms[m](y)) for m, y in enumerate(ys)]
@@ -283,4 +288,5 @@ class PWABlock(nn.Module):
         w1, b1 = fastops.cached(self, f"ffn{m}", (ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias),
                                 lambda: fastops.fold_affine(ffn.fc1.weight, ffn.fc1.bias, norm.weight, norm.bias))
         hidden = fastops.gelu_(fastops.pointwise(fastops.channel_normalize(y, norm.eps), w1, b1))
-        return fastops.pointwise(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=y)
+        # y is a fresh tensor (the attention's output): the second 1x1 conv accumulates into it
+        return fastops.pointwise(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=y, overwrite_residual=True)
