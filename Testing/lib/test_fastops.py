@@ -167,6 +167,24 @@ def test_grouped_conv_in_either_layout_equals_the_module_and_returns_a_contiguou
     assert y.is_contiguous()
 
 
+@pytest.mark.parametrize("avx2", [True, False])
+def test_grouped_conv_goes_channels_last_by_default_only_on_avx2_and_large_grids(avx2, monkeypatch):
+    monkeypatch.setattr(fastops, "grouped_conv_channels_last_default", lambda: avx2)
+    layouts = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, memory_format=torch.contiguous_format: layouts.append(
+        memory_format) or real(t, memory_format=memory_format))
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1, groups=2)
+    n = fastops.CHANNELS_LAST_MIN_SIZE
+    with torch.inference_mode():
+        for size in ((n, n, n), (n, n - 1, n + 1)):
+            layouts.clear()
+            x = torch.randn(1, 8, *size)
+            torch.testing.assert_close(fastops.grouped_conv(conv, x), conv(x), atol=1e-4, rtol=1e-4)
+            went_channels_last = torch.channels_last_3d in layouts
+            assert went_channels_last == (avx2 and min(size) >= n)
+
+
 def test_grouped_conv_layout_default_follows_the_cpu_capability(monkeypatch):
     fastops.grouped_conv_channels_last_default.cache_clear()
     try:

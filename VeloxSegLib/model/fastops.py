@@ -132,13 +132,22 @@ def grouped_conv_channels_last_default() -> bool:
         return False
 
 
+#: smallest grid (every axis) at which :func:`grouped_conv` goes channels-last by default: on the
+#: 6^3 and 3^3 stages (8 and 16 channels per group) oneDNN's default layout is the faster one
+#: (2026-12-04, one AVX2 core: 5^3 at 3^3 x 128 channels 1.0 against 1.8 ms, at 6^3 x 64 1.8
+#: against 2.2 ms; with autograd, 2 threads, batch 2: 5.8 against 9.7 ms at 3^3), at 12^3 the two
+#: tie at inference and channels-last wins with autograd (28 against 35 ms for the 5^3 branch)
+CHANNELS_LAST_MIN_SIZE = 12
+
+
 def grouped_conv(conv: torch.nn.Conv3d, x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
     """``conv(x)`` for a grouped 3D convolution, computed in channels-last 3D layout when
-    ``channels_last`` (default: :func:`grouped_conv_channels_last_default` on the CPU); the
-    result is returned in the default contiguous layout either way (same values up to float
-    rounding)."""
+    ``channels_last`` (default: :func:`grouped_conv_channels_last_default` on the CPU, for grids of
+    at least :data:`CHANNELS_LAST_MIN_SIZE` voxels along every axis); the result is returned in the
+    default contiguous layout either way (same values up to float rounding)."""
     if channels_last is None:
-        channels_last = x.device.type == "cpu" and conv.groups > 1 and grouped_conv_channels_last_default()
+        channels_last = (x.device.type == "cpu" and conv.groups > 1 and min(x.shape[2:]) >= CHANNELS_LAST_MIN_SIZE
+                         and grouped_conv_channels_last_default())
     if not channels_last:
         return conv(x)
     return conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
