@@ -44,8 +44,7 @@ class JLConv(nn.Module):
         spatial = [i for i, b in enumerate(self.branches) if min(b[0].kernel_size) >= fastops.FFT_CONV_MIN_KERNEL]
         if spatial and self.fft and fastops.fft_conv_default(x):
             convs = [self.branches[i][0] for i in spatial]
-            biases = [fastops.bias_before(self.branches[i][1], c.bias) if len(self.branches[i]) > 1 else c.bias
-                      for i, c in zip(spatial, convs)]
+            biases = [self._fast_bias(self.branches[i]) for i in spatial]
             convolved = dict(zip(spatial, fastops.grouped_conv_fft(x, convs, [self._spectrum(c) for c in convs],
                                                                    biases)))
         out = None
@@ -76,6 +75,13 @@ class JLConv(nn.Module):
         return y
 
     @staticmethod
+    def _fast_bias(branch: nn.Sequential) -> Optional[torch.Tensor]:
+        """The bias the fast path adds to the branch's convolution: none where the branch's
+        instance norm cancels it (:func:`fastops.bias_before`), the conv's own in a bare branch."""
+        conv = branch[0]
+        return fastops.bias_before(branch[1], conv.bias) if len(branch) > 1 else conv.bias
+
+    @staticmethod
     def _branch_fast(branch: nn.Sequential, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The branch on ``x``; ``y``, when given, is its convolution already computed."""
         conv = branch[0]
@@ -83,7 +89,7 @@ class JLConv(nn.Module):
             # grouped 1x1 conv as one dense GEMM with a block-diagonal weight
             dense = fastops.cached(conv, "block_diagonal", (conv.weight,),
                                    lambda: fastops.block_diagonal(conv.weight, conv.groups))
-            y = fastops.pointwise(x, dense, fastops.bias_before(branch[1], conv.bias) if len(branch) > 1 else conv.bias)
+            y = fastops.pointwise(x, dense, JLConv._fast_bias(branch))
         elif y is None:
             y = fastops.grouped_conv(conv, x)
         if len(branch) > 1:  # instance norm, GELU
