@@ -79,16 +79,23 @@ def test_trilinear_matrix_matches_interpolate_align_corners():
     torch.testing.assert_close((a @ t[:, 0, :, None])[..., 0], ref[:, 0], rtol=1e-6, atol=1e-6)
 
 
+def _shuffle_head_case(seed, batch, cin, classes, size, r):
+    """Input, head weight and bias, and the float64 convolution + pixel shuffle they should give."""
+    from VeloxSegLib.model.layers import pixel_shuffle_3d
+
+    torch.manual_seed(seed)
+    x = torch.randn(batch, cin, *size)
+    w = torch.randn(classes * r ** 3, cin, 3, 3, 3) * 0.2
+    b = torch.randn(classes * r ** 3)
+    return x, w, b, pixel_shuffle_3d(F.conv3d(x.double(), w.double(), b.double(), padding=1), r)
+
+
 @pytest.mark.parametrize("batch,cin,classes,size", [(1, 16, 2, (24, 24, 24)), (2, 4, 3, (3, 8, 5)), (1, 6, 1, (2, 4, 7))])
 def test_winograd_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, classes, size):
     from VeloxSegLib.model.layers import pixel_shuffle_3d
 
-    torch.manual_seed(5)
     r = 4
-    x = torch.randn(batch, cin, *size)
-    w = torch.randn(classes * r ** 3, cin, 3, 3, 3) * 0.2
-    b = torch.randn(classes * r ** 3)
-    ref = pixel_shuffle_3d(F.conv3d(x.double(), w.double(), b.double(), padding=1), r)
+    x, w, b, ref = _shuffle_head_case(5, batch, cin, classes, size, r)
     out = fastops.conv3x3_shuffle_winograd(x, fastops.winograd_head_weight(w), b, r)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     # within a few float32 roundings of the exact (float64) result, like the direct GEMM
@@ -140,18 +147,22 @@ def test_head_gives_identical_results_when_called_again_with_its_reused_buffers(
     assert torch.equal(first, again)
 
 
-@pytest.mark.parametrize("chunk_elems", [1, 3 * 6 * 128 * 2 * 5, 1 << 30])
-def test_winograd_head_gives_the_same_numbers_whatever_depth_chunks_it_goes_over(chunk_elems):
-    """Chunks of 1 slice, of 3 slices (7 = 3 + 3 + 1: a ragged last chunk) and all at once: the
-    same sums, up to the BLAS kernel's summation order for another GEMM width."""
-    torch.manual_seed(8)
-    x = torch.randn(2, 5, 7, 8, 5)
+@pytest.mark.parametrize("kind,chunk_elems,depth,seed", [
+    # height-only: chunks of 1 depth slice, of 3 slices (7 = 3 + 3 + 1: a ragged last chunk), all at once
+    ("winograd", 1, 7, 8), ("winograd", 3 * 6 * 128 * 2 * 5, 7, 8), ("winograd", 1 << 30, 7, 8),
+    # depth and height: one depth tile at a time, two (3 tiles = 2 + 1: ragged), all at once
+    ("winograd2d", 1, 6, 10), ("winograd2d", 24 * 128 * 2 * 5 * 2, 6, 10), ("winograd2d", 1 << 30, 6, 10)])
+def test_winograd_heads_give_the_same_numbers_whatever_depth_chunks_they_go_over(kind, chunk_elems, depth, seed):
+    """The same sums whatever the chunking, up to the BLAS kernel's summation order for another
+    GEMM width."""
+    head = getattr(fastops, f"conv3x3_shuffle_{kind}")
+    torch.manual_seed(seed)
+    x = torch.randn(2, 5, depth, 8, 5)
     w = torch.randn(128, 5, 3, 3, 3) * 0.2
     b = torch.randn(128)
-    wp = fastops.winograd_head_weight(w)
-    whole = fastops.conv3x3_shuffle_winograd(x, wp, b, 4, chunk_elems=1 << 30)
-    torch.testing.assert_close(fastops.conv3x3_shuffle_winograd(x, wp, b, 4, chunk_elems=chunk_elems), whole,
-                               rtol=1e-5, atol=2e-5)
+    wp = getattr(fastops, f"{kind}_head_weight")(w)
+    whole = head(x, wp, b, 4, chunk_elems=1 << 30)
+    torch.testing.assert_close(head(x, wp, b, 4, chunk_elems=chunk_elems), whole, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("channels,groups,k,size", [(16, 4, 5, 12), (16, 4, 3, 12), (32, 4, 5, 6), (8, 1, 3, 5)])
@@ -306,12 +317,8 @@ def test_interpolation_matrices_cached_in_inference_mode_still_work_with_autogra
 def test_winograd2d_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, classes, size):
     from VeloxSegLib.model.layers import pixel_shuffle_3d
 
-    torch.manual_seed(9)
     r = 4
-    x = torch.randn(batch, cin, *size)
-    w = torch.randn(classes * r ** 3, cin, 3, 3, 3) * 0.2
-    b = torch.randn(classes * r ** 3)
-    ref = pixel_shuffle_3d(F.conv3d(x.double(), w.double(), b.double(), padding=1), r)
+    x, w, b, ref = _shuffle_head_case(9, batch, cin, classes, size, r)
     out = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w), b, r)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     # F(2, 3) x F(4, 3) rounds like the height-only F(4, 3): a few float32 roundings of the exact result
@@ -321,19 +328,6 @@ def test_winograd2d_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, cl
     no_bias = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w), None, r)
     torch.testing.assert_close(no_bias.double(), pixel_shuffle_3d(F.conv3d(x.double(), w.double(), None, padding=1), r),
                                rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("chunk_elems", [1, 24 * 128 * 2 * 5 * 2, 1 << 30])
-def test_winograd2d_head_gives_the_same_numbers_whatever_depth_tiles_it_goes_over(chunk_elems):
-    """One depth tile at a time, two (3 tiles = 2 + 1: a ragged last chunk) and all at once."""
-    torch.manual_seed(10)
-    x = torch.randn(2, 5, 6, 8, 5)
-    w = torch.randn(128, 5, 3, 3, 3) * 0.2
-    b = torch.randn(128)
-    u = fastops.winograd2d_head_weight(w)
-    whole = fastops.conv3x3_shuffle_winograd2d(x, u, b, 4, chunk_elems=1 << 30)
-    torch.testing.assert_close(fastops.conv3x3_shuffle_winograd2d(x, u, b, 4, chunk_elems=chunk_elems), whole,
-                               rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("size,path", [((24, 24, 24), "winograd2d"), ((5, 8, 8), "winograd"), ((6, 6, 8), "gemm")])

@@ -437,6 +437,13 @@ def _winograd_input_rows(t0, t1, t2, t3, t4, t5):
             2 * (t3 - t1) + t4 - t2, 2 * (t1 - t3) + t4 - t2, 4 * t1 - 5 * t3 + t5)
 
 
+def _winograd_height_input(x: torch.Tensor) -> torch.Tensor:
+    """One sample (C, d, h, w), zero-padded by 1 on every side, with F(4, 3)'s input transform over
+    the height: (6, C, d + 2, h / 4, w + 2), the 6 transformed rows of every 4-row output tile."""
+    xp = F.pad(x, (1, 1, 1, 1, 1, 1))  # (C, d + 2, h + 2, w + 2)
+    return torch.stack(_winograd_input_rows(*xp.unfold(2, 6, WINO_TILE).unbind(-1)))
+
+
 def _winograd_output_rows(m: torch.Tensor, z: torch.Tensor, tmp: torch.Tensor) -> None:
     """F(4, 3)'s output transform A^T along the first axis: ``m`` (6, ...) -> ``z`` (4, ...), with
     ``tmp`` (4, ...) as scratch (10 element-wise passes)."""
@@ -483,8 +490,7 @@ def conv3x3_shuffle_winograd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tens
     scratch = scratch or (lambda name, shape: x.new_empty(shape))
     y = x.new_empty(b, k, d * r, h * r, w * r)
     for bi in range(b):
-        xp = F.pad(x[bi], (1, 1, 1, 1, 1, 1))  # (C, d + 2, h + 2, w + 2)
-        u = torch.stack(_winograd_input_rows(*xp.unfold(2, 6, WINO_TILE).unbind(-1)))  # (6, C, d + 2, nt, w + 2)
+        u = _winograd_height_input(x[bi])  # (6, C, d + 2, nt, w + 2)
         slab = scratch("slab", (6, 9 * c, d, nt, w))
         torch.cat([u[:, :, i:i + d, :, j:j + w] for i in range(3) for j in range(3)], dim=1, out=slab)
         slab = slab.view(6, 9 * c, d, per_slice)
@@ -542,9 +548,8 @@ def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Ten
     scratch = scratch or (lambda name, shape: x.new_empty(shape))
     y = x.new_empty(b, k, d * r, h * r, w * r)
     for bi in range(b):
-        xp = F.pad(x[bi], (1, 1, 1, 1, 1, 1))  # (C, d + 2, h + 2, w + 2)
         # F(4, 3)'s B^T over height on the input, then F(2, 3)'s over depth (4 passes on 6 rows)
-        v = torch.stack(_winograd_input_rows(*xp.unfold(2, 6, WINO_TILE).unbind(-1)))  # (6, C, d + 2, th, w + 2)
+        v = _winograd_height_input(x[bi])  # (6, C, d + 2, th, w + 2)
         t0, t1, t2, t3 = v.unfold(2, 4, WINO2_TILE).unbind(-1)  # each (6, C, td, th, w + 2)
         v = torch.stack([t0 - t2, t1 + t2, t2 - t1, t1 - t3]).reshape(24, c, td, th, w + 2)
         slab = scratch("slab2d", (24, 3 * c, td, th, w))
