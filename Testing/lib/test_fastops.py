@@ -134,6 +134,44 @@ def test_workspace_is_reused_per_shape_and_kept_apart_per_thread():
     assert seen[0] is not fastops.workspace(owner, "slab", (3, 3), like)
 
 
+def test_shuffle_width_first_puts_the_width_sub_position_outermost():
+    r, k = 3, 2
+    idx = torch.arange(k * r ** 3)  # pixel-shuffle order: c = ((k r + s1) r + s2) r + s3
+    got = fastops.shuffle_width_first(idx, r)
+    for s3 in range(r):
+        for kk in range(k):
+            for s1 in range(r):
+                for s2 in range(r):
+                    assert got[((s3 * k + kk) * r + s1) * r + s2] == ((kk * r + s1) * r + s2) * r + s3
+    w = torch.randn(5, k * r ** 3, 4)  # any axis
+    torch.testing.assert_close(fastops.shuffle_width_first(w, r, dim=1), w[:, got], rtol=0, atol=0)
+
+
+def test_head_gives_the_same_numbers_with_the_numpy_and_the_torch_copy(monkeypatch):
+    from VeloxSegLib.model.layers import ShuffleHead
+
+    torch.manual_seed(8)
+    head = ShuffleHead(6, 3, 4).eval()
+    torch.nn.init.normal_(head.conv.bias)
+    x = torch.randn(2, 6, 6, 8, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            monkeypatch.setattr(fastops, "NUMPY_COPY", True)
+            calls = []
+            real_copyto = fastops.np.copyto
+            monkeypatch.setattr(fastops.np, "copyto", lambda *a: calls.append(1) or real_copyto(*a))
+            via_numpy = head(x)
+            assert calls  # the numpy copy did run
+            monkeypatch.setattr(fastops, "NUMPY_COPY", False)
+            via_torch = head(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(via_numpy, via_torch)
+    torch.testing.assert_close(via_numpy, head(x), rtol=1e-4, atol=1e-4)  # the plain module
+
+
 def test_head_gives_identical_results_when_called_again_with_its_reused_buffers():
     from VeloxSegLib.model.layers import ShuffleHead
 
@@ -160,7 +198,7 @@ def test_winograd_heads_give_the_same_numbers_whatever_depth_chunks_they_go_over
     x = torch.randn(2, 5, depth, 8, 5)
     w = torch.randn(128, 5, 3, 3, 3) * 0.2
     b = torch.randn(128)
-    wp = getattr(fastops, f"{kind}_head_weight")(w)
+    wp = fastops.winograd2d_head_weight(w, 4) if kind == "winograd2d" else fastops.winograd_head_weight(w)
     whole = head(x, wp, b, 4, chunk_elems=1 << 30)
     torch.testing.assert_close(head(x, wp, b, 4, chunk_elems=chunk_elems), whole, rtol=1e-5, atol=2e-5)
 
@@ -319,13 +357,13 @@ def test_winograd2d_shuffle_head_equals_conv3d_then_pixel_shuffle(batch, cin, cl
 
     r = 4
     x, w, b, ref = _shuffle_head_case(9, batch, cin, classes, size, r)
-    out = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w), b, r)
+    out = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w, r), b, r)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     # F(2, 3) x F(4, 3) rounds like the height-only F(4, 3): a few float32 roundings of the exact result
     one_d = fastops.conv3x3_shuffle_winograd(x, fastops.winograd_head_weight(w), b, r)
     err, err_1d = (out.double() - ref).abs().max().item(), (one_d.double() - ref).abs().max().item()
     assert err < max(2 * err_1d, 1e-5) and err < 1e-5 * ref.abs().max().item()
-    no_bias = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w), None, r)
+    no_bias = fastops.conv3x3_shuffle_winograd2d(x, fastops.winograd2d_head_weight(w, r), None, r)
     torch.testing.assert_close(no_bias.double(), pixel_shuffle_3d(F.conv3d(x.double(), w.double(), None, padding=1), r),
                                rtol=1e-4, atol=1e-4)
 

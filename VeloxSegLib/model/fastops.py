@@ -24,7 +24,9 @@ convolutions accumulate into one fresh tensor, or into a temporary the caller ha
 of copying it again (and the PWA block's double residual rides along as a scale); biases that an
 instance norm cancels are not added (:func:`bias_before`); the complex products of the FFT path
 are fused multiply-adds; the head adds its bias to one of its 24 Winograd products, which carries
-it to all 8 outputs.
+it to all 8 outputs. A seventh: the head's GEMMs put the output channels innermost (width
+sub-position first), so its pixel-shuffle copy writes whole output rows, and that copy and the
+attention's window gathers go through numpy's copy loop on one thread (:func:`strided_copy`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import threading
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -516,13 +519,42 @@ _WINO2_G = ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1))
 WINO2_TILE = 2
 
 
-def winograd2d_head_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(O, C, 3, 3, 3) -> (24, O, (kw, C)): the depth taps folded by F(2, 3)'s G and the height
-    taps by F(4, 3)'s (in float64); row p * 6 + q holds depth row p, height row q."""
+def shuffle_width_first(t: torch.Tensor, r: int, dim: int = 0) -> torch.Tensor:
+    """Reorder axis ``dim`` of ``t`` from the pixel shuffle's channel order (k, s1, s2, s3) to
+    (s3, k, s1, s2), the order :func:`conv3x3_shuffle_winograd2d` computes its outputs in (s1, s2,
+    s3: the sub-positions along depth, height and width)."""
+    o = t.shape[dim]
+    k = o // r ** 3
+    v = t.movedim(dim, 0).reshape(k, r, r, r, *t.shape[:dim], *t.shape[dim + 1:])
+    return v.movedim(3, 0).reshape(o, *t.shape[:dim], *t.shape[dim + 1:]).movedim(0, dim)
+
+
+def winograd2d_head_weight(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """(O, C, 3, 3, 3) -> (24, (kw, C), O): the depth taps folded by F(2, 3)'s G and the height
+    taps by F(4, 3)'s (in float64); matrix p * 6 + q holds depth row p, height row q, and its
+    columns (the output channels) are in :func:`shuffle_width_first` order for a shuffle by ``r``."""
     g2 = torch.tensor(_WINO2_G, dtype=torch.float64, device=weight.device)
     g4 = torch.tensor(_WINO_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("pk,ql,ockla->pqoac", g2, g4, weight.double())  # (4, 6, O, kw, C)
-    return u.reshape(24, weight.shape[0], -1).to(weight.dtype).contiguous()
+    u = torch.einsum("pk,ql,ockla->pqaco", g2, g4, shuffle_width_first(weight.double(), r))  # (4, 6, kw, C, O)
+    return u.reshape(24, -1, weight.shape[0]).to(weight.dtype).contiguous()
+
+
+#: whether :func:`strided_copy` goes through numpy on one thread: numpy's copy loop takes the
+#: fast paths' permuting copies (the shuffle head's width-interleaving copy, 96 contiguous outputs
+#: gathered at one stride; the attention's window gathers and scatters) in 35-65% of the time of
+#: PyTorch's (one AVX2 core, 2026-12-05: 6.5 against 3.8 ms for the attention's copies in a 96^3
+#: pass, each timed alone). With more threads PyTorch's copy runs in parallel and is used.
+NUMPY_COPY = True
+
+
+def strided_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for same-shape, same-dtype CPU tensors without autograd (the fast paths'
+    permuting copies), through numpy on one thread (see :data:`NUMPY_COPY`)."""
+    if (NUMPY_COPY and torch.get_num_threads() == 1 and dst.device.type == "cpu" and dst.dtype == src.dtype
+            and dst.dtype in (torch.float32, torch.float64) and not (dst.requires_grad or src.requires_grad)):
+        np.copyto(dst.numpy(), src.numpy())
+    else:
+        dst.copy_(src)
 
 
 def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, r: int,
@@ -533,19 +565,22 @@ def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Ten
     = 1/3 of the multiply-adds of a direct convolution (the height-only version: 1/2). F(4, 3)
     on both axes would do 1/4, but its larger transform coefficients round about twice as much
     and put the network past the fast path's 1e-4 bound; F(2, 3)'s coefficients are 1 and 1/2,
-    so the rounding stays that of the height-only version. The width stays the GEMM's innermost
-    axis, so the fused bias and pixel-shuffle copy keeps contiguous rows as long as the width.
+    so the rounding stays that of the height-only version. ``u`` is
+    :func:`winograd2d_head_weight` (for this ``r``). The GEMMs put the output channels innermost,
+    width sub-position first: the pixel shuffle's copy then writes whole output rows (the width
+    times r), reading them at one stride from a cache-sized chunk (:func:`strided_copy`).
     Needs the depth to be even and the height a multiple of 4. The GEMM, the two output
     transforms and the copy go over a few depth tiles at a time (``chunk_elems`` floats of GEMM
     output). ``scratch(name, shape)`` supplies reusable temporaries (see :func:`workspace`).
     """
     b, c, d, h, w = x.shape
-    o = u.shape[1]
+    o = u.shape[2]
     k = o // r ** 3
     td, th = d // WINO2_TILE, h // WINO_TILE
-    per_tile = th * w  # GEMM columns per depth tile
+    per_tile = th * w  # GEMM rows per depth tile
     step = max(1, min(td, chunk_elems // (24 * o * per_tile)))
     scratch = scratch or (lambda name, shape: x.new_empty(shape))
+    bias_row = None if bias is None else shuffle_width_first(bias, r)
     y = x.new_empty(b, k, d * r, h * r, w * r)
     for bi in range(b):
         # F(4, 3)'s B^T over height on the input, then F(2, 3)'s over depth (4 passes on 6 rows)
@@ -554,26 +589,26 @@ def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Ten
         v = torch.stack([t0 - t2, t1 + t2, t2 - t1, t1 - t3]).reshape(24, c, td, th, w + 2)
         slab = scratch("slab2d", (24, 3 * c, td, th, w))
         torch.cat([v[..., j:j + w] for j in range(3)], dim=1, out=slab)
-        slab = slab.view(24, 3 * c, td, per_tile)
+        slab = slab.view(24, 3 * c, td * per_tile)
         yv = y[bi].view(k, td, WINO2_TILE, r, th, WINO_TILE, r, w, r)  # (k, td, e, s1, th, f, s2, w, s3)
-        cols = step * per_tile
-        m_buf = scratch("m2d", (24, o, cols))
-        half_buf = scratch("half2d", (WINO2_TILE, 6, o, cols))
-        z_buf = scratch("z2d", (WINO2_TILE, WINO_TILE, o, cols))
-        tmp_buf = scratch("tmp2d", (4, WINO2_TILE, o, cols))
+        rows = step * per_tile
+        m_buf = scratch("m2d", (24, rows, o))
+        half_buf = scratch("half2d", (WINO2_TILE, 6, rows, o))
+        z_buf = scratch("z2d", (WINO2_TILE, WINO_TILE, rows, o))
+        tmp_buf = scratch("tmp2d", (4, WINO2_TILE, rows, o))
         for a in range(0, td, step):
             e = min(td, a + step)
             n = (e - a) * per_tile
-            m = torch.bmm(u, slab[:, :, a:e].reshape(24, 3 * c, n), out=m_buf[:, :, :n]).view(4, 6, o, n)
-            if bias is not None:  # product (1, 1) reaches all 8 outputs with weight 1 (both A^T)
-                m[1, 1].add_(bias.view(o, 1))
-            half, z = half_buf[..., :n], z_buf[..., :n]
-            torch.add(m[0], m[1], out=half[0]).add_(m[2])  # F(2, 3)'s A^T over depth: (2, 6, o, n)
+            m = torch.bmm(slab[:, :, a * per_tile:e * per_tile].transpose(1, 2), u, out=m_buf[:, :n]).view(4, 6, n, o)
+            if bias_row is not None:  # product (1, 1) reaches all 8 outputs with weight 1 (both A^T)
+                m[1, 1].add_(bias_row)
+            half, z = half_buf[:, :, :n], z_buf[:, :, :n]
+            torch.add(m[0], m[1], out=half[0]).add_(m[2])  # F(2, 3)'s A^T over depth: (2, 6, n, o)
             torch.sub(m[1], m[2], out=half[1]).sub_(m[3])
-            _winograd_output_rows(half.transpose(0, 1), z.transpose(0, 1), tmp_buf[..., :n])  # height: (2, 4, o, n)
-            # y (k, td, e, s1, th, f, s2, w, s3) <- z (e, f, k, s1, s2, s3, td, th, w)
-            yv[:, a:e].copy_(z.view(WINO2_TILE, WINO_TILE, k, r, r, r, e - a, th, w)
-                             .permute(2, 6, 0, 3, 7, 1, 4, 8, 5))
+            _winograd_output_rows(half.transpose(0, 1), z.transpose(0, 1), tmp_buf[:, :, :n])  # height: (2, 4, n, o)
+            # y (k, td, e, s1, th, f, s2, w, s3) <- z (e, f, td, th, w, s3, k, s1, s2)
+            strided_copy(yv[:, a:e], z.view(WINO2_TILE, WINO_TILE, e - a, th, w, r, k, r, r)
+                         .permute(6, 2, 0, 7, 3, 1, 8, 4, 5))
     return y
 
 

@@ -184,7 +184,7 @@ class ShuffleHead(nn.Module):
             scratch = lambda name, shape: fastops.workspace(self, name, shape, x)  # noqa: E731
             if x.shape[2] % fastops.WINO2_TILE == 0 and x.shape[3] % fastops.WINO_TILE == 0:
                 u = fastops.cached(self, "winograd2d", (self.conv.weight,),
-                                   lambda: fastops.winograd2d_head_weight(self.conv.weight))
+                                   lambda: fastops.winograd2d_head_weight(self.conv.weight, self.r))
                 return fastops.conv3x3_shuffle_winograd2d(x, u, self.conv.bias, self.r, scratch)
             if x.shape[3] % fastops.WINO_TILE == 0:
                 wp = fastops.cached(self, "winograd", (self.conv.weight,),

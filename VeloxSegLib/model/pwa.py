@@ -222,10 +222,10 @@ class PairedWindowAttention(nn.Module):
             for dst, lo, width in ((q, 0, dq), (k, h * dq, dq)):
                 src = xv[:, :, lo:lo + h * width].reshape(M, B, h, width, Nd, n0, Nh, n1, Nw, n2)
                 tgt = dst[:, :, start:start + counts[i]].view(B, h, Nd, Nh, Nw, M, n0, n1, n2, width)
-                tgt.copy_(src.permute(1, 2, 4, 6, 8, 0, 5, 7, 9, 3))
+                fastops.strided_copy(tgt, src.permute(1, 2, 4, 6, 8, 0, 5, 7, 9, 3))
             src = xv[:, :, 2 * h * dq:2 * h * dq + h * dv].reshape(M, B, h, dv, Nd, n0, Nh, n1, Nw, n2)
             tgt = v_t[:, :, start:start + counts[i], :dv].unflatten(-1, (M, n0, n1, n2)).unflatten(2, (Nd, Nh, Nw))
-            tgt.copy_(src.permute(1, 2, 4, 6, 8, 3, 0, 5, 7, 9))
+            fastops.strided_copy(tgt, src.permute(1, 2, 4, 6, 8, 3, 0, 5, 7, 9))
             start += counts[i]
         bias = fastops.cached(self, "bias2", (self.relative_position_bias_table,),
                               lambda: self.relative_position_bias() * fastops.LOG2E)
@@ -247,7 +247,7 @@ class PairedWindowAttention(nn.Module):
             else:
                 b0, b1, b2 = n0, n1, n2
             tgt = y[:, i * h * dv:(i + 1) * h * dv].view(M, B, h, dv, Nd, b0, Nh, b1, Nw, b2)
-            tgt.copy_(t.permute(5, 0, 1, 9, 2, 6, 3, 7, 4, 8))
+            fastops.strided_copy(tgt, t.permute(5, 0, 1, 9, 2, 6, 3, 7, 4, 8))
         return [fastops.pointwise(y[m * B:(m + 1) * B], self.mixers[m].weight, self.mixers[m].bias, residual=xs[m],
                                   residual_scale=residual_scale) for m in range(M)]
 
