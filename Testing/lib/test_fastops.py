@@ -172,6 +172,27 @@ def test_head_gives_the_same_numbers_with_the_numpy_and_the_torch_copy(monkeypat
     torch.testing.assert_close(via_numpy, head(x), rtol=1e-4, atol=1e-4)  # the plain module
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1x1_shuffle_equals_the_transposed_convolution_it_replaces(bias):
+    torch.manual_seed(13)
+    x = torch.randn(2, 6, 3, 4, 5)
+    w = torch.randn(6, 5, 2, 2, 2)  # ConvTranspose3d(6, 5, 2, stride=2) weight
+    b = torch.randn(5) if bias else None
+    ref = F.conv_transpose3d(x.double(), w.double(), None if b is None else b.double(), stride=2)
+    wt = fastops.shuffle_width_first(w.reshape(6, -1), 2, dim=1).contiguous()
+    bt = None if b is None else fastops.shuffle_width_first(b.repeat_interleave(8), 2)
+    for threads in (1, 2):  # numpy's copy on one thread, PyTorch's on two
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                out = fastops.conv1x1_shuffle(x, wt, bt, 2)
+        finally:
+            torch.set_num_threads(before)
+        assert out.shape == ref.shape and out.is_contiguous()
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_head_gives_identical_results_when_called_again_with_its_reused_buffers():
     from VeloxSegLib.model.layers import ShuffleHead
 

@@ -557,6 +557,25 @@ def strided_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+def conv1x1_shuffle(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, r: int) -> torch.Tensor:
+    """A 1x1 convolution to k * r^3 channels followed by a 3D pixel shuffle by r: (B, C, d, h, w) ->
+    (B, k, d r, h r, w r); a transposed convolution with kernel and stride r is exactly this.
+    ``weight_t`` is (C, k r^3) with its columns in :func:`shuffle_width_first` order, ``bias``
+    (k r^3,) in the same order. The GEMM puts the output channels innermost, so the shuffle's copy
+    writes whole output rows (:func:`strided_copy`): 1.5-2x faster than a GEMM in the usual layout
+    and PyTorch's shuffle copy, whose innermost run is r elements (one AVX2 core, 2026-12-05)."""
+    b, c, d, h, w = x.shape
+    o = weight_t.shape[1]
+    k = o // r ** 3
+    y = x.new_empty(b, k, d * r, h * r, w * r)
+    for bi in range(b):
+        cols = x[bi].reshape(c, d * h * w).t()
+        m = torch.addmm(bias, cols, weight_t) if bias is not None else torch.mm(cols, weight_t)
+        # y (k, d, s1, h, s2, w, s3) <- m (d, h, w, s3, k, s1, s2)
+        strided_copy(y[bi].view(k, d, r, h, r, w, r), m.view(d, h, w, r, k, r, r).permute(4, 0, 5, 1, 6, 2, 3))
+    return y
+
+
 def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, r: int,
                                scratch=None, chunk_elems: int = 1 << 20) -> torch.Tensor:
     """:func:`conv3x3_shuffle_winograd` with Winograd on two axes: F(2, 3) over depth and F(4, 3)
@@ -610,6 +629,14 @@ def conv3x3_shuffle_winograd2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Ten
             strided_copy(yv[:, a:e], z.view(WINO2_TILE, WINO_TILE, e - a, th, w, r, k, r, r)
                          .permute(6, 2, 0, 7, 3, 1, 8, 4, 5))
     return y
+
+
+#: smallest input grid (every axis) at which :class:`~VeloxSegLib.model.layers.DownConv` runs its
+#: stride-2 convolution as :func:`conv3d_im2col`; on smaller grids oneDNN's convolution is faster
+#: (one AVX2 core, 2026-12-05, alternating: 64 -> 128 channels from 6^3 1.37x faster through
+#: oneDNN alone and 1.23x inside the network; 32 -> 64 from 12^3 1.15x alone but 0.98x inside the
+#: network; 16 -> 32 from 24^3 a tie)
+IM2COL_MIN_SIZE = 12
 
 
 def conv3d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,

@@ -108,7 +108,8 @@ class DownConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fastops.use_fast(self.fast, x):
             bias = fastops.bias_before(self.norm, self.conv.bias)  # the instance norm cancels it
-            y = (fastops.conv3d_im2col(x, self.conv.weight, bias, 2, 1) if self.factor == 2
+            y = (fastops.conv3d_im2col(x, self.conv.weight, bias, 2, 1)
+                 if self.factor == 2 and min(x.shape[2:]) >= fastops.IM2COL_MIN_SIZE
                  else F.conv3d(x, self.conv.weight, bias, self.conv.stride, self.conv.padding))
             return fastops.instance_norm(self.norm, y)
         return self.norm(self.conv(x))
@@ -128,10 +129,12 @@ class UpConv(nn.Module):
         if fastops.use_fast(self.fast, x):
             # kernel 2 / stride 2 transposed conv == 1x1 conv to 8*Cout, then depth-to-space by 2
             w = self.conv.weight  # (Cin, Cout, 2, 2, 2)
-            wt = fastops.cached(self, "gemm", (w,), lambda: w.reshape(w.shape[0], -1).t().contiguous())
+            wt = fastops.cached(self, "gemm_t", (w,), lambda: fastops.shuffle_width_first(
+                w.reshape(w.shape[0], -1), 2, dim=1).contiguous())
             bias = fastops.bias_before(self.norm, self.conv.bias)  # the instance norm cancels it
-            y = fastops.pointwise(x, wt, None if bias is None else bias.repeat_interleave(8))
-            return fastops.instance_norm(self.norm, pixel_shuffle_3d(y, 2))
+            if bias is not None:
+                bias = fastops.shuffle_width_first(bias.repeat_interleave(8), 2)
+            return fastops.instance_norm(self.norm, fastops.conv1x1_shuffle(x, wt, bias, 2))
         return self.norm(self.conv(x))
 
 
