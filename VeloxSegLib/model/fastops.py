@@ -26,7 +26,9 @@ instance norm cancels are not added (:func:`bias_before`); the complex products 
 are fused multiply-adds; the head adds its bias to one of its 24 Winograd products, which carries
 it to all 8 outputs. A seventh: the head's GEMMs put the output channels innermost (width
 sub-position first), so its pixel-shuffle copy writes whole output rows, and that copy and the
-attention's window gathers go through numpy's copy loop on one thread (:func:`strided_copy`).
+attention's window gathers go through numpy's copy loop on one thread (:func:`strided_copy`); the
+decoder's up-sampling is one such GEMM and copy (:func:`conv1x1_shuffle`); the smallest stride-2
+convolution goes back to oneDNN (:data:`IM2COL_MIN_SIZE`).
 """
 from __future__ import annotations
 
@@ -237,9 +239,19 @@ def grouped_conv_fft(x: torch.Tensor, convs: Sequence[torch.nn.Conv3d], spectra=
         bias = conv.bias if biases is None else biases[j]
         if bias is not None:  # a constant on the whole grid lives in the zero frequency
             y.view(b, groups * og, nf)[:, :, 0] += bias * n
-        out = torch.fft.irfftn(y.reshape(b, groups * og, *fshape), s=size, dim=(2, 3, 4))
-        outs.append(out[:, :, :d, :h, :w].contiguous())
+        outs.append(_irfft3_cropped(y.reshape(b, groups * og, *fshape), size, (d, h, w)))
     return outs
+
+
+def _irfft3_cropped(spec: torch.Tensor, size: Sequence[int], keep: Sequence[int]) -> torch.Tensor:
+    """``irfftn(spec, s=size)[..., :keep[0], :keep[1], :keep[2]]``, contiguous: one axis at a time,
+    each inverse transform only on what the crop keeps of the axes already done (the depth
+    transform on every (height, width) frequency, the height transform on the kept depths, the
+    real width transform on the kept (depth, height) rows). One AVX2 core, 2026-12-05, alternating:
+    1.10x faster than ``irfftn`` and the crop at 28^3 x 16 channels, 1.47x at 16^3 x 32."""
+    a = torch.fft.ifft(spec, dim=2)[:, :, :keep[0]]
+    a = torch.fft.ifft(a, dim=3)[:, :, :, :keep[1]]
+    return torch.fft.irfft(a, n=size[2], dim=4)[..., :keep[2]].contiguous()
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
