@@ -347,3 +347,58 @@ def test_finetune_refuses_a_patch_size_the_windows_cannot_tile_and_writes_nothin
         run_finetune(source_bundle, two_cases, tmp_path / "x", patch_size=(40, 40, 40))
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
     assert _tree_hashes(source_bundle) == before
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _dropout_rates(model):
+    return sorted({float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)})
+
+
+def test_dropout_option_reaches_every_block_is_recorded_and_inherited(two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.train.trainer import DROPOUT_KEYS, RunSetup
+
+    src = load_bundle(source_bundle)
+    assert _dropout_rates(src.build_model()) == [0.1]  # the network's own rate
+    rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "nodrop"),
+                       "--epochs", "1", "--iterations-per-epoch", "1", "--dropout", "0"])
+    assert rc == 0
+    child = load_bundle(tmp_path / "nodrop")
+    assert child.meta["model"]["overrides"] == {k: 0.0 for k in DROPOUT_KEYS}
+    assert _dropout_rates(child.build_model()) == [0.0]
+    # the training network is built from the same setup: every dropout at the new rate, so two
+    # forward passes in training mode agree (with the network's 0.1 they differ)
+    setup = RunSetup(model_name="veloxseg-b", in_channels=(1, 1), num_classes=2, patch_size=(64, 32, 32),
+                     spacing=(1.0, 1.0, 1.0), channels=[], labels=[])
+    x = torch.randn(1, 2, 64, 32, 32)
+    for rate, same in ((0.0, True), (0.1, False)):
+        torch.manual_seed(0)
+        net = setup.with_dropout(rate).build_model(training=True).train()
+        with torch.no_grad():
+            a, b = net.forward_train(x).logits[0], net.forward_train(x).logits[0]
+        assert torch.equal(a, b) is same
+    # a grandchild fine-tuned without --dropout keeps its parent's rate
+    rc, _ = _finetune(["-m", str(tmp_path / "nodrop"), str(two_cases), "-o", str(tmp_path / "grandchild"),
+                       "--epochs", "1", "--iterations-per-epoch", "1"])
+    assert rc == 0
+    assert load_bundle(tmp_path / "grandchild").meta["model"]["overrides"] == {k: 0.0 for k in DROPOUT_KEYS}
+
+
+def test_dropout_option_refuses_bad_rates_and_other_networks(two_cases, source_bundle, tmp_path, capsys):
+    from VeloxSegLib.errors import ConfigError
+    from VeloxSegLib.train.trainer import RunSetup
+
+    before = _tree_hashes(source_bundle)
+    for rate in ("1", "-0.1"):
+        rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "x"),
+                           "--epochs", "1", "--iterations-per-epoch", "1", "--dropout", rate])
+        assert rc != 0
+        assert "--dropout must be in [0, 1)" in capsys.readouterr().err
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
+    assert _tree_hashes(source_bundle) == before
+    setup = RunSetup(model_name="lightmedseg", in_channels=(1, 1), num_classes=2, patch_size=(32, 32, 32),
+                     spacing=(1.0, 1.0, 1.0), channels=[], labels=[])
+    with pytest.raises(ConfigError, match="applies to the VeloxSeg networks, not to 'lightmedseg'"):
+        setup.with_dropout(0.0)

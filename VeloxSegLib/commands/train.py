@@ -31,6 +31,10 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                    help="deep-supervision loss weights, full resolution first (default: equal, as the paper, "
                         "or the parent's for finetune; nnU-Net halves them per scale: 1 0.5 0.25 0.125). "
                         "Missing coarse weights count as 0")
+    p.add_argument("--dropout", type=float, metavar="P",
+                   help="dropout rate of every VeloxSeg block (attention, projections, convolution blocks); default: "
+                        "the network's 0.1 for train, the parent's for finetune. Acts only in training: the bundle "
+                        "predicts the same for any rate, which is recorded in its model.overrides")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")
@@ -96,7 +100,7 @@ def config_from_args(args, **extra):
                        device=args.device, threads=args.threads, loader_threads=args.loader_threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
-                       **extra)
+                       dropout=args.dropout, **extra)
 
 
 def command_line(args) -> str:

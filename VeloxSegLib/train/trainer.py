@@ -31,6 +31,7 @@ import re
 import signal
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -61,6 +62,8 @@ PLOT_NAME = "curves.png"
 PLANS_NAME = "plans.json"
 #: Modules of the segmentation heads (re-initialized for a new label set).
 HEAD_PREFIXES = ("head.", "ds_heads.", "final.")
+#: VeloxSeg constructor arguments that ``--dropout`` sets (every dropout of the network).
+DROPOUT_KEYS = ("attn_drop", "proj_drop", "conv_drop")
 #: Modules that are not part of the encoder (everything else is frozen by --freeze-encoder).
 NON_ENCODER_PREFIXES = ("decoder.", "head.", "ds_heads.", "teachers.", "up.", "routers.", "dec_blocks.", "final.")
 
@@ -92,6 +95,7 @@ class TrainConfig:
     threads: Optional[int] = None
     loader_threads: Optional[int] = None  # None: 0 on the CPU, up to 8 with a GPU
     freeze_encoder: bool = False
+    dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
     final_weights: str = "best"
     target_dice: Optional[float] = None
     val_dataset: Optional[str] = None
@@ -120,6 +124,8 @@ class TrainConfig:
             raise ConfigError("--val-dataset validates on another dataset; it excludes --fold and --split")
         if self.ds_weights is not None and (any(w < 0 for w in self.ds_weights) or not sum(self.ds_weights) > 0):
             raise ConfigError(f"--ds-weights must be non-negative with a positive sum, got {list(self.ds_weights)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.final_weights not in ("best", "last"):
             raise ConfigError("final weights must be 'best' or 'last'")
 
@@ -150,6 +156,18 @@ class RunSetup:
                    labels=[dict(lb) for lb in plans["labels"]],
                    batch_size=int(config.batch_size or plans.get("batch_size", 2)),
                    overrides=dict(m.get("overrides") or {}))
+
+    def with_dropout(self, rate: float) -> "RunSetup":
+        """The same setup with every dropout of a VeloxSeg network (attention probabilities,
+        projections, convolution blocks) at ``rate``. Dropout only acts in training, so the
+        bundle's network computes the same function at inference for any rate; the rate is
+        recorded in the bundle's ``model.overrides`` as part of the recipe."""
+        from ..model import PRESETS
+
+        if PRESETS.get(self.model_name.lower(), {}).get("arch") != "veloxseg":
+            raise ConfigError(f"--dropout applies to the VeloxSeg networks, not to '{self.model_name}'")
+        rate = float(rate)
+        return dataclasses.replace(self, overrides={**self.overrides, **{k: rate for k in DROPOUT_KEYS}})
 
     def build_model(self, training: bool = True, use_teachers: bool = True):
         from ..model import PRESETS, build_model
@@ -646,6 +664,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         plans = ddp.broadcast_object(resolve_plans(ds.root, plans, **(planner_overrides or {}))
                                      if dist.is_main else None, dist)
         setup = RunSetup.from_plans(plans, config)
+    if config.dropout is not None and ckpt is None:  # a resumed run keeps the setup it saved
+        setup = setup.with_dropout(config.dropout)
     if len(setup.channels) != ds.num_channels:
         raise InputError(f"{ds.root.name}: has {ds.num_channels} channel(s), the model needs {len(setup.channels)} "
                          f"({', '.join(c['name'] for c in setup.channels)})")
