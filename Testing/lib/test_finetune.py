@@ -402,3 +402,35 @@ def test_dropout_option_refuses_bad_rates_and_other_networks(two_cases, source_b
                      spacing=(1.0, 1.0, 1.0), channels=[], labels=[])
     with pytest.raises(ConfigError, match="applies to the VeloxSeg networks, not to 'lightmedseg'"):
         setup.with_dropout(0.0)
+
+
+# --------------------------------------------------------------------------- another spacing
+
+
+def test_finetune_at_another_spacing_records_it_and_predicts_at_it(two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.infer.pipeline import InferencePlan
+
+    src = load_bundle(source_bundle)
+    parent_spacing = [float(v) for v in src.meta["spacing"]]
+    target = [round(2 * v, 3) for v in parent_spacing]  # twice as coarse: the cases shrink to half
+    before = _tree_hashes(source_bundle)
+    rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "coarse"),
+                       "--epochs", "1", "--iterations-per-epoch", "1", "--spacing", *map(str, target)])
+    assert rc == 0
+    assert _tree_hashes(source_bundle) == before
+    child = load_bundle(tmp_path / "coarse")
+    assert child.meta["spacing"] == target
+    assert json.loads(child.meta["training"]["notes"])["parent_spacing"] == parent_spacing
+    assert InferencePlan.from_meta(child.meta).spacing == tuple(target)  # predict resamples to it
+    assert set(child.state_dict()) == set(src.state_dict())  # the same network, every tensor kept
+
+
+def test_finetune_refuses_a_bad_spacing_and_writes_nothing(two_cases, source_bundle, tmp_path, capsys):
+    before = _tree_hashes(source_bundle)
+    rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "x"),
+                       "--epochs", "1", "--iterations-per-epoch", "1", "--spacing", "2", "0", "2"])
+    assert rc != 0
+    assert "--spacing must be three positive sizes in mm" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
+    assert _tree_hashes(source_bundle) == before

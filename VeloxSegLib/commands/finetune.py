@@ -20,6 +20,9 @@ def register(subparsers):
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="train (and predict) at this patch size instead of the bundle's; the attention windows "
                         "follow it, and each position-bias table keeps the bias of every offset both windows share")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="train (and predict) at this voxel spacing in mm instead of the bundle's; every weight is "
+                        "kept, and the patch covers a field of view that much smaller or larger")
     add_run_arguments(p, epochs=FINETUNE_EPOCHS, iterations=FINETUNE_ITERATIONS, lr=FINETUNE_LR, val_every=1)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -32,5 +35,6 @@ def run(args) -> int:
     config = config_from_args(args, freeze_encoder=args.freeze_encoder)
     return execute(args, lambda progress, stop: run_finetune(
         args.model, args.dataset, args.output, config,
-        patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, resume=args.resume,
+        patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, spacing=args.spacing,
+        resume=args.resume,
         work_dir=args.work_dir, progress=progress, stop=stop, command=command_line(args)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -115,11 +116,14 @@ def adapt_to_patch_size(weights: Dict[str, torch.Tensor], model_meta: dict, num_
 
 
 def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
-                 patch_size: Optional[Sequence[int]] = None, **kwargs) -> TrainResult:
+                 patch_size: Optional[Sequence[int]] = None, spacing: Optional[Sequence[float]] = None,
+                 **kwargs) -> TrainResult:
     """Fine-tune ``bundle`` (path or name) on the nnU-Net raw ``dataset``; write ``output``.
 
     ``patch_size`` (z, y, x) trains at another patch size than the bundle's: the attention
     windows follow it and the position-bias tables are re-laid (:func:`adapt_to_patch_size`).
+    ``spacing`` (x, y, z mm) trains, and makes the new bundle predict, at another voxel spacing
+    than the bundle's (every weight is kept; the patch then covers another field of view).
     ``kwargs`` go to :func:`trainer.run_training` (progress, stop, resume, work_dir, command).
     """
     from ..bundle import load_bundle
@@ -145,8 +149,11 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     _inherit_loss_settings(config, meta)
     m = meta["model"]
     patch = tuple(int(v) for v in (patch_size if patch_size is not None else m["patch_size"]))
+    target = tuple(float(v) for v in (spacing if spacing is not None else meta["spacing"]))
+    if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
+        raise ConfigError(f"--spacing must be three positive sizes in mm (x y z), got {list(target)}")
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
-                     patch_size=patch, spacing=tuple(meta["spacing"]),
+                     patch_size=patch, spacing=target,
                      channels=[dict(c) for c in meta["channels"]], labels=labels,
                      batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}),
                      inference=dict(meta["inference"]))
@@ -160,6 +167,10 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
         notes.update({"parent_patch_size": list(m["patch_size"]), "bias_tables_resized": resized})
         log.info("patch size %s instead of the bundle's %s: %d position-bias table(s) re-laid for the new windows",
                  "x".join(map(str, patch)), "x".join(map(str, m["patch_size"])), len(resized))
+    if target != tuple(float(v) for v in meta["spacing"]):
+        notes["parent_spacing"] = list(meta["spacing"])
+        log.info("spacing %s mm instead of the bundle's %s mm", "x".join(f"{v:g}" for v in target),
+                 "x".join(f"{float(v):g}" for v in meta["spacing"]))
     if not same:
         log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
     if config.description is None:
