@@ -149,7 +149,8 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     _inherit_loss_settings(config, meta)
     m = meta["model"]
     patch = tuple(int(v) for v in (patch_size if patch_size is not None else m["patch_size"]))
-    target = tuple(float(v) for v in (spacing if spacing is not None else meta["spacing"]))
+    parent_spacing = tuple(float(v) for v in meta["spacing"])
+    target = tuple(float(v) for v in spacing) if spacing is not None else parent_spacing
     if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
         raise ConfigError(f"--spacing must be three positive sizes in mm (x y z), got {list(target)}")
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
@@ -167,10 +168,10 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
         notes.update({"parent_patch_size": list(m["patch_size"]), "bias_tables_resized": resized})
         log.info("patch size %s instead of the bundle's %s: %d position-bias table(s) re-laid for the new windows",
                  "x".join(map(str, patch)), "x".join(map(str, m["patch_size"])), len(resized))
-    if target != tuple(float(v) for v in meta["spacing"]):
-        notes["parent_spacing"] = list(meta["spacing"])
+    if target != parent_spacing:
+        notes["parent_spacing"] = list(parent_spacing)
         log.info("spacing %s mm instead of the bundle's %s mm", "x".join(f"{v:g}" for v in target),
-                 "x".join(f"{float(v):g}" for v in meta["spacing"]))
+                 "x".join(f"{v:g}" for v in parent_spacing))
     if not same:
         log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
     if config.description is None:

@@ -31,8 +31,7 @@ import re
 import signal
 import threading
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -162,18 +161,21 @@ class RunSetup:
         projections, convolution blocks) at ``rate``. Dropout only acts in training, so the
         bundle's network computes the same function at inference for any rate; the rate is
         recorded in the bundle's ``model.overrides`` as part of the recipe."""
-        from ..model import PRESETS
-
-        if PRESETS.get(self.model_name.lower(), {}).get("arch") != "veloxseg":
+        if not self._is_veloxseg():
             raise ConfigError(f"--dropout applies to the VeloxSeg networks, not to '{self.model_name}'")
         rate = float(rate)
-        return dataclasses.replace(self, overrides={**self.overrides, **{k: rate for k in DROPOUT_KEYS}})
+        return replace(self, overrides={**self.overrides, **{k: rate for k in DROPOUT_KEYS}})
+
+    def _is_veloxseg(self) -> bool:
+        from ..model import PRESETS
+
+        return PRESETS.get(self.model_name.lower(), {}).get("arch") == "veloxseg"
 
     def build_model(self, training: bool = True, use_teachers: bool = True):
-        from ..model import PRESETS, build_model
+        from ..model import build_model
 
         kw = dict(self.overrides)
-        if training and PRESETS.get(self.model_name.lower(), {}).get("arch") == "veloxseg" and not use_teachers:
+        if training and self._is_veloxseg() and not use_teachers:
             kw["with_teachers"] = False
         return build_model(self.model_name, in_channels=self.in_channels, num_classes=self.num_classes,
                            patch_size=self.patch_size, **kw)
