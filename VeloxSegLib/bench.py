@@ -430,7 +430,8 @@ def render_markdown(result: dict) -> str:
     for data in result.get("comparisons") or []:
         from .commands.compare import render_markdown as comparison_table
 
-        lines += ["", "## Same-budget training comparison", "", comparison_table(data)]
+        on = f" on {data['heldout']}" if data.get("heldout") else ""
+        lines += ["", f"## Same-budget training comparison{on}", "", comparison_table(data)]
     return "\n".join(lines) + "\n"
 
 

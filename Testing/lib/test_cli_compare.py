@@ -93,7 +93,7 @@ def test_bench_page_includes_saved_comparisons(tmp_path):
     result = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "os": "y", "python": "3", "torch": "t",
                           "date": "d"}, "patch": [], "comparisons": loaded}
     page = render_markdown(result)
-    assert "## Same-budget training comparison" in page
+    assert "## Same-budget training comparison on heldout_mri" in page
     assert "| a | veloxseg-b | 1.500 | 1800 x 2 | 64x64x64 | 700 | 0.900 | 0.920 | 1.5 |" in page
     (tmp_path / "training-comparison-bad.json").write_text("{")
     with pytest.raises(InputError, match="training-comparison-bad.json"):
