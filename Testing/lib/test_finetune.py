@@ -434,3 +434,42 @@ def test_finetune_refuses_a_bad_spacing_and_writes_nothing(two_cases, source_bun
     assert "--spacing must be three positive sizes in mm" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
     assert _tree_hashes(source_bundle) == before
+
+
+# --------------------------------------------------------------------------- fine-tuning benchmark
+
+
+def test_finetune_benchmark_runs_the_command_and_reports_its_record(source_bundle, tmp_path):
+    """`veloxseg bench`'s fine-tuning section: the real command in its own process per draw; the
+    table's figures come from the new bundle's record and from that process."""
+    from VeloxSegLib.bench import render_markdown
+    from VeloxSegLib.train.finetune import finetune_benchmark
+
+    before = _tree_hashes(source_bundle)
+    out = finetune_benchmark(str(source_bundle), draws=(5,), threads=1, train_cases=2, val_cases=2,
+                             size=(64, 64, 48), extra=["--epochs", "2", "--iterations-per-epoch", "1",
+                                                       "--batch-size", "1"], target=0.99, workdir=tmp_path)
+    assert _tree_hashes(source_bundle) == before
+    assert list(tmp_path.iterdir()) == []  # the phantoms and the new bundle lived in a temporary folder
+    (row,) = out["rows"]
+    assert row["draw"] == 5 and row["reached"] is False and row["steps"] == 2  # an untrained net stays far below 0.99
+    assert 0.0 <= row["start_dice"] <= 1.0 and 0.0 <= row["dice"] <= 1.0
+    assert row["wall_s"] > 0 and row["peak_rss_mb"] > 50  # the child's own high-water mark, in MB
+    assert f"| 5 | {row['start_dice']:.3f} | {row['dice']:.3f} | no | 2 |" in out["markdown"]
+    page = render_markdown({"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "os": "y", "python": "3",
+                                        "torch": "t", "date": "d"}, "patch": [], "finetune": out})
+    assert "## Fine-tuning on 5 cases to Dice 0.7 on 3 held-out ones" in page and out["markdown"] in page
+
+
+def test_finetune_table_says_when_each_draw_reached_the_target():
+    from VeloxSegLib.train.finetune import finetune_table
+
+    base = {"start_dice": 0.5, "dice": 0.5, "steps": 0, "wall_s": 6.04, "peak_rss_mb": 900.0, "reached_at_epoch": None}
+    rows = [dict(base, draw=1, reached=True, met_at_start=True, start_dice=0.81, dice=0.81),
+            dict(base, draw=2, reached=True, met_at_start=False, reached_at_epoch=0, dice=0.72, steps=25),
+            dict(base, draw=3, reached=False, met_at_start=False, steps=500, peak_rss_mb=None)]
+    text = finetune_table(rows)
+    assert "| 1 | 0.810 | 0.810 | yes, at the start (nothing trained) | 0 | 6.0 | 900.0 |" in text
+    assert "| 2 | 0.500 | 0.720 | yes, after epoch 1 | 25 | 6.0 | 900.0 |" in text
+    assert "| 3 | 0.500 | 0.500 | no | 500 | 6.0 | - |" in text
+    assert "--target-dice 0.7 --threads 2" in text and "| reached 0.70 |" in text

@@ -181,4 +181,88 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
                         reinit_prefixes=() if same else HEAD_PREFIXES, parent=src.name, notes=notes, **kwargs)
 
 
-__all__ = ["run_finetune", "adapt_to_patch_size", "lineage_of", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]
+#: phantom draws of :func:`finetune_benchmark`: 5 training cases of seed S, 3 held-out of seed S + 1
+#: (four consecutive draws of the eleven in docs/models.md: with the shipped model two meet the target
+#: at the start, one after 25 steps, and one never does, about the sweep's 8 in 11)
+FINETUNE_BENCH_DRAWS = (780, 790, 800, 810)
+
+
+def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] = FINETUNE_BENCH_DRAWS,
+                       threads: int = 2, target: float = 0.7, train_cases: int = 5, val_cases: int = 3,
+                       size=None, extra: Sequence[str] = (), workdir=None, progress=None,
+                       timeout: float = 3600) -> dict:
+    """How long ``veloxseg finetune`` takes to reach ``target`` lesion Dice on ``val_cases`` held-out
+    PET/CT phantoms after training on ``train_cases`` others, per draw: the command with its
+    defaults and ``--target-dice``, in its own process on ``threads`` CPU threads; wall time and peak
+    RSS of that process, and the new bundle's record (starting Dice, best Dice, steps run).
+    Returns ``{"rows": [...], "markdown": "..."}`` for ``veloxseg bench``'s fine-tuning section."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from ..bundle import load_bundle
+    from ..data.phantom import write_phantom_dataset
+    from ..infer.bench_wholebody import _HWM_WRAPPER
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="veloxseg-ft-bench-", dir=workdir) as tmp:
+        root = Path(tmp)
+        for seed in draws:
+            if progress:
+                progress(f"[bench] fine-tuning {bundle}: draw {seed} ({train_cases} cases) / {seed + 1} "
+                         f"({val_cases} held out), target Dice {target}, {threads} thread(s)")
+            tr, va, out = root / f"train_{seed}", root / f"val_{seed}", root / f"ft_{seed}"
+            write_phantom_dataset(tr, "petct", train_cases, seed=seed, size=size)
+            write_phantom_dataset(va, "petct", val_cases, seed=seed + 1, size=size)
+            cmd = [sys.executable, "-c", _HWM_WRAPPER, "finetune", "-m", str(bundle), str(tr), "-o", str(out),
+                   "--val-dataset", str(va), "--target-dice", str(target), "--threads", str(threads),
+                   "--device", "cpu", "--progress", "none", *map(str, extra)]
+            env = dict(os.environ)
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[var] = str(threads)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"fine-tuning benchmark, draw {seed}, failed:\n{proc.stderr[-2000:]}")
+            hwm = [line.split("=", 1)[1] for line in proc.stderr.splitlines() if line.startswith("VELOXSEG_VMHWM_KB=")]
+            m = load_bundle(out).meta["training"]["metrics"]
+            rows.append({"draw": seed, "start_dice": m.get("start_val_dice"), "dice": m.get("val_dice"),
+                         "reached": bool(m.get("target_met_at_start")) or m.get("reached_target_at_epoch") is not None,
+                         "met_at_start": bool(m.get("target_met_at_start")),
+                         "reached_at_epoch": m.get("reached_target_at_epoch"), "steps": m.get("steps_run"),
+                         "train_seconds": m.get("train_seconds"), "wall_s": round(wall, 2),
+                         "peak_rss_mb": round(int(hwm[-1]) / 1024, 1) if hwm else None})
+    return {"rows": rows, "markdown": finetune_table(rows, bundle, target, threads, train_cases, val_cases)}
+
+
+def finetune_table(rows: Sequence[dict], bundle: str = "petct-lesion-demo", target: float = 0.7, threads: int = 2,
+                   train_cases: int = 5, val_cases: int = 3) -> str:
+    """The markdown of :func:`finetune_benchmark`'s rows."""
+    lines = [f"`veloxseg finetune -m {bundle} TRAIN -o OUT --val-dataset HELD_OUT --target-dice {target} "
+             f"--threads {threads}` with its defaults (up to 20 epochs of 25 steps, lr 1e-4, validation after "
+             f"each epoch), TRAIN = `veloxseg phantom --kind petct -n {train_cases} --seed S`, HELD_OUT = "
+             f"`-n {val_cases} --seed S+1`; wall time (process start to exit, including the validation of the "
+             f"starting weights) and peak RSS of that process. More draws: docs/models.md.", "",
+             f"| draw S | starting Dice | new bundle's Dice | reached {target:.2f} | steps | wall (s) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    for r in rows:
+        if r["met_at_start"]:
+            when = "yes, at the start (nothing trained)"
+        elif r["reached"]:
+            when = f"yes, after epoch {int(r['reached_at_epoch']) + 1}"
+        else:
+            when = "no"
+        lines.append(f"| {r['draw']} | {fmt(r['start_dice'])} | {fmt(r['dice'])} | {when} | {r['steps']} | "
+                     f"{r['wall_s']:.1f} | {r['peak_rss_mb'] if r['peak_rss_mb'] is not None else '-'} |")
+    return "\n".join(lines)
+
+
+__all__ = ["run_finetune", "finetune_benchmark", "finetune_table", "FINETUNE_BENCH_DRAWS", "adapt_to_patch_size",
+           "lineage_of", "FINETUNE_EPOCHS", "FINETUNE_ITERATIONS", "FINETUNE_LR"]
