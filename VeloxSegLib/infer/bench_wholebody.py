@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -126,15 +126,33 @@ def make_bench_bundle(folder, model: str = "veloxseg-b", patch_size=(96, 96, 96)
     return save_bundle(out, meta, net.state_dict(), overwrite=out.exists())
 
 
-_HWM_WRAPPER = (
+#: ``python -c HWM_WRAPPER ARGS...`` runs ``veloxseg ARGS...`` and prints the process's own peak
+#: resident memory (VmHWM, kB) on stderr at exit, after :data:`HWM_PREFIX`; :func:`split_hwm` reads it
+HWM_PREFIX = "VELOXSEG_VMHWM_KB="
+HWM_WRAPPER = (
     "import runpy, sys\n"
     "sys.argv = ['veloxseg'] + sys.argv[1:]\n"
     "try:\n"
     "    runpy.run_module('VeloxSegLib.cli', run_name='__main__')\n"
     "finally:\n"
     "    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-    "    print('VELOXSEG_VMHWM_KB=' + (hwm[0] if hwm else '0'), file=sys.stderr, flush=True)\n"
+    f"    print({HWM_PREFIX!r} + (hwm[0] if hwm else '0'), file=sys.stderr, flush=True)\n"
 )
+
+
+def veloxseg_runner(python: str = sys.executable) -> list:
+    """The command line that runs ``veloxseg``: under :data:`HWM_WRAPPER` on Linux (where
+    ``/proc/self/status`` has VmHWM), plainly elsewhere."""
+    return [python, "-c", HWM_WRAPPER] if sys.platform.startswith("linux") else [python, "-m", "VeloxSegLib.cli"]
+
+
+def split_hwm(stderr: str) -> Tuple[Optional[float], str]:
+    """``(peak RSS in MB or None, stderr without the line)`` from a :data:`HWM_WRAPPER` run."""
+    lines = stderr.splitlines()
+    hwm = [line for line in lines if line.startswith(HWM_PREFIX)]
+    if not hwm:
+        return None, stderr
+    return int(hwm[-1][len(HWM_PREFIX):]) / 1024.0, "\n".join(line for line in lines if not line.startswith(HWM_PREFIX))
 
 
 def run_predict(bundle, inputs: Sequence, output, *, threads: int = 2, extra: Sequence[str] = (),
@@ -143,7 +161,7 @@ def run_predict(bundle, inputs: Sequence, output, *, threads: int = 2, extra: Se
     root = Path(__file__).resolve().parents[2]
     # On Linux the command runs under a two-line wrapper that prints the process's own VmHWM at exit:
     # ru_maxrss from wait4 would also count the benchmark parent's pages that fork() duplicated.
-    runner = [python, "-c", _HWM_WRAPPER] if sys.platform.startswith("linux") else [python, "-m", "VeloxSegLib.cli"]
+    runner = veloxseg_runner(python)
     cmd = [*runner, "predict", "-m", str(bundle), "-i", *map(str, inputs), "-o", str(output),
            "--threads", str(threads), "--progress", "json", "--overwrite", *extra]
     env = dict(os.environ)
@@ -198,13 +216,10 @@ def run_predict(bundle, inputs: Sequence, output, *, threads: int = 2, extra: Se
     for e in events:
         stage_start.setdefault(e["stage"], e["elapsed"])
     done = events[-1] if events and events[-1].get("stage") == "done" else {}
-    hwm = [line for line in stderr.splitlines() if line.startswith("VELOXSEG_VMHWM_KB=")]
-    if hwm:
-        peak_mb = int(hwm[-1].split("=", 1)[1]) / 1024.0
-        stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith("VELOXSEG_VMHWM_KB="))
-    elif ru_maxrss_kb:
+    peak_mb, stderr = split_hwm(stderr)
+    if peak_mb is None and ru_maxrss_kb:
         peak_mb = ru_maxrss_kb / (2 ** 20 if sys.platform == "darwin" else 1024.0)  # macOS: bytes
-    else:
+    elif peak_mb is None:
         peak_mb = peak_poll / 2 ** 20
     return {"returncode": proc.returncode, "seconds": seconds, "peak_rss_mb": peak_mb, "cpu_seconds": cpu_s,
             "windows_run": done.get("windows"),

@@ -194,17 +194,17 @@ def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] =
     """How long ``veloxseg finetune`` takes to reach ``target`` lesion Dice on ``val_cases`` held-out
     PET/CT phantoms after training on ``train_cases`` others, per draw: the command with its
     defaults and ``--target-dice``, in its own process on ``threads`` CPU threads; wall time and peak
-    RSS of that process, and the new bundle's record (starting Dice, best Dice, steps run).
+    RSS of that process (Linux; None elsewhere), and the new bundle's record (starting Dice, best
+    Dice, steps run).
     Returns ``{"rows": [...], "markdown": "..."}`` for ``veloxseg bench``'s fine-tuning section."""
     import os
     import subprocess
-    import sys
     import tempfile
     import time
 
     from ..bundle import load_bundle
     from ..data.phantom import write_phantom_dataset
-    from ..infer.bench_wholebody import _HWM_WRAPPER
+    from ..infer.bench_wholebody import split_hwm, veloxseg_runner
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="veloxseg-ft-bench-", dir=workdir) as tmp:
@@ -216,7 +216,7 @@ def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] =
             tr, va, out = root / f"train_{seed}", root / f"val_{seed}", root / f"ft_{seed}"
             write_phantom_dataset(tr, "petct", train_cases, seed=seed, size=size)
             write_phantom_dataset(va, "petct", val_cases, seed=seed + 1, size=size)
-            cmd = [sys.executable, "-c", _HWM_WRAPPER, "finetune", "-m", str(bundle), str(tr), "-o", str(out),
+            cmd = [*veloxseg_runner(), "finetune", "-m", str(bundle), str(tr), "-o", str(out),
                    "--val-dataset", str(va), "--target-dice", str(target), "--threads", str(threads),
                    "--device", "cpu", "--progress", "none", *map(str, extra)]
             env = dict(os.environ)
@@ -227,14 +227,14 @@ def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] =
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise RuntimeError(f"fine-tuning benchmark, draw {seed}, failed:\n{proc.stderr[-2000:]}")
-            hwm = [line.split("=", 1)[1] for line in proc.stderr.splitlines() if line.startswith("VELOXSEG_VMHWM_KB=")]
+            peak_mb, _ = split_hwm(proc.stderr)
             m = load_bundle(out).meta["training"]["metrics"]
             rows.append({"draw": seed, "start_dice": m.get("start_val_dice"), "dice": m.get("val_dice"),
                          "reached": bool(m.get("target_met_at_start")) or m.get("reached_target_at_epoch") is not None,
                          "met_at_start": bool(m.get("target_met_at_start")),
                          "reached_at_epoch": m.get("reached_target_at_epoch"), "steps": m.get("steps_run"),
                          "train_seconds": m.get("train_seconds"), "wall_s": round(wall, 2),
-                         "peak_rss_mb": round(int(hwm[-1]) / 1024, 1) if hwm else None})
+                         "peak_rss_mb": round(peak_mb, 1) if peak_mb is not None else None})
     return {"rows": rows, "markdown": finetune_table(rows, bundle, target, threads, train_cases, val_cases)}
 
 
