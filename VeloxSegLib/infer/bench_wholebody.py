@@ -146,6 +146,17 @@ def veloxseg_runner(python: str = sys.executable) -> list:
     return [python, "-c", HWM_WRAPPER] if sys.platform.startswith("linux") else [python, "-m", "VeloxSegLib.cli"]
 
 
+def veloxseg_env(threads: int) -> Dict[str, str]:
+    """The environment of a benchmarked ``veloxseg`` child: ours, with the repository importable
+    and OpenMP/MKL limited to ``threads``."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
 def split_hwm(stderr: str) -> Tuple[Optional[float], str]:
     """``(peak RSS in MB or None, stderr without the line)`` from a :data:`HWM_WRAPPER` run."""
     lines = stderr.splitlines()
@@ -164,10 +175,7 @@ def run_predict(bundle, inputs: Sequence, output, *, threads: int = 2, extra: Se
     runner = veloxseg_runner(python)
     cmd = [*runner, "predict", "-m", str(bundle), "-i", *map(str, inputs), "-o", str(output),
            "--threads", str(threads), "--progress", "json", "--overwrite", *extra]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
+    env = veloxseg_env(threads)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(root))
     out_chunks, err_chunks = [], []

@@ -197,14 +197,13 @@ def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] =
     RSS of that process (Linux; None elsewhere), and the new bundle's record (starting Dice, best
     Dice, steps run).
     Returns ``{"rows": [...], "markdown": "..."}`` for ``veloxseg bench``'s fine-tuning section."""
-    import os
     import subprocess
     import tempfile
     import time
 
     from ..bundle import load_bundle
     from ..data.phantom import write_phantom_dataset
-    from ..infer.bench_wholebody import split_hwm, veloxseg_runner
+    from ..infer.bench_wholebody import split_hwm, veloxseg_env, veloxseg_runner
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="veloxseg-ft-bench-", dir=workdir) as tmp:
@@ -219,11 +218,8 @@ def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] =
             cmd = [*veloxseg_runner(), "finetune", "-m", str(bundle), str(tr), "-o", str(out),
                    "--val-dataset", str(va), "--target-dice", str(target), "--threads", str(threads),
                    "--device", "cpu", "--progress", "none", *map(str, extra)]
-            env = dict(os.environ)
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                env[var] = str(threads)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=veloxseg_env(threads))
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise RuntimeError(f"fine-tuning benchmark, draw {seed}, failed:\n{proc.stderr[-2000:]}")
@@ -241,11 +237,12 @@ def finetune_benchmark(bundle: str = "petct-lesion-demo", draws: Sequence[int] =
 def finetune_table(rows: Sequence[dict], bundle: str = "petct-lesion-demo", target: float = 0.7, threads: int = 2,
                    train_cases: int = 5, val_cases: int = 3) -> str:
     """The markdown of :func:`finetune_benchmark`'s rows."""
+    lr = f"{FINETUNE_LR:.0e}".replace("e-0", "e-")  # 1e-4
     lines = [f"`veloxseg finetune -m {bundle} TRAIN -o OUT --val-dataset HELD_OUT --target-dice {target} "
-             f"--threads {threads}` with its defaults (up to 20 epochs of 25 steps, lr 1e-4, validation after "
-             f"each epoch), TRAIN = `veloxseg phantom --kind petct -n {train_cases} --seed S`, HELD_OUT = "
-             f"`-n {val_cases} --seed S+1`; wall time (process start to exit, including the validation of the "
-             f"starting weights) and peak RSS of that process. More draws: docs/models.md.", "",
+             f"--threads {threads}` with its defaults (up to {FINETUNE_EPOCHS} epochs of {FINETUNE_ITERATIONS} steps, "
+             f"lr {lr}, validation after each epoch), TRAIN = `veloxseg phantom --kind petct -n {train_cases} "
+             f"--seed S`, HELD_OUT = `-n {val_cases} --seed S+1`; wall time (process start to exit, including the "
+             f"validation of the starting weights) and peak RSS of that process. More draws: docs/models.md.", "",
              f"| draw S | starting Dice | new bundle's Dice | reached {target:.2f} | steps | wall (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|"]
 
