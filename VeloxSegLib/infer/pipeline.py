@@ -4,8 +4,9 @@ One path for every entry point (CLI, Slicer logic, batch)::
 
     read + validate -> body box on the reference (first) channel's grid -> one resampling per
     channel straight onto the working grid (the body box at the bundle spacing) -> per-channel
-    normalization -> sliding window (empty windows skipped, z-slab streaming) -> uint8 arg-max
-    -> small-component removal -> nearest-neighbour back onto the reference grid.
+    normalization -> sliding window (empty windows skipped, z-slab streaming) -> back onto the
+    reference grid (class probabilities resampled linearly, then arg-max to uint8; pasted when
+    the working grid is the reference's own) -> small-component removal.
 
 :class:`Segmenter` holds a network and its :class:`InferencePlan` for repeated use;
 :func:`predict_case` is the one-call form; :func:`predict_files` and :func:`predict_folder`
@@ -382,7 +383,8 @@ class Segmenter:
 
         from ..data.alignment import Grid, check_overlap, resample_to_grid, spacing_close
         from ..data.normalization import fit_normalizer
-        from .postprocess import labels_from_logits, probabilities_from_logits, remove_small_components
+        from .postprocess import (labels_from_logits, probabilities_from_logits, probabilities_to_grid,
+                                  remove_small_components)
         from .sliding_window import stream_windows
 
         plan = self.plan
@@ -484,9 +486,14 @@ class Segmenter:
         times["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
 
-        # 4. sliding window, streamed in z-slabs into uint8 labels (and optional probabilities)
-        labels_w = torch.zeros(work.shape, dtype=torch.uint8)
-        probs_w = torch.empty((K,) + work.shape, dtype=torch.float32) if probabilities else None
+        # 4. sliding window, streamed in z-slabs. On the reference's own grid the slabs become
+        # uint8 labels at once; on a resampled working grid they are kept as class probabilities
+        # (float16, the lesion probability alone for two classes) for step 5
+        keep_probs = probabilities or resample
+        n_scores = K if probabilities or K != 2 else 1
+        labels_w = None if resample else torch.zeros(work.shape, dtype=torch.uint8)
+        probs_w = torch.empty((n_scores,) + work.shape, dtype=torch.float32 if probabilities else torch.float16) \
+            if keep_probs else None
         predictor = _WindowPredictor(self.model, self.device, tta, self.batch_size,
                                      dtype=torch.bfloat16 if self.precision == "bf16" else None, tta_axes=tta_axes)
         counts = {"run": 0, "total": 0}
@@ -501,9 +508,10 @@ class Segmenter:
                     inp, plan.patch_size, predictor, overlap=overlap, blending=blending,
                     batch_size=self.batch_size, pad_value=pad_values, body=body, progress=on_windows,
                     cancel=cancel, num_classes=K):
-                labels_from_logits(acc, out=labels_w[zs:ze])
+                if labels_w is not None:
+                    labels_from_logits(acc, out=labels_w[zs:ze])
                 if probs_w is not None:
-                    probs_w[:, zs:ze] = probabilities_from_logits(acc, weight)
+                    probs_w[:, zs:ze] = probabilities_from_logits(acc, weight)[K - n_scores:]
         del inp, arr_in, body
         if predictor.fell_back:
             info["fell_back_to_cpu"] = True
@@ -513,33 +521,30 @@ class Segmenter:
         _check_cancel(cancel)
         report("postprocess", 0.0)
 
-        # 5. post-processing on the working grid, then back onto the reference grid
-        lab = labels_w.numpy()
-        if min_mm3 > 0:
-            remove_small_components(lab, work.spacing, min_mm3)
+        # 5. back onto the reference grid: pasted when the working grid is the body box itself;
+        # otherwise the probabilities are resampled linearly and the arg-max is taken there
+        # (nnU-Net's order), then small components are removed at the output's own spacing
         out = np.zeros(ref.shape, dtype=np.uint8)
-        if resample:
-            lab_img = work.stamp(sitk.GetImageFromArray(lab))
-            back = resample_to_grid(lab_img, crop_grid, interpolator=sitk.sitkNearestNeighbor, default=0,
-                                    pixel_type=sitk.sitkUInt8)
-            out[z0:z1, y0:y1, x0:x1] = sitk.GetArrayViewFromImage(back)
-            del lab_img, back
-        else:
-            out[z0:z1, y0:y1, x0:x1] = lab
-        del labels_w, lab
-        labels = ref.stamp(sitk.GetImageFromArray(out))
-        del out
-        probs = None
-        if probs_w is not None:
+        out_crop = out[z0:z1, y0:y1, x0:x1]
+        parr = None
+        if probabilities:
             parr = np.zeros(ref.shape + (K,), dtype=np.float32)
             parr[..., 0] = 1.0
-            for k in range(K):
-                pk = probs_w[k].numpy()
-                if resample:
-                    pk = sitk.GetArrayFromImage(resample_to_grid(
-                        work.stamp(sitk.GetImageFromArray(pk)), crop_grid, default=1.0 if k == 0 else 0.0))
-                parr[z0:z1, y0:y1, x0:x1, k] = pk
-            del probs_w
+        if resample:
+            probabilities_to_grid(probs_w, work, crop_grid, K, out_crop,
+                                  None if parr is None else parr[z0:z1, y0:y1, x0:x1],
+                                  cancel=cancel, progress=lambda f: report("postprocess", 0.9 * f))
+        else:
+            out_crop[...] = labels_w.numpy()
+            if parr is not None:
+                parr[z0:z1, y0:y1, x0:x1] = np.moveaxis(probs_w.numpy(), 0, -1)
+        del labels_w, probs_w
+        if min_mm3 > 0:
+            remove_small_components(out_crop, crop_grid.spacing, min_mm3)
+        labels = ref.stamp(sitk.GetImageFromArray(out))
+        del out, out_crop
+        probs = None
+        if parr is not None:
             probs = ref.stamp(sitk.GetImageFromArray(parr, isVector=True))
             del parr
         report("postprocess", 1.0)

@@ -35,6 +35,81 @@ def probabilities_from_logits(acc: torch.Tensor, weight: torch.Tensor) -> torch.
     return prob
 
 
+def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int, labels_out: np.ndarray,
+                          probs_out: Optional[np.ndarray] = None, *, max_voxels: int = 1 << 23, cancel=None,
+                          progress=None) -> np.ndarray:
+    """Resample class probabilities linearly from the ``source`` grid onto the ``target`` grid
+    and take the arg-max there: the soft output is interpolated first and decided after, as
+    nnU-Net does, instead of putting labels back by nearest neighbour (which copies each
+    working voxel's decision onto the target voxels nearest to it, staircase and all).
+
+    probs: (S, z, y, x) tensor on ``source`` (float16 or float32); S == ``num_classes``, or 1
+    for two classes, holding the foreground probability alone (the background's is 1 - p, so
+    the arg-max is p > 0.5, as the arg-max of the two logits on the working grid). Voxels of the
+    target outside the source take pure background.
+    labels_out: uint8 array of ``target.shape``, written (ties go to the lower class).
+    probs_out: optional float32 array ``target.shape + (num_classes,)``, written.
+
+    The target is done in z-slabs of at most ``max_voxels`` voxels, each from the source
+    slices around it only, so the extra memory is a few slab-sized float32 arrays however
+    large the target grid is (a 0.8 mm CT). ``cancel`` is checked and ``progress(fraction)``
+    called between slabs."""
+    from ..data.alignment import index_box, resample_to_grid
+
+    n_scores = int(probs.shape[0])
+    if n_scores not in (num_classes, 1) or (n_scores == 1 and num_classes != 2):
+        raise ValueError(f"{n_scores} probability maps for {num_classes} classes")
+    if tuple(labels_out.shape) != tuple(target.shape):
+        raise ValueError(f"labels_out has shape {labels_out.shape}, the target grid {target.shape}")
+    nx, ny, nz = target.size
+    step = max(1, int(max_voxels) // max(nx * ny, 1))
+    for a in range(0, nz, step):
+        if cancel is not None and _cancelled(cancel):
+            from ..errors import Cancelled
+
+            raise Cancelled("cancelled")
+        b = min(nz, a + step)
+        slab = target.crop((0, 0, a), (nx, ny, b))
+        lo, hi = index_box(source, slab)  # the source slices this slab's voxels lie between
+        s0 = max(int(math.floor(lo[2])) - 1, 0)
+        s1 = min(int(math.ceil(hi[2])) + 2, source.size[2])
+        lab = labels_out[a:b]
+        if s1 <= s0:  # the slab lies outside the source: background
+            lab[...] = 0
+            if probs_out is not None:
+                probs_out[a:b] = 0.0
+                probs_out[a:b, ..., 0] = 1.0
+            continue
+        part = source.crop((0, 0, s0), (source.size[0], source.size[1], s1))
+        best = None
+        for k in range(n_scores):
+            img = part.stamp(sitk.GetImageFromArray(probs[k, s0:s1].float().numpy()))
+            background = k == 0 and n_scores == num_classes
+            p = sitk.GetArrayFromImage(resample_to_grid(img, slab, default=1.0 if background else 0.0))
+            del img
+            if n_scores == 1:
+                np.greater(p, 0.5, out=lab, casting="unsafe")
+                if probs_out is not None:
+                    probs_out[a:b, ..., 1] = p
+                    probs_out[a:b, ..., 0] = 1.0 - p
+            elif k == 0:
+                best = p
+                lab[...] = 0
+            else:
+                higher = p > best
+                lab[higher] = k
+                np.maximum(best, p, out=best)
+            if probs_out is not None and n_scores > 1:
+                probs_out[a:b, ..., k] = p
+        if progress is not None:
+            progress(b / nz)
+    return labels_out
+
+
+def _cancelled(cancel) -> bool:
+    return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+
+
 def min_component_voxels(min_volume_mm3: float, spacing: Sequence[float]) -> int:
     """Smallest component size (voxels) kept for a volume threshold in mm^3."""
     vox = float(np.prod(spacing))
@@ -53,6 +128,13 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_vo
     min_vox = min_component_voxels(min_volume_mm3, spacing)
     if min_vox <= 1:
         return labels
+    full = labels
+    # components are found inside the labels' bounding box only: on a whole-body CT at its
+    # own resolution the label image of the whole scan would be 4 bytes a voxel
+    box = tuple(_nonzero_span(labels, axis) for axis in range(labels.ndim))
+    if any(s is None for s in box):
+        return full
+    labels = labels[box]
     for value in np.unique(labels):
         if value == 0:
             continue
@@ -63,7 +145,14 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_vo
         kept = sitk.RelabelComponent(cc, minimumObjectSize=min_vox)
         drop = mask & (sitk.GetArrayViewFromImage(kept) == 0)
         labels[drop] = 0
-    return labels
+    return full
 
 
-__all__ = ["labels_from_logits", "probabilities_from_logits", "min_component_voxels", "remove_small_components"]
+def _nonzero_span(a: np.ndarray, axis: int) -> Optional[slice]:
+    """slice(first, last + 1) of the indices along ``axis`` holding a non-zero, or None."""
+    other = tuple(i for i in range(a.ndim) if i != axis)
+    hit = np.flatnonzero(np.any(a, axis=other))
+    return slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else None
+
+
+__all__ = ["labels_from_logits", "probabilities_from_logits", "probabilities_to_grid", "min_component_voxels", "remove_small_components"]
