@@ -246,6 +246,32 @@ def test_small_components_are_removed_by_volume():
     assert np.count_nonzero(drop) == 1000
 
 
+def test_small_components_are_measured_on_the_output_grid_after_resampling():
+    ct = _ct(shape=(40, 40, 40), spacing=(1.0, 1.0, 1.0))
+    pet = np.zeros((40, 40, 40), np.float32)
+    pet[1:-1, 1:-1, 1:-1] = 1.0
+    pet[4:16, 4:16, 4:16] = 50  # 1728 mm^3
+    pet[26:32, 26:32, 26:32] = 50  # 216 mm^3
+    peti = sitk.GetImageFromArray(pet)
+    peti.CopyInformation(ct)
+    plan = _plan(spacing=(2.5, 2.5, 2.5), crop_to_body=False)
+
+    def components(labels):  # component sizes in output voxels, largest first
+        cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(labels, True)))
+        return np.bincount(cc.ravel())[1:].tolist()
+
+    keep = predict_case(PetThreshold(), [ct, peti], plan=plan).labels
+    assert keep.GetSpacing() == (1.0, 1.0, 1.0)
+    big, small = components(keep)
+    assert 1500 < big < 2300 and 300 < small < 600  # the two cubes, in 1 mm voxels (grown by the stand-in)
+    # the threshold falls exactly at the small cube's size in 1 mm^3 output voxels (on the 2.5 mm
+    # working grid it would be counted in 15.6 mm^3 voxels, which do not map to whole output voxels)
+    at = predict_case(PetThreshold(), [ct, peti], plan=plan, min_component_mm3=small).labels
+    assert components(at) == [big, small]
+    above = predict_case(PetThreshold(), [ct, peti], plan=plan, min_component_mm3=small + 0.5).labels
+    assert components(above) == [big]
+
+
 def test_mirror_tta_of_a_flip_invariant_network_changes_nothing():
     ct = _ct()
     pet, _ = _pet_with_blob(ct, (-5.0, 2.0, 60.0))
