@@ -231,14 +231,21 @@ def test_air_is_cropped_and_empty_windows_are_not_run():
     assert np.array_equal(sitk.GetArrayViewFromImage(cropped.labels), sitk.GetArrayViewFromImage(full.labels))
 
 
-def test_small_components_are_removed_by_volume():
+def _two_hot_cubes(big, small):
+    """A 40 mm CT and PET at 1 mm with hot cubes over the index ranges ``big`` and ``small``
+    (start, stop) on every axis."""
     ct = _ct(shape=(40, 40, 40), spacing=(1.0, 1.0, 1.0))
     pet = np.zeros((40, 40, 40), np.float32)
     pet[1:-1, 1:-1, 1:-1] = 1.0
-    pet[5:15, 5:15, 5:15] = 50  # 1000 mm^3
-    pet[30:32, 30:32, 30:32] = 50  # 8 mm^3
+    for a, b in (big, small):
+        pet[a:b, a:b, a:b] = 50
     peti = sitk.GetImageFromArray(pet)
     peti.CopyInformation(ct)
+    return ct, peti
+
+
+def test_small_components_are_removed_by_volume():
+    ct, peti = _two_hot_cubes((5, 15), (30, 32))  # 1000 and 8 mm^3
     plan = _plan(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
     keep = sitk.GetArrayFromImage(predict_case(PetThreshold(), [ct, peti], plan=plan).labels)
     assert np.count_nonzero(keep) == 1008
@@ -247,13 +254,7 @@ def test_small_components_are_removed_by_volume():
 
 
 def test_small_components_are_measured_on_the_output_grid_after_resampling():
-    ct = _ct(shape=(40, 40, 40), spacing=(1.0, 1.0, 1.0))
-    pet = np.zeros((40, 40, 40), np.float32)
-    pet[1:-1, 1:-1, 1:-1] = 1.0
-    pet[4:16, 4:16, 4:16] = 50  # 1728 mm^3
-    pet[26:32, 26:32, 26:32] = 50  # 216 mm^3
-    peti = sitk.GetImageFromArray(pet)
-    peti.CopyInformation(ct)
+    ct, peti = _two_hot_cubes((4, 16), (26, 32))  # 1728 and 216 mm^3
     plan = _plan(spacing=(2.5, 2.5, 2.5), crop_to_body=False)
 
     def components(labels):  # component sizes in output voxels, largest first
