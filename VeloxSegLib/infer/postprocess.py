@@ -55,6 +55,7 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
     large the target grid is (a 0.8 mm CT). ``cancel`` is checked and ``progress(fraction)``
     called between slabs."""
     from ..data.alignment import index_box, resample_to_grid
+    from .sliding_window import _check_cancel
 
     n_scores = int(probs.shape[0])
     if n_scores not in (num_classes, 1) or (n_scores == 1 and num_classes != 2):
@@ -64,10 +65,7 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
     nx, ny, nz = target.size
     step = max(1, int(max_voxels) // max(nx * ny, 1))
     for a in range(0, nz, step):
-        if cancel is not None and _cancelled(cancel):
-            from ..errors import Cancelled
-
-            raise Cancelled("cancelled")
+        _check_cancel(cancel)
         b = min(nz, a + step)
         slab = target.crop((0, 0, a), (nx, ny, b))
         lo, hi = index_box(source, slab)  # the source slices this slab's voxels lie between
@@ -104,10 +102,6 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
         if progress is not None:
             progress(b / nz)
     return labels_out
-
-
-def _cancelled(cancel) -> bool:
-    return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
 
 
 def min_component_voxels(min_volume_mm3: float, spacing: Sequence[float]) -> int:
