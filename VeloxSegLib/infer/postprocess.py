@@ -122,13 +122,14 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_vo
     min_vox = min_component_voxels(min_volume_mm3, spacing)
     if min_vox <= 1:
         return labels
+    if not labels.any():
+        return labels
+    from ..metrics import _bbox
+
     full = labels
     # components are found inside the labels' bounding box only: on a whole-body CT at its
     # own resolution the label image of the whole scan would be 4 bytes a voxel
-    box = tuple(_nonzero_span(labels, axis) for axis in range(labels.ndim))
-    if any(s is None for s in box):
-        return full
-    labels = labels[box]
+    labels = labels[_bbox(labels)]
     for value in np.unique(labels):
         if value == 0:
             continue
@@ -140,13 +141,6 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_vo
         drop = mask & (sitk.GetArrayViewFromImage(kept) == 0)
         labels[drop] = 0
     return full
-
-
-def _nonzero_span(a: np.ndarray, axis: int) -> Optional[slice]:
-    """slice(first, last + 1) of the indices along ``axis`` holding a non-zero, or None."""
-    other = tuple(i for i in range(a.ndim) if i != axis)
-    hit = np.flatnonzero(np.any(a, axis=other))
-    return slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else None
 
 
 __all__ = ["labels_from_logits", "probabilities_from_logits", "probabilities_to_grid", "min_component_voxels", "remove_small_components"]
