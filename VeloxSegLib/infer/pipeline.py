@@ -489,11 +489,10 @@ class Segmenter:
         # 4. sliding window, streamed in z-slabs. On the reference's own grid the slabs become
         # uint8 labels at once; on a resampled working grid they are kept as class probabilities
         # (float16, the lesion probability alone for two classes) for step 5
-        keep_probs = probabilities or resample
         n_scores = K if probabilities or K != 2 else 1
         labels_w = None if resample else torch.zeros(work.shape, dtype=torch.uint8)
         probs_w = torch.empty((n_scores,) + work.shape, dtype=torch.float32 if probabilities else torch.float16) \
-            if keep_probs else None
+            if probabilities or resample else None
         predictor = _WindowPredictor(self.model, self.device, tta, self.batch_size,
                                      dtype=torch.bfloat16 if self.precision == "bf16" else None, tta_axes=tta_axes)
         counts = {"run": 0, "total": 0}
