@@ -404,6 +404,30 @@ def test_dropout_option_refuses_bad_rates_and_other_networks(two_cases, source_b
         setup.with_dropout(0.0)
 
 
+def test_component_sampling_option_reaches_the_sampler_and_is_recorded(two_cases, source_bundle, tmp_path,
+                                                                        monkeypatch):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.train import trainer
+    from VeloxSegLib.train.sampler import PatchSampler
+
+    fractions = []
+
+    class Spy(PatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fractions.append(self.component_fraction)
+
+    monkeypatch.setattr(trainer, "PatchSampler", Spy)
+    for name, extra in (("lesions", ["--component-sampling", "1"]), ("voxels", [])):
+        rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / name),
+                           "--epochs", "1", "--iterations-per-epoch", "1"] + extra)
+        assert rc == 0
+    assert fractions == [1.0, 0.0]
+    recipe = json.loads(load_bundle(tmp_path / "lesions").meta["training"]["notes"])["recipe"]
+    assert "1 of fg patches centred on a uniformly chosen connected component" in recipe["sampling"]
+    assert json.loads(load_bundle(tmp_path / "voxels").meta["training"]["notes"])["recipe"]["sampling"] == "1:1 fg/bg"
+
+
 # --------------------------------------------------------------------------- another spacing
 
 

@@ -153,3 +153,71 @@ def test_closing_rewinds_to_the_first_batch_not_handed_out():
 def test_negative_loader_threads_are_refused():
     with pytest.raises(Exception, match="loader threads"):
         PatchSampler([_case()], (16, 16, 16), 1, rank_generator(0), threads=-1)
+
+
+# --------------------------------------------------------------------------- lesion-balanced centres
+
+
+def _three_lesions():
+    """One class with three 26-connected lesions: a 10^3 cube, a lone voxel, and two voxels that
+    touch only at a corner (one lesion for 26-connectivity, two for 6)."""
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[5:15, 5:15, 5:15] = 1
+    label[30, 30, 30] = 1
+    label[30, 5, 30] = label[31, 6, 31] = 1
+    return CaseData("three", np.random.default_rng(1).normal(size=(2, 40, 40, 40)).astype(np.float32), label)
+
+
+def _centre_shares(fraction, n=3000):
+    case = _three_lesions()
+    s = PatchSampler([case], (8, 8, 8), 1, rank_generator(6), component_fraction=fraction)
+    centres = [tuple(int(v) for v in s._centre(case, True)) for _ in range(n)]
+    cube = np.mean([all(5 <= v < 15 for v in c) for c in centres])
+    lone = np.mean([c == (30, 30, 30) for c in centres])
+    pair = np.mean([c in ((30, 5, 30), (31, 6, 31)) for c in centres])
+    return cube, lone, pair
+
+
+def test_components_partition_the_class_into_26_connected_lesions():
+    case = _three_lesions()
+    idx, starts = case.components[1]
+    assert np.array_equal(np.sort(idx), np.flatnonzero(case.label == 1))
+    assert sorted(np.diff(starts).tolist()) == [1, 2, 1000]
+    for k in range(3):  # each group is one lesion: its voxels lie within one of the three
+        zyx = np.array(np.unravel_index(idx[starts[k]:starts[k + 1]], case.label.shape)).T
+        assert (zyx.max(0) - zyx.min(0)).max() in (0, 1, 9)
+
+
+def test_component_sampling_centres_every_lesion_equally_often_whatever_its_size():
+    cube, lone, pair = _centre_shares(1.0)
+    assert cube == pytest.approx(1 / 3, abs=0.04) and lone == pytest.approx(1 / 3, abs=0.04)
+    assert pair == pytest.approx(1 / 3, abs=0.04)
+    # voxel sampling (nnU-Net's, the default) centres the lone voxel once in 1003 draws
+    cube, lone, pair = _centre_shares(0.0)
+    assert cube > 0.99 and lone < 0.005
+    # half and half
+    cube, lone, _ = _centre_shares(0.5)
+    assert lone == pytest.approx(0.5 / 3 + 0.5 / 1003, abs=0.03)
+    assert cube == pytest.approx(0.5 / 3 + 0.5 * 1000 / 1003, abs=0.03)
+
+
+def test_component_sampling_state_restores_the_same_patch_stream():
+    cases = [_case(), _case("d", lesion=((2, 9), (30, 40), (5, 12))), _three_lesions()]
+    a = PatchSampler(cases, (16, 16, 16), 2, rank_generator(3), Augmenter(), component_fraction=0.5)
+    _stream(a, 3)
+    state = a.state_dict()
+    expected = _stream(a, 3)
+    b = PatchSampler(cases, (16, 16, 16), 2, rank_generator(99), Augmenter(), component_fraction=0.5)
+    b.load_state_dict(state)
+    for (xa, ya), (xb, yb) in zip(expected, _stream(b, 3)):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_component_fractions_outside_0_1_are_refused(fraction):
+    from VeloxSegLib.train.trainer import TrainConfig
+
+    with pytest.raises(Exception, match="component-sampling fraction"):
+        PatchSampler([_case()], (16, 16, 16), 1, rank_generator(0), component_fraction=fraction)
+    with pytest.raises(Exception, match="--component-sampling must be in"):
+        TrainConfig(component_sampling=fraction).check()

@@ -35,6 +35,10 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                    help="dropout rate of every VeloxSeg block (attention, projections, convolution blocks); default: "
                         "the network's 0.1 for train, the parent's for finetune. Acts only in training: the bundle "
                         "predicts the same for any rate, which is recorded in its model.overrides")
+    p.add_argument("--component-sampling", type=float, default=0.0, metavar="F",
+                   help="fraction of the foreground patches centred on a connected component (lesion) chosen "
+                        "uniformly, then a voxel of it, instead of on a random foreground voxel, so that small "
+                        "lesions are centred as often as large ones (default 0: nnU-Net's voxel sampling)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")
@@ -100,7 +104,7 @@ def config_from_args(args, **extra):
                        device=args.device, threads=args.threads, loader_threads=args.loader_threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
-                       dropout=args.dropout, **extra)
+                       dropout=args.dropout, component_sampling=args.component_sampling, **extra)
 
 
 def command_line(args) -> str:

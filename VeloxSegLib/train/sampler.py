@@ -2,7 +2,11 @@
 
 Every other patch drawn is a foreground patch: a labelled class is chosen uniformly among
 those present in a random case, then one of its voxels, and the patch is placed so that the
-voxel lies at a random position inside it (as nnU-Net's oversampling does). The others are
+voxel lies at a random position inside it (as nnU-Net's oversampling does). A voxel drawn that
+way falls on a large lesion far more often than on a small one; with ``component_fraction`` f
+> 0, a fraction f of the foreground patches instead choose one connected component (26-connected,
+as the metrics count lesions) of the class uniformly, then a voxel of it, so that every lesion
+of a case is a patch's centre equally often whatever its size. The others are
 background patches around a random voxel of label 0. Regions beyond the volume are padded with
 the channel's normalized background and label 0. The sampler owns its random generator; its
 state (and the count of patches drawn) is plain JSON, saved in checkpoints so a resumed run
@@ -27,6 +31,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..metrics import _components
 from .augment import AugmentParams, Augmenter
 
 #: At most this many voxel indices are kept per class and case (a strided subset).
@@ -43,6 +48,7 @@ class CaseData:
     pad_values: Tuple[float, ...] = ()
     spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     _fg: Optional[Dict[int, np.ndarray]] = field(default=None, repr=False)
+    _cc: Optional[Dict[int, Tuple[np.ndarray, np.ndarray]]] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.image.ndim != 4 or self.label.shape != self.image.shape[1:]:
@@ -64,6 +70,25 @@ class CaseData:
                 out[int(v)] = idx[::step]
             self._fg = out
         return self._fg
+
+    @property
+    def components(self) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
+        """Per label value > 0: (flat voxel indices grouped by connected component, start offsets).
+
+        Component k holds ``indices[starts[k]:starts[k + 1]]`` (``starts`` ends with the total).
+        Components are 26-connected; every voxel is kept (lesions are small next to the volume).
+        """
+        if self._cc is None:
+            out = {}
+            for v in self.foreground:
+                cc = _components(self.label == v, fully_connected=True).reshape(-1)
+                idx = np.flatnonzero(cc)
+                ids = cc[idx]
+                order = np.argsort(ids, kind="stable")
+                counts = np.bincount(ids, minlength=int(ids.max()) + 1)[1:]
+                out[v] = (idx[order], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+            self._cc = out
+        return self._cc
 
 
 def crop_padded(arr: np.ndarray, lo: Sequence[int], shape: Sequence[int], pad) -> np.ndarray:
@@ -94,13 +119,15 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], batch_size: int,
                  rng: np.random.Generator, augmenter: Optional[Augmenter] = None, fg_fraction: float = 0.5,
-                 threads: int = 0):
+                 threads: int = 0, component_fraction: float = 0.0):
         if not cases:
             raise ConfigError("the sampler needs at least one training case")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if threads < 0:
             raise ConfigError(f"loader threads must be >= 0, got {threads}")
+        if not 0.0 <= component_fraction <= 1.0:
+            raise ConfigError(f"the component-sampling fraction must be in [0, 1], got {component_fraction}")
         self.threads = int(threads)
         # batches prepared ahead: enough to keep every thread busy, at least two
         self.depth = max(2, math.ceil(2 * self.threads / batch_size)) if self.threads else 0
@@ -112,6 +139,7 @@ class PatchSampler:
         self.rng = rng
         self.augmenter = augmenter
         self.fg_fraction = float(fg_fraction)
+        self.component_fraction = float(component_fraction)
         self.drawn = 0
 
     def _is_foreground_draw(self) -> bool:
@@ -125,8 +153,16 @@ class PatchSampler:
         fg = case.foreground if foreground else {}
         if fg:
             cls = sorted(fg)[int(self.rng.integers(len(fg)))]
-            idx = fg[cls]
-            flat = int(idx[int(self.rng.integers(len(idx)))])
+            # no random number is spent on the choice when the fraction is 0 or 1, so the default
+            # (0) draws exactly the stream it drew before components existed
+            f = self.component_fraction
+            if f >= 1.0 or (f > 0.0 and self.rng.random() < f):
+                idx, starts = case.components[cls]
+                k = int(self.rng.integers(len(starts) - 1))
+                flat = int(idx[starts[k] + int(self.rng.integers(starts[k + 1] - starts[k]))])
+            else:
+                idx = fg[cls]
+                flat = int(idx[int(self.rng.integers(len(idx)))])
             return np.array(np.unravel_index(flat, shape))
         for _ in range(10):  # a background voxel (label 0); any voxel if none found
             c = np.array([int(self.rng.integers(s)) for s in shape])

@@ -95,6 +95,7 @@ class TrainConfig:
     loader_threads: Optional[int] = None  # None: 0 on the CPU, up to 8 with a GPU
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
+    component_sampling: float = 0.0  # fraction of foreground patches centred on a uniformly chosen lesion
     final_weights: str = "best"
     target_dice: Optional[float] = None
     val_dataset: Optional[str] = None
@@ -125,6 +126,8 @@ class TrainConfig:
             raise ConfigError(f"--ds-weights must be non-negative with a positive sum, got {list(self.ds_weights)}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.component_sampling <= 1.0:
+            raise ConfigError(f"--component-sampling must be in [0, 1], got {self.component_sampling}")
         if self.final_weights not in ("best", "last"):
             raise ConfigError("final weights must be 'best' or 'last'")
 
@@ -498,6 +501,13 @@ def build_bundle_meta(setup: RunSetup, name: str, training: dict, description: s
     }
 
 
+def _sampling_text(component_fraction: float) -> str:
+    """How the foreground patches were centred, for the training record."""
+    if component_fraction <= 0:
+        return "1:1 fg/bg"
+    return f"1:1 fg/bg; {component_fraction:g} of fg patches centred on a uniformly chosen connected component"
+
+
 def _dataset_text(ds, n_train: int, n_val: int, how: str) -> str:
     text = f"{ds.root.name}: {len(ds.cases)} case(s), {n_train} for training, "
     text += "validated on the training cases" if how == "training cases" else f"{n_val} held out for validation"
@@ -705,7 +715,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                                   weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
     sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
-                           RECIPE_AUGMENTER, threads=loader_threads)
+                           RECIPE_AUGMENTER, threads=loader_threads, component_fraction=config.component_sampling)
     find_unused = use_teachers and not (config.use_reconstruction and config.use_sdkt)
     forward = ddp.wrap_model(TrainForward(model), dist, device, find_unused=find_unused)
     loop = TrainLoop(forward, loss_fn, optimizer, schedule, sampler, device, amp)
@@ -887,7 +897,7 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
                        "ds_weights": list(config.ds_weights) if config.ds_weights else "equal",
                        "lambda_rc": 0.5 if config.use_reconstruction else 0,
                        "lambda_sdkt": 2.0 if config.use_sdkt else 0},
-              "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": "1:1 fg/bg",
+              "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": _sampling_text(config.component_sampling),
               "amp": run.amp, "freeze_encoder": config.freeze_encoder, "device": run.device.type}
     if run.init_report is not None:
         recipe["reinitialized"] = sorted({k.split(".")[0] for k in run.init_report["fresh"]})
