@@ -85,7 +85,7 @@ class CaseData:
                 idx = np.flatnonzero(cc)
                 ids = cc[idx]
                 order = np.argsort(ids, kind="stable")
-                counts = np.bincount(ids, minlength=int(ids.max()) + 1)[1:]
+                counts = np.bincount(ids)[1:]  # ids run 1..n: entry 0 is always empty
                 out[v] = (idx[order], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
             self._cc = out
         return self._cc
