@@ -428,6 +428,24 @@ def test_component_sampling_option_reaches_the_sampler_and_is_recorded(two_cases
     assert json.loads(load_bundle(tmp_path / "voxels").meta["training"]["notes"])["recipe"]["sampling"] == "1:1 fg/bg"
 
 
+def test_fresh_warmup_option_holds_the_bundles_weights_for_its_steps(two_cases, source_bundle, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+
+    messages = {}
+    for name, extra in (("held", ["--fresh-warmup", "2"]), ("plain", [])):
+        rc, records = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / name), "--epochs", "1",
+                           "--iterations-per-epoch", "2", "--final-weights", "last"] + extra)
+        assert rc == 0
+        messages[name] = [r["message"] for r in records if r["event"] == "message"]
+    assert any("first 2 step(s) train only the modules that start afresh (ds_heads, teachers)" in m
+               for m in messages["held"])
+    assert not any("start afresh" in m for m in messages["plain"])
+    assert _same_weights(source_bundle, tmp_path / "held")
+    assert not _same_weights(source_bundle, tmp_path / "plain")
+    assert json.loads(load_bundle(tmp_path / "held").meta["training"]["notes"])["recipe"]["fresh_warmup_steps"] == 2
+    assert "fresh_warmup_steps" not in json.loads(load_bundle(tmp_path / "plain").meta["training"]["notes"])["recipe"]
+
+
 # --------------------------------------------------------------------------- another spacing
 
 

@@ -59,3 +59,18 @@ def test_resuming_with_another_length_is_refused():
     s = recipe_schedule(_optimizer(), 10, 10)
     with pytest.raises(ConfigError, match="same --epochs"):
         recipe_schedule(_optimizer(), 20, 10).load_state_dict(s.state_dict())
+
+
+def test_a_group_with_a_start_step_waits_then_ramps_up_on_its_own():
+    held, fresh = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [held], "start_step": 3}, {"params": [fresh]}], lr=1.0)
+    s = WarmupCosineSchedule(opt, total_steps=100, warmup_steps=2, base_lr=1.0, min_lr=0.0)
+    seen = []
+    for _ in range(6):
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"], s.started(opt.param_groups[0])))
+        s.step()
+    # the fresh group follows the schedule; the held one is 0 for steps 0-2, then its own 2-step ramp
+    assert [f for _, f, _ in seen] == pytest.approx([0.5, 1.0, s.lr_at(2), s.lr_at(3), s.lr_at(4), s.lr_at(5)])
+    assert [h for h, _, _ in seen] == pytest.approx([0, 0, 0, 0.5 * s.lr_at(3), s.lr_at(4), s.lr_at(5)])
+    assert [st for _, _, st in seen] == [False, False, False, True, True, True]
+    assert s.group_lr(opt.param_groups[0], 50) == pytest.approx(s.lr_at(50))

@@ -301,3 +301,65 @@ def test_monai_unet_peer_trains_with_batch_dice_into_a_bundle_predict_can_use(da
     ref = sitk.ReadImage(str(images[0]))
     assert seg.GetSize() == ref.GetSize()
     assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- fine-tuning's fresh warm-up
+
+
+@pytest.fixture(scope="module")
+def start_weights(dataset, tmp_path_factory):
+    """Bundle-style weights (no teachers, no deep-supervision heads) of a one-step run."""
+    torch.set_num_threads(1)
+    res = run_training(dataset, tmp_path_factory.mktemp("start") / "w", _config(epochs=1, iterations_per_epoch=1))
+    return {k: v.clone() for k, v in res.model.inference_state_dict().items()}
+
+
+def test_fresh_warmup_holds_the_inherited_weights_while_the_fresh_modules_learn(dataset, start_weights, tmp_path):
+    torch.set_num_threads(1)
+    res = run_training(dataset, tmp_path / "held", _config(epochs=1, iterations_per_epoch=2, fresh_warmup=2),
+                       init_weights=start_weights)
+    own = res.model.state_dict()
+    for k, v in start_weights.items():
+        assert torch.equal(own[k], v), k  # not one step, not one weight decay
+    ckpt = read_checkpoint(res.work_dir / "checkpoints" / "last.safetensors")
+    opt = ckpt.optimizer_state()
+    groups = {g["name"]: g for g in opt["param_groups"]}
+    assert groups["inherited"]["start_step"] == 2 and "start_step" not in groups["fresh"]
+    assert not any(i in opt["state"] for i in groups["inherited"]["params"])  # AdamW never touched them
+    assert all(float(opt["state"][i]["step"]) == 2 for i in groups["fresh"]["params"])
+    names = [n for n, _ in res.model.named_parameters()]
+    fresh_names = {names[i].split(".")[0] for i in groups["fresh"]["params"]}
+    assert fresh_names == {"teachers", "ds_heads"}
+    recipe = json.loads(res.meta["training"]["notes"])["recipe"]
+    assert recipe["fresh_warmup_steps"] == 2
+
+    # one step later the inherited weights join in
+    joined = run_training(dataset, tmp_path / "joined", _config(epochs=1, iterations_per_epoch=3, fresh_warmup=2),
+                          init_weights=start_weights)
+    now = joined.model.state_dict()
+    changed = [k for k, v in start_weights.items() if v.is_floating_point() and not torch.equal(now[k], v)]
+    assert len(changed) > len(start_weights) // 2
+
+
+def test_fresh_warmup_resumes_exactly_across_the_moment_the_weights_join(dataset, start_weights, tmp_path):
+    torch.set_num_threads(1)
+    cfg = dict(fresh_warmup=3)
+    full = run_training(dataset, tmp_path / "full", _config(**cfg), init_weights=start_weights)
+    stop = StopRequest()
+
+    def on_record(r):
+        if r.get("event") == "step" and r["step"] == 2:  # before the inherited weights join at step 3
+            stop.event.set()
+
+    with pytest.raises(Cancelled, match="--resume"):
+        run_training(dataset, tmp_path / "cut", _config(**cfg), init_weights=start_weights, stop=stop,
+                     progress=make_reporter("none", on_record))
+    resumed = run_training(dataset, tmp_path / "cut", _config(**cfg), init_weights=start_weights, resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fresh_warmup_refuses_negative_steps():
+    with pytest.raises(ConfigError, match="--fresh-warmup"):
+        TrainConfig(fresh_warmup=-1).check()

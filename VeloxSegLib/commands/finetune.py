@@ -17,6 +17,10 @@ def register(subparsers):
     p.add_argument("-m", "--model", required=True, help="source bundle: folder, .zip or installed name")
     p.add_argument("dataset", help="nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only decoder, heads (and teachers)")
+    p.add_argument("--fresh-warmup", type=int, default=0, metavar="STEPS",
+                   help="train only the modules that start afresh (texture teachers, deep-supervision heads, the "
+                        "heads of a new label set) for the first STEPS steps, holding the bundle's weights, which "
+                        "then join with their own warm-up (default 0: everything trains from the first step)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="train (and predict) at this patch size instead of the bundle's; the attention windows "
                         "follow it, and each position-bias table keeps the bias of every offset both windows share")
@@ -32,7 +36,7 @@ def run(args) -> int:
     from ..train.finetune import run_finetune
 
     args.model_preset = None
-    config = config_from_args(args, freeze_encoder=args.freeze_encoder)
+    config = config_from_args(args, freeze_encoder=args.freeze_encoder, fresh_warmup=args.fresh_warmup)
     return execute(args, lambda progress, stop: run_finetune(
         args.model, args.dataset, args.output, config,
         patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, spacing=args.spacing,

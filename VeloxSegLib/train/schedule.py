@@ -25,6 +25,9 @@ class WarmupCosineSchedule:
 
     Call :meth:`step` after every optimizer step; the optimizer's groups get the new lr (scaled
     by each group's ``lr_scale``, default 1, so fine-tuning can use a lower head/encoder ratio).
+    A group with a ``start_step`` S joins late: lr 0 before step S, then its own linear ramp over
+    ``warmup_steps`` (from step S) times the schedule, so weights that join a run in progress
+    warm up as gently as the run did (fine-tuning's ``--fresh-warmup``; see :meth:`started`).
     """
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, base_lr: float = PAPER_LR,
@@ -55,10 +58,25 @@ class WarmupCosineSchedule:
     def lr(self) -> float:
         return self.lr_at(self.last_step)
 
+    def group_lr(self, group: dict, step: int) -> float:
+        """The learning rate of optimizer ``group`` at optimizer step ``step``."""
+        lr = self.lr_at(step) * float(group.get("lr_scale", 1.0))
+        start = int(group.get("start_step", 0))
+        if step < start:
+            return 0.0
+        if start > 0 and self.warmup_steps:
+            lr *= min(1.0, (step - start + 1) / self.warmup_steps)
+        return lr
+
+    def started(self, group: dict) -> bool:
+        """Whether ``group`` takes part in the current step (see ``start_step``); a group that has
+        not started must have no gradients at the optimizer step, so that AdamW leaves it alone
+        (no moment updates, no weight decay)."""
+        return self.last_step >= int(group.get("start_step", 0))
+
     def _apply(self) -> None:
-        lr = self.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * float(group.get("lr_scale", 1.0))
+            group["lr"] = self.group_lr(group, self.last_step)
 
     def step(self) -> None:
         self.last_step += 1

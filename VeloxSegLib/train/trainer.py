@@ -96,6 +96,7 @@ class TrainConfig:
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
     component_sampling: float = 0.0  # fraction of foreground patches centred on a uniformly chosen lesion
+    fresh_warmup: int = 0  # fine-tuning: steps in which only the fresh modules train, inherited weights held
     final_weights: str = "best"
     target_dice: Optional[float] = None
     val_dataset: Optional[str] = None
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ConfigError(f"--ds-weights must be non-negative with a positive sum, got {list(self.ds_weights)}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if int(self.fresh_warmup) < 0:
+            raise ConfigError(f"--fresh-warmup must be >= 0 steps, got {self.fresh_warmup}")
         if not 0.0 <= self.component_sampling <= 1.0:
             raise ConfigError(f"--component-sampling must be in [0, 1], got {self.component_sampling}")
         if self.final_weights not in ("best", "last"):
@@ -326,13 +329,24 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self._hold_waiting_groups()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            self._hold_waiting_groups()
             self.optimizer.step()
         self.schedule.step()
         return parts
+
+    def _hold_waiting_groups(self) -> None:
+        """Drop the gradients of parameter groups whose ``start_step`` is still ahead (the inherited
+        weights during ``--fresh-warmup``): AdamW skips parameters without a gradient, so they stay
+        exactly as they are, with no moments and no weight decay, until their group starts."""
+        for group in self.optimizer.param_groups:
+            if not self.schedule.started(group):
+                for p in group["params"]:
+                    p.grad = None
 
     def scaler_state(self) -> Optional[dict]:
         if self.scaler is None:
@@ -443,6 +457,34 @@ def freeze_encoder(model: nn.Module) -> int:
             p.requires_grad_(False)
             n += p.numel()
     return n
+
+
+def fresh_parameter_names(model: nn.Module, state: Dict[str, torch.Tensor],
+                          reinit_prefixes: Sequence[str] = ()) -> List[str]:
+    """The parameters of ``model`` that :func:`load_initial_weights` leaves at their fresh
+    initialization: not in ``state`` (training-only modules: texture teachers, deep-supervision
+    heads) or under ``reinit_prefixes`` (the heads of a new label set)."""
+    prefixes = tuple(reinit_prefixes)
+    return [n for n, p in model.named_parameters()
+            if n not in state or (prefixes and n.startswith(prefixes))]
+
+
+def parameter_groups(model: nn.Module, init_weights: Optional[Dict[str, torch.Tensor]] = None,
+                     reinit_prefixes: Sequence[str] = (), fresh_warmup: int = 0) -> list:
+    """The optimizer's parameter groups: one group, or, with ``fresh_warmup`` steps and starting
+    weights, the inherited parameters (``start_step`` = ``fresh_warmup``: they wait while the fresh
+    modules learn, then ramp up) and the fresh ones (from step 0). Deterministic in the model and
+    the weights' names, so a resumed run rebuilds the same groups for its optimizer state."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not fresh_warmup or init_weights is None:
+        return [{"params": [p for _, p in trainable]}]
+    fresh = set(fresh_parameter_names(model, init_weights, reinit_prefixes))
+    inherited = [p for n, p in trainable if n not in fresh]
+    new = [p for n, p in trainable if n in fresh]
+    if not inherited or not new:
+        return [{"params": [p for _, p in trainable]}]
+    return [{"params": inherited, "start_step": int(fresh_warmup), "name": "inherited"},
+            {"params": new, "name": "fresh"}]
 
 
 def load_initial_weights(model: nn.Module, state: Dict[str, torch.Tensor],
@@ -711,8 +753,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     model.to(device)
     loss_fn = VeloxSegLoss(LossConfig(use_reconstruction=config.use_reconstruction, use_sdkt=config.use_sdkt,
                                        batch_dice=bool(config.batch_dice), ds_weights=config.ds_weights))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, init_weights, reinit_prefixes, config.fresh_warmup),
+                                  lr=config.lr, weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
     sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
                            RECIPE_AUGMENTER, threads=loader_threads, component_fraction=config.component_sampling)
@@ -899,6 +941,8 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
                        "lambda_sdkt": 2.0 if config.use_sdkt else 0},
               "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": _sampling_text(config.component_sampling),
               "amp": run.amp, "freeze_encoder": config.freeze_encoder, "device": run.device.type}
+    if len(run.optimizer.param_groups) > 1:
+        recipe["fresh_warmup_steps"] = int(config.fresh_warmup)
     if run.init_report is not None:
         recipe["reinitialized"] = sorted({k.split(".")[0] for k in run.init_report["fresh"]})
     return {"dataset": _dataset_text(run.dataset, len(splits["train"]), len(splits["validation"]), run.validated_on),
@@ -966,6 +1010,13 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         msg = (f"only {len(run.dataset.cases)} case(s): no case can be held out, so validation Dice is measured on "
                f"the training cases (optimistic)")
         log.warning(msg)
+        run.progress.emit({"event": "message", "message": msg})
+    held = [g for g in run.optimizer.param_groups if "start_step" in g]
+    if held and not run.schedule.started(held[0]):
+        modules = sorted({k.split(".")[0] for k in fresh_parameter_names(run.model, init_weights, reinit_prefixes)})
+        msg = (f"the first {held[0]['start_step']} step(s) train only the modules that start afresh "
+               f"({', '.join(modules)}); the starting weights are held, then join with their own warm-up")
+        log.info(msg)
         run.progress.emit({"event": "message", "message": msg})
     try:
         if (init_weights is not None and not reinit_prefixes and st.epoch == 0 and st.iteration == 0
@@ -1091,5 +1142,6 @@ def training_benchmark(models: Sequence[str] = ("monai-unet", "veloxseg-b"), bat
 __all__ = ["TrainConfig", "RunSetup", "TrainResult", "TrainLoop", "TrainForward", "Validator", "StopRequest",
            "LoopState", "Run", "assemble_run", "validate_start", "train_epochs", "end_epoch", "training_record", "write_bundle",
            "run_training", "resolve_plans", "split_cases", "preprocess_case", "freeze_encoder",
+           "fresh_parameter_names", "parameter_groups",
            "load_initial_weights", "build_bundle_meta", "bundle_name_for", "default_work_dir",
            "benchmark_training_step", "training_benchmark", "HEAD_PREFIXES"]
