@@ -172,6 +172,24 @@ def test_finetune_inherits_the_parents_loss_and_inference_settings(two_cases, so
     assert config.batch_dice is False and config.ds_weights is None
 
 
+def test_finetune_inherits_the_lesion_dice_weight_unless_given(source_bundle):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.train.finetune import _inherit_loss_settings
+    from VeloxSegLib.train.trainer import TrainConfig
+
+    meta = json.loads(json.dumps(load_bundle(source_bundle).meta))
+    config = TrainConfig()
+    _inherit_loss_settings(config, meta)  # a parent trained without the term
+    assert config.lesion_dice == 0.0
+    meta["training"]["notes"] = json.dumps({"recipe": {"loss": {"batch_dice": True, "lambda_lesion_dice": 1.5}}})
+    config = TrainConfig()
+    _inherit_loss_settings(config, meta)
+    assert config.lesion_dice == 1.5
+    config = TrainConfig(lesion_dice=0.0)
+    _inherit_loss_settings(config, meta)
+    assert config.lesion_dice == 0.0
+
+
 # --------------------------------------------------------------------------- the starting weights
 
 

@@ -4,7 +4,7 @@ import torch
 from monai.losses import DiceLoss
 
 from VeloxSegLib.losses import (LossConfig, VeloxSegLoss, deep_supervision_weights, dice_ce_loss, gram_matrix,
-                                sdkt_loss, soft_dice_loss)
+                                lesion_components, lesion_dice_loss, sdkt_loss, soft_dice_loss)
 from VeloxSegLib.model.outputs import TrainOutput
 
 
@@ -139,3 +139,102 @@ def test_deep_supervision_builds_the_one_hot_target_once_and_equals_separate_ter
     want = torch.autograd.grad(expected, out.logits)
     for a, b in zip(grads, want):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- lesion-wise Dice
+
+
+def _confident_logits(pred):
+    """Two-class logits whose softmax is 0/1 to float32 precision where ``pred`` says so."""
+    pred = pred.float()
+    return torch.stack([(1 - pred) * 40.0, pred * 40.0], dim=1)
+
+
+def test_lesion_dice_weighs_a_missed_small_lesion_like_a_missed_large_one():
+    # one 6x6x6 lesion found exactly, one single-voxel lesion missed, apart in one patch
+    target = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    target[0, 1:7, 1:7, 1:7] = 1
+    target[0, 12, 12, 12] = 1
+    pred = target.clone()
+    pred[0, 12, 12, 12] = 0
+    logits = _confident_logits(pred)
+    # voxel-wise Dice barely notices the missed voxel: 2*216 / (217 + 216)
+    assert soft_dice_loss(logits, target, batch=True).item() == pytest.approx(1 - 432 / 433, abs=1e-4)
+    # lesion-wise: the large one scores 1 and the small one 0, so the mean loss is 1/2
+    assert lesion_dice_loss(logits, target).item() == pytest.approx(0.5, abs=1e-4)
+
+
+def test_lesion_dice_masks_the_other_lesions_but_counts_false_positives():
+    target = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    target[0, 1:3, 1:3, 1:3] = 1  # lesion A, 8 voxels
+    target[0, 10:12, 10:12, 10:12] = 1  # lesion B, 8 voxels
+    pred = target.clone()
+    pred[0, 6, 6, 6:10] = 1  # 4 false-positive voxels, touching neither lesion
+    logits = _confident_logits(pred)
+    # each lesion: 2*8 / (8 + 8 own + 4 false positives); the other lesion's 8 predicted voxels are masked out
+    assert lesion_dice_loss(logits, target).item() == pytest.approx(1 - 16 / 20, abs=1e-4)
+
+
+def test_lesion_dice_counts_lesions_per_sample_and_class():
+    torch.manual_seed(0)
+    target = torch.zeros(2, 10, 10, 10, dtype=torch.long)
+    target[0, 1:3, 1:3, 1:3] = 1
+    target[0, 6:9, 6:9, 6:9] = 2
+    target[1, 0, 0, 0] = 1
+    target[1, 1, 1, 1] = 1  # diagonal neighbour of (0, 0, 0): one 26-connected lesion
+    target[1, 5:8, 1:3, 1:3] = 1
+    ids = lesion_components(target, 3)
+    assert int(ids.max()) == 4
+    assert len(set(ids[0][target[0] > 0].tolist())) == 2 and len(set(ids[1][target[1] > 0].tolist())) == 2
+    assert (ids[target == 0] == 0).all()
+    # against a direct computation, lesion by lesion, with random logits
+    logits = torch.randn(2, 3, 10, 10, 10)
+    probs = logits.softmax(1)
+    terms = []
+    for lesion in range(1, 5):
+        mask = ids == lesion
+        b = int(mask.nonzero()[0, 0])
+        c = int(target[mask][0])
+        others = (target[b] == c) & ~mask[b]
+        p = probs[b, c] * (~others)
+        terms.append(1 - 2 * (p * mask[b]).sum() / (p.sum() + mask[b].sum()))
+    assert lesion_dice_loss(logits, target).item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-5)
+
+
+def test_lesion_dice_is_zero_without_lesions_and_has_gradients_with_them():
+    logits = torch.randn(2, 2, 8, 8, 8, requires_grad=True)
+    empty = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    assert lesion_dice_loss(logits, empty).item() == 0.0
+    target = empty.clone()
+    target[1, 2:4, 2:4, 2:4] = 1
+    lesion_dice_loss(logits, target).backward()
+    # a lesion is scored against its own sample only: sample 0 (no lesion) gets no gradient
+    assert logits.grad[1].abs().sum() > 0 and logits.grad[0].abs().sum() == 0
+
+
+def test_loss_config_adds_the_lesion_term_only_when_weighted():
+    torch.manual_seed(0)
+    y = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    y[0, 1:3, 1:3, 1:3] = 1
+    y[0, 6, 6, 6] = 1
+    out = TrainOutput(logits=[torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 8, 8, 8)])
+    off = LossConfig(use_reconstruction=False, use_sdkt=False)
+    base, parts = VeloxSegLoss(off)(out, y)
+    assert "lesion" not in parts
+    on = LossConfig(use_reconstruction=False, use_sdkt=False, lambda_lesion=0.7)
+    total, parts = VeloxSegLoss(on)(out, y)
+    assert parts["lesion"] == pytest.approx(lesion_dice_loss(out.logits[0], y).item(), abs=1e-6)
+    assert total.item() == pytest.approx(base.item() + 0.7 * parts["lesion"], rel=1e-6)
+
+
+def test_train_command_passes_the_lesion_dice_weight_and_checks_it():
+    from VeloxSegLib.cli import build_parser
+    from VeloxSegLib.commands.train import config_from_args
+    from VeloxSegLib.errors import ConfigError
+
+    config = config_from_args(build_parser().parse_args(["train", "ds", "-o", "out", "--lesion-dice", "1.5"]))
+    assert config.lesion_dice == 1.5
+    assert config_from_args(build_parser().parse_args(["train", "ds", "-o", "out"])).lesion_dice is None
+    config = config_from_args(build_parser().parse_args(["train", "ds", "-o", "out", "--lesion-dice", "-1"]))
+    with pytest.raises(ConfigError, match="--lesion-dice"):
+        config.check()

@@ -86,6 +86,31 @@ def test_training_log_csv_and_curve_plot_are_written(cli_run):
     assert (work / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lesion_dice_run_logs_the_term_and_records_its_weight(dataset, cli_run, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.cli import main
+
+    out = tmp_path / "petct-lesion"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["train", str(dataset), "-o", str(out), "--epochs", "1", "--iterations-per-epoch", "2",
+                   "--batch-size", "1", "--val-every", "1", "--device", "cpu", "--seed", "3", "--progress", "json",
+                   "--lesion-dice", "0.5"])
+    assert rc == 0
+    epoch = [json.loads(line) for line in stdout.getvalue().splitlines() if '"event": "epoch"' in line][0]
+    # the sampler alternates foreground and background patches: the first of each epoch has a lesion
+    assert 0.0 < epoch["loss"]["lesion"] <= 1.0
+    rows = list(csv.DictReader(open(out.with_name(out.name + ".training") / "training_log.csv")))
+    assert float(rows[0]["loss_lesion"]) == pytest.approx(epoch["loss"]["lesion"], rel=1e-4)
+    loss = json.loads(load_bundle(out).meta["training"]["notes"])["recipe"]["loss"]
+    assert loss["lambda_lesion_dice"] == 0.5
+    # a run without the term has neither the column nor the record
+    _, _, plain = cli_run
+    header = (plain.with_name(plain.name + ".training") / "training_log.csv").read_text().splitlines()[0]
+    assert "loss_lesion" not in header
+    assert "lambda_lesion_dice" not in json.loads(load_bundle(plain).meta["training"]["notes"])["recipe"]["loss"]
+
+
 def test_curve_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     history = [{"epoch": 0, "loss": {"total": 1.0}, "val_dice": 0.5}]

@@ -31,6 +31,11 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                    help="deep-supervision loss weights, full resolution first (default: equal, as the paper, "
                         "or the parent's for finetune; nnU-Net halves them per scale: 1 0.5 0.25 0.125). "
                         "Missing coarse weights count as 0")
+    p.add_argument("--lesion-dice", type=float, metavar="W",
+                   help="add W x a lesion-wise Dice term on the main output: 1 - Dice of each connected component "
+                        "on its own (other lesions masked out), averaged over the lesions of the batch, so a "
+                        "missed 20-voxel lesion costs as much as a missed 2000-voxel one (the 'blob loss' of "
+                        "Kofler et al. 2023). Default: 0 (the paper's loss) for train, the parent's for finetune")
     p.add_argument("--dropout", type=float, metavar="P",
                    help="dropout rate of every VeloxSeg block (attention, projections, convolution blocks); default: "
                         "the network's 0.1 for train, the parent's for finetune. Acts only in training: the bundle "
@@ -101,6 +106,7 @@ def config_from_args(args, **extra):
                        seed=args.seed, val_every=args.val_every, use_sdkt=not args.no_sdkt,
                        use_reconstruction=not args.no_reconstruction, batch_dice=args.batch_dice,
                        ds_weights=tuple(args.ds_weights) if args.ds_weights else None,
+                       lesion_dice=args.lesion_dice,
                        device=args.device, threads=args.threads, loader_threads=args.loader_threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,

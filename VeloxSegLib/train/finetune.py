@@ -64,13 +64,16 @@ def _weights_sha256(bundle) -> str:
 
 
 def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
-    """Batch Dice and deep-supervision weights not given on the command line follow the parent's
-    recorded recipe (the loss the weights were trained with)."""
+    """Batch Dice, deep-supervision weights and the lesion-wise Dice weight not given on the
+    command line follow the parent's recorded recipe (the loss the weights were trained with)."""
     recipe = training_notes(meta).get("recipe")
     loss = recipe.get("loss") if isinstance(recipe, dict) else None
     loss = loss if isinstance(loss, dict) else {}
     if config.batch_dice is None:
         config.batch_dice = bool(loss.get("batch_dice", False))
+    if config.lesion_dice is None:
+        lesion = loss.get("lambda_lesion_dice", 0.0)
+        config.lesion_dice = float(lesion) if isinstance(lesion, (int, float)) and lesion >= 0 else 0.0
     weights = loss.get("ds_weights")
     if config.ds_weights is None and isinstance(weights, list) and weights:
         config.ds_weights = tuple(float(w) for w in weights)

@@ -160,21 +160,26 @@ def make_reporter(kind: str = "bar", callback=None) -> ProgressReporter:
 def epoch_row(record: Dict) -> Dict:
     loss = record.get("loss", {})
     return {"epoch": record["epoch"], "loss_total": loss.get("total"), "loss_seg": loss.get("seg"),
-            "loss_rc": loss.get("rc"), "loss_sdkt": loss.get("sdkt"), "lr": record.get("lr"),
-            "val_dice": record.get("val_dice"), "seconds": record.get("seconds")}
+            "loss_rc": loss.get("rc"), "loss_sdkt": loss.get("sdkt"), "loss_lesion": loss.get("lesion"),
+            "lr": record.get("lr"), "val_dice": record.get("val_dice"), "seconds": record.get("seconds")}
 
 
 def write_csv_log(path, history: Sequence[Dict]) -> Path:
-    """``training_log.csv``: one row per epoch (empty cells where a value is absent)."""
+    """``training_log.csv``: one row per epoch (empty cells where a value is absent). Runs with
+    the lesion-wise Dice term (``--lesion-dice``) get a ``loss_lesion`` column after ``loss_sdkt``."""
     path = Path(path)
+    columns = CSV_COLUMNS
+    if any(rec.get("loss", {}).get("lesion") is not None for rec in history):
+        i = CSV_COLUMNS.index("loss_sdkt") + 1
+        columns = CSV_COLUMNS[:i] + ("loss_lesion",) + CSV_COLUMNS[i:]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         for rec in history:
             row = epoch_row(rec)
             w.writerow({k: ("" if row[k] is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
-                        for k in CSV_COLUMNS})
+                        for k in columns})
     tmp.replace(path)
     return path
 

@@ -89,6 +89,7 @@ class TrainConfig:
     use_reconstruction: bool = True
     batch_dice: Optional[bool] = None  # None: off (train) or the parent's (finetune)
     ds_weights: Optional[Tuple[float, ...]] = None
+    lesion_dice: Optional[float] = None  # weight of the lesion-wise Dice term; None: 0 (train) or the parent's
     device: str = "auto"
     amp: Optional[bool] = None
     threads: Optional[int] = None
@@ -125,6 +126,8 @@ class TrainConfig:
             raise ConfigError("--val-dataset validates on another dataset; it excludes --fold and --split")
         if self.ds_weights is not None and (any(w < 0 for w in self.ds_weights) or not sum(self.ds_weights) > 0):
             raise ConfigError(f"--ds-weights must be non-negative with a positive sum, got {list(self.ds_weights)}")
+        if self.lesion_dice is not None and not (math.isfinite(self.lesion_dice) and self.lesion_dice >= 0):
+            raise ConfigError(f"--lesion-dice must be a non-negative weight, got {self.lesion_dice}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if int(self.fresh_warmup) < 0:
@@ -752,7 +755,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         freeze_encoder(model)
     model.to(device)
     loss_fn = VeloxSegLoss(LossConfig(use_reconstruction=config.use_reconstruction, use_sdkt=config.use_sdkt,
-                                       batch_dice=bool(config.batch_dice), ds_weights=config.ds_weights))
+                                       batch_dice=bool(config.batch_dice), ds_weights=config.ds_weights,
+                                       lambda_lesion=float(config.lesion_dice or 0.0)))
     optimizer = torch.optim.AdamW(parameter_groups(model, init_weights, reinit_prefixes, config.fresh_warmup),
                                   lr=config.lr, weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
@@ -941,6 +945,8 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
                        "lambda_sdkt": 2.0 if config.use_sdkt else 0},
               "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": _sampling_text(config.component_sampling),
               "amp": run.amp, "freeze_encoder": config.freeze_encoder, "device": run.device.type}
+    if config.lesion_dice:
+        recipe["loss"]["lambda_lesion_dice"] = float(config.lesion_dice)
     if len(run.optimizer.param_groups) > 1:
         recipe["fresh_warmup_steps"] = int(config.fresh_warmup)
     if run.init_report is not None:
