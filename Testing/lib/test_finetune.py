@@ -422,6 +422,64 @@ def test_dropout_option_refuses_bad_rates_and_other_networks(two_cases, source_b
         setup.with_dropout(0.0)
 
 
+# --------------------------------------------------------------------------- refinement head
+
+
+def test_refine_head_option_adds_a_head_that_starts_as_the_parent_and_is_recorded(two_cases, source_bundle,
+                                                                                   tmp_path):
+    """``--refine-head C`` adds the full-resolution head to the parent's network. With the parent's
+    weights held for the one step (``--fresh-warmup 1``), only the new head (and the training-only
+    modules) learn, so the child with the head's output layer zeroed is the parent's function
+    exactly; the head is recorded in ``model.overrides``, inherited, and ``--refine-head 0``
+    takes it away again."""
+    from safetensors.torch import load_file
+
+    from VeloxSegLib.bundle import load_bundle
+
+    before = _tree_hashes(source_bundle)
+    rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "refined"),
+                       "--epochs", "1", "--iterations-per-epoch", "1", "--fresh-warmup", "1", "--lr", "1e-2",
+                       "--final-weights", "last", "--refine-head", "4"])
+    assert rc == 0
+    assert _tree_hashes(source_bundle) == before
+    child = load_bundle(tmp_path / "refined")
+    assert child.meta["model"]["overrides"] == {"refine_channels": 4}
+    weights = load_file(str(tmp_path / "refined" / "model.safetensors"))
+    assert weights["refine.conv.weight"].shape == (4, 2 + 2, 3, 3, 3)
+    assert weights["refine.out.weight"].abs().sum() > 0  # the head learned in its step
+    parent, net = load_bundle(source_bundle).build_model(), child.build_model()
+    assert net.refine is not None and parent.refine is None
+    x = torch.randn(1, 2, *child.patch_size)
+    with torch.no_grad():
+        assert not torch.equal(net(x), parent(x))
+        torch.nn.init.zeros_(net.refine.out.weight)
+        torch.nn.init.zeros_(net.refine.out.bias)
+        assert torch.equal(net(x), parent(x))
+    # a grandchild keeps the head without the option, and loses it with --refine-head 0
+    for name, extra, overrides in (("keeps", [], {"refine_channels": 4}), ("drops", ["--refine-head", "0"], {})):
+        rc, _ = _finetune(["-m", str(tmp_path / "refined"), str(two_cases), "-o", str(tmp_path / name),
+                           "--epochs", "1", "--iterations-per-epoch", "1"] + extra)
+        assert rc == 0
+        assert load_bundle(tmp_path / name).meta["model"]["overrides"] == overrides
+        keys = load_file(str(tmp_path / name / "model.safetensors"))
+        assert any(k.startswith("refine.") for k in keys) is bool(overrides)
+
+
+def test_refine_head_option_refuses_bad_widths_and_other_networks(two_cases, source_bundle, tmp_path, capsys):
+    from VeloxSegLib.errors import ConfigError
+    from VeloxSegLib.train.trainer import RunSetup
+
+    rc, _ = _finetune(["-m", str(source_bundle), str(two_cases), "-o", str(tmp_path / "x"),
+                       "--epochs", "1", "--iterations-per-epoch", "1", "--refine-head", "-2"])
+    assert rc != 0
+    assert "--refine-head must be a whole number of channels >= 0, got -2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
+    setup = RunSetup(model_name="lightmedseg", in_channels=(1, 1), num_classes=2, patch_size=(32, 32, 32),
+                     spacing=(1.0, 1.0, 1.0), channels=[], labels=[])
+    with pytest.raises(ConfigError, match="applies to the VeloxSeg networks, not to 'lightmedseg'"):
+        setup.with_refine_head(8)
+
+
 def test_component_sampling_option_reaches_the_sampler_and_is_recorded(two_cases, source_bundle, tmp_path,
                                                                         monkeypatch):
     from VeloxSegLib.bundle import load_bundle

@@ -343,3 +343,38 @@ def test_bias_table_resizing_keeps_every_shared_offset_and_extends_the_edges(old
         assert torch.equal(resize_relative_position_bias_table(new, new_n, old_n), table)
     with pytest.raises(ValueError, match="does not fit"):
         resize_relative_position_bias_table(table[:-1], old_n, new_n)
+
+
+def test_refine_head_starts_as_the_identity_then_learns_from_the_image():
+    """``refine_channels``: the network with the head, given the same other weights, computes the
+    same logits as without it (the head's output layer starts at zero); one optimizer step on a
+    target the image decides moves the head's output layer and with it the logits; the head reads
+    the image itself (its input gradient reaches the image channels)."""
+    torch.manual_seed(3)
+    plain = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False).eval()
+    torch.manual_seed(3)
+    refined = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), with_teachers=False, refine_channels=4).eval()
+    report = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(report.missing_keys) == ["refine.conv.bias", "refine.conv.weight", "refine.out.bias",
+                                           "refine.out.weight"]
+    assert refined.refine.conv.weight.shape == (4, 2 + 2, 3, 3, 3)
+    x = torch.randn(1, 2, 64, 64, 64)
+    with torch.no_grad():
+        before = refined(x)
+        assert torch.equal(before, plain(x))
+        assert torch.equal(refined.forward_train(x).logits[0], plain.forward_train(x).logits[0])
+    assert "refine.out.weight" in refined.inference_state_dict()  # shipped with the bundle, not training-only
+    opt = torch.optim.SGD(refined.refine.parameters(), lr=0.1)
+    target = (x[:, 1:] > 0).long()[:, 0]
+    xg = x.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(refined(xg), target)
+    loss.backward()
+    assert xg.grad.abs().sum() > 0
+    assert refined.refine.out.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        after = refined(x)
+        assert not torch.equal(after, before)
+        assert torch.nn.functional.cross_entropy(after, target) < loss.detach()
+    with pytest.raises(ConfigError, match="refine_channels"):
+        build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), refine_channels=-1)

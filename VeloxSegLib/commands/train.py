@@ -40,6 +40,12 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                    help="dropout rate of every VeloxSeg block (attention, projections, convolution blocks); default: "
                         "the network's 0.1 for train, the parent's for finetune. Acts only in training: the bundle "
                         "predicts the same for any rate, which is recorded in its model.overrides")
+    p.add_argument("--refine-head", type=int, metavar="C",
+                   help="add a full-resolution refinement head of C channels (not in the paper): a 3x3x3 convolution "
+                        "over the image and the logits whose output is added to the logits, so voxels are decided "
+                        "with the image's own detail and not from the quarter grid alone. It starts as the "
+                        "identity; 0 removes it. Default: none for train, the parent's for finetune; recorded in "
+                        "the bundle's model.overrides")
     p.add_argument("--component-sampling", type=float, default=0.0, metavar="F",
                    help="fraction of the foreground patches centred on a connected component (lesion) chosen "
                         "uniformly, then a voxel of it, instead of on a random foreground voxel, so that small "
@@ -110,7 +116,8 @@ def config_from_args(args, **extra):
                        device=args.device, threads=args.threads, loader_threads=args.loader_threads,
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
-                       dropout=args.dropout, component_sampling=args.component_sampling, **extra)
+                       dropout=args.dropout, refine_head=args.refine_head,
+                       component_sampling=args.component_sampling, **extra)
 
 
 def command_line(args) -> str:

@@ -207,6 +207,29 @@ def gram_matrix(x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(f, f.transpose(1, 2)) / f[0].numel()
 
 
+class RefineHead(nn.Module):
+    """Optional full-resolution refinement of the logits (not part of the paper's network).
+
+    The pixel-shuffle head decides every voxel from features on the quarter grid; this head looks
+    at the input image itself: a 3x3x3 convolution over the image channels and the logits, a leaky
+    ReLU, and a 1x1 convolution whose output is added to the logits. The 1x1 starts at zero, so a
+    network given this head computes exactly the function it computed without it until it trains.
+    """
+
+    def __init__(self, image_channels: int, num_classes: int, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv3d(image_channels + num_classes, channels, 3, padding=1)
+        self.act = nn.LeakyReLU(1e-2)
+        self.out = nn.Conv3d(channels, num_classes, 1)
+
+    def zero_output(self) -> None:
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.out(self.act(self.conv(torch.cat([image, logits], dim=1))))
+
+
 def he_init(module: nn.Module, neg_slope: float = 1e-2) -> None:
     """He (kaiming normal, a = 0.01) for convs, ones/zeros for norms (reference init)."""
     if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from . import fastops
 from .jlc import jlc_stage
-from .layers import Conv1x1, DownConv, Dropout, ModalMixer, PatchMerging, ShuffleHead, UpConv, gram_matrix, he_init
+from .layers import (Conv1x1, DownConv, Dropout, ModalMixer, PatchMerging, RefineHead, ShuffleHead, UpConv, gram_matrix,
+                     he_init)
 from .outputs import TrainOutput
 from .pwa import PWABlock
 
@@ -105,6 +106,10 @@ class VeloxSeg(nn.Module):
         num_heads / head_dims: PWA heads and q/k head dimension per stage.
         double_residual: the published PWA block's double residual (default True).
         with_teachers: build the training-only texture teachers (not needed for inference).
+        refine_channels: width of an optional full-resolution refinement head over the image and
+            the logits (:class:`layers.RefineHead`; not in the paper). 0 (default): none, the
+            paper's network. It starts as the identity, so fine-tuning a bundle with it added
+            begins from exactly the bundle's function.
     """
 
     # state-dict prefixes of modules used only in training (a bundle may or may not carry them)
@@ -116,13 +121,16 @@ class VeloxSeg(nn.Module):
                  group_sizes=(4, 8, 8, 16), conv_expansion=(3, 3, 2, 2), ffn_expansion=(3, 3, 2, 2),
                  num_heads=(1, 2, 2, 4), head_dims=(4, 8, 8, 16), patch_factor: int = 4,
                  attn_drop: float = 0.1, proj_drop: float = 0.1, conv_drop: float = 0.1,
-                 double_residual: bool = True, deep_supervision: bool = True, with_teachers: bool = True):
+                 double_residual: bool = True, deep_supervision: bool = True, with_teachers: bool = True,
+                 refine_channels: int = 0):
         super().__init__()
         in_channels = tuple(int(c) for c in in_channels)
         if not 1 <= len(in_channels) <= 4 or any(c < 1 for c in in_channels):
             raise ConfigError(f"in_channels must list 1 to 4 modalities with >= 1 channel each, got {in_channels}")
         if num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        if int(refine_channels) < 0 or int(refine_channels) != refine_channels:
+            raise ConfigError(f"refine_channels must be a whole number >= 0, got {refine_channels}")
         self.in_channels = in_channels
         self.num_modalities = M = len(in_channels)
         self.num_classes = num_classes
@@ -170,6 +178,11 @@ class VeloxSeg(nn.Module):
                 TextureTeacher(c, attn_ch, base_ch, conv_depths, kernel_sizes, group_sizes, conv_expansion,
                                patch_factor, conv_drop) for c in in_channels])
         self.apply(he_init)
+        self.refine = None
+        if refine_channels:
+            self.refine = RefineHead(sum(in_channels), num_classes, int(refine_channels))
+            self.refine.apply(he_init)
+            self.refine.zero_output()
 
     # -- encoder -------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor):
@@ -209,14 +222,18 @@ class VeloxSeg(nn.Module):
         self._check_input(x)
         _, enc = self.encode(x)
         up1 = self.decoder(enc)[0]
-        return self.head(up1)
+        return self._main_logits(x, up1)
+
+    def _main_logits(self, x: torch.Tensor, up1: torch.Tensor) -> torch.Tensor:
+        logits = self.head(up1)
+        return logits if self.refine is None else self.refine(x, logits)
 
     def forward_train(self, x: torch.Tensor) -> TrainOutput:
         """Deep-supervision logits, teacher reconstructions and Gram matrices (SDKT)."""
         self._check_input(x)
         attn, enc = self.encode(x)
         up1, up2, up3 = self.decoder(enc)
-        logits = [self.head(up1)]
+        logits = [self._main_logits(x, up1)]
         if self.deep_supervision:
             for head, f in zip(self.ds_heads, (up2, up3, enc[3])):
                 logits.append(self._upsample(head(f)))

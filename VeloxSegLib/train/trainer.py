@@ -64,7 +64,7 @@ HEAD_PREFIXES = ("head.", "ds_heads.", "final.")
 #: VeloxSeg constructor arguments that ``--dropout`` sets (every dropout of the network).
 DROPOUT_KEYS = ("attn_drop", "proj_drop", "conv_drop")
 #: Modules that are not part of the encoder (everything else is frozen by --freeze-encoder).
-NON_ENCODER_PREFIXES = ("decoder.", "head.", "ds_heads.", "teachers.", "up.", "routers.", "dec_blocks.", "final.")
+NON_ENCODER_PREFIXES = ("decoder.", "head.", "refine.", "ds_heads.", "teachers.", "up.", "routers.", "dec_blocks.", "final.")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -96,6 +96,7 @@ class TrainConfig:
     loader_threads: Optional[int] = None  # None: 0 on the CPU, up to 8 with a GPU
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
+    refine_head: Optional[int] = None  # width of a full-resolution refinement head; None: none, or the parent's
     component_sampling: float = 0.0  # fraction of foreground patches centred on a uniformly chosen lesion
     fresh_warmup: int = 0  # fine-tuning: steps in which only the fresh modules train, inherited weights held
     final_weights: str = "best"
@@ -130,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"--lesion-dice must be a non-negative weight, got {self.lesion_dice}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.refine_head is not None and (int(self.refine_head) != self.refine_head or self.refine_head < 0):
+            raise ConfigError(f"--refine-head must be a whole number of channels >= 0, got {self.refine_head}")
         if int(self.fresh_warmup) < 0:
             raise ConfigError(f"--fresh-warmup must be >= 0 steps, got {self.fresh_warmup}")
         if not 0.0 <= self.component_sampling <= 1.0:
@@ -174,6 +177,17 @@ class RunSetup:
             raise ConfigError(f"--dropout applies to the VeloxSeg networks, not to '{self.model_name}'")
         rate = float(rate)
         return replace(self, overrides={**self.overrides, **{k: rate for k in DROPOUT_KEYS}})
+
+    def with_refine_head(self, channels: int) -> "RunSetup":
+        """The same setup with a full-resolution refinement head of ``channels`` channels on a
+        VeloxSeg network (``model.overrides.refine_channels``; 0 removes it). The head starts as
+        the identity, so a fine-tune that adds it starts from the parent's exact function."""
+        if not self._is_veloxseg():
+            raise ConfigError(f"--refine-head applies to the VeloxSeg networks, not to '{self.model_name}'")
+        overrides = {k: v for k, v in self.overrides.items() if k != "refine_channels"}
+        if int(channels):
+            overrides["refine_channels"] = int(channels)
+        return replace(self, overrides=overrides)
 
     def _is_veloxseg(self) -> bool:
         from ..model import PRESETS
@@ -723,6 +737,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         setup = RunSetup.from_plans(plans, config)
     if config.dropout is not None and ckpt is None:  # a resumed run keeps the setup it saved
         setup = setup.with_dropout(config.dropout)
+    if config.refine_head is not None and ckpt is None:
+        setup = setup.with_refine_head(config.refine_head)
     if len(setup.channels) != ds.num_channels:
         raise InputError(f"{ds.root.name}: has {ds.num_channels} channel(s), the model needs {len(setup.channels)} "
                          f"({', '.join(c['name'] for c in setup.channels)})")
