@@ -91,6 +91,12 @@ def test_new_label_set_reinitializes_only_the_heads():
         else:
             assert torch.equal(value, source[key]), key
     assert {k.split(".")[0] for k in report["fresh"]} == {"head", "ds_heads"}
+    # a refinement head reads and writes the logits: it starts afresh too (as the identity)
+    source = build_model("veloxseg-b", (1, 1), 2, (64, 64, 64), refine_channels=4).state_dict()
+    model = build_model("veloxseg-b", (1, 1), 3, (64, 64, 64), refine_channels=4)
+    report = load_initial_weights(model, source, HEAD_PREFIXES)
+    assert {k.split(".")[0] for k in report["fresh"]} == {"head", "ds_heads", "refine"}
+    assert model.refine.conv.weight.shape[1] == 2 + 3 and not model.refine.out.weight.any()
 
 
 def test_freeze_encoder_with_new_labels_trains_heads_and_decoder_only(two_cases, source_bundle, tmp_path):

@@ -59,12 +59,14 @@ NUM_FOLDS = 5
 LOG_NAME = "training_log.csv"
 PLOT_NAME = "curves.png"
 PLANS_NAME = "plans.json"
-#: Modules of the segmentation heads (re-initialized for a new label set).
-HEAD_PREFIXES = ("head.", "ds_heads.", "final.")
+#: Modules of the segmentation heads (re-initialized for a new label set; the refinement head
+#: reads and writes the logits, so its shapes follow the classes too).
+HEAD_PREFIXES = ("head.", "refine.", "ds_heads.", "final.")
 #: VeloxSeg constructor arguments that ``--dropout`` sets (every dropout of the network).
 DROPOUT_KEYS = ("attn_drop", "proj_drop", "conv_drop")
 #: Modules that are not part of the encoder (everything else is frozen by --freeze-encoder).
-NON_ENCODER_PREFIXES = ("decoder.", "head.", "refine.", "ds_heads.", "teachers.", "up.", "routers.", "dec_blocks.", "final.")
+NON_ENCODER_PREFIXES = ("decoder.", "head.", "refine.", "ds_heads.", "teachers.", "up.", "routers.", "dec_blocks.",
+                        "final.")
 
 
 # --------------------------------------------------------------------------- configuration
