@@ -68,6 +68,9 @@ INFERENCE_DEFAULTS = {
     "tta_axes": ["z"],
     "min_component_mm3": 0.0,
     "crop_to_body": True,
+    # null, or the settings of the PET border refinement (VeloxSegLib/infer/petrefine.py); an
+    # object fills the missing settings from PET_REFINE_DEFAULTS there
+    "pet_refine": None,
 }
 TERMINOLOGY_KEYS = ("category", "type", "type_modifier", "region", "region_modifier")
 TRAINING_KEYS = ("dataset", "epochs", "seed", "command", "metrics", "parent", "date", "veloxseg_version", "notes")
@@ -226,6 +229,34 @@ def _validate_triplet(ck: _Checker, value, field):
     return list(value)
 
 
+def _validate_pet_refine(ck: _Checker, value, meta_out) -> dict:
+    from .infer.petrefine import PET_REFINE_DEFAULTS
+
+    f = "inference.pet_refine"
+    ref = ck.obj(value, f, optional=tuple(PET_REFINE_DEFAULTS))
+    out = dict(PET_REFINE_DEFAULTS)
+    if "label" in ref:
+        out["label"] = ck.integer(ref["label"], f"{f}.label", lo=1, hi=255)
+    values = [lab["value"] for lab in meta_out["labels"]]
+    if out["label"] not in values:
+        ck.fail(f"{f}.label", f"is {out['label']}, not one of the bundle's label values ({', '.join(map(str, values))})")
+    if not any(str(ch["modality"]).upper() == "PET" for ch in meta_out["channels"]):
+        ck.fail(f, "needs a channel whose modality is PET")
+    if "fraction" in ref:
+        out["fraction"] = ck.number(ref["fraction"], f"{f}.fraction", lo=0, hi=1, lo_open=True, hi_open=True)
+    if "weight" in ref:
+        out["weight"] = ck.number(ref["weight"], f"{f}.weight", lo=0)
+    if "margin_mm" in ref:
+        out["margin_mm"] = ck.number(ref["margin_mm"], f"{f}.margin_mm", lo=0)
+    if "shell_mm" in ref:
+        out["shell_mm"] = ck.number(ref["shell_mm"], f"{f}.shell_mm", lo=0, lo_open=True)
+    if "peak_voxels" in ref:
+        out["peak_voxels"] = ck.integer(ref["peak_voxels"], f"{f}.peak_voxels", lo=1)
+    if "min_component_mm3" in ref:
+        out["min_component_mm3"] = ck.number(ref["min_component_mm3"], f"{f}.min_component_mm3", lo=0)
+    return out
+
+
 def validate_meta(meta: dict, source: str = META_NAME) -> dict:
     """Strictly validate a ``bundle.json`` mapping; return a normalized deep copy.
 
@@ -357,6 +388,8 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
         inf_out["min_component_mm3"] = ck.number(inf["min_component_mm3"], "inference.min_component_mm3", lo=0)
     if "crop_to_body" in inf:
         inf_out["crop_to_body"] = ck.boolean(inf["crop_to_body"], "inference.crop_to_body")
+    if inf.get("pet_refine") is not None:
+        inf_out["pet_refine"] = _validate_pet_refine(ck, inf["pet_refine"], out)
     out["inference"] = inf_out
 
     # training (a free-form record with known keys) -------------------------------

@@ -142,6 +142,7 @@ def test_finetune_refuses_a_dataset_with_other_channels(source_bundle, tmp_path)
 
 def test_finetune_inherits_the_parents_loss_and_inference_settings(two_cases, source_bundle, tmp_path):
     from VeloxSegLib.bundle import load_bundle, save_bundle
+    from VeloxSegLib.infer.petrefine import PET_REFINE_DEFAULTS
     from VeloxSegLib.train.finetune import _inherit_loss_settings
     from VeloxSegLib.train.trainer import TrainConfig
 
@@ -150,7 +151,7 @@ def test_finetune_inherits_the_parents_loss_and_inference_settings(two_cases, so
     meta["training"]["notes"] = json.dumps({"recipe": {"loss": {"batch_dice": True,
                                                                  "ds_weights": [1, 0.5, 0.25, 0.125]}}})
     meta["inference"] = {"overlap": 0.5, "blending": "gaussian", "tta": True, "tta_axes": ["x"],
-                         "min_component_mm3": 20.0, "crop_to_body": False}
+                         "min_component_mm3": 20.0, "crop_to_body": False, "pet_refine": {"fraction": 0.45}}
     parent = save_bundle(tmp_path / "parent", meta, src.state_dict())
     rc, _ = _finetune(["-m", str(parent), str(two_cases), "-o", str(tmp_path / "child"),
                        "--epochs", "1", "--iterations-per-epoch", "1"])
@@ -160,7 +161,17 @@ def test_finetune_inherits_the_parents_loss_and_inference_settings(two_cases, so
     assert loss["batch_dice"] is True and loss["ds_weights"] == [1, 0.5, 0.25, 0.125]
     # how to run the model carries over too; the child has also seen the recipe's z flips
     assert child.meta["inference"] == {"overlap": 0.5, "blending": "gaussian", "tta": True, "tta_axes": ["x", "z"],
-                                       "min_component_mm3": 20.0, "crop_to_body": False}
+                                       "min_component_mm3": 20.0, "crop_to_body": False,
+                                       "pet_refine": dict(PET_REFINE_DEFAULTS, fraction=0.45)}
+    # a new label set drops the PET border refinement, which was set for the parent's lesion label
+    ds = tmp_path / "three"
+    shutil.copytree(two_cases, ds)
+    ds_meta = json.loads((ds / "dataset.json").read_text())
+    ds_meta["labels"] = {"background": 0, "lesion": 1, "cyst": 2}
+    (ds / "dataset.json").write_text(json.dumps(ds_meta))
+    rc, _ = _finetune(["-m", str(parent), str(ds), "-o", str(tmp_path / "relabelled"), "--epochs", "1",
+                       "--iterations-per-epoch", "1"])
+    assert rc == 0 and load_bundle(tmp_path / "relabelled").meta["inference"]["pet_refine"] is None
     # a grandchild records the whole chain, nearest ancestor first
     rc, _ = _finetune(["-m", str(tmp_path / "child"), str(two_cases), "-o", str(tmp_path / "grandchild"),
                        "--epochs", "1", "--iterations-per-epoch", "1"])

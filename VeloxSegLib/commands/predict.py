@@ -50,6 +50,10 @@ def register(subparsers) -> None:
     p.add_argument("--min-component-mm3", type=float, metavar="V",
                    help="remove connected components smaller than V mm^3 (default: the bundle's)")
     p.add_argument("--no-crop", action="store_true", help="run every window, also over air")
+    p.add_argument("--pet-refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="redraw each predicted lesion's border from the PET image (a background-corrected "
+                        "fraction of its peak uptake, see docs/inference.md); default: the bundle's "
+                        "(on for petct-lesion-demo). Needs a model with a PET input")
     p.add_argument("--probabilities", metavar="FILE",
                    help="also write per-class probabilities (float32 vector image) to FILE")
     p.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
@@ -201,12 +205,15 @@ def run(args) -> int:
     progress = make_progress(args.progress, start)
     options = dict(overlap=args.overlap, tta=True if args.tta_axes else args.tta, tta_axes=args.tta_axes,
                    blending=args.blending,
-                   min_component_mm3=args.min_component_mm3, crop_to_body=False if args.no_crop else None)
+                   min_component_mm3=args.min_component_mm3, crop_to_body=False if args.no_crop else None,
+                   pet_refine=args.pet_refine)
     try:
         with _CancelOnSignal() as cancel:
             seg = Segmenter(args.model, device=args.device, threads=args.threads, batch_size=args.batch_size,
                             precision=args.precision)
             plan = seg.plan
+            if args.pet_refine:  # refused before anything is read
+                plan.pet_refine_settings(plan.pet_refine)
             if not inputs:
                 raise InputError(f"no inputs: model '{plan.name}' expects {len(plan.channels)} image(s) with -i, "
                                  f"in this order: {plan.expected_inputs()}")

@@ -54,6 +54,9 @@ class InferencePlan:
     tta_axes: image axes ("x", "y", "z") mirror TTA flips: the axes the network saw mirrored in
         training. Flips it never saw are out of distribution: on the PET/CT demo, all 8 flips
         cost 0.02-0.10 lesion Dice where the z flip alone is within +-0.01 (docs/inference.md).
+    pet_refine: None (off), or the settings of the PET border refinement
+        (:mod:`VeloxSegLib.infer.petrefine`; missing settings take their defaults). Needs a
+        channel whose ``modality`` is PET.
     """
 
     patch_size: Tuple[int, int, int]
@@ -69,6 +72,7 @@ class InferencePlan:
     spacing_tolerance: float = 0.02
     body_threshold_hu: float = -500.0
     body_margin_mm: float = 10.0
+    pet_refine: Optional[Dict[str, Any]] = None
     name: str = "model"
 
     def __post_init__(self):
@@ -91,6 +95,35 @@ class InferencePlan:
         if self.blending not in ("uniform", "gaussian"):
             raise ConfigError(f"blending must be 'uniform' or 'gaussian', got {self.blending!r}")
         self.tta_axes = check_tta_axes(self.tta_axes)
+        if self.pet_refine is not None:
+            self.pet_refine = self.pet_refine_settings(self.pet_refine)
+
+    @property
+    def pet_channel(self) -> Optional[int]:
+        """Index of the first channel whose modality is PET, or None."""
+        for i, c in enumerate(self.channels):
+            if str(c.get("modality", "")).upper() == "PET":
+                return i
+        return None
+
+    def pet_refine_settings(self, settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Checked PET refinement settings for this plan: ``settings`` over the defaults."""
+        from .petrefine import pet_refine_settings
+
+        try:
+            out = pet_refine_settings(settings)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        if self.pet_channel is None:
+            raise ConfigError(f"{self.name}: PET border refinement needs a PET channel; the model's inputs are "
+                              f"{self.expected_inputs()}")
+        values = [int(lb["value"]) for lb in self.labels]
+        if int(out["label"]) not in values or int(out["label"]) == 0:
+            raise ConfigError(f"{self.name}: PET border refinement label {out['label']} is not one of the model's "
+                              f"foreground labels ({', '.join(str(v) for v in values if v)})")
+        if not 0.0 < float(out["fraction"]) < 1.0:
+            raise ConfigError(f"PET border refinement fraction must be in (0, 1), got {out['fraction']}")
+        return out
 
     @property
     def channel_names(self) -> List[str]:
@@ -119,6 +152,7 @@ class InferencePlan:
             tta_axes=tuple(inf.get("tta_axes", ("z",))),
             min_component_mm3=float(inf.get("min_component_mm3", 0.0) or 0.0),
             crop_to_body=bool(inf.get("crop_to_body", True)),
+            pet_refine=dict(inf["pet_refine"]) if inf.get("pet_refine") is not None else None,
             name=str(meta.get("name", "model")),
         )
 
@@ -373,11 +407,14 @@ class Segmenter:
     def predict(self, inputs, *, overlap: Optional[float] = None, tta: Optional[bool] = None,
                 tta_axes: Optional[Sequence[str]] = None, blending: Optional[str] = None, probabilities: bool = False,
                 min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
-                progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
+                pet_refine=None, progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
         """Segment one case. ``inputs``: paths or SimpleITK images in the plan's channel order.
 
         Options left as None take the plan's (bundle's) defaults. ``tta`` averages the mirror
         flips of ``tta_axes`` (default: the plan's, the axes mirrored in training).
+        ``pet_refine``: False turns the PET border refinement off, True turns it on (with the
+        plan's settings, else the defaults), a mapping turns it on with those settings. The
+        returned probabilities are always the network's; the refinement changes the labels.
         """
         import torch
 
@@ -398,6 +435,12 @@ class Segmenter:
         blending = plan.blending if blending is None else blending
         min_mm3 = plan.min_component_mm3 if min_component_mm3 is None else float(min_component_mm3)
         crop = plan.crop_to_body if crop_to_body is None else bool(crop_to_body)
+        if pet_refine is None:
+            refine = plan.pet_refine
+        elif isinstance(pet_refine, Mapping):
+            refine = plan.pet_refine_settings(pet_refine)
+        else:
+            refine = plan.pet_refine_settings(plan.pet_refine) if pet_refine else None
         report = _Progress(progress)
         times: Dict[str, float] = {}
         t0 = time.perf_counter()
@@ -482,6 +525,7 @@ class Segmenter:
             norms[i].apply(arr_in[i])
             report("preprocess", (i + 1) / C)
         pad_values = [n.normalized_background for n in norms]
+        pet_image = images[plan.pet_channel] if refine is not None else None
         del views, images  # the caller's images live on in the caller; ours are freed here
         times["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -492,7 +536,7 @@ class Segmenter:
         n_scores = K if probabilities or K != 2 else 1
         labels_w = None if resample else torch.zeros(work.shape, dtype=torch.uint8)
         probs_w = torch.empty((n_scores,) + work.shape, dtype=torch.float32 if probabilities else torch.float16) \
-            if probabilities or resample else None
+            if probabilities or resample or refine is not None else None
         predictor = _WindowPredictor(self.model, self.device, tta, self.batch_size,
                                      dtype=torch.bfloat16 if self.precision == "bf16" else None, tta_axes=tta_axes)
         counts = {"run": 0, "total": 0}
@@ -529,15 +573,31 @@ class Segmenter:
         if probabilities:
             parr = np.zeros(ref.shape + (K,), dtype=np.float32)
             parr[..., 0] = 1.0
+        score = None  # the refined label's probability on the body box of the reference grid
+        if refine is not None:
+            score = np.zeros(crop_grid.shape, dtype=np.float32)
         if resample:
             probabilities_to_grid(probs_w, work, crop_grid, K, out_crop,
                                   None if parr is None else parr[z0:z1, y0:y1, x0:x1],
-                                  cancel=cancel, progress=lambda f: report("postprocess", 0.9 * f))
+                                  cancel=cancel, progress=lambda f: report("postprocess", 0.9 * f),
+                                  score_out=score, score_class=refine["label"] if refine else 1)
         else:
             out_crop[...] = labels_w.numpy()
             if parr is not None:
                 parr[z0:z1, y0:y1, x0:x1] = np.moveaxis(probs_w.numpy(), 0, -1)
+            if score is not None:
+                score[...] = probs_w[refine["label"] if n_scores == K else 0].float().numpy()
         del labels_w, probs_w
+        if refine is not None:
+            from .petrefine import refine_with_pet
+
+            def pet_of_box(blo, bhi):
+                box = crop_grid.crop(blo, bhi)
+                return sitk.GetArrayFromImage(resample_to_grid(pet_image, box, default=0.0))
+
+            info["pet_refine"] = refine_with_pet(out_crop, score, pet_of_box, crop_grid.spacing, refine,
+                                                 cancel=cancel)
+            del score, pet_image
         if min_mm3 > 0:
             remove_small_components(out_crop, crop_grid.spacing, min_mm3)
         labels = ref.stamp(sitk.GetImageFromArray(out))
@@ -558,7 +618,7 @@ def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device:
                  tta: Optional[bool] = None, tta_axes: Optional[Sequence[str]] = None,
                  blending: Optional[str] = None, probabilities: bool = False,
                  min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
-                 progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
+                 pet_refine=None, progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
     """Segment one case: ``labels, probabilities = predict_case(bundle, [ct, pet])``.
 
     model: a bundle, bundle path/name, a :class:`Segmenter`, or a network with ``plan``.
@@ -570,8 +630,8 @@ def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device:
                                                                batch_size=batch_size, precision=precision)
     return seg.predict(inputs, overlap=overlap, tta=tta, tta_axes=tta_axes, blending=blending,
                        probabilities=probabilities,
-                       min_component_mm3=min_component_mm3, crop_to_body=crop_to_body, progress=progress,
-                       cancel=cancel)
+                       min_component_mm3=min_component_mm3, crop_to_body=crop_to_body, pet_refine=pet_refine,
+                       progress=progress, cancel=cancel)
 
 
 # --------------------------------------------------------------------------- files

@@ -37,7 +37,7 @@ def probabilities_from_logits(acc: torch.Tensor, weight: torch.Tensor) -> torch.
 
 def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int, labels_out: np.ndarray,
                           probs_out: Optional[np.ndarray] = None, *, max_voxels: int = 1 << 23, cancel=None,
-                          progress=None) -> np.ndarray:
+                          progress=None, score_out: Optional[np.ndarray] = None, score_class: int = 1) -> np.ndarray:
     """Resample class probabilities linearly from the ``source`` grid onto the ``target`` grid
     and take the arg-max there: the soft output is interpolated first and decided after, as
     nnU-Net does, instead of putting labels back by nearest neighbour (which copies each
@@ -49,6 +49,8 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
     target outside the source take pure background.
     labels_out: uint8 array of ``target.shape``, written (ties go to the lower class).
     probs_out: optional float32 array ``target.shape + (num_classes,)``, written.
+    score_out: optional float32 array of ``target.shape``, written with the probability of class
+    ``score_class`` alone (what the PET border refinement needs, without all K maps).
 
     The target is done in z-slabs of at most ``max_voxels`` voxels, each from the source
     slices around it only, so the extra memory is a few slab-sized float32 arrays however
@@ -77,6 +79,8 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
             if probs_out is not None:
                 probs_out[a:b] = 0.0
                 probs_out[a:b, ..., 0] = 1.0
+            if score_out is not None:
+                score_out[a:b] = 1.0 if score_class == 0 else 0.0
             continue
         part = source.crop((0, 0, s0), (source.size[0], source.size[1], s1))
         best = None
@@ -85,6 +89,8 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
             background = k == 0 and n_scores == num_classes
             p = sitk.GetArrayFromImage(resample_to_grid(img, slab, default=1.0 if background else 0.0))
             del img
+            if score_out is not None and (k == score_class if n_scores == num_classes else score_class == 1):
+                score_out[a:b] = p
             if n_scores == 1:
                 np.greater(p, 0.5, out=lab, casting="unsafe")
                 if probs_out is not None:

@@ -14,8 +14,8 @@ step: their Dice is the figure to beat (a run in which no epoch beats it keeps t
 ``start_val_dice``. The source bundle is only read; the new bundle's training record names it as
 ``parent`` and carries the ``lineage`` (every ancestor's name, command, dataset and date, nearest
 first), so a chain of fine-tunes can be reproduced from the last bundle alone. The new bundle keeps
-the parent's inference settings (overlap, blending, TTA, post-processing), its TTA axes joined by
-the recipe's z flip.
+the parent's inference settings (overlap, blending, TTA, post-processing, the PET border
+refinement unless the labels change), its TTA axes joined by the recipe's z flip.
 """
 from __future__ import annotations
 
@@ -156,11 +156,16 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     target = tuple(float(v) for v in spacing) if spacing is not None else parent_spacing
     if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
         raise ConfigError(f"--spacing must be three positive sizes in mm (x y z), got {list(target)}")
+    inference = dict(meta["inference"])
+    if inference.get("pet_refine") is not None and not same:
+        # the parent's PET border refinement was set for its own lesion label
+        log.info("the new label set drops the parent's PET border refinement (inference.pet_refine)")
+        inference["pet_refine"] = None
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
                      patch_size=patch, spacing=target,
                      channels=[dict(c) for c in meta["channels"]], labels=labels,
                      batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}),
-                     inference=dict(meta["inference"]))
+                     inference=inference)
     weights = src.state_dict()
     sha = _weights_sha256(src)
     notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,

@@ -1,0 +1,257 @@
+"""PET border refinement (VeloxSegLib/infer/petrefine.py): the rule, its guards, an independent
+SciPy implementation as its peer, the pipeline, bundles and the command line."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from VeloxSegLib.bundle import BundleError, validate_meta
+from VeloxSegLib.cli import main
+from VeloxSegLib.errors import ConfigError
+from VeloxSegLib.infer.petrefine import PET_REFINE_DEFAULTS, refine_with_pet
+
+SPACING = (3.0, 3.0, 3.5)  # x, y, z mm, the PET/CT phantoms' CT grid
+ZYX = SPACING[::-1]
+
+
+def _ball(shape, centre, radius_mm, spacing_zyx=ZYX):
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip((z, y, x), centre, spacing_zyx))
+    return d2 <= radius_mm ** 2
+
+
+def _blurred(arr, sigma_mm=3.0):
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetSpacing(SPACING)
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
+
+
+def _crop(pet):
+    return lambda lo, hi: pet[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+
+
+def _dice(a, b):
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def _scene(noise=0.0, seed=0):
+    """A 15 mm-radius hot lesion (SUV 8 over a background of 1, blurred like a PET scanner) and a
+    network mask of radius 21 mm around it (over-segmented by two voxels), probability 0.6."""
+    shape = (32, 36, 36)
+    centre = (16, 18, 18)
+    truth = _ball(shape, centre, 15.0)
+    pet = _blurred(1.0 + 7.0 * truth)
+    if noise:
+        pet = pet + np.random.default_rng(seed).normal(0, noise, shape).astype(np.float32)
+    net = _ball(shape, centre, 21.0)
+    prob = np.where(net, 0.6, 0.1).astype(np.float32)
+    return truth, pet, net, prob
+
+
+def test_an_over_segmented_lesion_is_drawn_back_to_its_uptake():
+    truth, pet, net, prob = _scene(noise=0.2)
+    labels = net.astype(np.uint8)
+    counts = refine_with_pet(labels, prob, _crop(pet), SPACING)
+    assert counts["refined"] == 1
+    before, after = _dice(net, truth), _dice(labels == 1, truth)
+    assert before < 0.6 and after > 0.9, (before, after)
+    assert set(np.unique(labels)) == {0, 1}
+
+
+def test_an_under_segmented_lesion_grows_only_within_the_margin():
+    truth, pet, _net, _prob = _scene()
+    small = _ball(truth.shape, (16, 18, 18), 9.0)
+    labels = small.astype(np.uint8)
+    prob = np.where(small, 0.9, 0.2).astype(np.float32)
+    refine_with_pet(labels, prob, _crop(pet), SPACING, {"margin_mm": 3.5})
+    grown = labels == 1
+    assert grown.sum() > small.sum()
+    dist = ndi.distance_transform_edt(~small, sampling=ZYX)
+    assert dist[grown].max() <= 3.5  # the margin bounds the growth
+    margin_wide = small.astype(np.uint8)
+    refine_with_pet(margin_wide, prob, _crop(pet), SPACING, {"margin_mm": 10.0})
+    assert _dice(margin_wide == 1, truth) > _dice(grown, truth) > _dice(small, truth)
+
+
+def test_a_necrotic_core_stays_inside_the_lesion():
+    shape = (32, 36, 36)
+    outer = _ball(shape, (16, 18, 18), 18.0)
+    core = _ball(shape, (16, 18, 18), 9.0)
+    pet = _blurred(1.0 + 9.0 * (outer & ~core) + 0.5 * core, sigma_mm=2.0)
+    labels = _ball(shape, (16, 18, 18), 21.0).astype(np.uint8)
+    prob = np.where(labels == 1, 0.6, 0.0).astype(np.float32)
+    refine_with_pet(labels, prob, _crop(pet), SPACING)
+    assert (labels[core] == 1).all()  # the cold core is below the threshold, and filled
+    assert _dice(labels == 1, outer) > 0.85
+
+
+def test_small_components_other_labels_and_flat_pet_are_left_alone():
+    truth, pet, net, prob = _scene()
+    labels = net.astype(np.uint8)
+    tiny = _ball(truth.shape, (4, 4, 4), 4.0)
+    labels[tiny] = 1
+    labels[14:18, 18:22, 30:34] = 2  # another class inside the lesion's margin, with the lesion's uptake
+    pet[14:18, 18:22, 30:34] = pet.max()
+    before = labels.copy()
+    counts = refine_with_pet(labels, np.maximum(prob, tiny * 0.9), _crop(pet), SPACING)
+    assert counts["refined"] == 1 and counts["too_small"] == 1  # 4 mm ball: well under 500 mm^3
+    np.testing.assert_array_equal(labels[tiny], before[tiny])
+    np.testing.assert_array_equal(labels == 2, before == 2)
+    flat = before.copy()
+    counts = refine_with_pet(flat, prob, _crop(np.ones_like(pet)), SPACING)
+    assert counts == {"refined": 0, "too_small": 1, "no_background": 0, "no_uptake": 1}  # no peak above the background
+    np.testing.assert_array_equal(flat, before)
+
+
+def _peer(labels, p, pet, s, value=1):
+    """The rule written independently with SciPy: Euclidean distance transforms in mm,
+    26-connected components, hole filling with SciPy's default structure."""
+    S = np.ones((3, 3, 3), bool)
+    out = labels.copy()
+    lab, _ = ndi.label(labels == value, S)
+    predicted = labels != 0
+    for i in range(1, lab.max() + 1):
+        C = lab == i
+        if C.sum() * np.prod(ZYX) < s["min_component_mm3"]:
+            continue
+        d = ndi.distance_transform_edt(~C, sampling=ZYX)
+        region = d <= s["margin_mm"]
+        shell = (d > s["margin_mm"]) & (d <= s["margin_mm"] + s["shell_mm"]) & ~predicted
+        if shell.sum() < 5:
+            continue
+        b = np.median(pet[shell])
+        m = np.sort(pet[C])[::-1][:s["peak_voxels"]].mean()
+        if m <= b:
+            continue
+        T = (p + s["weight"] * ((pet - b) / (m - b) - s["fraction"]) >= 0.5) & region & ((out == 0) | (out == value))
+        parts, _ = ndi.label(T, S)
+        keep = np.unique(parts[C & T])
+        T = ndi.binary_fill_holes(np.isin(parts, keep[keep > 0]))
+        out[C] = 0
+        out[T & ((out == 0) | (out == value))] = value
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_agrees_with_an_independent_scipy_implementation(seed):
+    rng = np.random.default_rng(seed)
+    shape = (40, 48, 48)
+    lesions = np.zeros(shape, bool)
+    for _ in range(4):
+        lesions |= _ball(shape, rng.integers(8, 40, 3) * [0.8, 1, 1], rng.uniform(6, 16))
+    pet = _blurred(1.0 + rng.uniform(2, 8) * lesions) + rng.normal(0, 0.3, shape).astype(np.float32)
+    prob = np.clip(_blurred(lesions.astype(np.float32), 4.0) + rng.normal(0, 0.1, shape), 0, 1).astype(np.float32)
+    labels = (prob > 0.35).astype(np.uint8)
+    settings = dict(PET_REFINE_DEFAULTS, min_component_mm3=300.0)
+    expected = _peer(labels, prob, pet, settings)
+    got = labels.copy()
+    counts = refine_with_pet(got, prob, _crop(pet), SPACING, settings)
+    assert counts["refined"] >= 1
+    assert not np.array_equal(expected, labels)  # the case exercises the rule
+    np.testing.assert_array_equal(got, expected)
+
+
+# --------------------------------------------------------------------------- bundles, pipeline, CLI
+
+
+def _meta(**inference):
+    return {
+        "format_version": 1, "name": "m",
+        "model": {"name": "veloxseg-b", "in_channels": [1, 1], "num_classes": 2, "patch_size": [96, 96, 96]},
+        "spacing": [2.0, 2.0, 2.5],
+        "channels": [{"name": "CT", "modality": "CT", "normalization": {"scheme": "none"}},
+                     {"name": "PET", "modality": "PET", "normalization": {"scheme": "none"}}],
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}],
+        "inference": inference,
+    }
+
+
+def test_bundle_settings_are_validated_and_filled_with_defaults():
+    assert validate_meta(_meta())["inference"]["pet_refine"] is None
+    assert validate_meta(_meta(pet_refine={}))["inference"]["pet_refine"] == PET_REFINE_DEFAULTS
+    got = validate_meta(_meta(pet_refine={"fraction": 0.5}))["inference"]["pet_refine"]
+    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5)
+    bad = [({"fraction": 1.5}, "inference.pet_refine.fraction"), ({"label": 3}, "inference.pet_refine.label"),
+           ({"threshold": 0.4}, "inference.pet_refine"), ({"peak_voxels": 0}, "inference.pet_refine.peak_voxels")]
+    for settings, field in bad:
+        with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+            validate_meta(_meta(pet_refine=settings))
+    no_pet = _meta(pet_refine={})
+    no_pet["channels"][1]["modality"] = "MR"
+    with pytest.raises(BundleError, match="needs a channel whose modality is PET"):
+        validate_meta(no_pet)
+
+
+def test_the_shipped_petct_bundle_refines_and_the_mri_bundle_does_not():
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.infer.pipeline import InferencePlan
+
+    petct = InferencePlan.from_meta(load_bundle("petct-lesion-demo").meta)
+    assert petct.pet_refine == PET_REFINE_DEFAULTS and petct.pet_channel == 1
+    mri = InferencePlan.from_meta(load_bundle("brain-tumor-mri-demo").meta)
+    assert mri.pet_refine is None and mri.pet_channel is None
+    with pytest.raises(ConfigError, match="needs a PET channel"):
+        mri.pet_refine_settings()
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("petrefine") / "ds"
+    write_phantom_dataset(root, "petct", 1, seed=900, size=(96, 96, 72))
+    return [str(root / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)], root / "labelsTr" / "petct_0000.nii.gz"
+
+
+def test_pipeline_refines_the_network_labels_and_keeps_its_probabilities(phantom):
+    from VeloxSegLib.infer.pipeline import Segmenter
+
+    inputs, _label = phantom
+    seg = Segmenter("petct-lesion-demo", threads=2)
+    plain = seg.predict(inputs, pet_refine=False, probabilities=True)
+    refined = seg.predict(inputs, probabilities=True)  # the bundle's setting: on
+    explicit = seg.predict(inputs, pet_refine=dict(PET_REFINE_DEFAULTS))
+    probs = sitk.GetArrayFromImage(plain.probabilities)
+    net = sitk.GetArrayFromImage(plain.labels)
+    np.testing.assert_array_equal(net, (probs[..., 1] > 0.5).astype(np.uint8))  # off: the network's arg-max
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(refined.probabilities), probs)
+    out = sitk.GetArrayFromImage(refined.labels)
+    assert refined.info["pet_refine"]["refined"] >= 1 and "pet_refine" not in plain.info
+    assert not np.array_equal(out, net)
+    np.testing.assert_array_equal(out, sitk.GetArrayFromImage(explicit.labels))
+    # changes stay within the margin of the network's components
+    dist = ndi.distance_transform_edt(net == 0, sampling=ZYX)
+    assert dist[out != net].max() <= PET_REFINE_DEFAULTS["margin_mm"]
+
+
+def test_cli_switches_refinement_and_refuses_it_without_pet(phantom, tmp_path, capsys):
+    inputs, _label = phantom
+    on, off = tmp_path / "on.nii.gz", tmp_path / "off.nii.gz"
+    assert main(["predict", "-m", "petct-lesion-demo", "-i", *inputs, "-o", str(on), "--threads", "2",
+                 "--progress", "none"]) == 0
+    assert main(["predict", "-m", "petct-lesion-demo", "-i", *inputs, "-o", str(off), "--threads", "2",
+                 "--progress", "none", "--no-pet-refine"]) == 0
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (on, off))
+    assert not np.array_equal(a, b)
+    mri_in = [inputs[0]] * 4
+    out = tmp_path / "mri.nii.gz"
+    code = main(["predict", "-m", "brain-tumor-mri-demo", "-i", *mri_in, "-o", str(out), "--pet-refine",
+                 "--progress", "none"])
+    assert code != 0 and not out.exists()
+    assert "needs a PET channel" in capsys.readouterr().err
+
+
+def test_a_copied_bundle_can_turn_it_off_in_bundle_json(tmp_path, phantom):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.infer.pipeline import InferencePlan
+
+    src = load_bundle("petct-lesion-demo").path
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["inference"]["pet_refine"] = None
+    (dst / "bundle.json").write_text(json.dumps(meta))
+    assert InferencePlan.from_meta(load_bundle(dst).meta).pet_refine is None

@@ -1,0 +1,128 @@
+"""PET border refinement: redraw the border of each predicted lesion from the PET image.
+
+The network finds a lesion; the border it draws comes from features on a quarter-resolution
+grid. PET itself says where the uptake falls off. For every connected component of the
+refined label (26-connected) of at least ``min_component_mm3``, on the output grid:
+
+1. ``R``: the voxels within ``margin_mm`` of the component (the component included);
+2. the background uptake ``b``: the median PET over a shell ``shell_mm`` thick outside ``R``
+   (voxels of any predicted label left out); the peak ``m``: the mean of the component's
+   ``peak_voxels`` highest PET values;
+3. a voxel of ``R`` belongs to the lesion when
+   ``p + weight * ((PET - b) / (m - b) - fraction) >= 0.5``, with ``p`` the network's
+   probability of the label: a background-corrected fraction of the peak (the adaptive
+   threshold of PET practice, e.g. Nestle et al., J Nucl Med 2005), tilted by the network
+   where the uptake is near the threshold;
+4. of those voxels, the parts connected to the component are kept and their holes filled
+   (a necrotic core colder than the rim stays inside the lesion).
+
+Voxels of other labels are never taken; components without a usable background shell (fewer
+than 5 voxels) or whose peak is not above the background are left as the network drew them.
+The rule and its settings were chosen on validation phantoms (docs/models.md, stage 16).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Settings of a bundle's ``inference.pet_refine`` (bundle.json) and their defaults.
+PET_REFINE_DEFAULTS: Dict[str, Any] = {
+    "label": 1,
+    "fraction": 0.4,
+    "weight": 8.0,
+    "margin_mm": 3.5,
+    "shell_mm": 7.0,
+    "peak_voxels": 3,
+    "min_component_mm3": 500.0,
+}
+
+_MIN_SHELL_VOXELS = 5
+
+
+def pet_refine_settings(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The defaults updated with ``settings`` (unknown keys are an error)."""
+    out = dict(PET_REFINE_DEFAULTS)
+    for key, value in dict(settings or {}).items():
+        if key not in out:
+            raise KeyError(f"unknown PET refinement setting {key!r} (known: {', '.join(out)})")
+        out[key] = value
+    return out
+
+
+def _array(mask: np.ndarray, spacing) -> sitk.Image:
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing([float(s) for s in spacing])
+    return img
+
+
+def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spacing: Sequence[float],
+                    settings: Optional[Mapping[str, Any]] = None, cancel=None) -> Dict[str, int]:
+    """Refine the borders of ``labels == settings["label"]`` in place (see the module docstring).
+
+    labels: uint8 array (z, y, x) on the output grid; modified in place.
+    probability: float array of the same shape: the network's probability of the label.
+    pet_of_box: ``pet_of_box(lo, hi)`` -> float array of PET on the voxels ``lo..hi`` (x, y, z
+        index, ``hi`` exclusive) of the output grid (the caller resamples its PET image there).
+    spacing: (x, y, z) mm of the output grid.
+    Returns counts: components refined, skipped (too small, no shell, no uptake).
+    """
+    from .sliding_window import _check_cancel
+
+    s = pet_refine_settings(settings)
+    value = int(s["label"])
+    spacing = tuple(float(v) for v in spacing)
+    counts = {"refined": 0, "too_small": 0, "no_background": 0, "no_uptake": 0}
+    mask = labels == value
+    if not mask.any():
+        return counts
+    cc = sitk.ConnectedComponent(_array(mask, spacing), True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(cc)
+    comp = sitk.GetArrayViewFromImage(cc)
+    predicted = labels != 0  # the shells leave every predicted voxel out, as the network drew them
+    voxel_mm3 = float(np.prod(spacing))
+    reach = float(s["margin_mm"]) + float(s["shell_mm"])
+    pad = [int(math.ceil(reach / sp)) + 1 for sp in spacing]
+    size_xyz = labels.shape[::-1]
+    for i in stats.GetLabels():
+        _check_cancel(cancel)
+        if stats.GetNumberOfPixels(i) * voxel_mm3 < float(s["min_component_mm3"]):
+            counts["too_small"] += 1
+            continue
+        bb = stats.GetBoundingBox(i)  # x, y, z start, then sizes
+        lo = [max(bb[d] - pad[d], 0) for d in range(3)]
+        hi = [min(bb[d] + bb[d + 3] + pad[d], size_xyz[d]) for d in range(3)]
+        box = tuple(slice(lo[d], hi[d]) for d in (2, 1, 0))
+        C = comp[box] == i
+        dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            _array(C, spacing), insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+        region = dist <= float(s["margin_mm"])
+        shell = (dist > float(s["margin_mm"])) & (dist <= reach) & ~predicted[box]
+        if int(shell.sum()) < _MIN_SHELL_VOXELS:
+            counts["no_background"] += 1
+            continue
+        pet = np.asarray(pet_of_box(lo, hi), dtype=np.float32)
+        background = float(np.median(pet[shell]))
+        inside = np.sort(pet[C])[::-1]
+        peak = float(inside[:max(int(s["peak_voxels"]), 1)].mean())
+        if not peak > background:
+            counts["no_uptake"] += 1
+            continue
+        score = probability[box].astype(np.float32) + float(s["weight"]) * (
+            (pet - background) / (peak - background) - float(s["fraction"]))
+        sub = labels[box]
+        lesion = (score >= 0.5) & region & ((sub == 0) | (sub == value))
+        parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(_array(lesion, spacing), True))
+        keep = np.unique(parts[C & lesion])
+        lesion = np.isin(parts, keep[keep > 0])
+        lesion = sitk.GetArrayFromImage(sitk.BinaryFillhole(_array(lesion, spacing), False, 1)) > 0
+        sub[C] = 0
+        sub[lesion & ((sub == 0) | (sub == value))] = value
+        counts["refined"] += 1
+    return counts
+
+
+__all__ = ["PET_REFINE_DEFAULTS", "pet_refine_settings", "refine_with_pet"]
