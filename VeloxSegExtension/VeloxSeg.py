@@ -123,6 +123,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.overlapSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.ttaCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.bf16CheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.petRefineCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.optionsCollapsibleButton.connect("contentsCollapsed(bool)", self.onOptionsCollapsed)
         self.ui.applyButton.connect("clicked()", self.onApplyOrCancel)
@@ -180,6 +181,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.overlapSpinBox.value = self.params.overlap
             self.ui.ttaCheckBox.checked = self.params.tta
             self.ui.bf16CheckBox.checked = self.params.bf16
+            self.ui.petRefineCheckBox.checked = self.params.pet_refine
             self.ui.outputSegmentationSelector.setCurrentNode(self.params.output_segmentation)
             self.ui.epochsSpinBox.value = self.params.epochs
             self.ui.learningRateSpinBox.value = self.params.learning_rate
@@ -200,6 +202,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.params.overlap = self.ui.overlapSpinBox.value
         self.params.tta = self.ui.ttaCheckBox.checked
         self.params.bf16 = self.ui.bf16CheckBox.checked
+        self.params.pet_refine = self.ui.petRefineCheckBox.checked
         self.params.output_segmentation = self.ui.outputSegmentationSelector.currentNode()
         for index, selector in enumerate(self.inputSelectors):
             self.params.set_input_node(index, selector.currentNode())
@@ -240,6 +243,8 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundle = self.currentBundle()
         if bundle is not None and bundle.inference and "overlap" in bundle.inference and (self.params is None or self.params.overlap is None):
             self.ui.overlapSpinBox.value = float(bundle.inference["overlap"])
+        # the PET border refinement is the model's: the box can only turn it off where it has one
+        self.ui.petRefineCheckBox.enabled = bool(bundle is not None and (bundle.inference or {}).get("pet_refine"))
         self.rebuildInputSelectors()
         self.updateCasesTable()
         self.updateParameterNodeFromGUI()
@@ -394,7 +399,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         request = SegmentationRequest(
             bundle=bundle.path, input_nodes=self.inputNodes(), output_node=self.ui.outputSegmentationSelector.currentNode(),
             device=self.ui.deviceComboBox.currentData, overlap=self.ui.overlapSpinBox.value, tta=self.ui.ttaCheckBox.checked,
-            precision="bf16" if self.ui.bf16CheckBox.checked else "fp32")
+            precision="bf16" if self.ui.bf16CheckBox.checked else "fp32", pet_refine=self.ui.petRefineCheckBox.checked)
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         with showErrors("Could not start the segmentation."):

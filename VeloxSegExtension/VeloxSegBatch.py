@@ -44,6 +44,8 @@ def parse_args(argv):
                         help="mirror test-time augmentation along the axes the model was mirrored along in training")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="CPU arithmetic: bf16 is faster on CPUs with AVX512-BF16 or AMX (see docs/inference.md)")
+    parser.add_argument("--no-pet-refine", dest="pet_refine", action="store_false",
+                        help="turn off the model's PET border refinement (on for petct-lesion-demo)")
     parser.add_argument("--subprocess", action="store_true", help="run the network in a child process (as the panel does)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -89,7 +91,7 @@ def segment_files(logic, info, paths, output, args, log):
                 log(f"  {record.get('stage')}: {100 * float(record.get('fraction', 0)):.0f}%")
 
         request = SegmentationRequest(bundle=info.path, input_nodes=nodes, device=args.device, overlap=args.overlap,
-                                      tta=args.tta, precision=args.precision,
+                                      tta=args.tta, precision=args.precision, pet_refine=args.pet_refine,
                                       output_name=os.path.basename(output).split(".")[0])
         node = logic.segment(request, in_process=not args.subprocess, progress=progress)
         save_segmentation(node, output)

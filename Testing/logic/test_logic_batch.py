@@ -110,3 +110,38 @@ def test_help_exits_zero_and_a_leading_separator_is_accepted(tmp_path, metadata_
     result = run_batch("--", "--model", str(metadata_bundle), "--input", str(tmp_path / "a.nii.gz"),
                        str(tmp_path / "b.nii.gz"), "--output", str(tmp_path / "o.seg.nrrd"))
     assert result.returncode == 2 and "no such image file" in result.stderr
+
+
+def test_batch_keeps_or_turns_off_the_models_pet_border_refinement(tmp_path, session):
+    """The real petct-lesion-demo through the batch script: by default its PET border refinement
+    runs, --no-pet-refine turns it off; each lesion volume equals the library's for that setting."""
+    import SimpleITK as sitk
+    import slicer
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.infer.pipeline import Segmenter
+    from VeloxSegLogic.segmentation import load_segmentation
+
+    root = tmp_path / "ds"
+    write_phantom_dataset(root, "petct", 1, seed=900, size=(96, 96, 72))
+    inputs = [str(root / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)]
+    seg = Segmenter("petct-lesion-demo", threads=2)
+    expected = {flag: int((sitk.GetArrayFromImage(seg.predict(inputs, pet_refine=flag).labels) == 1).sum())
+                for flag in (True, False)}
+    assert expected[True] != expected[False]
+    scene = session.scene
+    got = {}
+    for flag, extra in ((True, []), (False, ["--no-pet-refine"])):
+        out = str(tmp_path / f"refine-{flag}.seg.nrrd")
+        result = run_batch("--model", "petct-lesion-demo", "--input", *inputs, "--output", out, "--device", "cpu",
+                           "--quiet", *extra)
+        assert result.returncode == 0, result.stderr
+        try:
+            node = load_segmentation(out, scene)
+            segment = node.GetSegmentation().GetNthSegment(0)
+            labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+            got[flag] = int((vtk_to_numpy(labelmap.GetPointData().GetScalars()) == segment.GetLabelValue()).sum())
+        finally:
+            scene.Clear(1)
+    assert got == expected

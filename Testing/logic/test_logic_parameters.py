@@ -30,6 +30,7 @@ def test_parameters_restore_after_scene_commit_and_import(scene, tmp_path):
     params.overlap = 0.5
     params.tta = True
     params.bf16 = True
+    params.pet_refine = False
     params.epochs = 7
     params.learning_rate = 3e-4
     params.new_model_name = "my-lesions"
@@ -49,7 +50,7 @@ def test_parameters_restore_after_scene_commit_and_import(scene, tmp_path):
     assert node is not None
     restored = Parameters(node)
     assert (restored.model, restored.device, restored.overlap, restored.tta) == ("petct-lesion-demo", "cpu", 0.5, True)
-    assert restored.bf16 is True
+    assert restored.bf16 is True and restored.pet_refine is False
     assert (restored.epochs, restored.learning_rate, restored.new_model_name) == (7, 3e-4, "my-lesions")
     assert restored.input_node(0).GetName() == "CT" and restored.input_node(1).GetName() == "PET"
     assert isinstance(restored.output_segmentation, slicer.vtkMRMLSegmentationNode)
@@ -60,5 +61,6 @@ def test_parameters_restore_after_scene_commit_and_import(scene, tmp_path):
 def test_defaults_fill_a_fresh_node(scene):
     params = Parameters(get_parameter_node(scene))
     assert params.device == "auto" and params.overlap is None and params.tta is False and params.bf16 is False
+    assert params.pet_refine is True  # the model's own setting
     params.set_cases([])
     assert params.cases() == []

@@ -14,8 +14,8 @@ from VeloxSegLogic.errors import InputError
 
 @pytest.fixture
 def fake_cli(monkeypatch):
-    def command(bundle, inputs, output, device="auto", overlap=None, tta=False, precision="fp32"):
-        args = L.predict_command.__wrapped__(bundle, inputs, output, device, overlap, tta, precision)
+    def command(bundle, inputs, output, device="auto", overlap=None, tta=False, precision="fp32", pet_refine=True):
+        args = L.predict_command.__wrapped__(bundle, inputs, output, device, overlap, tta, precision, pet_refine)
         index = args.index("predict")
         return [sys.executable, os.path.join(HELPERS, "fake_predict.py")] + args[index + 1:]
 
@@ -80,6 +80,9 @@ def test_predict_command_uses_this_python_and_json_progress():
     assert "--precision" not in args  # fp32: the library's default, not spelled out
     args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", device="cpu", precision="bf16")
     assert args[args.index("--precision") + 1] == "bf16"
+    assert "--no-pet-refine" not in args and "--pet-refine" not in args  # the bundle's setting
+    args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", pet_refine=False)
+    assert args[-1] == "--no-pet-refine"
 
 
 def test_request_refuses_an_unknown_precision(scene, metadata_bundle):

@@ -33,6 +33,9 @@ class SegmentationRequest:
     overlap: float | None = None  # None: the bundle's default
     tta: bool = False
     precision: str = "fp32"  # "bf16": opt-in bfloat16 on CPUs that run it natively
+    # False turns off the model's PET border refinement (inference.pet_refine); True keeps the
+    # model's setting (on for petct-lesion-demo, nothing for models without one)
+    pet_refine: bool = True
     output_name: str | None = None
     # "segmentation": import into output_node; "labelmap": return a label map node on the first
     # input's grid (the Segment Editor effect applies it itself; the caller removes the node)
@@ -77,8 +80,10 @@ def write_inputs(input_nodes, folder: str) -> list:
     return paths
 
 
-def predict_command(bundle_path, input_paths, output_path, device="auto", overlap=None, tta=False, precision="fp32"):
-    """The argument list of ``veloxseg predict`` run by the current Python."""
+def predict_command(bundle_path, input_paths, output_path, device="auto", overlap=None, tta=False, precision="fp32",
+                    pet_refine=True):
+    """The argument list of ``veloxseg predict`` run by the current Python. ``pet_refine``
+    False adds ``--no-pet-refine``; True leaves the bundle's setting."""
     from .process import python_executable
 
     args = [python_executable(), "-m", "VeloxSegLib.cli", "predict", "-m", bundle_path, "-i", *input_paths,
@@ -89,11 +94,13 @@ def predict_command(bundle_path, input_paths, output_path, device="auto", overla
         args.append("--tta")
     if precision != "fp32":
         args += ["--precision", precision]
+    if not pet_refine:
+        args.append("--no-pet-refine")
     return args
 
 
 def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=False, progress=None, cancel=None,
-                       precision="fp32"):
+                       precision="fp32", pet_refine=True):
     """Adapter to VeloxSegLib's in-process prediction: SimpleITK images in, uint8 label image out.
 
     ``progress(dict)`` receives records shaped like the CLI's JSON lines ({"stage", "fraction"});
@@ -105,6 +112,7 @@ def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=Fal
         progress({"stage": stage, "fraction": float(fraction)})
 
     result = predict_case(bundle_path, list(images), device=device, overlap=overlap, tta=bool(tta), precision=precision,
+                          pet_refine=None if pet_refine else False,
                           progress=report if progress is not None else None, cancel=cancel)
     return result.labels
 
@@ -138,7 +146,7 @@ class SegmentationJob:
         self._log(f"writing {len(self.request.input_nodes)} input volume(s) to {self.temp_dir}")
         inputs = write_inputs(self.request.input_nodes, self.temp_dir)
         args = predict_command(self.info.path, inputs, self.output_path, self.request.device,
-                               self.request.overlap, self.request.tta, self.request.precision)
+                               self.request.overlap, self.request.tta, self.request.precision, self.request.pet_refine)
         self._log(" ".join(args))
         self.runner = ProcessRunner(args, env=library_env(), on_progress=self._progress, on_log=self._log,
                                     on_finished=self._finished)
@@ -247,7 +255,8 @@ class VeloxSegCoreLogic:
                 finally:
                     self.scene.RemoveNode(resampled)
         label_image = predict_in_process(info.path, images, request.device, request.overlap, request.tta,
-                                         progress=progress, cancel=cancel, precision=request.precision)
+                                         progress=progress, cancel=cancel, precision=request.precision,
+                                         pet_refine=request.pet_refine)
         return self.import_prediction_image(label_image, request, info)
 
     def import_prediction_file(self, path, request, info):

@@ -20,6 +20,7 @@ DEFAULTS = {
     "Overlap": "",  # empty: the bundle's default
     "TTA": "false",
     "BF16": "false",
+    "PETRefine": "true",
     "Epochs": "50",
     "LearningRate": "0.0001",
     "NewModelName": "",
@@ -71,6 +72,7 @@ class Parameters:
 
     tta = _flag("TTA", "mirror test-time augmentation")
     bf16 = _flag("BF16", "opt-in bfloat16 arithmetic on the CPU (``veloxseg predict --precision bf16``)")
+    pet_refine = _flag("PETRefine", "keep the model's PET border refinement (off: ``veloxseg predict --no-pet-refine``)")
 
     @property
     def epochs(self):
