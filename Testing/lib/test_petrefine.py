@@ -198,12 +198,8 @@ def test_the_shipped_petct_bundle_refines_and_the_mri_bundle_does_not():
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    from VeloxSegLib.data.phantom import write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("petrefine") / "ds"
-    write_phantom_dataset(root, "petct", 1, seed=900, size=(96, 96, 72))
-    return [str(root / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)], root / "labelsTr" / "petct_0000.nii.gz"
+def phantom(petct_case):
+    return petct_case(900)
 
 
 def test_pipeline_refines_the_network_labels_and_keeps_its_probabilities(phantom):

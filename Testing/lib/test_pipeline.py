@@ -554,12 +554,8 @@ def test_plan_from_bundle_meta_takes_the_inference_defaults():
 
 
 @pytest.fixture(scope="module")
-def demo_case(tmp_path_factory):
-    from VeloxSegLib.data.phantom import write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("bf16") / "ds"
-    write_phantom_dataset(root, "petct", 1, seed=905, size=(96, 96, 72))
-    return [str(root / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)], root / "labelsTr" / "petct_0000.nii.gz"
+def demo_case(petct_case):
+    return petct_case(905)
 
 
 def test_bf16_segments_like_fp32(demo_case):
