@@ -251,3 +251,38 @@ def test_a_copied_bundle_can_turn_it_off_in_bundle_json(tmp_path, phantom):
     meta["inference"]["pet_refine"] = None
     (dst / "bundle.json").write_text(json.dumps(meta))
     assert InferencePlan.from_meta(load_bundle(dst).meta).pet_refine is None
+
+
+def test_finetuning_validates_with_the_parents_refinement(tmp_path):
+    """A fine-tune of petct-lesion-demo measures its starting Dice on the segmentations the bundle
+    gives (refinement on), not on the bare network's."""
+    import contextlib
+    import io
+
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.infer.pipeline import Segmenter
+    from VeloxSegLib.metrics import dice_score
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    write_phantom_dataset(train, "petct", 2, seed=780, size=(96, 96, 72))
+    write_phantom_dataset(val, "petct", 2, seed=781, size=(96, 96, 72))
+    seg = Segmenter("petct-lesion-demo", threads=2)
+    expected = {}
+    for flag in (True, False):
+        scores = []
+        for case in ("petct_0000", "petct_0001"):
+            pred = sitk.GetArrayFromImage(seg.predict(
+                [str(val / "imagesTr" / f"{case}_000{c}.nii.gz") for c in range(2)], pet_refine=flag).labels)
+            truth = sitk.GetArrayFromImage(sitk.ReadImage(str(val / "labelsTr" / f"{case}.nii.gz")))
+            scores.append(dice_score(pred == 1, truth == 1))
+        expected[flag] = float(np.mean(scores))
+    assert abs(expected[True] - expected[False]) > 1e-3  # the two differ on these cases
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["finetune", "-m", "petct-lesion-demo", str(train), "-o", str(tmp_path / "child"),
+                   "--val-dataset", str(val), "--target-dice", "0.01", "--threads", "2", "--device", "cpu",
+                   "--progress", "none"])
+    assert rc == 0
+    child = load_bundle(tmp_path / "child")
+    assert child.meta["inference"]["pet_refine"] == PET_REFINE_DEFAULTS
+    assert child.meta["training"]["metrics"]["start_val_dice"] == pytest.approx(expected[True], abs=1e-6)

@@ -206,10 +206,14 @@ class RunSetup:
                            patch_size=self.patch_size, **kw)
 
     def inference_plan(self, name: str = "model"):
+        """The plan validation predicts with: the pipeline's defaults, plus the post-processing the
+        new bundle will carry (a parent's PET border refinement), so validation Dice is the Dice
+        of the bundle's own segmentations; speed settings (overlap, TTA) stay at the defaults."""
         from ..infer.pipeline import InferencePlan
 
+        refine = (self.inference or {}).get("pet_refine")
         return InferencePlan(patch_size=self.patch_size, channels=self.channels, labels=self.labels,
-                             spacing=self.spacing, name=name)
+                             spacing=self.spacing, name=name, pet_refine=dict(refine) if refine else None)
 
 
 def resolve_plans(dataset, plans=None, **planner_overrides) -> dict:
