@@ -49,7 +49,7 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
     target outside the source take pure background.
     labels_out: uint8 array of ``target.shape``, written (ties go to the lower class).
     probs_out: optional float32 array ``target.shape + (num_classes,)``, written.
-    score_out: optional float32 array of ``target.shape``, written with the probability of class
+    score_out: optional float array of ``target.shape``, written with the probability of class
     ``score_class`` alone (what the PET border refinement needs, without all K maps).
 
     The target is done in z-slabs of at most ``max_voxels`` voxels, each from the source
