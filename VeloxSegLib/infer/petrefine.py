@@ -28,6 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import ConfigError
+
 #: Settings of a bundle's ``inference.pet_refine`` (bundle.json) and their defaults.
 PET_REFINE_DEFAULTS: Dict[str, Any] = {
     "label": 1,
@@ -47,7 +49,7 @@ def pet_refine_settings(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]
     out = dict(PET_REFINE_DEFAULTS)
     for key, value in dict(settings or {}).items():
         if key not in out:
-            raise KeyError(f"unknown PET refinement setting {key!r} (known: {', '.join(out)})")
+            raise ConfigError(f"unknown PET refinement setting {key!r} (known: {', '.join(out)})")
         out[key] = value
     return out
 

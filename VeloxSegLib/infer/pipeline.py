@@ -110,10 +110,7 @@ class InferencePlan:
         """Checked PET refinement settings for this plan: ``settings`` over the defaults."""
         from .petrefine import pet_refine_settings
 
-        try:
-            out = pet_refine_settings(settings)
-        except KeyError as exc:
-            raise ConfigError(str(exc.args[0])) from None
+        out = pet_refine_settings(settings)
         if self.pet_channel is None:
             raise ConfigError(f"{self.name}: PET border refinement needs a PET channel; the model's inputs are "
                               f"{self.expected_inputs()}")

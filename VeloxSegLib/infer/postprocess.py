@@ -80,7 +80,7 @@ def probabilities_to_grid(probs: torch.Tensor, source, target, num_classes: int,
                 probs_out[a:b] = 0.0
                 probs_out[a:b, ..., 0] = 1.0
             if score_out is not None:
-                score_out[a:b] = 1.0 if score_class == 0 else 0.0
+                score_out[a:b] = 0.0
             continue
         part = source.crop((0, 0, s0), (source.size[0], source.size[1], s1))
         best = None
