@@ -83,3 +83,46 @@ def test_cancel_ends_child_and_grandchild(tmp_path, monkeypatch, use_psutil):
     assert runner.cancelled and rec.finished and rec.finished[0][0] != 0
     assert rec.finished[0][1] == "cancelled"
     assert any(p.get("stage") == "waiting" for p in rec.progress)
+
+
+def _hanging(tmp_path, on_progress=None):
+    pidfile = tmp_path / "pids"
+    finished = []
+    runner = ProcessRunner([sys.executable, CHILD, "hang", str(pidfile)], on_progress=on_progress,
+                           on_finished=lambda code, msg: finished.append((code, msg)))
+    return runner, pidfile, finished
+
+
+def _pids(pidfile):
+    return [int(x) for x in pidfile.read_text().split()]
+
+
+def _gone(pids, seconds=10):
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
+def test_an_interrupted_wait_ends_the_child_tree_and_still_reports_the_end(tmp_path):
+    """Ctrl-C in a headless batch run: the child runs in its own session, so wait() must end it."""
+    def interrupt(record):
+        if record.get("stage") == "waiting":  # the child and grandchild are up, their PIDs written
+            raise KeyboardInterrupt
+
+    runner, pidfile, finished = _hanging(tmp_path, on_progress=interrupt)
+    runner.start()
+    with pytest.raises(KeyboardInterrupt):
+        runner.wait(timeout=60)
+    assert _gone(_pids(pidfile))
+    assert runner.cancelled and finished == [(finished[0][0], "cancelled")] and finished[0][0] != 0
+    assert not runner.running
+
+
+def test_a_timed_out_wait_ends_the_child_tree_and_still_reports_the_end(tmp_path):
+    runner, pidfile, finished = _hanging(tmp_path)
+    runner.start()
+    with pytest.raises(TimeoutError, match="did not finish in 2 s"):
+        runner.wait(timeout=2)
+    assert pidfile.exists() and _gone(_pids(pidfile))
+    assert finished and finished[0][1] == "cancelled" and not runner.running

@@ -107,3 +107,66 @@ def test_device_query_runs_torch_in_a_child_and_reports_json():
     info = L.VeloxSegCoreLogic.query_devices(timeout=120)
     assert set(info) >= {"cuda", "name", "memory_gb"} and "error" not in info
     assert isinstance(info["cuda"], bool)
+
+
+def test_a_job_whose_inputs_cannot_be_written_leaves_no_temporary_folder(scene, metadata_bundle, tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    logic = L.VeloxSegCoreLogic()
+    ct, pet = _pet_ct(scene)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    import vtk
+
+    warp = vtk.vtkThinPlateSplineTransform()  # non-linear: refused when the volumes are written
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p in ((0, 0, 0), (10, 0, 0), (0, 10, 0), (0, 0, 10)):
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(p[0] + 1, p[1], p[2])
+    warp.SetSourceLandmarks(source)
+    warp.SetTargetLandmarks(target)
+    transform.SetAndObserveTransformToParent(warp)
+    pet.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(InputError):
+        logic.start_segmentation(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet]))
+    assert os.listdir(temp) == []
+
+
+def test_shutdown_on_scene_close_imports_nothing_and_removes_the_temporary_folder(scene, metadata_bundle, fake_cli, monkeypatch):
+    """The panel shuts a running job down when the scene closes: the previous patient's result
+    must never land in the next scene."""
+    import time
+
+    monkeypatch.setenv("FAKE_PREDICT_HANG", "1")
+    logic = L.VeloxSegCoreLogic()
+    ct, pet = _pet_ct(scene)
+    done, stages = [], []
+    job = logic.start_segmentation(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet]),
+                                   on_progress=lambda f, s, r: stages.append(s), on_done=lambda *a: done.append(a))
+    deadline = time.monotonic() + 60
+    while not stages and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert stages and job.running
+    job.shutdown(timeout=30)
+    assert not job.running and job.result is None and job.error == "cancelled" and done == []
+    assert not os.path.exists(job.temp_dir)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_a_failure_while_importing_is_reported_not_raised(scene, metadata_bundle, fake_cli):
+    logic = L.VeloxSegCoreLogic()
+    ct, pet = _pet_ct(scene)
+    done = []
+    request = L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet])
+    job = logic.start_segmentation(request, on_done=lambda *a: done.append(a))
+
+    def broken(*args):
+        raise AttributeError("'NoneType' object has no attribute 'AddNewNodeByClass'")
+
+    logic.import_prediction_file = broken  # e.g. the scene went away while the network ran
+    with pytest.raises(Exception, match="importing the segmentation failed"):
+        job.wait(timeout=120)
+    assert done == [(None, job.error)] and not os.path.exists(job.temp_dir)

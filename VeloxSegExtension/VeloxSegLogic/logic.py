@@ -143,14 +143,18 @@ class SegmentationJob:
     def start(self):
         from .process import ProcessRunner, library_env
 
-        self._log(f"writing {len(self.request.input_nodes)} input volume(s) to {self.temp_dir}")
-        inputs = write_inputs(self.request.input_nodes, self.temp_dir)
-        args = predict_command(self.info.path, inputs, self.output_path, self.request.device,
-                               self.request.overlap, self.request.tta, self.request.precision, self.request.pet_refine)
-        self._log(" ".join(args))
-        self.runner = ProcessRunner(args, env=library_env(), on_progress=self._progress, on_log=self._log,
-                                    on_finished=self._finished)
-        self.runner.start()
+        try:
+            self._log(f"writing {len(self.request.input_nodes)} input volume(s) to {self.temp_dir}")
+            inputs = write_inputs(self.request.input_nodes, self.temp_dir)
+            args = predict_command(self.info.path, inputs, self.output_path, self.request.device,
+                                   self.request.overlap, self.request.tta, self.request.precision, self.request.pet_refine)
+            self._log(" ".join(args))
+            self.runner = ProcessRunner(args, env=library_env(), on_progress=self._progress, on_log=self._log,
+                                        on_finished=self._finished)
+            self.runner.start()
+        except BaseException:  # nothing started: the patient's volumes written so far go too
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            raise
         return self
 
     @property
@@ -173,6 +177,15 @@ class SegmentationJob:
     def cancel(self):
         if self.runner:
             self.runner.cancel()
+
+    def shutdown(self, timeout=10.0):
+        """Cancel and finish now (scene close, application exit): no result is imported, the
+        temporary folder is removed, and ``on_done`` is not called."""
+        self.on_done = self.on_progress = self.on_log = None
+        if self.runner:
+            self.runner.shutdown(timeout)
+        elif not self.keep_temp:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _log(self, line):
         log.debug(line)
@@ -198,6 +211,9 @@ class SegmentationJob:
                 self.result = self.logic.import_prediction_file(self.output_path, self.request, self.info)
         except VeloxSegError as exc:
             self.error = str(exc)
+        except Exception as exc:  # e.g. an input or output node removed meanwhile: report, never raise from poll()
+            log.exception("importing the segmentation failed")
+            self.error = f"importing the segmentation failed: {exc}"
         finally:
             if not self.keep_temp:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -226,14 +226,32 @@ class ProcessRunner:
             self.on_log(line)
 
     def wait(self, timeout=None, interval=0.05) -> int:
-        """Block (polling) until the job ends; cancels it and raises TimeoutError after ``timeout``."""
+        """Block (polling) until the job ends; cancels it and raises TimeoutError after ``timeout``.
+
+        Whatever ends the wait early (the timeout, Ctrl-C in a batch run) also ends the child: it
+        runs in its own session, so a terminal's interrupt never reaches it. ``on_finished`` is
+        still delivered, so the owner removes its temporary files.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"{self.args[0]} did not finish in {timeout} s")
-            time.sleep(interval)
+        try:
+            while self.poll():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.args[0]} did not finish in {timeout} s")
+                time.sleep(interval)
+        except BaseException:
+            self.shutdown()
+            raise
         return self.returncode
+
+    def shutdown(self, timeout: float = 10.0, interval: float = 0.02) -> None:
+        """Cancel the child (if it still runs) and deliver ``on_finished`` within ``timeout`` s:
+        for scene close, application exit and interrupted waits."""
+        if self.process is None:
+            return
+        self.cancel()
+        deadline = time.monotonic() + timeout
+        while self.poll() and time.monotonic() < deadline:
+            time.sleep(interval)
 
     def cancel(self, timeout: float = 5.0) -> None:
         """End the child and everything it started. Safe to call more than once."""

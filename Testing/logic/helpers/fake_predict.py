@@ -5,7 +5,9 @@ Lets the Slicer-side flow (inputs out, progress, import) be tested without a tra
 """
 import argparse
 import json
+import os
 import sys
+import time
 
 import SimpleITK as sitk
 
@@ -26,6 +28,8 @@ for other in images[1:]:
         sys.exit(2)
 for i in range(4):
     print(json.dumps({"stage": "sliding_window", "fraction": i / 4, "elapsed": 0.01 * i}), flush=True)
+    if os.environ.get("FAKE_PREDICT_HANG"):  # a long run, for cancel and shutdown tests
+        time.sleep(600)
 label = sitk.Cast(images[-1] > 50, sitk.sitkUInt8)
 label.CopyInformation(images[0])
 sitk.WriteImage(label, args.output)
