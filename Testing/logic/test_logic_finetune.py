@@ -60,6 +60,22 @@ def test_export_refuses_a_case_without_a_matching_segment(scene, tmp_path):
         F.export_nnunet_dataset([F.FineTuneCase([ct, pet], other)], CHANNELS, labels_meta(), str(tmp_path / "ds"))
 
 
+def test_a_refused_case_leaves_no_exported_images_in_the_temporary_folder(scene, tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where mkdtemp makes the export folder
+    ct1, pet1, seg1, _ = _case(scene, "p1")
+    ct2, pet2, _, _ = _case(scene, "p2", shift=30.0)
+    other = S.create_segmentation_node(scene, "unrelated", ct2)
+    other.GetSegmentation().AddEmptySegment("tumour_core", "tumour core")
+    cases = [F.FineTuneCase([ct1, pet1], seg1, "p1"), F.FineTuneCase([ct2, pet2], other, "p2")]
+    with pytest.raises(InputError, match="no segment named"):
+        F.export_nnunet_dataset(cases, CHANNELS, labels_meta())
+    assert os.listdir(temp) == []  # case p1 had been written before p2 was refused
+
+
 def test_cases_are_collected_from_the_scene_by_name(scene):
     ct1, pet1, seg1, _ = _case(scene, "alpha")
     ct2, pet2, seg2, _ = _case(scene, "beta", shift=30.0)
@@ -90,6 +106,8 @@ def test_finetune_job_reports_epochs_plots_them_and_registers_the_bundle(scene, 
     assert rows[0][1] == pytest.approx(1.0) and rows[2][2] == pytest.approx(0.7)
     assert read_bundle_info(str(metadata_bundle)).name == "petct-test"  # the source bundle is untouched
     assert not os.path.exists(job.dataset_dir)  # the temporary dataset is cleaned up
+    # checkpoints went under the exported dataset, not beside the new bundle in the models folder
+    assert os.listdir(tmp_path / "models") == ["my-model"]
 
 
 def test_stopping_finetune_removes_the_partial_bundle(scene, tmp_path, metadata_bundle):
@@ -109,6 +127,27 @@ def test_stopping_finetune_removes_the_partial_bundle(scene, tmp_path, metadata_
     with pytest.raises(Exception, match="stopped"):
         job.wait(timeout=60)
     assert not os.path.exists(job.output_bundle)
+
+
+def test_shutdown_stops_finetuning_and_removes_what_it_wrote(scene, tmp_path, metadata_bundle):
+    """Scene close or application exit: nothing polls afterwards, so shutdown must finish the job itself."""
+    ct, pet, seg, _ = _case(scene, "p1")
+    done = []
+    job = F.FineTuneJob(str(metadata_bundle), [F.FineTuneCase([ct, pet], seg)], CHANNELS, labels_meta(), "left",
+                        epochs=3, models_dir=str(tmp_path / "models"), on_done=lambda *a: done.append(a))
+    seen = []
+    job.on_epoch = seen.append
+    job.start(command=lambda args: _stand_in(args) + ["--hang"])
+    import time
+
+    deadline = time.monotonic() + 60
+    while not seen and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert os.path.isdir(job.dataset_dir) and os.path.isdir(job.output_bundle)
+    job.shutdown(timeout=30)
+    assert not job.running and job.error == "stopped" and done == []
+    assert not os.path.exists(job.output_bundle) and not os.path.exists(job.dataset_dir)
 
 
 def test_new_model_name_must_be_a_safe_folder_name(tmp_path, metadata_bundle):
@@ -162,3 +201,5 @@ def test_real_finetune_command_runs_one_short_epoch_into_a_new_bundle(scene, tmp
     assert any(line.startswith("Starting weights: validation Dice") for line in logs)
     assert info.name == "tuned" and os.path.isfile(os.path.join(info.path, "model.safetensors"))
     assert fractions and fractions[-1] <= 1.0
+    # no checkpoint folder is left in the models folder to block a later run of the same name
+    assert os.listdir(tmp_path / "models") == ["tuned"] and not os.path.exists(job.dataset_dir)

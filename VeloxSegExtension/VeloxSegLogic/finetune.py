@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 
 from .errors import InputError, VeloxSegError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -64,16 +67,28 @@ def export_nnunet_dataset(cases, channels: list, labels: list, folder: str | Non
 
     imagesTr/{case}_{0000..}.nii.gz (all channels on the first channel's grid), labelsTr/{case}.nii.gz
     (bundle label values), dataset.json (channel_names, labels, numTraining, file_ending).
+    A refused case removes a folder this function made (not one passed in).
     """
+    if not cases:
+        raise InputError("add at least one case (volumes + segmentation) to fine-tune")
+    created = folder is None
+    folder = folder or tempfile.mkdtemp(prefix="veloxseg-finetune-")
+    try:
+        _export_cases(cases, channels, labels, folder, dataset_name)
+    except BaseException:  # a refused case: no patient images stay behind in a temporary folder
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _export_cases(cases, channels, labels, folder, dataset_name):
     import numpy as np
 
     from .logic import write_inputs
     from .segmentation import label_array_from_segmentation
     from .volumes import add_volume_from_array, ijk_to_ras, write_volume
 
-    if not cases:
-        raise InputError("add at least one case (volumes + segmentation) to fine-tune")
-    folder = folder or tempfile.mkdtemp(prefix="veloxseg-finetune-")
     images_dir = os.path.join(folder, "imagesTr")
     labels_dir = os.path.join(folder, "labelsTr")
     os.makedirs(images_dir, exist_ok=True)
@@ -113,14 +128,16 @@ def export_nnunet_dataset(cases, channels: list, labels: list, folder: str | Non
         dataset["labels"] = {"background": 0, **{k: v for k, v in dataset["labels"].items() if v != 0}}
     with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump(dataset, f, indent=2)
-    return folder
 
 
 def finetune_command(bundle_path, dataset_dir, output_bundle, epochs=None, lr=None, device="auto"):
+    """The ``veloxseg finetune`` command line. Its checkpoints go in ``dataset_dir/work`` (removed
+    with the exported cases), not next to the new bundle in the models folder, where a stopped run
+    would leave them and block the next run of the same name."""
     from .process import python_executable
 
     args = [python_executable(), "-m", "VeloxSegLib.cli", "finetune", "-m", bundle_path, dataset_dir, "-o", output_bundle,
-            "--progress", "json"]
+            "--work-dir", os.path.join(dataset_dir, "work"), "--progress", "json"]
     if epochs is not None:
         args += ["--epochs", str(int(epochs))]
     if lr is not None:
@@ -168,14 +185,18 @@ class FineTuneJob:
         from .process import ProcessRunner, library_env
 
         self.dataset_dir = export_nnunet_dataset(self.cases, self.channels, self.labels)
-        os.makedirs(self.models_dir, exist_ok=True)
-        args = finetune_command(self.bundle_path, self.dataset_dir, self.output_bundle, self.epochs, self.lr, self.device)
-        if command is not None:
-            args = command(args)
-        if self.on_log:
-            self.on_log(" ".join(str(a) for a in args))
-        self.runner = ProcessRunner(args, env=library_env(), on_progress=self._record, on_log=self.on_log,
-                                    on_finished=self._finished).start()
+        try:
+            os.makedirs(self.models_dir, exist_ok=True)
+            args = finetune_command(self.bundle_path, self.dataset_dir, self.output_bundle, self.epochs, self.lr, self.device)
+            if command is not None:
+                args = command(args)
+            if self.on_log:
+                self.on_log(" ".join(str(a) for a in args))
+            self.runner = ProcessRunner(args, env=library_env(), on_progress=self._record, on_log=self.on_log,
+                                        on_finished=self._finished).start()
+        except BaseException:
+            shutil.rmtree(self.dataset_dir, ignore_errors=True)
+            raise
         return self
 
     @property
@@ -194,6 +215,13 @@ class FineTuneJob:
     def stop(self):
         if self.runner:
             self.runner.cancel()
+
+    def shutdown(self, timeout=10.0):
+        """Stop and finish now (scene close, application exit): the partial bundle and the
+        exported cases are removed; ``on_done`` is not called."""
+        self.on_done = self.on_epoch = self.on_progress = self.on_log = None
+        if self.runner:
+            self.runner.shutdown(timeout)
 
     def _record(self, record):
         event = record.get("event")
@@ -231,6 +259,9 @@ class FineTuneJob:
                 self.result = read_bundle_info(self.output_bundle, "user")
         except VeloxSegError as exc:
             self.error = str(exc)
+        except Exception as exc:  # never raise from poll()
+            log.exception("reading the fine-tuned model failed")
+            self.error = f"reading the fine-tuned model failed: {exc}"
         if self.error and os.path.isdir(self.output_bundle) and not os.path.isfile(os.path.join(self.output_bundle, "model.safetensors")):
             shutil.rmtree(self.output_bundle, ignore_errors=True)
         if self.dataset_dir:
