@@ -121,10 +121,22 @@ def main(argv=None):
             cases = find_case_inputs(args.input[0], info)
             if os.path.exists(args.output) and not os.path.isdir(args.output):
                 raise InputError(f"{args.output} must be a folder when --input is a folder")
+            outputs = [os.path.join(args.output, f"{case}.seg.nrrd") for case, _ in cases]
+            if not args.overwrite:  # every case is checked before the first one runs
+                existing = [o for o in outputs if os.path.exists(o)]
+                if existing:
+                    raise InputError(f"{existing[0]} exists (use --overwrite)"
+                                     + (f"; so do {len(existing) - 1} more" if len(existing) > 1 else ""))
+            created = not os.path.isdir(args.output)
             os.makedirs(args.output, exist_ok=True)
-            for case, paths in cases:
-                log(f"{case}: {', '.join(os.path.basename(p) for p in paths)}")
-                segment_files(logic, info, paths, os.path.join(args.output, f"{case}.seg.nrrd"), args, log)
+            try:
+                for (case, paths), output in zip(cases, outputs):
+                    log(f"{case}: {', '.join(os.path.basename(p) for p in paths)}")
+                    segment_files(logic, info, paths, output, args, log)
+            except BaseException:  # the finished cases stay (each file is whole); an empty new folder goes
+                if created and not os.listdir(args.output):
+                    os.rmdir(args.output)
+                raise
             log(f"wrote {len(cases)} segmentation(s) to {args.output}")
         else:
             if not args.output.lower().endswith(".seg.nrrd"):
@@ -139,8 +151,13 @@ def main(argv=None):
         print("VeloxSegBatch: cancelled", file=sys.stderr, flush=True)
         return 130
     except ImportError as exc:
-        print(f"VeloxSegBatch: error: missing Python package '{exc.name}': open the VeloxSeg panel once (it installs "
-              "what is missing) or run 'PythonSlicer -m pip install -r Resources/requirements.txt'", file=sys.stderr, flush=True)
+        if exc.name == "torch":
+            hint = ("install the PyTorch extension from the Extensions Manager and press Apply once in the VeloxSeg "
+                    "panel (it installs torch), or run 'PythonSlicer -m pip install torch'")
+        else:
+            hint = ("press Apply once in the VeloxSeg panel (it installs what is missing) or run "
+                    "'PythonSlicer -m pip install -r Resources/requirements.txt'")
+        print(f"VeloxSegBatch: error: missing Python package '{exc.name}': {hint}", file=sys.stderr, flush=True)
         return 1
 
 

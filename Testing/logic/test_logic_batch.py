@@ -105,6 +105,39 @@ def test_batch_folder_of_nnunet_cases(tmp_path, metadata_bundle):
     assert result.returncode == 2 and "case 'b' needs 2 file(s)" in result.stderr
 
 
+def test_batch_folder_checks_every_output_before_the_first_case_runs(tmp_path):
+    bundle = random_bundle(str(tmp_path / "bundle"))
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    _write_pair(str(cases), "a_0000.nii.gz", "a_0001.nii.gz")
+    _write_pair(str(cases), "b_0000.nii.gz", "b_0001.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.seg.nrrd").write_bytes(b"the user's earlier result")
+    result = run_batch("--model", str(bundle), "--input", str(cases), "--output", str(out), "--device", "cpu")
+    assert result.returncode == 2 and f"{out / 'b.seg.nrrd'} exists (use --overwrite)" in result.stderr
+    assert sorted(os.listdir(out)) == ["b.seg.nrrd"]  # case a was not run either
+    assert (out / "b.seg.nrrd").read_bytes() == b"the user's earlier result"
+    result = run_batch("--model", str(bundle), "--input", str(cases), "--output", str(out), "--device", "cpu",
+                       "--overwrite", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["a.seg.nrrd", "b.seg.nrrd"]
+    assert (out / "b.seg.nrrd").read_bytes()[:4] == b"NRRD"
+
+
+def test_missing_torch_points_to_the_pytorch_extension(tmp_path, metadata_bundle):
+    shim = tmp_path / "shim" / "torch"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
+    ct, pet = _write_pair(str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shim"), ROOT]))
+    result = subprocess.run([sys.executable, BATCH, "--model", str(metadata_bundle), "--input", ct, pet,
+                             "--output", str(tmp_path / "o.seg.nrrd")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "missing Python package 'torch'" in result.stderr and "PyTorch extension" in result.stderr
+    assert not os.path.exists(tmp_path / "o.seg.nrrd")
+
+
 def test_help_exits_zero_and_a_leading_separator_is_accepted(tmp_path, metadata_bundle):
     assert run_batch("--help").returncode == 0
     result = run_batch("--", "--model", str(metadata_bundle), "--input", str(tmp_path / "a.nii.gz"),
@@ -139,6 +172,7 @@ def test_batch_keeps_or_turns_off_the_models_pet_border_refinement(tmp_path, ses
         try:
             node = load_segmentation(out, scene)
             segment = node.GetSegmentation().GetNthSegment(0)
+            assert "52988006" in segment.GetTerminology()  # the shipped model's DICOM code: Lesion
             labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
             got[flag] = int((vtk_to_numpy(labelmap.GetPointData().GetScalars()) == segment.GetLabelValue()).sum())
         finally:

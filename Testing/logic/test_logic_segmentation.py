@@ -84,6 +84,40 @@ def test_seg_nrrd_written_and_read_back_keeps_names_colours_terms_and_geometry(s
     assert np.allclose(directions, oblique_matrix[:3, :3], atol=1e-4)
 
 
+def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(scene, tmp_path, oblique_matrix, monkeypatch):
+    import os
+
+    import slicer
+
+    ref = _reference(scene, oblique_matrix)
+    seg = S.create_segmentation_node(scene, "out", ref)
+    S.import_label_array(seg, _label_array((10, 9, 8)), ref, labels_meta())
+    path = str(tmp_path / "out.seg.nrrd")
+    S.save_segmentation(seg, path)
+    assert os.listdir(tmp_path) == ["out.seg.nrrd"]  # no temporary name left after a good write
+    before = open(path, "rb").read()
+
+    class FailingStorage(slicer.vtkMRMLSegmentationStorageNode):
+        """Disk full halfway: some bytes reach the file, then the writer reports failure."""
+
+        def WriteData(self, node):
+            with open(self.GetFileName(), "wb") as f:
+                f.write(before[: len(before) // 2])
+            return 0
+
+    monkeypatch.setattr(slicer, "vtkMRMLSegmentationStorageNode", FailingStorage)
+    import pytest
+
+    from VeloxSegLogic.errors import InputError
+
+    with pytest.raises(InputError, match="could not write segmentation to .*out.seg.nrrd"):
+        S.save_segmentation(seg, path)
+    assert os.listdir(tmp_path) == ["out.seg.nrrd"] and open(path, "rb").read() == before
+    with pytest.raises(InputError):
+        S.save_segmentation(seg, str(tmp_path / "new.seg.nrrd"))
+    assert os.listdir(tmp_path) == ["out.seg.nrrd"]
+
+
 def test_binary_oriented_image_for_the_segment_editor(scene, oblique_matrix):
     label_node = V.add_volume_from_array(scene, _label_array((10, 9, 8)), oblique_matrix, "pred", label=True)
     image = S.binary_oriented_image(label_node, 2)

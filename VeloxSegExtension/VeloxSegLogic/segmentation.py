@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import numpy as np
 
@@ -233,15 +234,24 @@ def label_array_from_segmentation(segmentation_node, reference_node, labels) -> 
 
 
 def save_segmentation(segmentation_node, path: str) -> str:
-    """Write a segmentation node as ``.seg.nrrd`` through vtkMRMLSegmentationStorageNode."""
+    """Write a segmentation node as ``.seg.nrrd`` through vtkMRMLSegmentationStorageNode, to a
+    temporary name beside ``path`` and then renamed, so a failed write leaves no partial file."""
     import slicer
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(path)
-    storage.SetUseCompression(1)
-    if not storage.WriteData(segmentation_node):
-        raise InputError(f"could not write segmentation to {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # a fresh name the writer creates itself (so the file gets the usual permissions)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.seg.nrrd")
+    try:
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(temporary)
+        storage.SetUseCompression(1)
+        if not storage.WriteData(segmentation_node):
+            raise InputError(f"could not write segmentation to {path}")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return path
 
 
