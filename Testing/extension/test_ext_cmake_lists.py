@@ -103,6 +103,11 @@ def test_extension_metadata_matches_the_index_entry():
     assert entry["scm_url"].endswith(".git") and "slicer-extension-catalog-entry-schema-v1.0.1" in entry["$schema"]
     assert values["EXTENSION_ICONURL"].endswith("Resources/Icons/VeloxSeg.png")
     assert os.path.isfile(os.path.join(ROOT, "Resources", "Icons", "VeloxSeg.png"))
+    # the Extensions Manager shows these: each must be a PNG committed at that path
+    for url in values["EXTENSION_SCREENSHOTURLS"].split(" "):
+        path = url.split("/main/", 1)[1]
+        with open(os.path.join(ROOT, *path.split("/")), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", url
 
 
 def test_license_is_apache_2():
