@@ -35,6 +35,7 @@ def register(subparsers):
                    help="also evaluate unions of labels, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
     p.add_argument("--title", help="a line describing the comparison (data, budget)")
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"JSON to write (default {DEFAULT_OUTPUT})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--threads", type=int, help="CPU threads for inference")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="default: cpu")
     p.set_defaults(func=run)
@@ -135,6 +136,12 @@ def run(args) -> int:
     from ..infer.device import set_threads
     from .evaluate import parse_regions, write_json_atomic
 
+    from ..data.io import check_output_file
+
+    # before any bundle runs: never into a bundle, never onto the held-out cases
+    bundle_paths = [b for b in args.bundles if pathlib.Path(b).exists()]
+    out = check_output_file(args.output, overwrite=args.overwrite, inputs=[args.heldout, *bundle_paths],
+                            sealed=[b for b in bundle_paths if pathlib.Path(b).is_dir()])
     if args.threads:
         set_threads(args.threads)
     data = compare(args.bundles, args.heldout, regions=parse_regions(args.regions), threads=args.threads,
@@ -142,8 +149,6 @@ def run(args) -> int:
     if args.title:
         data["title"] = args.title
     data = M.json_safe(data)
-    out = pathlib.Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(data, out)
     print(render_markdown(data))
     print(f"wrote {args.output}", file=sys.stderr)

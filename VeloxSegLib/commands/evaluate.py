@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import secrets
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -261,36 +259,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_json_path(path: str, overwrite: bool) -> pathlib.Path:
-    p = pathlib.Path(path)
-    parent = p.parent if str(p.parent) else pathlib.Path(".")
-    if not parent.is_dir():
-        raise InputError(f"'{p}': output folder '{parent}' does not exist")
-    if p.is_dir():
-        raise InputError(f"'{p}': is a folder, expected a JSON file name")
-    if p.exists() and not overwrite:
-        raise InputError(f"'{p}': output exists (pass --overwrite to replace it)")
-    return p
-
-
 def write_json_atomic(data, path: pathlib.Path) -> None:
     """Write ``data`` as JSON to a hidden temporary sibling, then rename it onto ``path``."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"'{path}': cannot be written ({exc.strerror or exc})") from None
-    finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+    from ..data.io import write_text_atomic
+
+    write_text_atomic(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
 
 
 def run(args) -> int:
@@ -298,7 +271,9 @@ def run(args) -> int:
 
     json_path = None
     if args.json and args.json != "-":
-        json_path = _check_json_path(args.json, args.overwrite)
+        from ..data.io import check_output_file
+
+        json_path = check_output_file(args.json, overwrite=args.overwrite, inputs=[args.pred, args.ref])
     labels = args.labels
     names: Dict[int, str] = {}
     if args.model:

@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="veloxseg-b", help="network preset (default veloxseg-b)")
     p.add_argument("--in-channels", type=int, nargs="+", metavar="N",
                    help="channels per modality stream, e.g. 1 1 (separate) or 4 (early fusion)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing plans file")
     p.add_argument("--max-patch-voxels", type=int, metavar="N",
                    help=f"memory budget for automatic patch sizes (default 96^3 = {96 ** 3})")
     p.set_defaults(func=run)
@@ -37,7 +38,11 @@ def run(args) -> int:
     from ..train.planner import parse_normalization, plan_dataset
 
     normalization = dict(parse_normalization(s) for s in args.normalization)
+    from ..data.io import check_output_file
+
     output = Path(args.output) if args.output else Path(args.dataset) / "plans.json"
+    # before any work; never onto the dataset's own files (its dataset.json, its images)
+    check_output_file(output, overwrite=args.overwrite, inputs=[args.dataset], what="plans file")
     plans = plan_dataset(
         args.dataset, output, spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size,
         normalization=normalization or None, model=args.model, in_channels=args.in_channels,

@@ -61,17 +61,19 @@ def _describe(path: Path) -> str:
 
 def _dicom_series_files(folder: Path) -> List[str]:
     reader = sitk.ImageSeriesReader
-    try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as exc:  # pragma: no cover - GDCM failure on an unreadable folder
-        raise InputError(f"{_describe(folder)}: cannot scan folder for DICOM series ({_first_line(exc)})") from None
-    if not series:
-        raise InputError(f"{_describe(folder)}: folder holds no DICOM series (pass an image file or a DICOM series folder)")
-    if len(series) > 1:
-        raise InputError(
-            f"{_describe(folder)}: folder holds {len(series)} DICOM series ({', '.join(series)}); "
-            "put each series in its own folder")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    # GDCM warns at length on stderr about a folder without a series: our one line says it
+    with _native_stderr_held():
+        try:
+            series = reader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError as exc:  # pragma: no cover - GDCM failure on an unreadable folder
+            raise InputError(f"{_describe(folder)}: cannot scan folder for DICOM series ({_first_line(exc)})") from None
+        if not series:
+            raise InputError(f"{_describe(folder)}: folder holds no DICOM series (pass an image file or a DICOM series folder)")
+        if len(series) > 1:
+            raise InputError(
+                f"{_describe(folder)}: folder holds {len(series)} DICOM series ({', '.join(series)}); "
+                "put each series in its own folder")
+        files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     if len(files) < 2:
         raise InputError(f"{_describe(folder)}: DICOM series has a single slice (a 2D image); a 3D volume is needed")
     return list(files)
@@ -320,6 +322,29 @@ def read_image(path: PathLike) -> sitk.Image:
     return image
 
 
+def check_image_header(path: PathLike) -> None:
+    """What :func:`read_image` checks without reading the voxels (for checking a whole folder of
+    cases before the first one runs): the file exists, is readable and not empty, and its header
+    is that of a 3D scalar volume. A DICOM folder is only checked to exist."""
+    p = Path(os.fspath(path))
+    if not p.exists():
+        raise InputError(f"{_describe(p)}: no such file or folder")
+    if p.is_dir():
+        return
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{_describe(p)}: file is not readable (permission denied)")
+    if p.stat().st_size == 0:
+        raise InputError(f"{_describe(p)}: file is empty")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with _native_stderr_held():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{_describe(p)}: not a readable image ({_first_line(exc)})") from None
+    _check_header(p, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+
+
 def read_images(paths: Iterable[PathLike]) -> List[sitk.Image]:
     return [read_image(p) for p in paths]
 
@@ -461,6 +486,83 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, inputs: Sequen
     return p
 
 
+#: Files a folder input is made of besides images: never an output's target.
+_INPUT_FOLDER_FILES = ("dataset.json", "bundle.json", "model.safetensors")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_file(path: PathLike, *, overwrite: bool = False, inputs: Sequence[PathLike] = (),
+                      sealed: Sequence[PathLike] = (), what: str = "JSON file") -> Path:
+    """Validate a non-image output file (JSON) before any work is done; returns it as a Path.
+
+    Refused: a missing parent folder, a folder, an existing file without ``overwrite``, one of
+    ``inputs`` (files or folders; inside a folder input, its images and its dataset.json,
+    bundle.json or weights), and anything inside a ``sealed`` folder (a source bundle).
+    """
+    p = Path(os.fspath(path))
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"'{p}': output folder '{parent}' does not exist")
+    if p.is_dir():
+        raise InputError(f"'{p}': is a folder, expected a {what} name")
+    target = p.resolve()
+    for i in inputs:
+        q = Path(os.fspath(i)).resolve()
+        if target == q:
+            raise InputError(f"'{p}': output would overwrite an input")
+        if q.is_dir() and _inside(target, q) and (
+                split_extension(target.name)[1].lower() in IMAGE_EXTENSIONS or target.name in _INPUT_FOLDER_FILES):
+            raise InputError(f"'{p}': output would overwrite a file of the input folder '{i}'")
+    for folder in sealed:
+        q = Path(os.fspath(folder)).resolve()
+        if q.is_dir() and _inside(target, q):
+            raise InputError(f"'{p}': is inside the bundle '{folder}', which is never modified")
+    if p.exists() and not overwrite:
+        raise InputError(f"'{p}': output exists (pass --overwrite to replace it)")
+    return p
+
+
+def write_text_atomic(text: str, path: PathLike) -> None:
+    """Write ``text`` to a hidden temporary sibling of ``path``, then rename it onto ``path``."""
+    path = Path(os.fspath(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"'{path}': cannot be written ({exc.strerror or exc})") from None
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def check_writable_folder(folder: PathLike) -> None:
+    """Fail now, not after the work, when nothing can be created in ``folder``."""
+    folder = Path(os.fspath(folder)) if str(folder) else Path(".")
+    probe = folder / f".veloxseg-write-test-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as exc:
+        raise InputError(f"'{folder}': cannot write here ({exc.strerror or exc})") from None
+    try:
+        probe.unlink()
+    except OSError:
+        pass
+
+
 def temporary_path_for(path: PathLike) -> Path:
     """A hidden, unique sibling of ``path`` with the same ending (so the right writer is chosen)."""
     p = Path(os.fspath(path))
@@ -500,5 +602,5 @@ def write_image(image: sitk.Image, path: PathLike, *, overwrite: bool = False, c
 
 __all__ = [
     "IMAGE_EXTENSIONS", "WRITE_EXTENSIONS", "split_extension", "read_image", "read_images", "check_image",
-    "check_finite", "PrefetchedImage", "prefetch_images", "wait_prefetched", "same_geometry", "copy_geometry", "check_output_path", "temporary_path_for", "write_image",
+    "check_finite", "check_image_header", "PrefetchedImage", "prefetch_images", "wait_prefetched", "same_geometry", "copy_geometry", "check_output_path", "check_output_file", "write_text_atomic", "check_writable_folder", "temporary_path_for", "write_image",
 ]
