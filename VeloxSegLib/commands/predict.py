@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -174,26 +175,46 @@ def _folder_mode(inputs) -> bool:
     return any(_CASE_RE.match(n) for n in os.listdir(inputs[0]) if not n.startswith("."))
 
 
+def _check_numbers(args) -> None:
+    """Options that would run but give a wrong result: refused before anything is loaded."""
+    from ..errors import ConfigError
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.min_component_mm3 is not None and not (math.isfinite(args.min_component_mm3) and args.min_component_mm3 >= 0):
+        raise ConfigError(f"--min-component-mm3 must be a volume >= 0, got {args.min_component_mm3}")
+
+
 def run(args) -> int:
     from ..errors import InputError
 
     start = time.perf_counter()
+    _check_numbers(args)
     inputs = list(args.input or [])
     folder = _folder_mode(inputs)
     if folder:
-        from ..data.io import split_extension
+        from ..data.io import check_writable_folder, split_extension
 
         if split_extension(args.output)[1].lower() in (".nii.gz", ".nii", ".nrrd", ".mha", ".nhdr", ".mhd"):
             raise InputError(f"'{args.output}': with an input folder, -o must be a folder")
         if args.probabilities:
             raise InputError("--probabilities takes a file and works with single cases, not folders")
+        out, src = os.path.realpath(args.output), os.path.realpath(inputs[0])
+        if out == src or out.startswith(src + os.sep):
+            # the segmentations would be named like input cases and read as such by the next run
+            raise InputError(f"'{args.output}': is the input folder or inside it; write the segmentations elsewhere")
+        existing = args.output if os.path.isdir(args.output) else os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(existing):
+            check_writable_folder(existing)
     else:
-        from ..data.io import check_output_path
+        from ..data.io import check_output_path, check_writable_folder
 
         if inputs:  # checked before loading anything
             check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
             if args.probabilities:
                 check_output_path(args.probabilities, overwrite=args.overwrite, inputs=inputs)
+            for path in [args.output] + ([args.probabilities] if args.probabilities else []):
+                check_writable_folder(os.path.dirname(os.path.abspath(path)))
 
         # read the inputs in the background while torch is imported and the network built
         from ..data.io import prefetch_images

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import time
@@ -319,6 +320,27 @@ def _body_channels(plan: InferencePlan) -> List[int]:
 # --------------------------------------------------------------------------- segmenter
 
 
+#: A PET image (SUV, Bq/ml, counts) has no values below this; a CT (air at -1000 HU) does.
+PET_MIN_PLAUSIBLE = -500.0
+
+
+def _check_modalities(images, names, plan) -> None:
+    """Refuse a PET input that is plainly a CT (inputs swapped): a wrong order would otherwise run
+    and give a meaningless segmentation. Only PET is checked; MRI contrasts cannot be told apart."""
+    modalities = [str(c.get("modality") or c.get("name") or "").upper() for c in plan.channels]
+    if "PET" not in modalities:
+        return
+    stats = sitk.MinimumMaximumImageFilter()
+    for image, name, modality in zip(images, names, modalities):
+        if modality != "PET":
+            continue
+        stats.Execute(image)
+        if stats.GetMinimum() < PET_MIN_PLAUSIBLE:
+            raise InputError(f"{name}: given as PET but holds values down to {stats.GetMinimum():.0f}, as a CT does; "
+                             f"are the inputs swapped? Model '{plan.name}' expects, in this order: "
+                             f"{plan.expected_inputs()}")
+
+
 class Segmenter:
     """A network ready for inference plus its plan; call :meth:`predict` per case.
 
@@ -340,6 +362,8 @@ class Segmenter:
 
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         if precision == "bf16" and self.device.type != "cpu":
             warnings.warn(f"precision bf16 is a CPU option; on {self.device.type} the network runs under float16 "
@@ -370,7 +394,7 @@ class Segmenter:
         self.model = net.to(self.device).eval()
         if precision == "bf16":  # a caller's own network is converted on a copy, not in place
             self.model = (self.model if self.bundle is not None else copy.deepcopy(self.model)).to(torch.bfloat16)
-        self.batch_size = int(batch_size) if batch_size else default_batch_size(self.device)
+        self.batch_size = int(batch_size) if batch_size is not None else default_batch_size(self.device)
 
     # ---------------------------------------------------------------- inputs
 
@@ -397,6 +421,7 @@ class Segmenter:
                 images.append(read_image(item))
             names.append(name)
             progress("read", (i + 1) / len(inputs))
+        _check_modalities(images, names, plan)
         return images, names
 
     # ---------------------------------------------------------------- main
@@ -431,6 +456,8 @@ class Segmenter:
             warnings.warn(f"{plan.name} records no mirror axes (it was trained without flips): TTA changes nothing")
         blending = plan.blending if blending is None else blending
         min_mm3 = plan.min_component_mm3 if min_component_mm3 is None else float(min_component_mm3)
+        if not (math.isfinite(min_mm3) and min_mm3 >= 0):
+            raise ConfigError(f"smallest component must be a volume >= 0 mm^3, got {min_component_mm3}")
         crop = plan.crop_to_body if crop_to_body is None else bool(crop_to_body)
         if pet_refine is None:
             refine = plan.pet_refine
@@ -761,10 +788,12 @@ def predict_folder(model, input_dir, output_dir, *, overwrite: bool = False,
                    **options) -> Dict[str, CasePrediction]:
     """Segment every case of an nnU-Net style folder into ``output_dir/CASE.<ending>``.
 
-    The output folder is created if its parent exists. Every output path is checked before the
-    first case runs. progress(stage, fraction, case) is called per case.
+    The output folder is created if its parent exists. Every output path, and every input's
+    header, is checked before the first case runs. Each case is written whole when it is done: if
+    a later case fails or the run is cancelled, the finished cases stay, and a folder this call
+    created is removed if it is still empty. progress(stage, fraction, case) is called per case.
     """
-    from ..data.io import check_output_path
+    from ..data.io import check_image_header, check_output_path
 
     seg = model if isinstance(model, Segmenter) else Segmenter(
         model, options.pop("plan", None), device=options.pop("device", "auto"),
@@ -781,9 +810,15 @@ def predict_folder(model, input_dir, output_dir, *, overwrite: bool = False,
     if out_dir.exists():
         for o, (_, paths, _) in zip(outputs, cases):
             check_output_path(o, overwrite=overwrite, inputs=paths)
+    for _, paths, _ in cases:
+        for path in paths:
+            check_image_header(path)
     created = False
     if not out_dir.exists():
-        out_dir.mkdir()
+        try:
+            out_dir.mkdir()
+        except OSError as exc:
+            raise InputError(f"'{out_dir}': cannot create the output folder ({exc.strerror or exc})") from None
         created = True
     results = {}
     try:
