@@ -1033,7 +1033,8 @@ def find_bundle(name: str) -> pathlib.Path:
     User bundles take precedence over embedded ones with the same name. Raises BundleError
     listing the available names when none matches.
     """
-    entries = [e for e in list_bundles() if "error" not in e]
+    listed = list_bundles()
+    entries = [e for e in listed if "error" not in e]
     for source in ("user", "embedded"):
         for e in entries:
             if e["source"] == source and e["name"] == name:
@@ -1043,6 +1044,10 @@ def find_bundle(name: str) -> pathlib.Path:
             p = pathlib.Path(e["path"])
             if e["source"] == source and (p.name == name or p.stem == name):
                 return p
+    for e in listed:  # a bundle of that name that does not load: say why, not that it is missing
+        p = pathlib.Path(e["path"])
+        if "error" in e and (p.name == name or p.stem == name):
+            raise BundleError(f"bundle '{name}' ({p}) cannot be loaded: {e['error']}")
     if entries:
         names = ", ".join(sorted({e["name"] for e in entries}))
         raise BundleError(f"no bundle named '{name}'; available: {names} (or give a bundle folder or .zip path)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
+import threading
 import sys
 
 from .errors import VeloxSegError
@@ -50,27 +52,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from .infer.device import keep_freed_memory
+class _Terminated(BaseException):
+    """SIGTERM before a command installs its own handler. Not a KeyboardInterrupt: raised inside
+    torch's import (code run through PyRun_String), that would make Python end itself with SIGINT
+    at exit even though it was handled."""
 
-    keep_freed_memory()  # sliding windows re-allocate the same activations: no page fault per window
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+def main(argv=None) -> int:
+    command = None
     try:
+        # SIGTERM before a command installs its own handler (while torch is imported, say) ends
+        # the run like Ctrl-C: cleanup runs, one line, exit 130
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminate)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        from .infer.device import keep_freed_memory
+
+        keep_freed_memory()  # sliding windows re-allocate the same activations: no page fault per window
         return int(args.func(args) or 0)
     except VeloxSegError as exc:
-        print(f"veloxseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"veloxseg {command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"veloxseg {args.command}: cancelled", file=sys.stderr)
+    except (KeyboardInterrupt, _Terminated):
+        print(f"veloxseg{' ' + command if command else ''}: cancelled", file=sys.stderr)
         return 130
 
 

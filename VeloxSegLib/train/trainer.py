@@ -687,10 +687,40 @@ class Run:
         self.resumed = True
 
 
-def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: bool, overwrite: bool) -> None:
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: bool, overwrite: bool,
+                 dataset_root: Optional[Path] = None) -> None:
+    """Everything :func:`save_bundle` and the checkpoints would refuse at the end, refused before
+    the first step."""
+    from ..bundle import _is_bundle_like_dir
+    from ..data.io import check_writable_folder
+
     # checked on every rank (same files), so no rank is left waiting for one that failed
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise InputError(f"{output}: already exists (choose another output or pass --overwrite)")
+    if output.exists() or output.is_symlink():
+        if output.suffix.lower() == ".zip":
+            if not output.is_file():
+                raise InputError(f"{output}: exists and is not a file; not replacing it")
+        elif not (output.is_dir() and not output.is_symlink() and _is_bundle_like_dir(output)):
+            raise InputError(f"{output}: exists and is not a bundle folder; not replacing it")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{output}: the folder {parent} does not exist")
+    check_writable_folder(parent)
+    if dataset_root is not None:
+        root = Path(dataset_root).resolve()
+        for path, what in ((work, "--work-dir"), (output, "the output")):
+            target = path.resolve()
+            if target == root or root in target.parents:
+                raise InputError(f"{path}: {what} is inside the dataset {dataset_root}, which is never written to")
+    check_writable_folder(_nearest_existing(work))
     if resume and not writer.exists("last"):
         raise InputError(f"{writer.path('last')}: no checkpoint to resume from")
     if not resume and writer.exists("last") and not overwrite:
@@ -746,7 +776,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
     ds = load_dataset(dataset)
     writer = CheckpointWriter(work / "checkpoints")
-    _check_paths(output, writer, work, resume, config.overwrite)
+    _check_paths(output, writer, work, resume, config.overwrite, ds.root)
     ckpt = read_checkpoint(writer.path("last")) if resume else None
     if setup is None and ckpt is not None:
         saved = ckpt.state["setup"]
@@ -765,19 +795,37 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                          f"({', '.join(c['name'] for c in setup.channels)})")
     splits = ckpt.state["splits"] if ckpt is not None else _make_splits(ds, config)
     val_ds = _validation_dataset(ds, splits)
+    made = []  # folders this run creates before its first checkpoint: removed if it ends here
     if dist.is_main:
-        work.mkdir(parents=True, exist_ok=True)
+        missing = work.absolute()
+        while not missing.exists():
+            made.append(missing)
+            missing = missing.parent
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{work}: cannot create the work folder ({exc.strerror or exc})") from None
         if isinstance(plans, dict):
             write_json_atomic(work / PLANS_NAME, plans)
 
-    loader_threads = resolve_loader_threads(config.loader_threads, device)
-    if loader_threads > 1 and len(splits["train"]) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    try:
+        loader_threads = resolve_loader_threads(config.loader_threads, device)
+        if loader_threads > 1 and len(splits["train"]) > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(loader_threads) as pool:  # reading and resampling release the GIL
-            cases = list(pool.map(lambda c: preprocess_case(ds, c, setup), splits["train"]))
-    else:
-        cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
+            with ThreadPoolExecutor(loader_threads) as pool:  # reading and resampling release the GIL
+                cases = list(pool.map(lambda c: preprocess_case(ds, c, setup), splits["train"]))
+        else:
+            cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
+    except BaseException:  # a broken case, Ctrl-C or SIGTERM while loading: no empty work folder stays
+        if made:
+            (work / PLANS_NAME).unlink(missing_ok=True)
+            for folder in made:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
 
     # seeded so that every rank builds the same model (DDP also broadcasts rank 0's weights)
     torch.manual_seed(config.seed)
