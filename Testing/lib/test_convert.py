@@ -186,3 +186,43 @@ def test_bad_arguments_are_configuration_errors(raw, tmp_path):
     with pytest.raises(InputError, match="no files match"):
         convert_dataset(raw, [("CT", "*_MR.nii.gz")], "*_XX.nii.gz", tmp_path / "out")
     assert_nothing_written(tmp_path, ["raw"])
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_folder_holding_the_inputs(raw, tmp_path, capsys):
+    sb = tmp_path / "sb"
+    sb.mkdir()
+    raw.rename(sb / "raw")
+    (sb / "precious.txt").write_text("x")
+    (tmp_path / "link").symlink_to(sb)
+    before = snapshot(sb)
+    for out, problem in ((sb, "contains the input folder"), (tmp_path / "link", "contains the input folder"),
+                         (sb / "raw", "is the input folder"), (sb / "raw" / "ds", "is inside the input folder")):
+        assert run(sb / "raw", out, "--align", "--overwrite") == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{out}: {problem} '{sb / 'raw'}'" in err
+    # the labels folder counts as an input too
+    assert main(["convert", "--images-dir", str(tmp_path / "link" / "raw"), "--channel", "CT=*_CT.nii.gz",
+                 "--labels", "*_SEG.nii.gz", "--labels-dir", str(sb), "-o", str(sb / "raw2"), "--overwrite"]) == 2
+    assert "is inside the input folder" in capsys.readouterr().err
+    assert snapshot(sb) == before
+    assert_nothing_written(tmp_path, ["sb", "link"])
+
+
+def test_overwrite_replaces_a_dataset_folder_but_not_another_folder(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run(raw, out, "--overwrite") == 2
+    assert f"{out}: exists and is not a dataset folder; not replacing it" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert run(raw, out) == 0  # an empty folder is fine
+    (out / "plans.json").write_text("{}")  # `veloxseg plan` writes here
+    assert run(raw, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert_nothing_written(tmp_path, ["raw", "out"])
+

@@ -144,8 +144,8 @@ def test_atomic_directory_leaves_nothing_behind_on_error(tmp_path):
 
 def test_atomic_directory_refuses_then_replaces_existing_output(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old").write_text("old")
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "dataset.json").write_text("{}")
     with pytest.raises(InputError, match="not empty"):
         with nnunet.atomic_directory(out):
             pass
@@ -153,3 +153,40 @@ def test_atomic_directory_refuses_then_replaces_existing_output(tmp_path):
         (tmp / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_directory_refuses_an_output_that_is_contains_or_is_inside_an_input(tmp_path):
+    src = tmp_path / "sb" / "raw"
+    src.mkdir(parents=True)
+    (src / "P001_CT.nii.gz").write_text("input")
+    (tmp_path / "link").symlink_to(tmp_path / "sb")
+    for output, problem in ((src, "is the input folder"), (tmp_path / "sb", "contains the input folder"),
+                            (tmp_path / "link", "contains the input folder"),  # symlinks are resolved
+                            (src / "ds", "is inside the input folder"), (tmp_path / "link/raw/ds", "is inside")):
+        with pytest.raises(InputError, match=problem):
+            with nnunet.atomic_directory(output, overwrite=True, inputs=[src]) as tmp:
+                (tmp / "dataset.json").write_text("{}")
+    assert (src / "P001_CT.nii.gz").read_text() == "input"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["P001_CT.nii.gz", "link", "raw", "sb"]
+
+
+def test_overwrite_replaces_only_a_dataset_folder(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "dataset.json").write_text("{}")  # a dataset.json alone does not make a dataset folder
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match=r"mine: exists and is not a dataset folder; not replacing it"):
+        with nnunet.atomic_directory(mine, overwrite=True):
+            pass
+    assert sorted(p.name for p in mine.iterdir()) == ["dataset.json", "notes.txt"]
+    (tmp_path / "alias").symlink_to(mine)
+    with pytest.raises(InputError, match="alias: exists and is a symbolic link; not replacing it"):
+        with nnunet.atomic_directory(tmp_path / "alias", overwrite=True):
+            pass
+    ds = make_dataset(tmp_path / "ds")
+    (ds / "plans.json").write_text("{}")  # what `veloxseg plan` adds
+    with nnunet.atomic_directory(ds, overwrite=True) as tmp:
+        (tmp / "dataset.json").write_text("{}")
+    assert [p.name for p in ds.iterdir()] == ["dataset.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "ds", "mine"]
+

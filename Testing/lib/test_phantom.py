@@ -282,3 +282,19 @@ def test_cli_workers_must_be_positive_and_nothing_is_written(tmp_path, capsys):
                  "-o", str(out)]) != 0
     assert "workers" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_overwrite_replaces_a_dataset_but_never_another_folder(tmp_path, capsys):
+    argv = ["phantom", "--kind", "petct", "-n", "1", "--size", "32", "32", "32", "--overwrite", "-o"]
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert main(argv + [str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{out}: exists and is not a dataset folder; not replacing it" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
+    ds = tmp_path / "ds"
+    assert main(argv + [str(ds)]) == 0 and main(argv + [str(ds)]) == 0
+    assert sorted(p.name for p in ds.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "q"]
+

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--align", action="store_true",
                    help="resample every channel onto the first channel's grid (otherwise they must share it)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="dataset folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset folder (one holding dataset.json, imagesTr, labelsTr, ...)")
     p.set_defaults(func=run)
 
 

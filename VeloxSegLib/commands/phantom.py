@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                         "scanner. " + "; ".join(f"{s.name}: {s.description}" for s in SCANNERS.values()))
     p.add_argument("--workers", type=int, default=1, metavar="W",
                    help="generate cases in W processes (default 1); the files are the same for any W")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset folder (one holding dataset.json, imagesTr, labelsTr, ...)")
     p.set_defaults(func=run)
 
 

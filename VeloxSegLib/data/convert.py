@@ -215,10 +215,8 @@ def convert_dataset(
     except re.error as exc:
         raise ConfigError(f"--case-regex {case_regex!r}: {exc}") from None
     remap = dict(remap or {})
-    out_abs = Path(output).absolute()
-    for src in (images_dir, labels_dir):
-        if src.exists() and out_abs.resolve() == src.resolve():
-            raise ConfigError(f"output '{output}' must not be the input folder '{src}'")
+    inputs = (images_dir, labels_dir)
+    nnunet.check_output_folder(output, overwrite, inputs)  # again when writing: fail before any reading
 
     per_channel = [find_files(images_dir, pattern, case_re, f"{name} image") for name, pattern in channels]
     label_files = find_files(labels_dir, labels, case_re, "label")
@@ -246,7 +244,7 @@ def convert_dataset(
     # pass 2: read, check label values, write into a temporary folder
     found_values: set = set()
     sources: Dict[str, Dict[str, str]] = {}
-    with nnunet.atomic_directory(output, overwrite=overwrite) as tmp:
+    with nnunet.atomic_directory(output, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / nnunet.IMAGES_DIR).mkdir()
         (tmp / nnunet.LABELS_DIR).mkdir()
         for k, case in enumerate(cases):

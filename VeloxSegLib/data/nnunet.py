@@ -361,20 +361,64 @@ def validate_dataset(root: PathLike, check_geometry: bool = True, same_grid: boo
 # --------------------------------------------------------------------------- atomic output
 
 
+# What a raw dataset folder may hold for ``overwrite`` to replace it: what this tool (convert,
+# phantom, plan) or nnU-Net puts there. Anything else means the folder is not a dataset.
+DATASET_ENTRIES = frozenset({DATASET_JSON, IMAGES_DIR, LABELS_DIR, "imagesTs", "labelsTs", "plans.json"})
+
+
+def _is_dataset_like_dir(path: Path) -> bool:
+    """``path`` looks like an nnU-Net raw dataset this tool could have written: a real folder
+    holding ``dataset.json`` and nothing but dataset entries (``DATASET_ENTRIES``)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return DATASET_JSON in names and (path / DATASET_JSON).is_file() and names <= DATASET_ENTRIES
+
+
+def check_output_folder(output: PathLike, overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> None:
+    """Refuse an output folder that would clobber something: one that is, contains or is inside an
+    input folder (symlinks resolved), an existing non-folder, a non-empty folder without
+    ``overwrite``, and with ``overwrite`` a non-empty folder that is not a dataset folder."""
+    output = Path(output)
+    real = Path(os.path.realpath(output))
+    for src in inputs:
+        src_real = Path(os.path.realpath(src))
+        if real == src_real:
+            raise InputError(f"{output}: is the input folder '{src}'; choose another output folder")
+        if src_real in real.parents:
+            raise InputError(f"{output}: is inside the input folder '{src}'; choose another output folder")
+        if real in src_real.parents:
+            raise InputError(f"{output}: contains the input folder '{src}'; not replacing it")
+    if output.is_symlink() or output.exists():
+        if output.is_symlink() or not output.is_dir():
+            what = "a symbolic link" if output.is_symlink() else "not a directory"
+            raise InputError(f"{output}: exists and is {what}; not replacing it")
+        try:
+            empty = not any(output.iterdir())
+        except OSError as exc:
+            raise InputError(f"{output}: cannot be read ({exc.strerror or exc})") from None
+        if not empty:
+            if not overwrite:
+                raise InputError(f"{output}: exists and is not empty (use --overwrite to replace it)")
+            if not _is_dataset_like_dir(output):
+                raise InputError(f"{output}: exists and is not a dataset folder; not replacing it")
+
+
 @contextlib.contextmanager
-def atomic_directory(output: PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(output: PathLike, overwrite: bool = False,
+                     inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory next to ``output``; on success it is renamed to ``output``,
     on any error it is removed, so a failed run leaves nothing behind.
 
-    An existing non-empty ``output`` is refused unless ``overwrite`` (then replaced only after
-    the new content is complete).
+    ``check_output_folder`` decides first: ``output`` must not be, contain or lie inside one of
+    ``inputs``; an existing non-empty ``output`` is refused unless ``overwrite``, and even then
+    only a dataset folder is replaced (after the new content is complete).
     """
+    check_output_folder(output, overwrite, inputs)
     output = Path(output).absolute()
-    if output.exists():
-        if not output.is_dir():
-            raise InputError(f"{output}: exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise InputError(f"{output}: exists and is not empty (use --overwrite to replace it)")
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -387,11 +431,16 @@ def atomic_directory(output: PathLike, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        if output.exists():
+        if output.exists() or output.is_symlink():
+            check_output_folder(output, overwrite, inputs)  # it may have changed meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(parent)))
             os.rmdir(old)
             os.rename(output, old)
-            os.rename(tmp, output)
+            try:
+                os.rename(tmp, output)
+            except BaseException:
+                os.rename(old, output)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, output)
