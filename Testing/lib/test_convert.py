@@ -188,6 +188,14 @@ def test_bad_arguments_are_configuration_errors(raw, tmp_path):
     assert_nothing_written(tmp_path, ["raw"])
 
 
+def truncate(path):
+    """Cut a .nii.gz's voxel data short (a valid gzip stream, so the header still reads)."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[: len(data) - 100]))
+
+
 def snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -225,4 +233,15 @@ def test_overwrite_replaces_a_dataset_folder_but_not_another_folder(raw, tmp_pat
     assert run(raw, out, "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
     assert_nothing_written(tmp_path, ["raw", "out"])
+
+
+def test_a_failed_run_removes_the_parent_folders_it_created(raw, tmp_path, capsys):
+    truncate(raw / "P002_CT.nii.gz")
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "nd2" / "ds", tmp_path / "kept" / "a" / "b" / "ds"):
+        assert run(raw, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "P002_CT.nii.gz" in err and "truncated" in err
+    assert_nothing_written(tmp_path, ["raw", "kept"])
+    assert list((tmp_path / "kept").iterdir()) == []
 

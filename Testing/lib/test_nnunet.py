@@ -190,3 +190,16 @@ def test_overwrite_replaces_only_a_dataset_folder(tmp_path):
     assert [p.name for p in ds.iterdir()] == ["dataset.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "ds", "mine"]
 
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_directory_removes_the_parent_folders_it_created_on_error(tmp_path, error):
+    (tmp_path / "a").mkdir()  # exists before the run: stays
+    with pytest.raises(error):
+        with nnunet.atomic_directory(tmp_path / "a" / "b" / "c" / "out") as tmp:
+            assert (tmp_path / "a" / "b" / "c").is_dir()
+            (tmp / "file").write_text("partial")
+            raise error()
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["a"]
+    with nnunet.atomic_directory(tmp_path / "a" / "b" / "out") as tmp:  # on success they stay
+        (tmp / "file").write_text("done")
+    assert (tmp_path / "a" / "b" / "out" / "file").read_text() == "done"

@@ -298,3 +298,12 @@ def test_cli_overwrite_replaces_a_dataset_but_never_another_folder(tmp_path, cap
     assert sorted(p.name for p in ds.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "q"]
 
+
+def test_cancelled_run_removes_the_parent_folders_it_created(tmp_path):
+    def cancel(done, total):
+        raise KeyboardInterrupt  # Ctrl-C after the first case
+
+    with pytest.raises(KeyboardInterrupt):
+        phantom.write_phantom_dataset(tmp_path / "nd3" / "x", "petct", 2, size=(32, 32, 32), progress=cancel)
+    assert list(tmp_path.iterdir()) == []
+

@@ -407,11 +407,46 @@ def check_output_folder(output: PathLike, overwrite: bool = False, inputs: Seque
                 raise InputError(f"{output}: exists and is not a dataset folder; not replacing it")
 
 
+def _make_parents(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; return those this call created, deepest first."""
+    missing = []
+    p = folder
+    while not (p.exists() or p.is_symlink()) and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    created: List[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if d.is_dir():
+                continue  # created meanwhile by someone else: not ours to remove
+            _remove_empty(created)
+            raise InputError(f"{d}: cannot create the folder (a file is in the way)") from None
+        except OSError as exc:
+            _remove_empty(created)
+            raise InputError(f"{d}: cannot create the folder ({exc.strerror or exc})") from None
+        created.insert(0, d)
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) if they are empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break  # not empty (someone else wrote there): keep it and its parents
+
+
 @contextlib.contextmanager
 def atomic_directory(output: PathLike, overwrite: bool = False,
                      inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory next to ``output``; on success it is renamed to ``output``,
-    on any error it is removed, so a failed run leaves nothing behind.
+    on any error (or Ctrl-C) it is removed, so a failed run leaves nothing behind: missing parent
+    folders are created, and removed again (if still empty) when the run fails.
 
     ``check_output_folder`` decides first: ``output`` must not be, contain or lie inside one of
     ``inputs``; an existing non-empty ``output`` is refused unless ``overwrite``, and even then
@@ -420,30 +455,31 @@ def atomic_directory(output: PathLike, overwrite: bool = False,
     check_output_folder(output, overwrite, inputs)
     output = Path(output).absolute()
     parent = output.parent
+    created = _make_parents(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{parent}: cannot create ({exc.strerror})") from None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(parent)))
-    except OSError as exc:
-        raise InputError(f"{parent}: cannot write here ({exc.strerror or exc})") from None
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        if output.exists() or output.is_symlink():
-            check_output_folder(output, overwrite, inputs)  # it may have changed meanwhile
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(parent)))
-            os.rmdir(old)
-            os.rename(output, old)
-            try:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(parent)))
+        except OSError as exc:
+            raise InputError(f"{parent}: cannot write here ({exc.strerror or exc})") from None
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+            if output.exists() or output.is_symlink():
+                check_output_folder(output, overwrite, inputs)  # it may have changed meanwhile
+                old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(parent)))
+                os.rmdir(old)
+                os.rename(output, old)
+                try:
+                    os.rename(tmp, output)
+                except BaseException:
+                    os.rename(old, output)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.rename(tmp, output)
-            except BaseException:
-                os.rename(old, output)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
