@@ -1,5 +1,6 @@
 """Synthetic PET/CT and MRI phantoms (VeloxSegLib.data.phantom, `veloxseg phantom`)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,23 @@ def test_cancelled_run_removes_the_parent_folders_it_created(tmp_path):
         phantom.write_phantom_dataset(tmp_path / "nd3" / "x", "petct", 2, size=(32, 32, 32), progress=cancel)
     assert list(tmp_path.iterdir()) == []
 
+
+def test_sigterm_cancels_like_ctrl_c_and_leaves_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "VeloxSegLib.cli", "phantom", "--kind", "petct", "-n", "500",
+                             "--size", "32", "32", "32", "-o", str(tmp_path / "nd" / "x")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("nd/.x.*.tmp/labelsTr/*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "veloxseg phantom: cancelled" in err
+    assert list(tmp_path.iterdir()) == []

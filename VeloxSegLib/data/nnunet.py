@@ -442,6 +442,28 @@ def _remove_empty(folders: Sequence[Path]) -> None:
 
 
 @contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, so a
+    ``kill`` also runs the clean-up of :func:`atomic_directory` instead of ending the process
+    with its temporary folder left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def atomic_directory(output: PathLike, overwrite: bool = False,
                      inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory next to ``output``; on success it is renamed to ``output``,
