@@ -245,3 +245,13 @@ def test_a_failed_run_removes_the_parent_folders_it_created(raw, tmp_path, capsy
     assert_nothing_written(tmp_path, ["raw", "kept"])
     assert list((tmp_path / "kept").iterdir()) == []
 
+
+def test_labels_map_must_map_background_to_zero(raw, tmp_path, capsys):
+    for spec in ("bg=1,x=0", "bg=0,lesion=1"):
+        argv = ["convert", "--images-dir", str(raw), "--channel", "CT=*_CT.nii.gz", "--labels", "*_SEG.nii.gz",
+                "--labels-map", spec, "-o", str(tmp_path / "out")]
+        assert main(argv) == 4
+        assert "--labels-map: value 0 must be named 'background'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="value 0 must be named 'background'"):
+        convert_dataset(raw, [("CT", "*_CT.nii.gz")], "*_SEG.nii.gz", tmp_path / "out", labels_map={"bg": 0, "x": 1})
+    assert_nothing_written(tmp_path, ["raw"])

@@ -60,6 +60,8 @@ def test_existing_nnunet_region_labels_are_read(tmp_path):
     (lambda d: d.pop("channel_names"), "missing key 'channel_names'"),
     (lambda d: d.update(labels={"background": 0, "lesion": 2}), "consecutive"),
     (lambda d: d.update(labels={"lesion": 1}), "background"),
+    (lambda d: d.update(labels={"bg": 0, "lesion": 1}), "must map 'background' to 0.*lacks 'background'"),
+    (lambda d: d.update(labels={"background": 1, "lesion": 0}), "must map 'background' to 0.*got 1"),
     (lambda d: d.update(channel_names={"1": "CT"}), "channel_names"),
     (lambda d: d.update(numTraining="2"), "numTraining"),
     (lambda d: d.update(file_ending="nii.gz"), "file_ending"),

@@ -50,11 +50,22 @@ def parse_labels_map(spec: str) -> Dict[str, int]:
         if name in out:
             raise ConfigError(f"--labels-map: label {name!r} given twice")
         out[name] = v
+    return check_labels_map(out)
+
+
+def check_labels_map(out: Dict[str, int]) -> Dict[str, int]:
+    """Output labels must be consecutive from 0, with 0 named ``background`` (nnU-Net's rule)."""
+    if not out:
+        raise ConfigError("--labels-map: no labels given (e.g. background=0,lesion=1)")
     values = sorted(out.values())
     if len(set(values)) != len(values):
         raise ConfigError("--labels-map: two labels share a value")
     if values != list(range(len(values))):
         raise ConfigError(f"--labels-map: values must be consecutive 0..{len(values) - 1} (use --remap), got {values}")
+    if out.get("background") != 0:
+        zero = next(name for name, v in out.items() if v == 0)
+        raise ConfigError(f"--labels-map: value 0 must be named 'background', as nnU-Net requires "
+                          f"(got {zero}=0, e.g. background=0,lesion=1)")
     return out
 
 
@@ -215,6 +226,8 @@ def convert_dataset(
     except re.error as exc:
         raise ConfigError(f"--case-regex {case_regex!r}: {exc}") from None
     remap = dict(remap or {})
+    if labels_map is not None:
+        labels_map = check_labels_map(dict(labels_map))
     inputs = (images_dir, labels_dir)
     nnunet.check_output_folder(output, overwrite, inputs)  # again when writing: fail before any reading
 

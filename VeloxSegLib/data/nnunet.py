@@ -175,8 +175,10 @@ def parse_dataset_json(data: dict, where: str) -> Tuple[Dict[str, str], Dict[str
             raise InputError(f"{where}: label {name!r} must be a non-negative integer (or a list of them)")
         if not isinstance(value, (list, tuple)):
             values.append(value)
-    if labels.get("background", 0) != 0 or 0 not in values:
-        raise InputError(f"{where}: 'labels' must map 'background' to 0")
+    background = labels.get("background")
+    if background != 0:  # (bools were refused above)
+        got = "it lacks 'background'" if "background" not in labels else f"got {background!r}"
+        raise InputError(f"{where}: 'labels' must map 'background' to 0, as nnU-Net requires ({got})")
     if len(set(values)) != len(values):
         raise InputError(f"{where}: two labels share a value")
     plain = sorted(set(values))
