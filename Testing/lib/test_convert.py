@@ -246,6 +246,15 @@ def test_a_failed_run_removes_the_parent_folders_it_created(raw, tmp_path, capsy
     assert list((tmp_path / "kept").iterdir()) == []
 
 
+def test_nan_voxels_are_refused_with_advice_for_converting(raw, tmp_path, capsys):
+    write(raw / "P003_SUV.nii.gz", np.full(SHAPE, np.nan, np.float32))
+    assert run(raw, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert "P003_SUV.nii.gz" in err and "NaN" in err and err.endswith("before converting")
+    assert "segmenting" not in err
+    assert_nothing_written(tmp_path, ["raw"])
+
+
 def test_labels_map_must_map_background_to_zero(raw, tmp_path, capsys):
     for spec in ("bg=1,x=0", "bg=0,lesion=1"):
         argv = ["convert", "--images-dir", str(raw), "--channel", "CT=*_CT.nii.gz", "--labels", "*_SEG.nii.gz",

@@ -175,6 +175,16 @@ def find_files(folder: Path, pattern: str, case_re=None, what: str = "files") ->
 # --------------------------------------------------------------------------- conversion
 
 
+def read_image(path):
+    """``io.read_image``, its NaN/inf advice worded for this command."""
+    from .io import read_image as _read
+
+    try:
+        return _read(path)
+    except InputError as exc:
+        raise InputError(str(exc).replace("before segmenting", "before converting")) from None
+
+
 def _summarize(problems: List[str]) -> str:
     shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = len(problems) - MAX_LISTED_PROBLEMS
@@ -212,7 +222,6 @@ def convert_dataset(
     import SimpleITK as sitk
 
     from .alignment import Grid, resample_to_grid
-    from .io import read_image
 
     images_dir = Path(images_dir)
     labels_dir = Path(labels_dir) if labels_dir is not None else images_dir
