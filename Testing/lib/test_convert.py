@@ -186,3 +186,81 @@ def test_bad_arguments_are_configuration_errors(raw, tmp_path):
     with pytest.raises(InputError, match="no files match"):
         convert_dataset(raw, [("CT", "*_MR.nii.gz")], "*_XX.nii.gz", tmp_path / "out")
     assert_nothing_written(tmp_path, ["raw"])
+
+
+def truncate(path):
+    """Cut a .nii.gz's voxel data short (a valid gzip stream, so the header still reads)."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[: len(data) - 100]))
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_folder_holding_the_inputs(raw, tmp_path, capsys):
+    sb = tmp_path / "sb"
+    sb.mkdir()
+    raw.rename(sb / "raw")
+    (sb / "precious.txt").write_text("x")
+    (tmp_path / "link").symlink_to(sb)
+    before = snapshot(sb)
+    for out, problem in ((sb, "contains the input folder"), (tmp_path / "link", "contains the input folder"),
+                         (sb / "raw", "is the input folder"), (sb / "raw" / "ds", "is inside the input folder")):
+        assert run(sb / "raw", out, "--align", "--overwrite") == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{out}: {problem} '{sb / 'raw'}'" in err
+    # the labels folder counts as an input too
+    assert main(["convert", "--images-dir", str(tmp_path / "link" / "raw"), "--channel", "CT=*_CT.nii.gz",
+                 "--labels", "*_SEG.nii.gz", "--labels-dir", str(sb), "-o", str(sb / "raw2"), "--overwrite"]) == 2
+    assert "is inside the input folder" in capsys.readouterr().err
+    assert snapshot(sb) == before
+    assert_nothing_written(tmp_path, ["sb", "link"])
+
+
+def test_overwrite_replaces_a_dataset_folder_but_not_another_folder(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run(raw, out, "--overwrite") == 2
+    assert f"{out}: exists and is not a dataset folder; not replacing it" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert run(raw, out) == 0  # an empty folder is fine
+    (out / "plans.json").write_text("{}")  # `veloxseg plan` writes here
+    assert run(raw, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert_nothing_written(tmp_path, ["raw", "out"])
+
+
+def test_a_failed_run_removes_the_parent_folders_it_created(raw, tmp_path, capsys):
+    truncate(raw / "P002_CT.nii.gz")
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "nd2" / "ds", tmp_path / "kept" / "a" / "b" / "ds"):
+        assert run(raw, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "P002_CT.nii.gz" in err and "truncated" in err
+    assert_nothing_written(tmp_path, ["raw", "kept"])
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_nan_voxels_are_refused_with_advice_for_converting(raw, tmp_path, capsys):
+    write(raw / "P003_SUV.nii.gz", np.full(SHAPE, np.nan, np.float32))
+    assert run(raw, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert "P003_SUV.nii.gz" in err and "NaN" in err and err.endswith("before converting")
+    assert "segmenting" not in err
+    assert_nothing_written(tmp_path, ["raw"])
+
+
+def test_labels_map_must_map_background_to_zero(raw, tmp_path, capsys):
+    for spec in ("bg=1,x=0", "bg=0,lesion=1"):
+        argv = ["convert", "--images-dir", str(raw), "--channel", "CT=*_CT.nii.gz", "--labels", "*_SEG.nii.gz",
+                "--labels-map", spec, "-o", str(tmp_path / "out")]
+        assert main(argv) == 4
+        assert "--labels-map: value 0 must be named 'background'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="value 0 must be named 'background'"):
+        convert_dataset(raw, [("CT", "*_CT.nii.gz")], "*_SEG.nii.gz", tmp_path / "out", labels_map={"bg": 0, "x": 1})
+    assert_nothing_written(tmp_path, ["raw"])

@@ -60,6 +60,8 @@ def test_existing_nnunet_region_labels_are_read(tmp_path):
     (lambda d: d.pop("channel_names"), "missing key 'channel_names'"),
     (lambda d: d.update(labels={"background": 0, "lesion": 2}), "consecutive"),
     (lambda d: d.update(labels={"lesion": 1}), "background"),
+    (lambda d: d.update(labels={"bg": 0, "lesion": 1}), "must map 'background' to 0.*lacks 'background'"),
+    (lambda d: d.update(labels={"background": 1, "lesion": 0}), "must map 'background' to 0.*got 1"),
     (lambda d: d.update(channel_names={"1": "CT"}), "channel_names"),
     (lambda d: d.update(numTraining="2"), "numTraining"),
     (lambda d: d.update(file_ending="nii.gz"), "file_ending"),
@@ -144,8 +146,8 @@ def test_atomic_directory_leaves_nothing_behind_on_error(tmp_path):
 
 def test_atomic_directory_refuses_then_replaces_existing_output(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old").write_text("old")
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "dataset.json").write_text("{}")
     with pytest.raises(InputError, match="not empty"):
         with nnunet.atomic_directory(out):
             pass
@@ -153,3 +155,53 @@ def test_atomic_directory_refuses_then_replaces_existing_output(tmp_path):
         (tmp / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_directory_refuses_an_output_that_is_contains_or_is_inside_an_input(tmp_path):
+    src = tmp_path / "sb" / "raw"
+    src.mkdir(parents=True)
+    (src / "P001_CT.nii.gz").write_text("input")
+    (tmp_path / "link").symlink_to(tmp_path / "sb")
+    for output, problem in ((src, "is the input folder"), (tmp_path / "sb", "contains the input folder"),
+                            (tmp_path / "link", "contains the input folder"),  # symlinks are resolved
+                            (src / "ds", "is inside the input folder"), (tmp_path / "link/raw/ds", "is inside")):
+        with pytest.raises(InputError, match=problem):
+            with nnunet.atomic_directory(output, overwrite=True, inputs=[src]) as tmp:
+                (tmp / "dataset.json").write_text("{}")
+    assert (src / "P001_CT.nii.gz").read_text() == "input"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["P001_CT.nii.gz", "link", "raw", "sb"]
+
+
+def test_overwrite_replaces_only_a_dataset_folder(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "dataset.json").write_text("{}")  # a dataset.json alone does not make a dataset folder
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match=r"mine: exists and is not a dataset folder; not replacing it"):
+        with nnunet.atomic_directory(mine, overwrite=True):
+            pass
+    assert sorted(p.name for p in mine.iterdir()) == ["dataset.json", "notes.txt"]
+    (tmp_path / "alias").symlink_to(mine)
+    with pytest.raises(InputError, match="alias: exists and is a symbolic link; not replacing it"):
+        with nnunet.atomic_directory(tmp_path / "alias", overwrite=True):
+            pass
+    ds = make_dataset(tmp_path / "ds")
+    (ds / "plans.json").write_text("{}")  # what `veloxseg plan` adds
+    with nnunet.atomic_directory(ds, overwrite=True) as tmp:
+        (tmp / "dataset.json").write_text("{}")
+    assert [p.name for p in ds.iterdir()] == ["dataset.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "ds", "mine"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_directory_removes_the_parent_folders_it_created_on_error(tmp_path, error):
+    (tmp_path / "a").mkdir()  # exists before the run: stays
+    with pytest.raises(error):
+        with nnunet.atomic_directory(tmp_path / "a" / "b" / "c" / "out") as tmp:
+            assert (tmp_path / "a" / "b" / "c").is_dir()
+            (tmp / "file").write_text("partial")
+            raise error()
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["a"]
+    with nnunet.atomic_directory(tmp_path / "a" / "b" / "out") as tmp:  # on success they stay
+        (tmp / "file").write_text("done")
+    assert (tmp_path / "a" / "b" / "out" / "file").read_text() == "done"

@@ -1,5 +1,6 @@
 """Synthetic PET/CT and MRI phantoms (VeloxSegLib.data.phantom, `veloxseg phantom`)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,48 @@ def test_cli_workers_must_be_positive_and_nothing_is_written(tmp_path, capsys):
                  "-o", str(out)]) != 0
     assert "workers" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_overwrite_replaces_a_dataset_but_never_another_folder(tmp_path, capsys):
+    argv = ["phantom", "--kind", "petct", "-n", "1", "--size", "32", "32", "32", "--overwrite", "-o"]
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert main(argv + [str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{out}: exists and is not a dataset folder; not replacing it" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
+    ds = tmp_path / "ds"
+    assert main(argv + [str(ds)]) == 0 and main(argv + [str(ds)]) == 0
+    assert sorted(p.name for p in ds.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "q"]
+
+
+def test_cancelled_run_removes_the_parent_folders_it_created(tmp_path):
+    def cancel(done, total):
+        raise KeyboardInterrupt  # Ctrl-C after the first case
+
+    with pytest.raises(KeyboardInterrupt):
+        phantom.write_phantom_dataset(tmp_path / "nd3" / "x", "petct", 2, size=(32, 32, 32), progress=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_cancels_like_ctrl_c_and_leaves_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "VeloxSegLib.cli", "phantom", "--kind", "petct", "-n", "500",
+                             "--size", "32", "32", "32", "-o", str(tmp_path / "nd" / "x")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("nd/.x.*.tmp/labelsTr/*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "veloxseg phantom: cancelled" in err
+    assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--align", action="store_true",
                    help="resample every channel onto the first channel's grid (otherwise they must share it)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="dataset folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset folder (one holding dataset.json, imagesTr, labelsTr, ...)")
     p.set_defaults(func=run)
 
 
@@ -46,11 +47,12 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..data.convert import convert_dataset, parse_channel_spec, parse_labels_map, parse_remap
+    from ..data.nnunet import sigterm_as_interrupt
 
     channels = [parse_channel_spec(s) for s in args.channel]
     labels_map = parse_labels_map(args.labels_map) if args.labels_map else None
     remap = parse_remap(args.remap) if args.remap else None
-    with tqdm(desc="convert", unit="case", disable=None) as bar:
+    with sigterm_as_interrupt(), tqdm(desc="convert", unit="case", disable=None) as bar:
         def progress(done, total):
             bar.total = total
             bar.update(1)

@@ -29,17 +29,19 @@ def register(subparsers) -> None:
                         "scanner. " + "; ".join(f"{s.name}: {s.description}" for s in SCANNERS.values()))
     p.add_argument("--workers", type=int, default=1, metavar="W",
                    help="generate cases in W processes (default 1); the files are the same for any W")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset folder (one holding dataset.json, imagesTr, labelsTr, ...)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..data.nnunet import sigterm_as_interrupt
     from ..data.phantom import write_phantom_dataset
 
     t0 = time.perf_counter()
-    with tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
+    with sigterm_as_interrupt(), tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
             progress=lambda done, total: bar.update(1), scanner=args.scanner, workers=args.workers,

@@ -50,11 +50,22 @@ def parse_labels_map(spec: str) -> Dict[str, int]:
         if name in out:
             raise ConfigError(f"--labels-map: label {name!r} given twice")
         out[name] = v
+    return check_labels_map(out)
+
+
+def check_labels_map(out: Dict[str, int]) -> Dict[str, int]:
+    """Output labels must be consecutive from 0, with 0 named ``background`` (nnU-Net's rule)."""
+    if not out:
+        raise ConfigError("--labels-map: no labels given (e.g. background=0,lesion=1)")
     values = sorted(out.values())
     if len(set(values)) != len(values):
         raise ConfigError("--labels-map: two labels share a value")
     if values != list(range(len(values))):
         raise ConfigError(f"--labels-map: values must be consecutive 0..{len(values) - 1} (use --remap), got {values}")
+    if out.get("background") != 0:
+        zero = next(name for name, v in out.items() if v == 0)
+        raise ConfigError(f"--labels-map: value 0 must be named 'background', as nnU-Net requires "
+                          f"(got {zero}=0, e.g. background=0,lesion=1)")
     return out
 
 
@@ -164,6 +175,16 @@ def find_files(folder: Path, pattern: str, case_re=None, what: str = "files") ->
 # --------------------------------------------------------------------------- conversion
 
 
+def read_image(path):
+    """``io.read_image``, its NaN/inf advice worded for this command."""
+    from .io import read_image as _read
+
+    try:
+        return _read(path)
+    except InputError as exc:
+        raise InputError(str(exc).replace("before segmenting", "before converting")) from None
+
+
 def _summarize(problems: List[str]) -> str:
     shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = len(problems) - MAX_LISTED_PROBLEMS
@@ -201,7 +222,6 @@ def convert_dataset(
     import SimpleITK as sitk
 
     from .alignment import Grid, resample_to_grid
-    from .io import read_image
 
     images_dir = Path(images_dir)
     labels_dir = Path(labels_dir) if labels_dir is not None else images_dir
@@ -215,10 +235,10 @@ def convert_dataset(
     except re.error as exc:
         raise ConfigError(f"--case-regex {case_regex!r}: {exc}") from None
     remap = dict(remap or {})
-    out_abs = Path(output).absolute()
-    for src in (images_dir, labels_dir):
-        if src.exists() and out_abs.resolve() == src.resolve():
-            raise ConfigError(f"output '{output}' must not be the input folder '{src}'")
+    if labels_map is not None:
+        labels_map = check_labels_map(dict(labels_map))
+    inputs = (images_dir, labels_dir)
+    nnunet.check_output_folder(output, overwrite, inputs)  # again when writing: fail before any reading
 
     per_channel = [find_files(images_dir, pattern, case_re, f"{name} image") for name, pattern in channels]
     label_files = find_files(labels_dir, labels, case_re, "label")
@@ -246,7 +266,7 @@ def convert_dataset(
     # pass 2: read, check label values, write into a temporary folder
     found_values: set = set()
     sources: Dict[str, Dict[str, str]] = {}
-    with nnunet.atomic_directory(output, overwrite=overwrite) as tmp:
+    with nnunet.atomic_directory(output, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / nnunet.IMAGES_DIR).mkdir()
         (tmp / nnunet.LABELS_DIR).mkdir()
         for k, case in enumerate(cases):

@@ -175,8 +175,10 @@ def parse_dataset_json(data: dict, where: str) -> Tuple[Dict[str, str], Dict[str
             raise InputError(f"{where}: label {name!r} must be a non-negative integer (or a list of them)")
         if not isinstance(value, (list, tuple)):
             values.append(value)
-    if labels.get("background", 0) != 0 or 0 not in values:
-        raise InputError(f"{where}: 'labels' must map 'background' to 0")
+    background = labels.get("background")
+    if background != 0:  # (bools were refused above)
+        got = "it lacks 'background'" if "background" not in labels else f"got {background!r}"
+        raise InputError(f"{where}: 'labels' must map 'background' to 0, as nnU-Net requires ({got})")
     if len(set(values)) != len(values):
         raise InputError(f"{where}: two labels share a value")
     plain = sorted(set(values))
@@ -361,40 +363,147 @@ def validate_dataset(root: PathLike, check_geometry: bool = True, same_grid: boo
 # --------------------------------------------------------------------------- atomic output
 
 
-@contextlib.contextmanager
-def atomic_directory(output: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``output``; on success it is renamed to ``output``,
-    on any error it is removed, so a failed run leaves nothing behind.
+# What a raw dataset folder may hold for ``overwrite`` to replace it: what this tool (convert,
+# phantom, plan) or nnU-Net puts there. Anything else means the folder is not a dataset.
+DATASET_ENTRIES = frozenset({DATASET_JSON, IMAGES_DIR, LABELS_DIR, "imagesTs", "labelsTs", "plans.json"})
 
-    An existing non-empty ``output`` is refused unless ``overwrite`` (then replaced only after
-    the new content is complete).
+
+def _is_dataset_like_dir(path: Path) -> bool:
+    """``path`` looks like an nnU-Net raw dataset this tool could have written: a real folder
+    holding ``dataset.json`` and nothing but dataset entries (``DATASET_ENTRIES``)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return DATASET_JSON in names and (path / DATASET_JSON).is_file() and names <= DATASET_ENTRIES
+
+
+def check_output_folder(output: PathLike, overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> None:
+    """Refuse an output folder that would clobber something: one that is, contains or is inside an
+    input folder (symlinks resolved), an existing non-folder, a non-empty folder without
+    ``overwrite``, and with ``overwrite`` a non-empty folder that is not a dataset folder."""
+    output = Path(output)
+    real = Path(os.path.realpath(output))
+    for src in inputs:
+        src_real = Path(os.path.realpath(src))
+        if real == src_real:
+            raise InputError(f"{output}: is the input folder '{src}'; choose another output folder")
+        if src_real in real.parents:
+            raise InputError(f"{output}: is inside the input folder '{src}'; choose another output folder")
+        if real in src_real.parents:
+            raise InputError(f"{output}: contains the input folder '{src}'; not replacing it")
+    if output.is_symlink() or output.exists():
+        if output.is_symlink() or not output.is_dir():
+            what = "a symbolic link" if output.is_symlink() else "not a directory"
+            raise InputError(f"{output}: exists and is {what}; not replacing it")
+        try:
+            empty = not any(output.iterdir())
+        except OSError as exc:
+            raise InputError(f"{output}: cannot be read ({exc.strerror or exc})") from None
+        if not empty:
+            if not overwrite:
+                raise InputError(f"{output}: exists and is not empty (use --overwrite to replace it)")
+            if not _is_dataset_like_dir(output):
+                raise InputError(f"{output}: exists and is not a dataset folder; not replacing it")
+
+
+def _make_parents(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; return those this call created, deepest first."""
+    missing = []
+    p = folder
+    while not (p.exists() or p.is_symlink()) and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    created: List[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if d.is_dir():
+                continue  # created meanwhile by someone else: not ours to remove
+            _remove_empty(created)
+            raise InputError(f"{d}: cannot create the folder (a file is in the way)") from None
+        except OSError as exc:
+            _remove_empty(created)
+            raise InputError(f"{d}: cannot create the folder ({exc.strerror or exc})") from None
+        created.insert(0, d)
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) if they are empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break  # not empty (someone else wrote there): keep it and its parents
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, so a
+    ``kill`` also runs the clean-up of :func:`atomic_directory` instead of ending the process
+    with its temporary folder left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_directory(output: PathLike, overwrite: bool = False,
+                     inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary directory next to ``output``; on success it is renamed to ``output``,
+    on any error (or Ctrl-C) it is removed, so a failed run leaves nothing behind: missing parent
+    folders are created, and removed again (if still empty) when the run fails.
+
+    ``check_output_folder`` decides first: ``output`` must not be, contain or lie inside one of
+    ``inputs``; an existing non-empty ``output`` is refused unless ``overwrite``, and even then
+    only a dataset folder is replaced (after the new content is complete).
     """
+    check_output_folder(output, overwrite, inputs)
     output = Path(output).absolute()
-    if output.exists():
-        if not output.is_dir():
-            raise InputError(f"{output}: exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise InputError(f"{output}: exists and is not empty (use --overwrite to replace it)")
     parent = output.parent
+    created = _make_parents(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{parent}: cannot create ({exc.strerror})") from None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(parent)))
-    except OSError as exc:
-        raise InputError(f"{parent}: cannot write here ({exc.strerror or exc})") from None
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(parent)))
-            os.rmdir(old)
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(parent)))
+        except OSError as exc:
+            raise InputError(f"{parent}: cannot write here ({exc.strerror or exc})") from None
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+            if output.exists() or output.is_symlink():
+                check_output_folder(output, overwrite, inputs)  # it may have changed meanwhile
+                old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(parent)))
+                os.rmdir(old)
+                os.rename(output, old)
+                try:
+                    os.rename(tmp, output)
+                except BaseException:
+                    os.rename(old, output)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
