@@ -250,7 +250,7 @@ def test_nan_voxels_are_refused_with_advice_for_converting(raw, tmp_path, capsys
     write(raw / "P003_SUV.nii.gz", np.full(SHAPE, np.nan, np.float32))
     assert run(raw, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
-    assert "P003_SUV.nii.gz" in err and "NaN" in err and err.endswith("before converting")
+    assert "P003_SUV.nii.gz" in err and "NaN" in err and err.endswith("fix or mask them first")
     assert "segmenting" not in err
     assert_nothing_written(tmp_path, ["raw"])
 

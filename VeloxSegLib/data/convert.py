@@ -176,13 +176,10 @@ def find_files(folder: Path, pattern: str, case_re=None, what: str = "files") ->
 
 
 def read_image(path):
-    """``io.read_image``, its NaN/inf advice worded for this command."""
+    """``io.read_image`` (imported late: the converter's module loads without SimpleITK work)."""
     from .io import read_image as _read
 
-    try:
-        return _read(path)
-    except InputError as exc:
-        raise InputError(str(exc).replace("before segmenting", "before converting")) from None
+    return _read(path)
 
 
 def _summarize(problems: List[str]) -> str:

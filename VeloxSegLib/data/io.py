@@ -223,7 +223,7 @@ def _scan_nifti(path: Path) -> None:
                 raise InputError(f"{_describe(path)}: truncated image file ({total} of {expected} bytes)")
         if bad:
             raise InputError(f"{_describe(path)}: image holds {bad} NaN or infinite voxel(s); "
-                             "fix or mask them before segmenting")
+                             "fix or mask them first")
     except (EOFError, OSError, zlib.error, struct.error) as exc:
         raise InputError(f"{_describe(path)}: corrupt or truncated image ({exc})") from None
 
@@ -270,7 +270,7 @@ def check_finite(image: sitk.Image, name: str) -> None:
             what.append(f"{n_nan} NaN")
         if bad - n_nan:
             what.append(f"{bad - n_nan} infinite")
-        raise InputError(f"{name}: image holds {' and '.join(what)} voxel(s); fix or mask them before segmenting")
+        raise InputError(f"{name}: image holds {' and '.join(what)} voxel(s); fix or mask them first")
 
 
 def check_image(image: sitk.Image, name: str = "image") -> sitk.Image:
