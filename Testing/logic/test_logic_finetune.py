@@ -105,7 +105,7 @@ def test_finetune_job_reports_epochs_plots_them_and_registers_the_bundle(scene, 
     assert [r[0] for r in rows] == [0.0, 1.0, 2.0]
     assert rows[0][1] == pytest.approx(1.0) and rows[2][2] == pytest.approx(0.7)
     assert read_bundle_info(str(metadata_bundle)).name == "petct-test"  # the source bundle is untouched
-    assert not os.path.exists(job.dataset_dir)  # the temporary dataset is cleaned up
+    assert not os.path.exists(job.temp_dir)  # the exported cases and the checkpoints are cleaned up
     # checkpoints went under the exported dataset, not beside the new bundle in the models folder
     assert os.listdir(tmp_path / "models") == ["my-model"]
 
@@ -147,7 +147,7 @@ def test_shutdown_stops_finetuning_and_removes_what_it_wrote(scene, tmp_path, me
     assert os.path.isdir(job.dataset_dir) and os.path.isdir(job.output_bundle)
     job.shutdown(timeout=30)
     assert not job.running and job.error == "stopped" and done == []
-    assert not os.path.exists(job.output_bundle) and not os.path.exists(job.dataset_dir)
+    assert not os.path.exists(job.output_bundle) and not os.path.exists(job.temp_dir)
 
 
 def test_new_model_name_must_be_a_safe_folder_name(tmp_path, metadata_bundle):
@@ -202,4 +202,4 @@ def test_real_finetune_command_runs_one_short_epoch_into_a_new_bundle(scene, tmp
     assert info.name == "tuned" and os.path.isfile(os.path.join(info.path, "model.safetensors"))
     assert fractions and fractions[-1] <= 1.0
     # no checkpoint folder is left in the models folder to block a later run of the same name
-    assert os.listdir(tmp_path / "models") == ["tuned"] and not os.path.exists(job.dataset_dir)
+    assert os.listdir(tmp_path / "models") == ["tuned"] and not os.path.exists(job.temp_dir)

@@ -130,14 +130,16 @@ def _export_cases(cases, channels, labels, folder, dataset_name):
         json.dump(dataset, f, indent=2)
 
 
-def finetune_command(bundle_path, dataset_dir, output_bundle, epochs=None, lr=None, device="auto"):
-    """The ``veloxseg finetune`` command line. Its checkpoints go in ``dataset_dir/work`` (removed
-    with the exported cases), not next to the new bundle in the models folder, where a stopped run
-    would leave them and block the next run of the same name."""
+def finetune_command(bundle_path, dataset_dir, output_bundle, epochs=None, lr=None, device="auto", work_dir=None):
+    """The ``veloxseg finetune`` command line. The job passes a ``work_dir`` beside the exported
+    cases (removed with them), so checkpoints never stay next to the new bundle in the models
+    folder, where a stopped run would leave them and block the next run of the same name."""
     from .process import python_executable
 
-    args = [python_executable(), "-m", "VeloxSegLib.cli", "finetune", "-m", bundle_path, dataset_dir, "-o", output_bundle,
-            "--work-dir", os.path.join(dataset_dir, "work"), "--progress", "json"]
+    args = [python_executable(), "-m", "VeloxSegLib.cli", "finetune", "-m", bundle_path, dataset_dir, "-o", output_bundle]
+    if work_dir:
+        args += ["--work-dir", work_dir]
+    args += ["--progress", "json"]
     if epochs is not None:
         args += ["--epochs", str(int(epochs))]
     if lr is not None:
@@ -178,24 +180,28 @@ class FineTuneJob:
         self.result = None
         self.error = None
         self.dataset_dir = None
+        self.temp_dir = None  # holds dataset_dir (the exported cases) and the run's work folder
 
     def start(self, command=None):
         """Export the cases and start the process. ``command(default_args) -> args`` may rewrite
         the command line (tests run a stand-in this way)."""
         from .process import ProcessRunner, library_env
 
-        self.dataset_dir = export_nnunet_dataset(self.cases, self.channels, self.labels)
+        self.temp_dir = tempfile.mkdtemp(prefix="veloxseg-finetune-")
         try:
+            self.dataset_dir = export_nnunet_dataset(self.cases, self.channels, self.labels,
+                                                     os.path.join(self.temp_dir, "dataset"))
             os.makedirs(self.models_dir, exist_ok=True)
-            args = finetune_command(self.bundle_path, self.dataset_dir, self.output_bundle, self.epochs, self.lr, self.device)
+            args = finetune_command(self.bundle_path, self.dataset_dir, self.output_bundle, self.epochs, self.lr,
+                                    self.device, work_dir=os.path.join(self.temp_dir, "work"))
             if command is not None:
                 args = command(args)
             if self.on_log:
                 self.on_log(" ".join(str(a) for a in args))
             self.runner = ProcessRunner(args, env=library_env(), on_progress=self._record, on_log=self.on_log,
                                         on_finished=self._finished).start()
-        except BaseException:
-            shutil.rmtree(self.dataset_dir, ignore_errors=True)
+        except BaseException:  # a refused case or a failed start: no patient images stay behind
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
             raise
         return self
 
@@ -264,8 +270,8 @@ class FineTuneJob:
             self.error = f"reading the fine-tuned model failed: {exc}"
         if self.error and os.path.isdir(self.output_bundle) and not os.path.isfile(os.path.join(self.output_bundle, "model.safetensors")):
             shutil.rmtree(self.output_bundle, ignore_errors=True)
-        if self.dataset_dir:
-            shutil.rmtree(self.dataset_dir, ignore_errors=True)
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self.on_done:
             self.on_done(self.result, self.error)
 
