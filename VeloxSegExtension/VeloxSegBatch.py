@@ -12,7 +12,7 @@ With plain Python and the slicer-core wheel::
 ``--input`` may instead be one folder of cases (nnU-Net naming ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``
 or one sub-folder per case); ``--output`` is then a folder receiving ``CASE.seg.nrrd``. The exit code is
 0 on success; on failure one line goes to stderr and the code is non-zero (2 input, 3 model,
-130 cancelled, 1 otherwise).
+4 configuration, 130 cancelled, 1 otherwise).
 
 Installed with the extension this file sits among Slicer's scripted modules, so it also defines a
 hidden, empty module of its own name when loaded by Slicer's module factory.

@@ -12,7 +12,7 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
     p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     p.add_argument("--iterations-per-epoch", type=int, default=iterations,
                    help=f"optimizer steps per epoch (default {iterations})")
-    p.add_argument("--batch-size", type=int, help="patches per step and process (default: from the plans)")
+    p.add_argument("--batch-size", type=int, help="patches per step and process (default: from the plans for train, 2 for finetune)")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--val-every", type=int, default=val_every,
                    help=f"validate on whole cases every N epochs and at the end (default {val_every})")
