@@ -223,3 +223,34 @@ def test_finetune_stopped_while_loading_cases_leaves_no_work_folder(tmp_path, bu
                "--iterations-per-epoch", "1", "--progress", "none", "--work-dir", str(tmp_path / "runs" / "w" / "x")])
     assert rc == 2 and "c2_0001.nii.gz" in _one_error_line(capsys)
     assert os.listdir(tmp_path / "runs") == []  # the work folders it made (w/x) are gone, no bundle
+
+
+def test_finetune_writes_nothing_inside_its_source_bundle(tmp_path, bundle, capsys):  # noqa: F811
+    ds = _dataset(tmp_path / "ds")
+    source = tmp_path / "src"
+    shutil.copytree(bundle, source)
+    before = sorted(os.listdir(source))
+    common = ["--epochs", "1", "--iterations-per-epoch", "1", "--progress", "none"]
+    rc = main(["finetune", "-m", str(source), str(ds), "-o", str(source / "sub"), *common])
+    assert rc == 2 and "inside the source bundle" in _one_error_line(capsys)
+    rc = main(["finetune", "-m", str(source), str(ds), "-o", str(tmp_path / "new"), "--work-dir", str(source), *common])
+    assert rc == 2 and "inside the source bundle" in _one_error_line(capsys)
+    assert sorted(os.listdir(source)) == before and not (tmp_path / "new").exists()
+
+
+def test_validation_labels_the_model_does_not_have_are_refused_before_training(tmp_path, bundle, capsys):  # noqa: F811
+    ds = _dataset(tmp_path / "ds", n=2)
+    val = tmp_path / "val"
+    shutil.copytree(ds, val)
+    label = val / "labelsTr" / "c1.nii.gz"  # only the validation set is wrong: it would score 0, not fail
+    image = sitk.ReadImage(str(label))
+    array = sitk.GetArrayFromImage(image)
+    array[array == 1] = 2
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(image)
+    sitk.WriteImage(bad, str(label))
+    rc = main(["finetune", "-m", str(bundle), str(ds), "-o", str(tmp_path / "new"), "--val-dataset", str(val),
+               "--epochs", "1", "--iterations-per-epoch", "1", "--progress", "none"])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "c1.nii.gz" in line and "[2] are not among the model's labels" in line
+    assert sorted(os.listdir(tmp_path)) == ["ds", "val"]

@@ -159,6 +159,41 @@ def test_resumed_run_matches_the_uninterrupted_run(dataset, tmp_path):
         assert r_full["loss"] == pytest.approx(r_resumed["loss"], rel=1e-12)  # epoch means, mid-epoch cut included
 
 
+def test_resume_refuses_settings_that_differ_from_the_checkpoint(dataset, tmp_path):
+    """A resumed run continues the checkpoint's schedule, loss and random streams: another rate,
+    seed, loss term or batch size would train something the record does not describe."""
+    torch.set_num_threads(1)
+    stop = StopRequest()
+
+    def on_record(r):
+        if r.get("event") == "step" and r["step"] == 1:
+            stop.event.set()
+
+    with pytest.raises(Cancelled):
+        run_training(dataset, tmp_path / "cut", _config(), stop=stop, progress=make_reporter("none", on_record))
+    for change, pattern in ((dict(lr=1e-3), "--lr 0.00025, this run has 0.001"),
+                            (dict(seed=8), "--seed 7, this run has 8"),
+                            (dict(use_sdkt=False, use_reconstruction=False), r"the SDKT loss \(--no-sdkt\) on, this run has off"),
+                            (dict(lesion_dice=1.0), "--lesion-dice default, this run has 1.0"),
+                            (dict(batch_size=2), "batch size 1, this run has 2")):
+        with pytest.raises(ConfigError, match=pattern):
+            run_training(dataset, tmp_path / "cut", _config(**change), resume=True)
+    assert not (tmp_path / "cut").exists()
+    resumed = run_training(dataset, tmp_path / "cut", _config(), resume=True)  # the same settings still resume
+    assert resumed.bundle is not None and (tmp_path / "cut").is_dir()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_work_folder(dataset, tmp_path):
+    """Divergence at the first steps: nothing resumable exists, so nothing of the run stays (a
+    failure after a checkpoint keeps the work folder: test_resumed_run_matches_the_uninterrupted_run)."""
+    torch.set_num_threads(1)
+    work = tmp_path / "runs" / "w"
+    with pytest.raises(ConfigError, match="diverged"):
+        run_training(dataset, tmp_path / "out", _config(lr=1e12), work_dir=work)
+    assert not (tmp_path / "runs").exists()  # w and the runs folder it made for it
+    assert not (tmp_path / "out").exists()
+
+
 def test_loader_threads_train_the_same_weights_through_an_interruption(dataset, tmp_path):
     """Threads that prepare patches ahead change nothing: a threaded run, cut mid-epoch while
     batches are in flight and resumed, ends with the weights of the plain uninterrupted run."""

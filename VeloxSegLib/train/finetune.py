@@ -138,6 +138,14 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     out = Path(output)
     if out.exists() and out.resolve() == Path(src.path).resolve():
         raise InputError(f"{out}: is the source bundle; fine-tuning writes a new bundle and never replaces its parent")
+    source = Path(src.path).resolve()
+    if source.is_dir():  # nothing goes inside the parent either: not the new bundle, not the checkpoints
+        from .trainer import default_work_dir
+
+        work = Path(kwargs.get("work_dir") or default_work_dir(out))
+        for path, what in ((out, "the output"), (work, "the work folder")):
+            if source in path.resolve().parents or path.resolve() == source:
+                raise InputError(f"{path}: {what} is inside the source bundle {src.path}, which is never modified")
     meta = src.meta
     ds = load_dataset(dataset)
     if ds.num_channels != len(meta["channels"]):
@@ -168,7 +176,7 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
                      inference=inference)
     weights = src.state_dict()
     sha = _weights_sha256(src)
-    notes = {"parent_path": str(src.path), "parent_weights_sha256": sha, "new_label_set": not same,
+    notes = {"parent_path": str(Path(src.path).resolve()), "parent_weights_sha256": sha, "new_label_set": not same,
              "heads_reinitialized": not same, "parent_labels": [lb["name"] for lb in meta["labels"]],
              "lineage": lineage_of(meta)}
     if patch != tuple(m["patch_size"]):

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -115,6 +116,8 @@ class TrainConfig:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.loader_threads is not None and self.loader_threads < 0:
             raise ConfigError(f"--loader-threads must be >= 0, got {self.loader_threads}")
         if not self.lr > 0:
@@ -641,6 +644,14 @@ class Run:
     amp: bool
     resumed: bool = False
     init_report: Optional[dict] = None
+    made_dirs: List[Path] = field(default_factory=list)  # created by this run, deepest first
+    wrote_plans: bool = False
+
+    def discard_unstarted(self) -> None:
+        """The run ends before its first checkpoint (a broken case, divergence at once, Ctrl-C while
+        loading or validating the starting weights): nothing resumable exists, so nothing it wrote
+        stays. A work folder holding a checkpoint is never touched."""
+        _discard_unstarted(self.work, self.writer, self.made_dirs, self.wrote_plans)
 
     @property
     def validated_on(self) -> str:
@@ -652,7 +663,7 @@ class Run:
             "run": {"model": st.model_name, "patch_size": list(st.patch_size), "epochs": c.epochs,
                     "iterations_per_epoch": c.iterations_per_epoch, "batch_size": st.batch_size, "seed": c.seed,
                     "world_size": self.dist.world_size, "in_channels": list(st.in_channels),
-                    "num_classes": st.num_classes},
+                    "num_classes": st.num_classes, "recipe": _recipe(c)},
             "setup": asdict(st),
             "splits": self.splits,
             "loop": asdict(self.state),
@@ -676,6 +687,17 @@ class Run:
             if run[key] != value:
                 raise ConfigError(f"the checkpoint was made with {key.replace('_', ' ')} {run[key]}, this run has "
                                   f"{value}; resume with the same settings")
+        if self.config.batch_size is not None and self.config.batch_size != run["batch_size"]:
+            raise ConfigError(f"the checkpoint was made with batch size {run['batch_size']}, this run has "
+                              f"{self.config.batch_size}; resume with the same settings")
+        saved = run.get("recipe")  # (checkpoints from before it was recorded: not compared)
+        if saved is not None:
+            now = _recipe(self.config)
+            for key in RECIPE_KEYS:
+                if key in saved and saved[key] != now[key]:
+                    flag = RECIPE_FLAGS.get(key, "--" + key.replace("_", "-"))
+                    raise ConfigError(f"the checkpoint was made with {flag} {_shown(saved[key])}, this run has "
+                                      f"{_shown(now[key])}; resume with the same settings")
         self.model.load_state_dict(ckpt.model_state())
         self.optimizer.load_state_dict(ckpt.optimizer_state())
         self.schedule.load_state_dict(ckpt.state["schedule"])
@@ -685,6 +707,38 @@ class Run:
         self.sampler.load_state_dict(mine["sampler"])
         restore_rng(mine["rng"])
         self.resumed = True
+
+
+#: Training settings a resumed run must share with its checkpoint (the schedule, the loss, the
+#: sampling and the random streams were made with them).
+RECIPE_KEYS = ("lr", "min_lr", "weight_decay", "seed", "use_sdkt", "use_reconstruction", "batch_dice", "ds_weights",
+               "lesion_dice", "component_sampling", "fresh_warmup", "freeze_encoder", "dropout", "refine_head")
+RECIPE_FLAGS = {"use_sdkt": "the SDKT loss (--no-sdkt)", "use_reconstruction": "the reconstruction loss (--no-reconstruction)",
+                "min_lr": "final learning rate min_lr", "weight_decay": "weight decay"}  # (the last two: Python API)
+
+
+def _recipe(config: TrainConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(config, k)) for k in RECIPE_KEYS)}
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "default" if value is None else str(value)
+
+
+def _discard_unstarted(work: Path, writer: CheckpointWriter, made: Sequence[Path], wrote_plans: bool) -> None:
+    if writer.exists("last"):
+        return
+    if made and made[0] == work.absolute():
+        shutil.rmtree(work, ignore_errors=True)
+        for folder in made[1:]:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+    elif wrote_plans:
+        (work / PLANS_NAME).unlink(missing_ok=True)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -716,7 +770,7 @@ def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: boo
     check_writable_folder(parent)
     if dataset_root is not None:
         root = Path(dataset_root).resolve()
-        for path, what in ((work, "--work-dir"), (output, "the output")):
+        for path, what in ((work, "the work folder"), (output, "the output")):
             target = path.resolve()
             if target == root or root in target.parents:
                 raise InputError(f"{path}: {what} is inside the dataset {dataset_root}, which is never written to")
@@ -753,13 +807,30 @@ def _validation_dataset(ds, splits: dict):
     return val_ds
 
 
+def _check_validation_labels(val_ds, cases: Sequence[str], setup: RunSetup) -> None:
+    """A validation label map with values the model does not have would score as a miss, not
+    fail: refuse it before training (training cases are checked as they are loaded)."""
+    import SimpleITK as sitk
+
+    from ..data.io import read_image
+
+    known = {int(lb["value"]) for lb in setup.labels}
+    for case in cases:
+        path = val_ds.label_path(case)
+        image = read_image(path)  # kept alive while its buffer is viewed
+        values = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(image))}
+        extra = sorted(values - known)
+        if extra:
+            names = ", ".join(f"{lb['value']} {lb['name']}" for lb in setup.labels)
+            raise InputError(f"{path}: label value(s) {extra} are not among the model's labels ({names})")
+
+
 def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Optional[RunSetup] = None,
                  init_weights=None, reinit_prefixes: Sequence[str] = (), resume: bool = False, work_dir=None,
                  progress: Optional[ProgressReporter] = None, planner_overrides: Optional[dict] = None) -> Run:
     """Checks, plans, splits, in-memory cases and the training pieces (restored when resuming)."""
     from ..data.nnunet import load_dataset, write_json_atomic
     from ..infer.device import resolve_device, set_threads
-    from ..losses import LossConfig, VeloxSegLoss
 
     config.check()
     output = Path(output)
@@ -795,7 +866,9 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                          f"({', '.join(c['name'] for c in setup.channels)})")
     splits = ckpt.state["splits"] if ckpt is not None else _make_splits(ds, config)
     val_ds = _validation_dataset(ds, splits)
-    made = []  # folders this run creates before its first checkpoint: removed if it ends here
+    _check_validation_labels(val_ds, splits["validation"], setup)
+    made: List[Path] = []  # folders this run creates before its first checkpoint: removed if it ends there
+    wrote_plans = False
     if dist.is_main:
         missing = work.absolute()
         while not missing.exists():
@@ -807,25 +880,29 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
             raise InputError(f"{work}: cannot create the work folder ({exc.strerror or exc})") from None
         if isinstance(plans, dict):
             write_json_atomic(work / PLANS_NAME, plans)
-
+            wrote_plans = True
     try:
-        loader_threads = resolve_loader_threads(config.loader_threads, device)
-        if loader_threads > 1 and len(splits["train"]) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(loader_threads) as pool:  # reading and resampling release the GIL
-                cases = list(pool.map(lambda c: preprocess_case(ds, c, setup), splits["train"]))
-        else:
-            cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
-    except BaseException:  # a broken case, Ctrl-C or SIGTERM while loading: no empty work folder stays
-        if made:
-            (work / PLANS_NAME).unlink(missing_ok=True)
-            for folder in made:  # deepest first
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+        return _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt,
+                              init_weights, reinit_prefixes, made, wrote_plans)
+    except BaseException:  # a broken case, Ctrl-C or SIGTERM while loading: nothing of this run stays
+        if dist.is_main:
+            _discard_unstarted(work, writer, made, wrote_plans)
         raise
+
+
+def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt, init_weights,
+                   reinit_prefixes, made, wrote_plans) -> Run:
+    """The in-memory cases and the training pieces of :func:`assemble_run` (restored when resuming)."""
+    from ..losses import LossConfig, VeloxSegLoss
+
+    loader_threads = resolve_loader_threads(config.loader_threads, device)
+    if loader_threads > 1 and len(splits["train"]) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(loader_threads) as pool:  # reading and resampling release the GIL
+            cases = list(pool.map(lambda c: preprocess_case(ds, c, setup), splits["train"]))
+    else:
+        cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
 
     # seeded so that every rank builds the same model (DDP also broadcasts rank 0's weights)
     torch.manual_seed(config.seed)
@@ -852,7 +929,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     loop = TrainLoop(forward, loss_fn, optimizer, schedule, sampler, device, amp)
     validator = Validator(val_ds, splits["validation"], setup, device) if dist.is_main else None
     run = Run(config, setup, ds, splits, work, writer, dist, device, model, optimizer, schedule, sampler, loop,
-              validator, progress, LoopState(), amp, init_report=init_report)
+              validator, progress, LoopState(), amp, init_report=init_report, made_dirs=list(made),
+              wrote_plans=wrote_plans)
     if ckpt is not None:
         run.restore(ckpt)
     return run
@@ -1115,6 +1193,10 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
             with stop.handling_signals():
                 validate_start(run, stop)
         train_epochs(run, stop)
+    except BaseException:
+        if run.dist.is_main:
+            run.discard_unstarted()
+        raise
     finally:
         run.sampler.close()
     result = TrainResult(None, run.work, st.history, st.best_dice, st.best_epoch, run.validated_on, model=run.model)
