@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--case", type=int, default=0, help="phantom case index")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto",
+                   help="auto (default): a bar when stderr is a terminal; json: JSON lines for the Slicer panel")
     p.set_defaults(func=run)
 
 

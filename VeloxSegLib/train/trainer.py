@@ -1176,8 +1176,9 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                        "validation": run.validated_on, "device": str(run.device),
                        "world_size": run.dist.world_size, "resumed": run.resumed})
     if run.validated_on == "training cases":
-        msg = (f"only {len(run.dataset.cases)} case(s): no case can be held out, so validation Dice is measured on "
-               f"the training cases (optimistic)")
+        why = ("--split gives validation no case" if config.split is not None and float(config.split[1]) == 0
+               else f"only {len(run.dataset.cases)} case(s): no case can be held out")
+        msg = f"{why}, so validation Dice is measured on the training cases (optimistic)"
         log.warning(msg)
         run.progress.emit({"event": "message", "message": msg})
     held = [g for g in run.optimizer.param_groups if "start_step" in g]
