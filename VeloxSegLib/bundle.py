@@ -25,6 +25,7 @@ import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import BundleError, InputError
+from .fsutil import swap_folder_into_place
 
 __all__ = [
     "FORMAT_VERSION",
@@ -947,14 +948,7 @@ def save_bundle(out_dir, meta: dict, state_dict, *, overwrite: bool = False) -> 
             (tmp / WEIGHTS_NAME).write_bytes(weights_bytes)
             _load_path(tmp, as_zip=False).state_dict()
             if out.exists():
-                old = parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-                os.replace(out, old)
-                try:
-                    os.replace(tmp, out)
-                except OSError:
-                    os.replace(old, out)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
+                swap_folder_into_place(tmp, out)
             else:
                 os.replace(tmp, out)
     except OSError as exc:

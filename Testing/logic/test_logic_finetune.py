@@ -110,19 +110,26 @@ def test_finetune_job_reports_epochs_plots_them_and_registers_the_bundle(scene, 
     assert os.listdir(tmp_path / "models") == ["my-model"]
 
 
-def test_stopping_finetune_removes_the_partial_bundle(scene, tmp_path, metadata_bundle):
+def _hanging_job(scene, tmp_path, metadata_bundle, name, on_done=None):
+    """A fine-tune job whose stand-in hangs after its first epoch; returned once that epoch arrived."""
+    import time
+
     ct, pet, seg, _ = _case(scene, "p1")
-    job = F.FineTuneJob(str(metadata_bundle), [F.FineTuneCase([ct, pet], seg)], CHANNELS, labels_meta(), "half",
-                        epochs=3, models_dir=str(tmp_path / "models"))
+    job = F.FineTuneJob(str(metadata_bundle), [F.FineTuneCase([ct, pet], seg)], CHANNELS, labels_meta(), name,
+                        epochs=3, models_dir=str(tmp_path / "models"), on_done=on_done)
     seen = []
     job.on_epoch = seen.append
     job.start(command=lambda args: _stand_in(args) + ["--hang"])
-    import time
-
     deadline = time.monotonic() + 60
     while not seen and time.monotonic() < deadline:
         job.poll()
         time.sleep(0.05)
+    assert seen, "the stand-in printed no epoch"
+    return job
+
+
+def test_stopping_finetune_removes_the_partial_bundle(scene, tmp_path, metadata_bundle):
+    job = _hanging_job(scene, tmp_path, metadata_bundle, "half")
     job.stop()
     with pytest.raises(Exception, match="stopped"):
         job.wait(timeout=60)
@@ -131,19 +138,8 @@ def test_stopping_finetune_removes_the_partial_bundle(scene, tmp_path, metadata_
 
 def test_shutdown_stops_finetuning_and_removes_what_it_wrote(scene, tmp_path, metadata_bundle):
     """Scene close or application exit: nothing polls afterwards, so shutdown must finish the job itself."""
-    ct, pet, seg, _ = _case(scene, "p1")
     done = []
-    job = F.FineTuneJob(str(metadata_bundle), [F.FineTuneCase([ct, pet], seg)], CHANNELS, labels_meta(), "left",
-                        epochs=3, models_dir=str(tmp_path / "models"), on_done=lambda *a: done.append(a))
-    seen = []
-    job.on_epoch = seen.append
-    job.start(command=lambda args: _stand_in(args) + ["--hang"])
-    import time
-
-    deadline = time.monotonic() + 60
-    while not seen and time.monotonic() < deadline:
-        job.poll()
-        time.sleep(0.05)
+    job = _hanging_job(scene, tmp_path, metadata_bundle, "left", on_done=lambda *a: done.append(a))
     assert os.path.isdir(job.dataset_dir) and os.path.isdir(job.output_bundle)
     job.shutdown(timeout=30)
     assert not job.running and job.error == "stopped" and done == []

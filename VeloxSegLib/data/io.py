@@ -298,18 +298,7 @@ def read_image(path: PathLike) -> sitk.Image:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
     else:
-        if not os.access(p, os.R_OK):
-            raise InputError(f"{_describe(p)}: file is not readable (permission denied)")
-        if p.stat().st_size == 0:
-            raise InputError(f"{_describe(p)}: file is empty")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        try:
-            with _native_stderr_held():
-                reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise InputError(f"{_describe(p)}: not a readable image ({_first_line(exc)})") from None
-        _check_header(p, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+        reader = _checked_file_reader(p)
         _scan_nifti(p)
     try:
         with _native_stderr_held():
@@ -322,15 +311,9 @@ def read_image(path: PathLike) -> sitk.Image:
     return image
 
 
-def check_image_header(path: PathLike) -> None:
-    """What :func:`read_image` checks without reading the voxels (for checking a whole folder of
-    cases before the first one runs): the file exists, is readable and not empty, and its header
-    is that of a 3D scalar volume. A DICOM folder is only checked to exist."""
-    p = Path(os.fspath(path))
-    if not p.exists():
-        raise InputError(f"{_describe(p)}: no such file or folder")
-    if p.is_dir():
-        return
+def _checked_file_reader(p: Path) -> sitk.ImageFileReader:
+    """A reader for the image file ``p`` whose header has been read and checked: the file is
+    readable and not empty, and holds a 3D scalar volume (or one 4D volume)."""
     if not os.access(p, os.R_OK):
         raise InputError(f"{_describe(p)}: file is not readable (permission denied)")
     if p.stat().st_size == 0:
@@ -343,6 +326,17 @@ def check_image_header(path: PathLike) -> None:
     except RuntimeError as exc:
         raise InputError(f"{_describe(p)}: not a readable image ({_first_line(exc)})") from None
     _check_header(p, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+    return reader
+
+
+def check_image_header(path: PathLike) -> None:
+    """What :func:`read_image` checks without reading the voxels (for checking a whole folder of
+    cases before the first one runs). A DICOM folder is only checked to exist."""
+    p = Path(os.fspath(path))
+    if not p.exists():
+        raise InputError(f"{_describe(p)}: no such file or folder")
+    if not p.is_dir():
+        _checked_file_reader(p)
 
 
 def read_images(paths: Iterable[PathLike]) -> List[sitk.Image]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import InputError
+from ..fsutil import swap_folder_into_place
 from .io import read_image, write_image  # noqa: F401  (re-exported for dataset code)
 
 PathLike = Union[str, os.PathLike]
@@ -490,15 +491,7 @@ def atomic_directory(output: PathLike, overwrite: bool = False,
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
             if output.exists() or output.is_symlink():
                 check_output_folder(output, overwrite, inputs)  # it may have changed meanwhile
-                old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=str(parent)))
-                os.rmdir(old)
-                os.rename(output, old)
-                try:
-                    os.rename(tmp, output)
-                except BaseException:
-                    os.rename(old, output)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
+                swap_folder_into_place(tmp, output)
             else:
                 os.rename(tmp, output)
         except BaseException:
