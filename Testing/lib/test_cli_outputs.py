@@ -254,3 +254,15 @@ def test_validation_labels_the_model_does_not_have_are_refused_before_training(t
     line = _one_error_line(capsys)
     assert rc == 2 and "c1.nii.gz" in line and "[2] are not among the model's labels" in line
     assert sorted(os.listdir(tmp_path)) == ["ds", "val"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "ds", "-o", "b", "--fold", "1", "--split", "0.6,0.2,0.2"], "argument --split: not allowed with argument --fold"),
+    (["predict", "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
+])
+def test_a_usage_mistake_is_one_line_too(capsys, argv, expected):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"veloxseg {argv[0]}: error: {expected}") and line.endswith(f"(see veloxseg {argv[0]} --help)")
