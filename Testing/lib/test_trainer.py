@@ -450,3 +450,17 @@ def test_fresh_warmup_resumes_exactly_across_the_moment_the_weights_join(dataset
 def test_fresh_warmup_refuses_negative_steps():
     with pytest.raises(ConfigError, match="--fresh-warmup"):
         TrainConfig(fresh_warmup=-1).check()
+
+
+def test_validating_on_the_training_cases_is_said_once_with_the_reason(dataset, tmp_path):
+    import io
+
+    from VeloxSegLib.train.progress import MultiProgress, TqdmProgress
+
+    torch.set_num_threads(1)
+    stream = io.StringIO()
+    run_training(dataset, tmp_path / "out", _config(epochs=1, iterations_per_epoch=1, split=(1.0, 0.0, 0.0)),
+                 progress=MultiProgress([TqdmProgress(stream=stream, disable=False)]))
+    text = stream.getvalue()
+    assert text.count("training cases") == 1, text  # once, not again in other words
+    assert "--split gives validation no case" in text and "no case can be held out" not in text

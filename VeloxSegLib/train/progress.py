@@ -85,9 +85,6 @@ class TqdmProgress(ProgressReporter):
             done = record.get("start_step", 0)
             self.bar = tqdm(total=total, initial=done, file=self.stream, unit="it", dynamic_ncols=True,
                             disable=self.disable, desc="training")
-            if record.get("validation") == "training cases":
-                self.bar.write("note: too few cases to hold some out; validating on the training cases",
-                               file=self.stream)
         elif event == "step" and self.bar is not None:
             self.bar.n = record["step"]
             self.bar.set_postfix(loss=f"{record['loss'].get('total', float('nan')):.4f}", lr=f"{record['lr']:.2e}",

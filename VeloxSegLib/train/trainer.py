@@ -1179,7 +1179,7 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         why = ("--split gives validation no case" if config.split is not None and float(config.split[1]) == 0
                else f"only {len(run.dataset.cases)} case(s): no case can be held out")
         msg = f"{why}, so validation Dice is measured on the training cases (optimistic)"
-        log.warning(msg)
+        log.info(msg)  # shown once, by the progress reporter (bar and JSON alike)
         run.progress.emit({"event": "message", "message": msg})
     held = [g for g in run.optimizer.param_groups if "start_step" in g]
     if held and not run.schedule.started(held[0]):
