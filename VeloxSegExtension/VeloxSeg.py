@@ -21,6 +21,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+TORCH_REQUIREMENT = "torch>=2.1"  # as pyproject.toml; installed through the PyTorch extension
 
 
 def _add_library_path():
@@ -388,12 +389,21 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=not testing, torchVersionRequirement=">=2.1")
+                torch = torchLogic.installTorch(askConfirmation=not testing,
+                                                torchVersionRequirement=TORCH_REQUIREMENT[len("torch"):])
                 if torch is None:
                     slicer.util.errorDisplay(
                         "PyTorch could not be installed. If this computer is offline, install a torch wheel with "
                         "'PythonSlicer -m pip install --no-index --find-links <folder> torch' and restart Slicer.")
                     return False
+        elif missing_requirements(TORCH_REQUIREMENT):  # installed, but older than the library needs
+            from importlib import metadata
+
+            slicer.util.errorDisplay(
+                f"VeloxSeg needs PyTorch {TORCH_REQUIREMENT[len('torch'):]}; this Slicer has torch "
+                f"{metadata.version('torch')}. Update it in the PyTorch Utils module (or with "
+                f"'PythonSlicer -m pip install \"{TORCH_REQUIREMENT}\"') and restart Slicer.")
+            return False
         with open(resourcePath("requirements.txt"), encoding="utf-8") as f:
             requirements = f.read()
         missing = missing_requirements(requirements)

@@ -89,3 +89,17 @@ def test_requirements_parse_and_missing_ones_are_reported():
     assert "torch" not in names and {"einops", "safetensors"} <= set(names)
     assert missing_requirements("numpy>=1.0\nno-such-package-veloxseg>=1\n# comment\n") == ["no-such-package-veloxseg>=1"]
     assert missing_requirements("numpy<1.0") == ["numpy<1.0"]
+
+
+def test_the_panels_torch_requirement_is_the_librarys():
+    """The panel installs (and checks) the torch the library declares, not an older one."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = [d for d in tomllib.load(f)["project"]["dependencies"] if d.replace(" ", "").startswith("torch")]
+    tree = ast.parse(open(os.path.join(EXTENSION, "VeloxSeg.py"), encoding="utf-8").read())
+    values = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+              and any(getattr(t, "id", None) == "TORCH_REQUIREMENT" for t in node.targets)]
+    assert values == [declared[0].replace(" ", "")]
