@@ -5,6 +5,44 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import List, Sequence
+
+from .errors import InputError
+
+
+def make_folders(folder: os.PathLike) -> List[Path]:
+    """Create ``folder`` and its missing parents; return those this call created, deepest first
+    (for :func:`remove_empty_folders` when the work that needed them fails)."""
+    missing = []
+    p = Path(folder).absolute()
+    while not (p.exists() or p.is_symlink()) and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    created: List[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if d.is_dir():
+                continue  # created meanwhile by someone else: not ours to remove
+            remove_empty_folders(created)
+            raise InputError(f"{d}: cannot create the folder (a file is in the way)") from None
+        except OSError as exc:
+            remove_empty_folders(created)
+            raise InputError(f"{d}: cannot create the folder ({exc.strerror or exc})") from None
+        created.insert(0, d)
+    return created
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break  # not empty (someone else wrote there): keep it and its parents
 
 
 def swap_folder_into_place(new: os.PathLike, target: os.PathLike) -> None:

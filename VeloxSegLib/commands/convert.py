@@ -47,12 +47,11 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..data.convert import convert_dataset, parse_channel_spec, parse_labels_map, parse_remap
-    from ..data.nnunet import sigterm_as_interrupt
 
     channels = [parse_channel_spec(s) for s in args.channel]
     labels_map = parse_labels_map(args.labels_map) if args.labels_map else None
     remap = parse_remap(args.remap) if args.remap else None
-    with sigterm_as_interrupt(), tqdm(desc="convert", unit="case", disable=None) as bar:
+    with tqdm(desc="convert", unit="case", disable=None) as bar:
         def progress(done, total):
             bar.total = total
             bar.update(1)

@@ -37,11 +37,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ..data.nnunet import sigterm_as_interrupt
     from ..data.phantom import write_phantom_dataset
 
     t0 = time.perf_counter()
-    with sigterm_as_interrupt(), tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
+    with tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
             progress=lambda done, total: bar.update(1), scanner=args.scanner, workers=args.workers,

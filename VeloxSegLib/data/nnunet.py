@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import InputError
-from ..fsutil import swap_folder_into_place
+from ..fsutil import make_folders, remove_empty_folders, swap_folder_into_place
 from .io import read_image, write_image  # noqa: F401  (re-exported for dataset code)
 
 PathLike = Union[str, os.PathLike]
@@ -410,62 +410,6 @@ def check_output_folder(output: PathLike, overwrite: bool = False, inputs: Seque
                 raise InputError(f"{output}: exists and is not a dataset folder; not replacing it")
 
 
-def _make_parents(folder: Path) -> List[Path]:
-    """Create ``folder`` and its missing parents; return those this call created, deepest first."""
-    missing = []
-    p = folder
-    while not (p.exists() or p.is_symlink()) and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    created: List[Path] = []
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            if d.is_dir():
-                continue  # created meanwhile by someone else: not ours to remove
-            _remove_empty(created)
-            raise InputError(f"{d}: cannot create the folder (a file is in the way)") from None
-        except OSError as exc:
-            _remove_empty(created)
-            raise InputError(f"{d}: cannot create the folder ({exc.strerror or exc})") from None
-        created.insert(0, d)
-    return created
-
-
-def _remove_empty(folders: Sequence[Path]) -> None:
-    """Remove ``folders`` (deepest first) if they are empty."""
-    for d in folders:
-        try:
-            os.rmdir(d)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            break  # not empty (someone else wrote there): keep it and its parents
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While active (main thread only), SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, so a
-    ``kill`` also runs the clean-up of :func:`atomic_directory` instead of ending the process
-    with its temporary folder left behind."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @contextlib.contextmanager
 def atomic_directory(output: PathLike, overwrite: bool = False,
                      inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
@@ -480,7 +424,7 @@ def atomic_directory(output: PathLike, overwrite: bool = False,
     check_output_folder(output, overwrite, inputs)
     output = Path(output).absolute()
     parent = output.parent
-    created = _make_parents(parent)
+    created = make_folders(parent)
     try:
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(parent)))
@@ -498,5 +442,5 @@ def atomic_directory(output: PathLike, overwrite: bool = False,
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except BaseException:
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import Cancelled, ConfigError, InputError
+from ..fsutil import make_folders, remove_empty_folders
 from . import ddp
 from .augment import Augmenter
 from .checkpoint import CheckpointWriter, capture_rng, read_checkpoint, restore_rng
@@ -732,11 +733,7 @@ def _discard_unstarted(work: Path, writer: CheckpointWriter, made: Sequence[Path
         return
     if made and made[0] == work.absolute():
         shutil.rmtree(work, ignore_errors=True)
-        for folder in made[1:]:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty_folders(made[1:])
     elif wrote_plans:
         (work / PLANS_NAME).unlink(missing_ok=True)
 
@@ -870,14 +867,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     made: List[Path] = []  # folders this run creates before its first checkpoint: removed if it ends there
     wrote_plans = False
     if dist.is_main:
-        missing = work.absolute()
-        while not missing.exists():
-            made.append(missing)
-            missing = missing.parent
-        try:
-            work.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{work}: cannot create the work folder ({exc.strerror or exc})") from None
+        made = make_folders(work)
         if isinstance(plans, dict):
             write_json_atomic(work / PLANS_NAME, plans)
             wrote_plans = True
