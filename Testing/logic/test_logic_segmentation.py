@@ -118,6 +118,44 @@ def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(scene, tmp_
     assert os.listdir(tmp_path) == ["out.seg.nrrd"]
 
 
+def test_rerun_of_one_model_keeps_another_models_segments(scene, oblique_matrix):
+    ref = _reference(scene, oblique_matrix)
+    seg = S.create_segmentation_node(scene, "out", ref)
+    petct = [{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}]
+    S.import_label_array(seg, _label_array((10, 9, 8)), ref, petct, model="petct-lesion-demo")
+    S.import_label_array(seg, _label_array((10, 9, 8)), ref, labels_meta(), model="brain-tumor-mri-demo")
+    S.import_label_array(seg, _label_array((10, 9, 8)), ref, labels_meta(), model="brain-tumor-mri-demo")  # re-run
+    segmentation = seg.GetSegmentation()
+    made = sorted((S.get_tag(segmentation.GetNthSegment(i), S.MODEL_TAG), segmentation.GetNthSegment(i).GetName())
+                  for i in range(segmentation.GetNumberOfSegments()))
+    assert made == [("brain-tumor-mri-demo", "kidney"), ("brain-tumor-mri-demo", "lesion"),
+                    ("brain-tumor-mri-demo", "liver"), ("petct-lesion-demo", "lesion")]
+
+
+def test_modifier_labelmap_is_in_the_segmentations_coordinates_under_a_transform(scene):
+    """The Segment Editor applies no world-to-segmentation transform to a modifier labelmap: one
+    hardened into world space would land 100 mm off when the segmentation sits under a transform."""
+    import vtk
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 100.0)
+    transform.SetMatrixTransformToParent(shift)
+    local = np.eye(4)
+    local[:3, 3] = (-5.0, 2.0, 7.0)
+    ref = V.add_volume_from_array(scene, np.zeros((10, 9, 8), np.int16), local, "CT")
+    ref.SetAndObserveTransformNodeID(transform.GetID())
+    seg = S.create_segmentation_node(scene, "out", ref)
+    seg.SetAndObserveTransformNodeID(transform.GetID())
+    label_node = V.add_volume_from_array(scene, _label_array((10, 9, 8)), local, "pred", label=True)
+    label_node.SetAndObserveTransformNodeID(transform.GetID())  # as the logic returns it: under the source's transform
+    image = S.binary_oriented_image(label_node, 1, seg)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    origin = [matrix.GetElement(r, 3) for r in range(3)]
+    assert np.allclose(origin, (-5.0, 2.0, 7.0), atol=1e-6), origin
+
+
 def test_binary_oriented_image_for_the_segment_editor(scene, oblique_matrix):
     label_node = V.add_volume_from_array(scene, _label_array((10, 9, 8)), oblique_matrix, "pred", label=True)
     image = S.binary_oriented_image(label_node, 2)

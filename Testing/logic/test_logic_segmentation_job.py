@@ -102,6 +102,21 @@ def test_labelmap_result_for_the_segment_editor_is_on_the_source_grid(scene, met
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_temporary_nodes_leave_no_display_or_storage_nodes_behind(scene, metadata_bundle, fake_cli):
+    logic = L.VeloxSegCoreLogic()
+    ct, pet = _pet_ct(scene)  # PET on another grid: resampled through a temporary node too
+
+    def counts():
+        return {c: scene.GetNumberOfNodesByClass(c) for c in (
+            "vtkMRMLScalarVolumeDisplayNode", "vtkMRMLLabelMapVolumeDisplayNode", "vtkMRMLVolumeArchetypeStorageNode",
+            "vtkMRMLScalarVolumeNode")}
+
+    before = counts()
+    node = logic.segment(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet]), timeout=120)
+    scene.RemoveNode(node)
+    assert counts() == before
+
+
 def test_device_query_runs_torch_in_a_child_and_reports_json():
     pytest.importorskip("torch")
     info = L.VeloxSegCoreLogic.query_devices(timeout=120)

@@ -160,6 +160,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from VeloxSegLogic import SegmentationRequest, VeloxSegCoreLogic
         from VeloxSegLogic.errors import VeloxSegError
         from VeloxSegLogic.segmentation import binary_oriented_image, import_label_array
+        from VeloxSegLogic.volumes import remove_node
 
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         source = (parameterSetNode.GetSourceVolumeNode() if hasattr(parameterSetNode, "GetSourceVolumeNode")
@@ -197,14 +198,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if mode == MODE_SELECTED:
                 value = int(self.scriptedEffect.parameter("Label") or 1)
                 self.scriptedEffect.modifySelectedSegmentByLabelmap(
-                    binary_oriented_image(labelNode, value), slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+                    binary_oriented_image(labelNode, value, segmentationNode),
+                    slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
             else:
                 from VeloxSegLogic.volumes import array_from_volume
 
-                import_label_array(segmentationNode, array_from_volume(labelNode), source, bundle.labels)
+                import_label_array(segmentationNode, array_from_volume(labelNode), source, bundle.labels,
+                                   model=bundle.name)
         except VeloxSegError as exc:
             slicer.util.errorDisplay(f"VeloxSeg: {exc}")
+        except Exception as exc:  # a bug or an OS error: a message, the details in the log
+            import traceback
+
+            slicer.util.errorDisplay(f"VeloxSeg failed: {exc}", detailedText=traceback.format_exc())
         finally:
             progress.close()
             if labelNode is not None:
-                slicer.mrmlScene.RemoveNode(labelNode)
+                remove_node(labelNode)

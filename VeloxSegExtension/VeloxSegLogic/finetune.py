@@ -87,7 +87,7 @@ def _export_cases(cases, channels, labels, folder, dataset_name):
 
     from .logic import write_inputs
     from .segmentation import label_array_from_segmentation
-    from .volumes import add_volume_from_array, ijk_to_ras, write_volume
+    from .volumes import add_volume_from_array, ijk_to_ras, remove_node, write_volume
 
     images_dir = os.path.join(folder, "imagesTr")
     labels_dir = os.path.join(folder, "labelsTr")
@@ -116,7 +116,7 @@ def _export_cases(cases, channels, labels, folder, dataset_name):
         try:
             write_volume(label_node, os.path.join(labels_dir, f"{name}.nii.gz"))
         finally:
-            scene.RemoveNode(label_node)
+            remove_node(label_node)
     dataset = {
         "name": dataset_name,
         "channel_names": {str(i): str(c.get("modality") or c.get("name")) for i, c in enumerate(channels)},

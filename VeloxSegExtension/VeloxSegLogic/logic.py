@@ -61,7 +61,7 @@ class SegmentationRequest:
 
 def write_inputs(input_nodes, folder: str) -> list:
     """Write the channels as NIfTI, all on the first channel's grid (others resampled in physical space)."""
-    from .volumes import resample_to_reference, same_geometry, write_volume
+    from .volumes import remove_node, resample_to_reference, same_geometry, write_volume
 
     reference = input_nodes[0]
     scene = reference.GetScene()
@@ -75,7 +75,7 @@ def write_inputs(input_nodes, folder: str) -> list:
             try:
                 write_volume(resampled, path)
             finally:
-                scene.RemoveNode(resampled)
+                remove_node(resampled)
         paths.append(path)
     return paths
 
@@ -257,7 +257,7 @@ class VeloxSegCoreLogic:
             return job.wait(timeout=timeout)
         import SimpleITK as sitk  # noqa: F401  (VeloxSegLib needs it too)
 
-        from .volumes import resample_to_reference, same_geometry, volume_to_sitk
+        from .volumes import remove_node, resample_to_reference, same_geometry, volume_to_sitk
 
         reference = request.input_nodes[0]
         images = []
@@ -269,14 +269,14 @@ class VeloxSegCoreLogic:
                 try:
                     images.append(volume_to_sitk(resampled))
                 finally:
-                    self.scene.RemoveNode(resampled)
+                    remove_node(resampled)
         label_image = predict_in_process(info.path, images, request.device, request.overlap, request.tta,
                                          progress=progress, cancel=cancel, precision=request.precision,
                                          pet_refine=request.pet_refine)
         return self.import_prediction_image(label_image, request, info)
 
     def import_prediction_file(self, path, request, info):
-        from .volumes import read_volume
+        from .volumes import read_volume, remove_node
 
         if not os.path.isfile(path):
             raise VeloxSegError(f"the prediction did not produce {path}")
@@ -284,16 +284,16 @@ class VeloxSegCoreLogic:
         try:
             return self._import_label_node(label_node, request, info)
         finally:
-            self.scene.RemoveNode(label_node)
+            remove_node(label_node)
 
     def import_prediction_image(self, image, request, info):
-        from .volumes import sitk_to_volume
+        from .volumes import remove_node, sitk_to_volume
 
         label_node = sitk_to_volume(image, scene=self.scene, name="__veloxseg_prediction__", label=True)
         try:
             return self._import_label_node(label_node, request, info)
         finally:
-            self.scene.RemoveNode(label_node)
+            remove_node(label_node)
 
     def _import_label_node(self, label_node, request, info):
         from .segmentation import create_segmentation_node, import_label_array
@@ -311,14 +311,14 @@ class VeloxSegCoreLogic:
         if node is None:
             node = create_segmentation_node(self.scene, request.output_name or f"{reference.GetName()} {info.name}", reference)
             request.output_node = node
-        import_label_array(node, labels, reference, info.labels)
+        import_label_array(node, labels, reference, info.labels, model=info.name)
         return node
 
     def _labels_on_reference(self, label_node, reference, info):
         """The prediction as a uint8 array on the reference grid, checked against the bundle's labels."""
         import numpy as np
 
-        from .volumes import array_from_volume, ijk_to_ras, resample_to_reference
+        from .volumes import array_from_volume, ijk_to_ras, remove_node, resample_to_reference
 
         labels = array_from_volume(label_node)
         if labels.shape != array_from_volume(reference).shape or not np.allclose(
@@ -328,7 +328,7 @@ class VeloxSegCoreLogic:
             try:
                 labels = array_from_volume(moved)
             finally:
-                self.scene.RemoveNode(moved)
+                remove_node(moved)
         values = {int(lab["value"]) for lab in info.labels}
         unknown = set(np.unique(labels).tolist()) - values
         if unknown:

@@ -10,6 +10,7 @@ from .errors import InputError
 
 # Segments created here carry this tag, so a re-run replaces its own segments only.
 SOURCE_TAG = "VeloxSeg.LabelValue"
+MODEL_TAG = "VeloxSeg.Model"  # which model made the segment: a re-run replaces only its own
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 
 
@@ -75,16 +76,18 @@ def create_segmentation_node(scene, name: str, reference_node=None):
     return node
 
 
-def import_label_array(segmentation_node, label_array: np.ndarray, reference_node, labels, replace=True):
+def import_label_array(segmentation_node, label_array: np.ndarray, reference_node, labels, replace=True,
+                       model: str | None = None):
     """Add one segment per foreground label of ``labels`` from ``label_array`` (in ``reference_node``'s grid).
 
-    ``labels``: the bundle's label list ([{value, name, color, terminology?}]).
-    Existing segments created by VeloxSeg for the same label values are replaced; other segments
+    ``labels``: the bundle's label list ([{value, name, color, terminology?}]); ``model``: the
+    bundle's name, recorded on each segment. Existing segments created by VeloxSeg for the same
+    label values by the same model are replaced; other segments (the user's, another model's)
     are kept. Every label gets a segment, empty if the label is absent. Returns the segment IDs in
     label order.
     """
     from .core import core_session
-    from .volumes import add_volume_from_array, ijk_to_ras, update_volume_from_array
+    from .volumes import add_volume_from_array, ijk_to_ras, remove_node, update_volume_from_array
 
     scene = segmentation_node.GetScene()
     session = core_session()
@@ -97,7 +100,7 @@ def import_label_array(segmentation_node, label_array: np.ndarray, reference_nod
         )
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     if replace:
-        remove_veloxseg_segments(segmentation_node, [int(lab["value"]) for lab in labels])
+        remove_veloxseg_segments(segmentation_node, [int(lab["value"]) for lab in labels], model=model)
     segment_ids = []
     labelmap_node = add_volume_from_array(scene, np.zeros((1, 1, 1), np.uint8), np.eye(4), name="__veloxseg_tmp__", label=True)
     try:
@@ -117,9 +120,11 @@ def import_label_array(segmentation_node, label_array: np.ndarray, reference_nod
                 if not session.segmentations_logic.ImportLabelmapToSegmentationNode(labelmap_node, segmentation_node, ids):
                     raise InputError(f"could not import label '{lab['name']}' into '{segmentation_node.GetName()}'")
             _apply_label_properties(segmentation.GetSegment(segment_id), lab)
+            if model:
+                segmentation.GetSegment(segment_id).SetTag(MODEL_TAG, str(model))
             segment_ids.append(segment_id)
     finally:
-        scene.RemoveNode(labelmap_node)
+        remove_node(labelmap_node)
     return segment_ids
 
 
@@ -162,14 +167,16 @@ def get_tag(segment, name):
     return str(value)
 
 
-def remove_veloxseg_segments(segmentation_node, values=None):
-    """Remove segments created by VeloxSeg (all, or those of the given label values)."""
+def remove_veloxseg_segments(segmentation_node, values=None, model=None):
+    """Remove segments created by VeloxSeg: all, or those of the given label values, and with
+    ``model`` only that model's (a segment from before models were recorded counts as any's)."""
     segmentation = segmentation_node.GetSegmentation()
     wanted = None if values is None else {str(int(v)) for v in values}
     for segment_id in list(segmentation.GetSegmentIDs()):
         segment = segmentation.GetSegment(segment_id)
         tag = get_tag(segment, SOURCE_TAG)
-        if tag is not None and (wanted is None or tag in wanted):
+        made_by = get_tag(segment, MODEL_TAG)
+        if tag is not None and (wanted is None or tag in wanted) and (model is None or made_by in (None, str(model))):
             segmentation.RemoveSegment(segment_id)
 
 
@@ -185,7 +192,7 @@ def segment_label_value(segment):
 def segment_array(segmentation_node, segment_id, reference_node) -> np.ndarray:
     """Binary uint8 array of one segment on ``reference_node``'s grid ([k, j, i])."""
     from .core import core_session
-    from .volumes import array_from_volume
+    from .volumes import array_from_volume, remove_node
 
     scene = segmentation_node.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__veloxseg_export__")
@@ -199,7 +206,7 @@ def segment_array(segmentation_node, segment_id, reference_node) -> np.ndarray:
         display = labelmap.GetDisplayNode()
         if display is not None and display.GetColorNode() is not None and display.GetColorNode().GetName().startswith("__"):
             scene.RemoveNode(display.GetColorNode())
-        scene.RemoveNode(labelmap)
+        remove_node(labelmap)
 
 
 def label_array_from_segmentation(segmentation_node, reference_node, labels) -> np.ndarray:
@@ -270,12 +277,19 @@ def load_segmentation(path: str, scene, name=None):
     return node
 
 
-def binary_oriented_image(label_node, value: int):
-    """vtkOrientedImageData (0/1) of one label of a label map node, for the Segment Editor."""
+def binary_oriented_image(label_node, value: int, segmentation_node=None):
+    """vtkOrientedImageData (0/1) of one label of a label map node, for the Segment Editor.
+
+    Its geometry is in ``segmentation_node``'s coordinates (the editor's modifier labelmaps are):
+    a transform above the segmentation is taken into account, not hardened into world space."""
     import slicer
     import vtk
 
-    oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(label_node)
+    to = segmentation_node.GetParentTransformNode() if segmentation_node is not None else None
+    oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(label_node, to)
+    if oriented is None:
+        raise InputError(f"label map '{label_node.GetName()}' holds no image")
+    oriented.UnRegister(None)  # the method hands over a reference; Python's own keeps it alive here
     threshold = vtk.vtkImageThreshold()
     threshold.SetInputData(oriented)
     threshold.ThresholdBetween(value, value)

@@ -104,6 +104,23 @@ def update_volume_from_array(node, array: np.ndarray, ijk_to_ras_matrix=None) ->
     node.SetAndObserveImageData(image)
 
 
+def remove_node(node) -> None:
+    """Remove a (temporary) node with the display and storage nodes it brought along:
+    ``vtkMRMLScene.RemoveNode`` leaves those behind."""
+    scene = node.GetScene() if node is not None else None
+    if scene is None:
+        return
+    extra = []
+    if hasattr(node, "GetNumberOfDisplayNodes"):
+        extra += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if hasattr(node, "GetNumberOfStorageNodes"):
+        extra += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for other in extra:
+        if other is not None and other.GetScene() is scene:
+            scene.RemoveNode(other)
+
+
 def add_volume_from_array(scene, array, ijk_to_ras_matrix, name="volume", label=False):
     """A new scalar (or label map) volume node in ``scene`` holding ``array``."""
     class_name = "vtkMRMLLabelMapVolumeNode" if label else "vtkMRMLScalarVolumeNode"
@@ -189,7 +206,7 @@ def write_volume(node, path: str, world: bool = True) -> str:
             raise InputError(f"could not write volume '{node.GetName()}' to {path}")
     finally:
         if temporary is not None:
-            temporary.GetScene().RemoveNode(temporary)
+            remove_node(temporary)
     return path
 
 
