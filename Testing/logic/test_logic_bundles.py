@@ -16,16 +16,40 @@ def test_bundle_info_reads_channels_and_labels(metadata_bundle):
     assert [lab["name"] for lab in info.labels] == ["background", "lesion", "liver", "kidney"]
 
 
-def test_import_bundle_from_zip_with_top_folder(tmp_path, metadata_bundle):
+def test_import_bundle_from_zip_with_top_folder(tmp_path):
+    from logic_helpers import random_bundle
+
+    bundle = random_bundle(str(tmp_path / "source"))
+    name = B.read_bundle_info(str(bundle)).name
     archive = tmp_path / "b.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for name in ("bundle.json", "model.safetensors"):
-            zf.write(metadata_bundle / name, f"petct-test/{name}")
+        for member in ("bundle.json", "model.safetensors"):
+            zf.write(os.path.join(str(bundle), member), f"{name}/{member}")
     info = B.import_bundle(str(archive), str(tmp_path / "models"))
-    assert info.path == os.path.abspath(str(tmp_path / "models" / "petct-test"))
+    assert info.path == os.path.abspath(str(tmp_path / "models" / name))
     assert sorted(os.listdir(info.path)) == ["bundle.json", "model.safetensors"]
     with pytest.raises(InputError, match="already exists"):
         B.import_bundle(str(archive), str(tmp_path / "models"))
+    assert os.listdir(tmp_path / "models") == [name]  # no staging folder left
+
+
+def test_import_refuses_what_the_model_list_would_show_as_broken(tmp_path, metadata_bundle):
+    """The library's own checks run at import: an invalid setting or a weights file that is not
+    safetensors is refused, not copied into a folder where the panel would never list it."""
+    from logic_helpers import random_bundle
+
+    bundle = random_bundle(str(tmp_path / "source"))
+    meta = json.loads(open(os.path.join(str(bundle), "bundle.json")).read())
+    meta.setdefault("inference", {})["overlap"] = 5
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "bundle.json").write_text(json.dumps(meta))
+    (bad / "model.safetensors").write_bytes(open(os.path.join(str(bundle), "model.safetensors"), "rb").read())
+    with pytest.raises(BundleError, match="overlap"):
+        B.import_bundle(str(bad), str(tmp_path / "models"))
+    with pytest.raises(BundleError):  # placeholder weights: not a safetensors file
+        B.import_bundle(str(metadata_bundle), str(tmp_path / "models"))
+    assert not (tmp_path / "models").exists() or os.listdir(tmp_path / "models") == []
 
 
 def test_import_refuses_a_folder_without_weights(tmp_path):
@@ -63,8 +87,10 @@ def test_mri_inputs_guessed_without_t1_taking_t1ce():
     assert B.guess_inputs(channels, names) == [3, 1, 2, 0]
 
 
-def test_model_names_are_safe_folder_names():
+def test_model_names_are_safe_folder_names_the_library_lists():
     assert B.check_model_name(" my-model_2.1 ") == "my-model_2.1"
-    for bad in ("", "../x", "a/b", "-x", "a" * 100):
+    assert B.check_model_name("veloxseg-b+ft") == "veloxseg-b+ft"  # the library's names allow '+'
+    assert B.check_model_name("a" * 128) == "a" * 128
+    for bad in ("", "../x", "a/b", "-x", "a" * 129, "mine.training", ".hidden"):
         with pytest.raises(InputError):
             B.check_model_name(bad)

@@ -139,20 +139,39 @@ def resolve_bundle(name_or_path: str, extra_dirs=()) -> BundleInfo:
     return read_bundle_info(path, source)
 
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+#: The library's rule for bundle names (VeloxSegLib.bundle), also a safe folder name everywhere.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 def check_model_name(name: str) -> str:
-    """A new model name usable as a folder name everywhere (letters, digits, . _ -)."""
+    """A new model name: a bundle name the library accepts and lists (letters, digits, . _ + -)."""
     name = (name or "").strip()
     if not _SAFE_NAME.match(name):
-        raise InputError(f"model name '{name}' must start with a letter or digit and use only letters, digits, '.', '_' or '-'")
+        raise InputError(f"model name '{name}' must be 1-128 characters, start with a letter or digit and use only "
+                         "letters, digits, '.', '_', '+' or '-'")
+    if name.endswith(".training"):  # a training work folder: never listed as a model
+        raise InputError(f"model name '{name}' may not end in '.training' (the name of training work folders)")
     return name
+
+
+def _validate_with_library(source: str) -> None:
+    """The library's full check of a bundle (metadata, weights header), where it is importable:
+    a bundle the model list would show as broken is refused at import, not copied."""
+    try:
+        from VeloxSegLib.bundle import load_bundle
+        from VeloxSegLib.errors import VeloxSegError as LibraryError
+    except ImportError:  # a stripped install: the metadata checks of read_bundle_info only
+        return
+    try:
+        load_bundle(os.path.abspath(source))
+    except LibraryError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def import_bundle(source: str, models_dir: str | None = None) -> BundleInfo:
     """Copy a bundle folder or zip into the user models folder; the bundle is not modified."""
     info = read_bundle_info(source, "user")
+    _validate_with_library(source)
     models_dir = models_dir or user_dir()
     target = os.path.join(models_dir, check_model_name(info.name))
     if os.path.exists(target):
@@ -160,8 +179,8 @@ def import_bundle(source: str, models_dir: str | None = None) -> BundleInfo:
     os.makedirs(models_dir, exist_ok=True)
     if os.path.isdir(source):
         shutil.copytree(source, target)
-    else:
-        staging = tempfile.mkdtemp(prefix="veloxseg-import-", dir=models_dir)
+    else:  # staged under a hidden name: a crash mid-import leaves nothing the model list shows
+        staging = tempfile.mkdtemp(prefix=".veloxseg-import-", dir=models_dir)
         try:
             with zipfile.ZipFile(source) as zf:
                 for member in zf.namelist():
