@@ -188,7 +188,10 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updating = True
         try:
-            index = next((i for i, b in enumerate(self.bundles) if b.name == self.params.model), 0 if self.bundles else -1)
+            from VeloxSegLogic.bundles import bundle_index
+
+            index = bundle_index(self.bundles, self.params.model)
+            index = index if index >= 0 else (0 if self.bundles else -1)
             self.ui.modelComboBox.setCurrentIndex(index)
             self.applyBundleOptions()
             self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findData(self.params.device)))
@@ -225,6 +228,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------------------- models
     def refreshModels(self, select=None):
+        """Re-read the model list; ``select``: a bundle path (just imported or fine-tuned) to show."""
         from VeloxSegLogic.bundles import list_bundle_infos
 
         try:
@@ -239,8 +243,10 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelComboBox.addItem(info.display_name)
         finally:
             self._updating = False
-        name = select or (self.params.model if self.params else "")
-        index = next((i for i, b in enumerate(self.bundles) if b.name == name), 0 if self.bundles else -1)
+        from VeloxSegLogic.bundles import bundle_index
+
+        index = bundle_index(self.bundles, self.params.model if self.params else "", path=select)
+        index = index if index >= 0 else (0 if self.bundles else -1)
         self.ui.modelComboBox.setCurrentIndex(index)
         self.onModelChanged(index)
 
@@ -301,7 +307,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         with showErrors("Could not import the model."):
             info = import_bundle(path)
-            self.refreshModels(select=info.name)
+            self.refreshModels(select=info.path)
             self.setStatus(f"Imported model '{info.name}' into {os.path.dirname(info.path)}")
 
     # -------------------------------------------------------------------------------- inputs
@@ -604,7 +610,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.finetuneProgressBar.value = 100
         self.ui.finetuneStatusLabel.text = f"New model '{info.name}' saved in {os.path.dirname(info.path)}."
-        self.refreshModels(select=info.name)
+        self.refreshModels(select=info.path)
 
 
 class VeloxSegTest(ScriptedLoadableModuleTest):

@@ -71,6 +71,13 @@ def test_request_with_a_missing_input_is_refused(scene, metadata_bundle):
         logic.start_segmentation(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct]))
 
 
+def test_one_volume_for_two_inputs_is_refused(scene, metadata_bundle):
+    logic = L.VeloxSegCoreLogic()
+    ct, _ = _pet_ct(scene)
+    with pytest.raises(InputError, match="'patient1 CT' is selected as both CT and PET"):
+        logic.start_segmentation(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, ct]))
+
+
 def test_predict_command_uses_this_python_and_json_progress():
     args = L.predict_command("/b", ["/a.nii.gz", "/p.nii.gz"], "/o.nii.gz", device="cpu", overlap=0.5, tta=True)
     assert args[:5] == [sys.executable, "-m", "VeloxSegLib.cli", "predict", "-m"]

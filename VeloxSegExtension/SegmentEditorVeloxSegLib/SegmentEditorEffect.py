@@ -55,6 +55,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
 
+        self.sourceRoleLabel = qt.QLabel()  # the source volume is always the model's first input
+        self.scriptedEffect.addOptionsWidget(self.sourceRoleLabel)
+
         self.extraInputsFrame = qt.QWidget()
         self.extraInputsLayout = qt.QFormLayout(self.extraInputsFrame)
         self.extraInputsLayout.setContentsMargins(0, 0, 0, 0)
@@ -92,16 +95,43 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         index = self.modelComboBox.currentIndex
         return self.bundles[index] if 0 <= index < len(self.bundles) else None
 
+    def _sourceVolume(self):
+        node = self.scriptedEffect.parameterSetNode()
+        if node is None:
+            return None
+        return node.GetSourceVolumeNode() if hasattr(node, "GetSourceVolumeNode") else node.GetMasterVolumeNode()
+
+    def activate(self):
+        """Models imported or fine-tuned since the editor opened show up when the effect is chosen."""
+        from VeloxSegLogic.bundles import bundle_index, list_bundle_infos
+
+        bundles = list_bundle_infos()
+        if [b.path for b in bundles] == [b.path for b in self.bundles]:
+            return
+        current = self.currentBundle()
+        self.bundles = bundles
+        wasBlocked = self.modelComboBox.blockSignals(True)
+        self.modelComboBox.clear()
+        for info in self.bundles:
+            self.modelComboBox.addItem(info.display_name)
+        index = bundle_index(self.bundles, path=current.path) if current is not None else -1
+        self.modelComboBox.setCurrentIndex(max(0, index) if self.bundles else -1)
+        self.modelComboBox.blockSignals(wasBlocked)
+        self.onModelChanged(self.modelComboBox.currentIndex)
+
     def onModelChanged(self, index):
         for selector in self.extraSelectors:
             self.extraInputsLayout.removeRow(selector)
         self.extraSelectors = []
         self.labelComboBox.clear()
         bundle = self.currentBundle()
+        self.sourceRoleLabel.text = (f"Source volume is used as: {bundle.channel_names[0]}" if bundle is not None else "")
         if bundle is not None:
             from VeloxSegLogic.bundles import guess_inputs
 
-            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            source = self._sourceVolume()
+            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                       if not n.IsA("vtkMRMLLabelMapVolumeNode") and n is not source]
             guesses = guess_inputs(bundle.channels[1:], [v.GetName() for v in volumes])
             for i, name in enumerate(bundle.channel_names[1:]):
                 selector = slicer.qMRMLNodeComboBox()
@@ -126,27 +156,38 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Device", "auto")
 
     def updateGUIFromMRML(self):
+        from VeloxSegLogic.bundles import bundle_index
+
+        # read every saved value first: a model change below writes the GUI's current ones back
         model = self.scriptedEffect.parameter("Model")
-        index = next((i for i, b in enumerate(self.bundles) if b.name == model), -1)
+        mode = self.scriptedEffect.parameter("Mode")
+        label = int(self.scriptedEffect.parameter("Label") or 1)
+        device = self.scriptedEffect.parameter("Device")
+        index = bundle_index(self.bundles, model)
         if index >= 0 and index != self.modelComboBox.currentIndex:
             wasBlocked = self.modelComboBox.blockSignals(True)
             self.modelComboBox.setCurrentIndex(index)
             self.modelComboBox.blockSignals(wasBlocked)
-            self.onModelChanged(index)
-        mode = self.scriptedEffect.parameter("Mode")
+            self._restoring = True
+            try:
+                self.onModelChanged(index)
+            finally:
+                self._restoring = False
         for widget in (self.allLabelsRadio, self.selectedRadio, self.labelComboBox, self.deviceComboBox):
             widget.blockSignals(True)
         self.allLabelsRadio.checked = mode != MODE_SELECTED
         self.selectedRadio.checked = mode == MODE_SELECTED
-        labelIndex = self.labelComboBox.findData(int(self.scriptedEffect.parameter("Label") or 1))
+        labelIndex = self.labelComboBox.findData(label)
         self.labelComboBox.setCurrentIndex(max(0, labelIndex))
         self.labelComboBox.enabled = mode == MODE_SELECTED
-        self.deviceComboBox.setCurrentIndex(max(0, self.deviceComboBox.findData(self.scriptedEffect.parameter("Device"))))
+        self.deviceComboBox.setCurrentIndex(max(0, self.deviceComboBox.findData(device)))
         for widget in (self.allLabelsRadio, self.selectedRadio, self.labelComboBox, self.deviceComboBox):
             widget.blockSignals(False)
         self.applyButton.enabled = self.currentBundle() is not None
 
     def updateMRMLFromGUI(self, *unused):
+        if self.scriptedEffect.parameterSetNode() is None or getattr(self, "_restoring", False):
+            return  # nothing to write to yet / the saved values are being restored
         bundle = self.currentBundle()
         self.scriptedEffect.setParameter("Model", bundle.name if bundle else "")
         self.scriptedEffect.setParameter("Mode", MODE_SELECTED if self.selectedRadio.checked else MODE_ALL)

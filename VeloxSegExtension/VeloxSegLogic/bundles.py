@@ -140,6 +140,19 @@ def resolve_bundle(name_or_path: str, extra_dirs=()) -> BundleInfo:
 
 
 #: The library's rule for bundle names (VeloxSegLib.bundle), also a safe folder name everywhere.
+def bundle_index(infos, name: str = "", path: str | None = None) -> int:
+    """Which of ``infos`` (the model list) a saved name or a path means, or -1.
+
+    A path picks that bundle. Among bundles sharing a name, a user bundle wins over an embedded
+    one, as it does for ``veloxseg predict -m NAME`` (VeloxSegLib.bundle.find_bundle)."""
+    if path:
+        wanted = os.path.abspath(path)
+        return next((i for i, b in enumerate(infos) if os.path.abspath(b.path) == wanted), -1)
+    matches = [i for i, b in enumerate(infos) if b.name == name]
+    users = [i for i in matches if infos[i].source == "user"]
+    return (users or matches or [-1])[0]
+
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 

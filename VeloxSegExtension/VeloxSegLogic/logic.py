@@ -48,6 +48,13 @@ class SegmentationRequest:
             raise InputError("select a volume for every input")
         if info is not None and len(self.input_nodes) != len(info.channels):
             raise InputError(f"model '{info.name}' needs {len(info.channels)} inputs ({', '.join(info.channel_names)}), got {len(self.input_nodes)}")
+        seen = {}
+        names = info.channel_names if info is not None else [f"input {i + 1}" for i in range(len(self.input_nodes))]
+        for name, node in zip(names, self.input_nodes):  # one volume for two inputs runs and gives garbage
+            if node.GetID() in seen:
+                raise InputError(f"volume '{node.GetName()}' is selected as both {seen[node.GetID()]} and {name}; "
+                                 "each input needs its own volume")
+            seen[node.GetID()] = name
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {', '.join(DEVICES)}")
         if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:
