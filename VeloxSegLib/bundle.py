@@ -764,7 +764,10 @@ def _check_zip_member(zpath, info: zipfile.ZipInfo):
     return parts
 
 
-def _load_zip(zpath: pathlib.Path) -> Bundle:
+def _load_zip(zpath: pathlib.Path, header_only: bool = False) -> Bundle:
+    """Load and check a bundle zip. ``header_only``: read ``bundle.json`` and only the
+    safetensors header of the weights (checked against the member's size), not the tensor data
+    (for listing; the returned Bundle holds no weights and is not for :meth:`Bundle.state_dict`)."""
     try:
         zf = zipfile.ZipFile(zpath)
     except zipfile.BadZipFile:
@@ -823,20 +826,42 @@ def _load_zip(zpath: pathlib.Path) -> Bundle:
                 raise BundleError(f"{src}: is larger than {limit} bytes")
             return data
 
+        def _read_header(base, limit):
+            info = files[base]
+            src = f"{zpath}!{base}"
+            if info.file_size > limit:
+                raise BundleError(f"{src}: is larger than {limit} bytes")
+            try:
+                with zf.open(info) as fh:
+                    head = fh.read(8)
+                    if len(head) == 8:
+                        (n,) = struct.unpack("<Q", head)
+                        head += fh.read(max(0, min(n, MAX_HEADER_BYTES, info.file_size - 8)))
+            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+                raise BundleError(f"{src}: cannot be read from the zip ({str(exc).splitlines()[0]})") from None
+            except Exception as exc:  # zlib.error on corrupt deflate data
+                raise BundleError(f"{src}: cannot be read from the zip ({type(exc).__name__})") from None
+            return head
+
         meta = _parse_meta_bytes(_read(META_NAME, MAX_META_BYTES), f"{zpath}!{META_NAME}")
+        if header_only:
+            head = _read_header(WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
+            tensors = _parse_safetensors_header(head, files[WEIGHTS_NAME].file_size, f"{zpath}!{WEIGHTS_NAME}")
+            return Bundle(zpath, meta, tensors, is_zip=True)
         weights = _read(WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
     tensors = _parse_safetensors_header(weights[: 8 + MAX_HEADER_BYTES], len(weights), f"{zpath}!{WEIGHTS_NAME}")
     return Bundle(zpath, meta, tensors, weights_bytes=weights, is_zip=True)
 
 
-def _load_path(path: pathlib.Path, as_zip: Optional[bool] = None) -> Bundle:
+def _load_path(path: pathlib.Path, as_zip: Optional[bool] = None, header_only: bool = False) -> Bundle:
+    """``header_only``: see :func:`_load_zip` (a folder bundle's weights are read lazily anyway)."""
     if as_zip is None:
         as_zip = path.is_file()
     if as_zip:
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise BundleError(f"{path}: pickled checkpoints are refused; a bundle is a folder or .zip with "
                               f"{META_NAME} and {WEIGHTS_NAME}")
-        return _load_zip(path)
+        return _load_zip(path, header_only=header_only)
     return _load_folder(path)
 
 
@@ -1004,6 +1029,9 @@ def list_bundles() -> List[dict]:
     ``description``, ``model``, ``channels`` (channel names), ``labels`` (label names,
     background included). A bundle that fails to load is listed with ``error`` (the one-line
     message) and its file name as ``name``; listing never raises for a broken bundle.
+
+    Only ``bundle.json`` and the safetensors header of each bundle are read (and checked
+    against the weights file's size), never the tensor data.
     """
     out = []
     for source, folder in (("embedded", embedded_bundles_dir()), ("user", user_models_dir())):
@@ -1011,7 +1039,7 @@ def list_bundles() -> List[dict]:
             entry: Dict[str, Any] = {"name": p.stem if p.is_file() else p.name, "path": str(p), "source": source,
                                      "description": "", "model": None, "channels": [], "labels": []}
             try:
-                b = _load_path(p, as_zip=p.is_file())
+                b = _load_path(p, as_zip=p.is_file(), header_only=True)
             except BundleError as exc:
                 entry["error"] = str(exc)
             else:
