@@ -764,7 +764,10 @@ def _check_zip_member(zpath, info: zipfile.ZipInfo):
     return parts
 
 
-def _load_zip(zpath: pathlib.Path) -> Bundle:
+def _load_zip(zpath: pathlib.Path, header_only: bool = False) -> Bundle:
+    """Load and check a bundle zip. ``header_only``: read ``bundle.json`` and only the
+    safetensors header of the weights (checked against the member's size), not the tensor data
+    (for listing; the returned Bundle holds no weights and is not for :meth:`Bundle.state_dict`)."""
     try:
         zf = zipfile.ZipFile(zpath)
     except zipfile.BadZipFile:
@@ -823,20 +826,42 @@ def _load_zip(zpath: pathlib.Path) -> Bundle:
                 raise BundleError(f"{src}: is larger than {limit} bytes")
             return data
 
+        def _read_header(base, limit):
+            info = files[base]
+            src = f"{zpath}!{base}"
+            if info.file_size > limit:
+                raise BundleError(f"{src}: is larger than {limit} bytes")
+            try:
+                with zf.open(info) as fh:
+                    head = fh.read(8)
+                    if len(head) == 8:
+                        (n,) = struct.unpack("<Q", head)
+                        head += fh.read(max(0, min(n, MAX_HEADER_BYTES, info.file_size - 8)))
+            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+                raise BundleError(f"{src}: cannot be read from the zip ({str(exc).splitlines()[0]})") from None
+            except Exception as exc:  # zlib.error on corrupt deflate data
+                raise BundleError(f"{src}: cannot be read from the zip ({type(exc).__name__})") from None
+            return head
+
         meta = _parse_meta_bytes(_read(META_NAME, MAX_META_BYTES), f"{zpath}!{META_NAME}")
+        if header_only:
+            head = _read_header(WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
+            tensors = _parse_safetensors_header(head, files[WEIGHTS_NAME].file_size, f"{zpath}!{WEIGHTS_NAME}")
+            return Bundle(zpath, meta, tensors, is_zip=True)
         weights = _read(WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
     tensors = _parse_safetensors_header(weights[: 8 + MAX_HEADER_BYTES], len(weights), f"{zpath}!{WEIGHTS_NAME}")
     return Bundle(zpath, meta, tensors, weights_bytes=weights, is_zip=True)
 
 
-def _load_path(path: pathlib.Path, as_zip: Optional[bool] = None) -> Bundle:
+def _load_path(path: pathlib.Path, as_zip: Optional[bool] = None, header_only: bool = False) -> Bundle:
+    """``header_only``: see :func:`_load_zip` (a folder bundle's weights are read lazily anyway)."""
     if as_zip is None:
         as_zip = path.is_file()
     if as_zip:
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise BundleError(f"{path}: pickled checkpoints are refused; a bundle is a folder or .zip with "
                               f"{META_NAME} and {WEIGHTS_NAME}")
-        return _load_zip(path)
+        return _load_zip(path, header_only=header_only)
     return _load_folder(path)
 
 
@@ -1003,7 +1028,12 @@ def list_bundles() -> List[dict]:
     Each entry: ``name``, ``path`` (str), ``source`` (``'embedded'`` or ``'user'``),
     ``description``, ``model``, ``channels`` (channel names), ``labels`` (label names,
     background included). A bundle that fails to load is listed with ``error`` (the one-line
-    message) and its file name as ``name``; listing never raises for a broken bundle.
+    message) and its file name as ``name``; listing never raises for a broken bundle. A bundle
+    that ``find_bundle(name)`` would not pick for its own name (another bundle of that name
+    takes precedence: see :func:`find_bundle`) has ``shadowed_by``: that bundle's path.
+
+    Only ``bundle.json`` and the safetensors header of each bundle are read (and checked
+    against the weights file's size), never the tensor data.
     """
     out = []
     for source, folder in (("embedded", embedded_bundles_dir()), ("user", user_models_dir())):
@@ -1011,37 +1041,70 @@ def list_bundles() -> List[dict]:
             entry: Dict[str, Any] = {"name": p.stem if p.is_file() else p.name, "path": str(p), "source": source,
                                      "description": "", "model": None, "channels": [], "labels": []}
             try:
-                b = _load_path(p, as_zip=p.is_file())
+                b = _load_path(p, as_zip=p.is_file(), header_only=True)
             except BundleError as exc:
                 entry["error"] = str(exc)
             else:
                 entry.update(name=b.name, description=b.description, model=b.model_name,
                              channels=b.channel_names, labels=[lab["name"] for lab in b.labels])
             out.append(entry)
+    for e in out:
+        if "error" in e:
+            continue
+        chosen = _resolve(out, e["name"])
+        if chosen is not e:
+            e["shadowed_by"] = chosen["path"]
     return out
+
+
+def _file_name_is(entry: dict, name: str) -> bool:
+    p = pathlib.Path(entry["path"])
+    return p.name == name or (p.suffix.lower() == ".zip" and p.stem == name)
+
+
+def _resolve(listed: List[dict], name: str) -> Optional[dict]:
+    """The entry of ``listed`` that ``name`` selects (may be a broken one), or None.
+
+    Order: a broken user bundle whose folder/zip name is ``name`` (so that it is reported, not
+    silently replaced); then the ``bundle.json`` name, user bundles before embedded ones; then
+    the folder/zip name, user before embedded. Within a source, folders and zips in name order.
+    """
+    for e in listed:
+        if e["source"] == "user" and "error" in e and _file_name_is(e, name):
+            return e
+    entries = [e for e in listed if "error" not in e]
+    for source in ("user", "embedded"):
+        for e in entries:
+            if e["source"] == source and e["name"] == name:
+                return e
+    for source in ("user", "embedded"):
+        for e in entries:
+            if e["source"] == source and _file_name_is(e, name):
+                return e
+    for e in listed:  # a broken embedded bundle of that name: say why, not that it is missing
+        if "error" in e and _file_name_is(e, name):
+            return e
+    return None
 
 
 def find_bundle(name: str) -> pathlib.Path:
     """The path of the bundle called ``name`` (its ``bundle.json`` name, or its folder/zip name).
 
-    User bundles take precedence over embedded ones with the same name. Raises BundleError
-    listing the available names when none matches.
+    User bundles (``$VELOXSEG_MODELS`` or ``~/.veloxseg/models``) take precedence over embedded
+    ones with the same name; a ``bundle.json`` name before a folder/zip name. A user bundle whose
+    folder/zip name is ``name`` but that does not load raises BundleError naming its path and
+    its error (it is never silently replaced by another bundle of that name). Raises
+    BundleError listing the available names when none matches.
     """
     listed = list_bundles()
+    chosen = _resolve(listed, name)
+    if chosen is not None:
+        if "error" in chosen:
+            raise BundleError(f"bundle '{name}' ({chosen['path']}) cannot be loaded: {chosen['error']}"
+                              + (" (fix or remove it: a user bundle of that name is never replaced by another)"
+                                 if chosen["source"] == "user" else ""))
+        return pathlib.Path(chosen["path"])
     entries = [e for e in listed if "error" not in e]
-    for source in ("user", "embedded"):
-        for e in entries:
-            if e["source"] == source and e["name"] == name:
-                return pathlib.Path(e["path"])
-    for source in ("user", "embedded"):
-        for e in entries:
-            p = pathlib.Path(e["path"])
-            if e["source"] == source and (p.name == name or p.stem == name):
-                return p
-    for e in listed:  # a bundle of that name that does not load: say why, not that it is missing
-        p = pathlib.Path(e["path"])
-        if "error" in e and (p.name == name or p.stem == name):
-            raise BundleError(f"bundle '{name}' ({p}) cannot be loaded: {e['error']}")
     if entries:
         names = ", ".join(sorted({e["name"] for e in entries}))
         raise BundleError(f"no bundle named '{name}'; available: {names} (or give a bundle folder or .zip path)")

@@ -558,3 +558,44 @@ def test_list_and_find(monkeypatch, tmp_path):
     with pytest.raises(BundleError) as exc:
         B.load_bundle("nonexistent-model")
     assert "available: good-one, zipped" in str(exc.value)
+
+
+def test_listing_reads_only_the_header_of_zipped_weights(monkeypatch, tmp_path):
+    import tracemalloc
+
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("VELOXSEG_MODELS", str(models))
+    monkeypatch.setattr(B, "embedded_bundles_dir", lambda: tmp_path / "embedded")
+    state = tiny_state()
+    state["big"] = torch.zeros(2_000_000)  # 8 MB of weights
+    B.save_bundle(models / "big.zip", make_meta(name="big"), state)
+    tracemalloc.start()
+    try:
+        entries = B.list_bundles()
+        assert B.find_bundle("big") == models / "big.zip"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e["name"] for e in entries] == ["big"] and "error" not in entries[0]
+    assert peak < 2_000_000, peak
+    assert B.load_bundle("big").state_dict()["big"].shape == (2_000_000,)  # loading still reads it all
+
+
+def test_listing_still_reports_broken_zipped_weights(monkeypatch, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("VELOXSEG_MODELS", str(models))
+    monkeypatch.setattr(B, "embedded_bundles_dir", lambda: tmp_path / "embedded")
+    good = B.save_bundle(tmp_path / "good.zip", make_meta(name="x"), tiny_state())
+    with zipfile.ZipFile(good) as zf:
+        meta, weights = zf.read("bundle.json"), zf.read("model.safetensors")
+    for name, data in (("short", weights[:-10]), ("garbage", pickle.dumps({"w": list(range(50))}, protocol=4)),
+                       ("badheader", weights[:8] + b"[" + weights[9:])):
+        with zipfile.ZipFile(models / f"{name}.zip", "w") as zf:
+            zf.writestr("bundle.json", meta)
+            zf.writestr("model.safetensors", data)
+    errors = {e["name"]: e.get("error", "") for e in B.list_bundles()}
+    assert "short.zip!model.safetensors: is truncated" in errors["short"]
+    assert "pickle" in errors["garbage"]
+    assert "is not a safetensors file" in errors["badheader"]

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from VeloxSegLib import metrics as M
+from VeloxSegLib.errors import InputError
 from VeloxSegLib.cli import main
 
 SPACING_XYZ = (1.5, 0.8, 3.0)
@@ -279,3 +280,44 @@ def test_malformed_region_is_a_clear_error(tmp_path, capsys):
     code = main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path), "--regions", "WT"])
     assert code != 0
     assert "--regions: 'WT'" in capsys.readouterr().err
+
+
+def _brats_like(tmp_path):
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[1:3, 2:6, 2:6] = 2
+    ref[2, 3:5, 3:5] = 1
+    p, r = write(tmp_path / "p.nii.gz", ref), write(tmp_path / "r.nii.gz", ref)
+    return p, r
+
+
+def test_region_label_outside_the_known_labels_is_an_error(tmp_path, capsys):
+    p, r = _brats_like(tmp_path)
+    code, out, err = run_cli(capsys, "--pred", p, "--ref", r, "--labels", "1", "2", "--regions", "ET=4", "WT=1,2,4")
+    assert code != 0 and out == ""
+    assert err.strip().count("\n") == 0
+    assert "--regions: region 'ET' uses label(s) 4" in err and "known labels (1, 2)" in err
+
+
+def test_region_empty_everywhere_gets_a_warning_without_labels(tmp_path, capsys):
+    p, r = _brats_like(tmp_path)
+    code, out, err = run_cli(capsys, "--pred", p, "--ref", r, "--regions", "ET=4", "WT=1,2")
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "region 'ET'" in warnings[0] and "empty in every prediction and reference" in warnings[0]
+
+
+@pytest.mark.parametrize("region", ["1=1,2", "2=1", "+1=1,2"])
+def test_region_named_like_a_label_value_is_refused(tmp_path, capsys, region):
+    p, r = _brats_like(tmp_path)
+    out_json = tmp_path / "m.json"
+    code, out, err = run_cli(capsys, "--pred", p, "--ref", r, "--labels", "1", "2", "--regions", region,
+                             "--json", out_json)
+    assert code != 0 and not out_json.exists()
+    assert err.strip().count("\n") == 0 and "looks like a label value" in err
+
+
+def test_region_named_like_a_label_name_is_refused(tmp_path, capsys):
+    p, r = _brats_like(tmp_path)
+    with pytest.raises(InputError, match="region name 'Core' is the name of label 1"):
+        from VeloxSegLib.commands.evaluate import evaluate
+        evaluate(p, r, labels=[1, 2], label_names={1: "core", 2: "edema"}, regions={"Core": [1, 2]})

@@ -43,7 +43,7 @@ def test_table(model_dirs, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "SOURCE", "MODEL", "CHANNELS", "LABELS", "DESCRIPTION"]
+    assert lines[0].split() == ["NAME", "SOURCE", "MODEL", "CHANNELS", "LABELS", "PATH", "DESCRIPTION"]
     petct = next(line for line in lines if line.startswith("petct-lesion "))
     assert petct.split()[:5] == ["petct-lesion", "embedded", "veloxseg-b", "CT,PET", "lesion"]
     brain = next(line for line in lines if line.startswith("brain-mri "))
@@ -74,3 +74,50 @@ def test_empty_and_subprocess(tmp_path):
     assert data["user_dir"] == str(tmp_path / "none")
     assert all(e["source"] == "embedded" for e in data["bundles"])  # whatever the package ships
     assert all("error" not in e for e in data["bundles"]), "a shipped bundle is broken"
+
+
+def test_same_name_shows_paths_and_which_is_shadowed(model_dirs, capsys):
+    embedded, user = model_dirs
+    B.save_bundle(user / "mine", meta("petct-lesion"), {"w": torch.ones(3)})
+    assert main(["models", "--json"]) == 0
+    rows = [e for e in json.loads(capsys.readouterr().out)["bundles"] if e["name"] == "petct-lesion"]
+    assert [(e["source"], e["path"]) for e in rows] == [("embedded", str(embedded / "petct")),
+                                                          ("user", str(user / "mine"))]
+    assert rows[0]["shadowed_by"] == str(user / "mine") and "shadowed_by" not in rows[1]
+    assert B.find_bundle("petct-lesion") == user / "mine"
+    assert main(["models"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("petct-lesion ")]
+    assert len(lines) == 2
+    assert str(embedded / "petct") in lines[0] and f"(shadowed by {user / 'mine'})" in lines[0]
+    assert str(user / "mine") in lines[1] and "shadowed" not in lines[1]
+
+
+def test_models_help_states_the_precedence(capsys):
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "picks a user bundle before an embedded one" in out and "shadowed by PATH" in out
+
+
+def test_broken_user_bundle_named_like_an_embedded_one_is_refused(model_dirs, capsys, tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    embedded, user = model_dirs
+    (user / "petct-lesion").mkdir()
+    (user / "petct-lesion" / "bundle.json").write_text("{not json")
+    with pytest.raises(B.BundleError) as exc:
+        B.find_bundle("petct-lesion")
+    assert str(user / "petct-lesion") in str(exc.value) and "not valid JSON" in str(exc.value)
+    images = []
+    for ch in ("CT", "PET"):
+        images.append(tmp_path / f"{ch}.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.float32)), str(images[-1]))
+    out = tmp_path / "seg.nii.gz"
+    code = main(["predict", "-m", "petct-lesion", "-i", *map(str, images), "-o", str(out), "--progress", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not out.exists() and len(err) == 1
+    assert str(user / "petct-lesion") in err[0] and "cannot be loaded" in err[0]
+    assert main(["models", "--json"]) == 0  # the embedded one is marked as shadowed by the broken one
+    rows = [e for e in json.loads(capsys.readouterr().out)["bundles"] if e["source"] == "embedded"]
+    assert rows[0]["shadowed_by"] == str(user / "petct-lesion")

@@ -255,3 +255,27 @@ def test_wholebody_benchmark_harness_measures_a_small_case(tmp_path):
     assert 0 < res["windows_run"] <= res["windows_total"]
     seg = sitk.ReadImage(str(tmp_path / "seg.nii.gz"))
     assert seg.GetSize() == (80, 72, 40) and seg.GetPixelID() == sitk.sitkUInt8
+
+
+def test_dataset_root_says_to_use_imagesTr(tmp_path, bundle, capsys):
+    root = tmp_path / "mri"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    _case(root / "imagesTr", shape=(8, 8, 8))
+    (root / "dataset.json").write_text("{}")
+    rc = main(["predict", "-m", str(bundle), "-i", str(root), "-o", str(tmp_path / "pdir"), "--progress", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"'{root}': holds no case images" in err[0] and f"use '{root / 'imagesTr'}'" in err[0]
+    assert "output file ending" not in err[0] and not (tmp_path / "pdir").exists()
+
+
+def test_folder_without_images_or_dicom_is_named(tmp_path, bundle, capsys):
+    src = tmp_path / "notes"
+    src.mkdir()
+    (src / "readme.txt").write_text("x")
+    (src / "sub").mkdir()
+    rc = main(["predict", "-m", str(bundle), "-i", str(src), "-o", str(tmp_path / "pdir"), "--progress", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"'{src}': holds no case images" in err[0] and "no DICOM series" in err[0]

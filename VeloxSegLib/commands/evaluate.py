@@ -141,12 +141,35 @@ def parse_regions(items: Optional[Sequence[str]]) -> Dict[str, List[int]]:
         if not name.strip() or not labels or any(v < 1 for v in labels) or name.strip() in regions:
             raise InputError(f"--regions: '{item}' is not NAME=LABEL[,LABEL...] with positive label values "
                              f"and a new name (e.g. WT=1,2,3)")
-        regions[name.strip()] = labels
+        name = name.strip()
+        if name.lstrip("+-").isdigit():
+            raise InputError(f"--regions: region name '{name}' looks like a label value; give it a name that is "
+                             f"not a number (e.g. WT=1,2,3)")
+        regions[name] = labels
     return regions
 
 
+def check_regions(regions: Dict[str, Sequence[int]], labels: Optional[Sequence[int]],
+                  label_names: Optional[Dict[int, str]] = None) -> None:
+    """Refuse region names that clash with a label (value or name) and, when the label set is
+    known (``labels``), region label values outside it. Raises InputError."""
+    names = {str(n).strip().lower(): v for v, n in (label_names or {}).items()}
+    for name, values in regions.items():
+        if name.lstrip("+-").isdigit():
+            raise InputError(f"--regions: region name '{name}' looks like a label value; give it a name that is "
+                             f"not a number (e.g. WT=1,2,3)")
+        if name.lower() in names:
+            raise InputError(f"--regions: region name '{name}' is the name of label {names[name.lower()]}; "
+                             f"give the region another name")
+        if labels is not None:
+            unknown = [v for v in values if v not in set(labels)]
+            if unknown:
+                raise InputError(f"--regions: region '{name}' uses label(s) {_fmt_labels(unknown)}, not in the "
+                                 f"known labels ({_fmt_labels(sorted(set(labels)))})")
+
+
 def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Optional[Dict[int, str]] = None,
-             progress=None, regions: Optional[Dict[str, Sequence[int]]] = None) -> dict:
+             progress=None, regions: Optional[Dict[str, Sequence[int]]] = None, warn=None) -> dict:
     """Evaluate ``pred`` against ``ref`` (two label-map files or two folders); return a results dict.
 
     ``labels``: the label values to evaluate; any other non-zero label in a reference or a
@@ -155,7 +178,10 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
     unreadable files and grids that differ. Metric values may be ``inf`` (HD95 with one empty
     mask); :func:`VeloxSegLib.metrics.json_safe` turns them into ``None`` for JSON.
     ``regions``: named unions of labels evaluated as one mask each (BraTS: ET=3, TC=1,3, WT=1,2,3),
-    reported after the labels under their names.
+    reported after the labels under their names. A region name must not be a number or a label's
+    name; with ``labels`` given, its label values must be among them (InputError). Without
+    ``labels``, a region empty in both masks of every case is reported through ``warn`` (a
+    callable taking one line; default: printed to stderr).
     """
     import numpy as np
 
@@ -168,6 +194,8 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
         bad = [v for v in known if not 1 <= v <= 65535]
         if bad:
             raise InputError(f"--labels: {_fmt_labels(bad)} not valid (label values are 1..65535; 0 is background)")
+    check_regions(regions or {}, known, label_names)
+    nonempty_regions = set()
     cases = []
     for i, (case, p_path, r_path) in enumerate(pairs):
         r_img = _read(r_path, "reference")
@@ -192,12 +220,25 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
         spacing = tuple(reversed(r_img.GetSpacing()))
         per_label = M.evaluate_arrays(p_arr, r_arr, case_labels, spacing)
         for name, values in (regions or {}).items():
-            per_label[name] = M.label_metrics(np.isin(p_arr, values), np.isin(r_arr, values), spacing)
+            p_mask, r_mask = np.isin(p_arr, values), np.isin(r_arr, values)
+            if p_mask.any() or r_mask.any():
+                nonempty_regions.add(name)
+            per_label[name] = M.label_metrics(p_mask, r_mask, spacing)
+            del p_mask, r_mask
         del r_arr, p_arr, r_img, p_img
         cases.append({"case": case, "pred": str(p_path), "ref": str(r_path),
                       "spacing": [float(s) for s in reversed(spacing)], "metrics": per_label})
         if progress:
             progress(i + 1, len(pairs))
+    if known is None and cases:
+        for name, values in (regions or {}).items():
+            if name not in nonempty_regions:
+                line = (f"warning: --regions: region '{name}' (label(s) {_fmt_labels(values)}) is empty in every "
+                        f"prediction and reference; check its label values")
+                if warn is None:
+                    print(line, file=sys.stderr)
+                else:
+                    warn(line)
     all_labels = list(known if known is not None else
                       sorted({lab for c in cases for lab in c["metrics"] if isinstance(lab, int)}))
     all_labels += list(regions or {})

@@ -11,7 +11,11 @@ def register(subparsers):
         description=(
             "List the model bundles shipped with VeloxSeg (embedded) and those in the user models folder "
             "($VELOXSEG_MODELS, default ~/.veloxseg/models). A bundle that fails to load is listed with its "
-            "error. Any listed name can be given to 'veloxseg predict -m NAME'."),
+            "error. Any listed name can be given to 'veloxseg predict -m NAME'. When several bundles have "
+            "the same name, -m NAME picks a user bundle before an embedded one (by bundle.json name, then by "
+            "folder/zip name); the others are marked '(shadowed by PATH)' (--json: 'shadowed_by'). A user "
+            "bundle whose folder/zip name is NAME but that does not load makes -m NAME an error naming it, "
+            "never a fallback to the embedded bundle."),
     )
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=run)
@@ -19,17 +23,20 @@ def register(subparsers):
 
 
 def _table(entries) -> str:
-    header = ("NAME", "SOURCE", "MODEL", "CHANNELS", "LABELS", "DESCRIPTION")
+    header = ("NAME", "SOURCE", "MODEL", "CHANNELS", "LABELS", "PATH", "DESCRIPTION")
     rows = []
     for e in entries:
         if "error" in e:
-            rows.append((e["name"], e["source"], "-", "-", "-", f"ERROR: {e['error']}"))
+            rows.append((e["name"], e["source"], "-", "-", "-", e["path"], f"ERROR: {e['error']}"))
             continue
         labels = [n for n in e["labels"][1:]]  # label 0 is background
         desc = " ".join(str(e["description"]).split())
         if len(desc) > 60:
             desc = desc[:57] + "..."
-        rows.append((e["name"], e["source"], e["model"], ",".join(e["channels"]), ",".join(labels), desc))
+        if e.get("shadowed_by"):
+            desc = f"(shadowed by {e['shadowed_by']}) {desc}".rstrip()
+        rows.append((e["name"], e["source"], e["model"], ",".join(e["channels"]), ",".join(labels), e["path"],
+                     desc))
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header) - 1)]
     lines = []
     for r in [header] + rows:

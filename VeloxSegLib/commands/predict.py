@@ -166,13 +166,39 @@ class _CancelOnSignal:
 # --------------------------------------------------------------------------- run
 
 
+#: Endings of files that are not DICOM slices (a folder holding only these is not a DICOM series).
+_NOT_DICOM = (".nii.gz", ".nii", ".nrrd", ".mha", ".nhdr", ".mhd", ".raw", ".json", ".txt", ".md", ".csv",
+              ".tsv", ".yaml", ".yml", ".pkl", ".npz", ".npy", ".png", ".jpg", ".zip", ".gz", ".safetensors")
+
+
 def _folder_mode(inputs) -> bool:
-    """One input folder holding nnU-Net named images (otherwise a folder is a DICOM series)."""
-    if len(inputs) != 1 or not os.path.isdir(inputs[0]):
-        return False
+    """One input folder holding nnU-Net named images (otherwise a folder is a DICOM series).
+
+    An input folder that holds ``imagesTr``/``imagesTs`` (an nnU-Net dataset root), or holds no
+    nnU-Net named images and no file that could be a DICOM slice, raises InputError naming it.
+    """
+    from ..errors import InputError
     from ..infer.pipeline import _CASE_RE
 
-    return any(_CASE_RE.match(n) for n in os.listdir(inputs[0]) if not n.startswith("."))
+    for folder in inputs:
+        if not os.path.isdir(folder):
+            continue
+        try:
+            names = [n for n in os.listdir(folder) if not n.startswith(".")]
+        except OSError as exc:
+            raise InputError(f"'{folder}': cannot list folder ({exc.strerror or exc})") from None
+        if len(inputs) == 1 and any(_CASE_RE.match(n) for n in names):
+            return True
+        subs = [n for n in ("imagesTr", "imagesTs") if os.path.isdir(os.path.join(folder, n))]
+        if subs:
+            raise InputError(f"'{folder}': holds no case images (it looks like an nnU-Net dataset root); "
+                             f"use '{os.path.join(folder, subs[0])}'")
+        files = [n for n in names if os.path.isfile(os.path.join(folder, n))]
+        if not any(not n.lower().endswith(_NOT_DICOM) for n in files):
+            hint = ("images in nnU-Net naming, <case>_0000.nii.gz ...," if len(inputs) == 1 else "images")
+            raise InputError(f"'{folder}': holds no case {hint} and no DICOM series; give a folder of cases, "
+                             f"a DICOM series folder or image files")
+    return False
 
 
 def _check_numbers(args) -> None:
