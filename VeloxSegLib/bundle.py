@@ -810,14 +810,21 @@ def _load_zip(zpath: pathlib.Path, header_only: bool = False) -> Bundle:
         if total > MAX_WEIGHTS_BYTES + MAX_META_BYTES:
             raise BundleError(f"{zpath}: uncompressed size {total} bytes exceeds the limit")
 
-        def _read(base, limit):
+        def _read(base, limit, header_only=False):
+            """A member's bytes, or with ``header_only`` just a safetensors file's header."""
             info = files[base]
             src = f"{zpath}!{base}"
             if info.file_size > limit:
                 raise BundleError(f"{src}: is larger than {limit} bytes")
             try:
                 with zf.open(info) as fh:
-                    data = fh.read(limit + 1)
+                    if header_only:
+                        data = fh.read(8)
+                        if len(data) == 8:
+                            (n,) = struct.unpack("<Q", data)
+                            data += fh.read(max(0, min(n, MAX_HEADER_BYTES, info.file_size - 8)))
+                    else:
+                        data = fh.read(limit + 1)
             except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
                 raise BundleError(f"{src}: cannot be read from the zip ({str(exc).splitlines()[0]})") from None
             except Exception as exc:  # zlib.error on corrupt deflate data
@@ -826,26 +833,9 @@ def _load_zip(zpath: pathlib.Path, header_only: bool = False) -> Bundle:
                 raise BundleError(f"{src}: is larger than {limit} bytes")
             return data
 
-        def _read_header(base, limit):
-            info = files[base]
-            src = f"{zpath}!{base}"
-            if info.file_size > limit:
-                raise BundleError(f"{src}: is larger than {limit} bytes")
-            try:
-                with zf.open(info) as fh:
-                    head = fh.read(8)
-                    if len(head) == 8:
-                        (n,) = struct.unpack("<Q", head)
-                        head += fh.read(max(0, min(n, MAX_HEADER_BYTES, info.file_size - 8)))
-            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
-                raise BundleError(f"{src}: cannot be read from the zip ({str(exc).splitlines()[0]})") from None
-            except Exception as exc:  # zlib.error on corrupt deflate data
-                raise BundleError(f"{src}: cannot be read from the zip ({type(exc).__name__})") from None
-            return head
-
         meta = _parse_meta_bytes(_read(META_NAME, MAX_META_BYTES), f"{zpath}!{META_NAME}")
         if header_only:
-            head = _read_header(WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
+            head = _read(WEIGHTS_NAME, MAX_WEIGHTS_BYTES, header_only=True)
             tensors = _parse_safetensors_header(head, files[WEIGHTS_NAME].file_size, f"{zpath}!{WEIGHTS_NAME}")
             return Bundle(zpath, meta, tensors, is_zip=True)
         weights = _read(WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
