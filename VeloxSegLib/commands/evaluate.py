@@ -141,11 +141,8 @@ def parse_regions(items: Optional[Sequence[str]]) -> Dict[str, List[int]]:
         if not name.strip() or not labels or any(v < 1 for v in labels) or name.strip() in regions:
             raise InputError(f"--regions: '{item}' is not NAME=LABEL[,LABEL...] with positive label values "
                              f"and a new name (e.g. WT=1,2,3)")
-        name = name.strip()
-        if name.lstrip("+-").isdigit():
-            raise InputError(f"--regions: region name '{name}' looks like a label value; give it a name that is "
-                             f"not a number (e.g. WT=1,2,3)")
-        regions[name] = labels
+        regions[name.strip()] = labels
+    check_regions(regions, None)  # names that look like label values, before any work
     return regions
 
 

@@ -42,7 +42,7 @@ def run(args) -> int:
 
     output = Path(args.output) if args.output else Path(args.dataset) / "plans.json"
     # before any work; never onto the dataset's own files (its dataset.json, its images)
-    check_output_file(output, overwrite=args.overwrite, inputs=[args.dataset], what="plans file")
+    check_output_file(output, overwrite=args.overwrite, inputs=[args.dataset], what="a plans file")
     plans = plan_dataset(
         args.dataset, output, spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size,
         normalization=normalization or None, model=args.model, in_channels=args.in_channels,

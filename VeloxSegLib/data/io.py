@@ -464,20 +464,7 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, inputs: Sequen
     ext = split_extension(p)[1].lower()
     if ext not in WRITE_EXTENSIONS:
         raise InputError(f"'{p}': unsupported output file ending '{ext or '(none)'}'; {_SINGLE_FILE_HINT}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"'{p}': output folder '{parent}' does not exist")
-    if p.is_dir():
-        raise InputError(f"'{p}': is a folder, expected an output file name")
-    for i in inputs:
-        try:
-            if Path(os.fspath(i)).resolve() == p.resolve():
-                raise InputError(f"'{p}': output would overwrite an input")
-        except OSError:  # pragma: no cover
-            pass
-    if p.exists() and not overwrite:
-        raise InputError(f"'{p}': output exists (pass --overwrite to replace it)")
-    return p
+    return check_output_file(p, overwrite=overwrite, inputs=inputs, what="an output file")
 
 
 #: Files a folder input is made of besides images: never an output's target.
@@ -493,8 +480,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_output_file(path: PathLike, *, overwrite: bool = False, inputs: Sequence[PathLike] = (),
-                      sealed: Sequence[PathLike] = (), what: str = "JSON file") -> Path:
-    """Validate a non-image output file (JSON) before any work is done; returns it as a Path.
+                      sealed: Sequence[PathLike] = (), what: str = "a JSON file") -> Path:
+    """Validate an output file before any work is done; returns it as a Path (images go through
+    :func:`check_output_path`, which checks their ending first).
 
     Refused: a missing parent folder, a folder, an existing file without ``overwrite``, one of
     ``inputs`` (files or folders; inside a folder input, its images and its dataset.json,
@@ -505,7 +493,7 @@ def check_output_file(path: PathLike, *, overwrite: bool = False, inputs: Sequen
     if not parent.is_dir():
         raise InputError(f"'{p}': output folder '{parent}' does not exist")
     if p.is_dir():
-        raise InputError(f"'{p}': is a folder, expected a {what} name")
+        raise InputError(f"'{p}': is a folder, expected {what} name")
     target = p.resolve()
     for i in inputs:
         q = Path(os.fspath(i)).resolve()
