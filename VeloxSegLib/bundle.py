@@ -919,6 +919,24 @@ def _is_bundle_like_dir(path: pathlib.Path) -> bool:
     return META_NAME in names and names <= set(BUNDLE_FILES)
 
 
+def check_bundle_output(out: pathlib.Path, overwrite: bool, exists_hint: str = "use overwrite") -> None:
+    """What :func:`save_bundle` requires of its output (trainers check it before the first step):
+    the parent folder exists; an existing output needs ``overwrite`` and is only replaced when it
+    is a file (``.zip``) or a folder holding nothing but a bundle's files."""
+    out = pathlib.Path(out)
+    parent = out.parent if str(out.parent) else pathlib.Path(".")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{out}: already exists ({exists_hint})")
+        if out.suffix.lower() == ".zip":
+            if not out.is_file():
+                raise InputError(f"{out}: exists and is not a file; not replacing it")
+        elif not (out.is_dir() and not out.is_symlink() and _is_bundle_like_dir(out)):
+            raise InputError(f"{out}: exists and is not a bundle folder; not replacing it")
+    if not parent.is_dir():
+        raise InputError(f"{out}: the folder {parent} does not exist")
+
+
 def save_bundle(out_dir, meta: dict, state_dict, *, overwrite: bool = False) -> pathlib.Path:
     """Validate ``meta``, write a bundle atomically, and return its path.
 
@@ -933,17 +951,9 @@ def save_bundle(out_dir, meta: dict, state_dict, *, overwrite: bool = False) -> 
     out = pathlib.Path(out_dir).expanduser()
     clean = validate_meta(meta, META_NAME)
     tensors = _tensor_dict(state_dict)
+    check_bundle_output(out, overwrite)
     parent = out.parent if str(out.parent) else pathlib.Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{out}: the folder {parent} does not exist")
     as_zip = out.suffix.lower() == ".zip"
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise InputError(f"{out}: already exists (use overwrite)")
-        if as_zip and not out.is_file():
-            raise InputError(f"{out}: exists and is not a file; not replacing it")
-        if not as_zip and not (out.is_dir() and not out.is_symlink() and _is_bundle_like_dir(out)):
-            raise InputError(f"{out}: exists and is not a bundle folder; not replacing it")
 
     meta_bytes = (json.dumps(clean, indent=2, allow_nan=False) + "\n").encode("utf-8")
     weights_bytes = st_save(tensors, metadata={"format": "pt"})

@@ -749,21 +749,12 @@ def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: boo
                  dataset_root: Optional[Path] = None) -> None:
     """Everything :func:`save_bundle` and the checkpoints would refuse at the end, refused before
     the first step."""
-    from ..bundle import _is_bundle_like_dir
+    from ..bundle import check_bundle_output
     from ..data.io import check_writable_folder
 
     # checked on every rank (same files), so no rank is left waiting for one that failed
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise InputError(f"{output}: already exists (choose another output or pass --overwrite)")
-    if output.exists() or output.is_symlink():
-        if output.suffix.lower() == ".zip":
-            if not output.is_file():
-                raise InputError(f"{output}: exists and is not a file; not replacing it")
-        elif not (output.is_dir() and not output.is_symlink() and _is_bundle_like_dir(output)):
-            raise InputError(f"{output}: exists and is not a bundle folder; not replacing it")
+    check_bundle_output(output, overwrite, exists_hint="choose another output or pass --overwrite")
     parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{output}: the folder {parent} does not exist")
     check_writable_folder(parent)
     if dataset_root is not None:
         root = Path(dataset_root).resolve()
