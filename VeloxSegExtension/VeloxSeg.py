@@ -321,10 +321,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundle = self.currentBundle()
         if bundle is None:
             return
-        from VeloxSegLogic.bundles import guess_inputs
-
-        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-        guesses = guess_inputs(bundle.channels, [v.GetName() for v in volumes])
+        guesses = self.guessedInputs(bundle)
         for index, name in enumerate(bundle.channel_names):
             selector = slicer.qMRMLNodeComboBox()
             selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
@@ -335,8 +332,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.setMRMLScene(slicer.mrmlScene)
             selector.setToolTip(f"The {name} volume")
             stored = self.params.input_node(index) if self.params else None
-            guessed = volumes[guesses[index]] if guesses[index] is not None else None
-            selector.setCurrentNode(stored or guessed)
+            selector.setCurrentNode(stored or guesses[index])
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
             layout.addRow(f"{name}:", selector)
             self.inputSelectors.append(selector)
@@ -353,15 +349,18 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundle = self.currentBundle()
         if bundle is None or not self.inputSelectors or all(self.inputNodes()):
             return
+        used = {n.GetID() for n in self.inputNodes() if n is not None}
+        for selector, guess in zip(self.inputSelectors, self.guessedInputs(bundle)):
+            if selector.currentNode() is None and guess is not None and guess.GetID() not in used:
+                selector.setCurrentNode(guess)
+                used.add(guess.GetID())
+
+    def guessedInputs(self, bundle):
+        """For each model input, the scene's volume whose name fits it best (or None)."""
         from VeloxSegLogic.bundles import guess_inputs
 
         volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-        guesses = guess_inputs(bundle.channels, [v.GetName() for v in volumes])
-        used = {n.GetID() for n in self.inputNodes() if n is not None}
-        for selector, guess in zip(self.inputSelectors, guesses):
-            if selector.currentNode() is None and guess is not None and volumes[guess].GetID() not in used:
-                selector.setCurrentNode(volumes[guess])
-                used.add(volumes[guess].GetID())
+        return [volumes[i] if i is not None else None for i in guess_inputs(bundle.channels, [v.GetName() for v in volumes])]
 
     def inputNodes(self):
         return [s.currentNode() for s in self.inputSelectors]
