@@ -271,7 +271,7 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
         meta,
         "",
         required=("format_version", "name", "model", "spacing", "channels", "labels"),
-        optional=("description", "inference", "training"),
+        optional=("description", "orientation", "inference", "training"),
     )
     fv = meta["format_version"]
     if not isinstance(fv, int) or isinstance(fv, bool):
@@ -312,6 +312,14 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
     # spacing -----------------------------------------------------------------------
     spacing = ck.array(meta["spacing"], "spacing", length=3)
     out["spacing"] = [ck.number(s, f"spacing[{i}]", lo=0, lo_open=True) for i, s in enumerate(spacing)]
+
+    # orientation (absent in bundles that predate it: arrays as the files store them) ---
+    if "orientation" in meta:
+        from .data.orientation import ORIENTATIONS
+
+        if meta["orientation"] not in ORIENTATIONS:
+            ck.fail("orientation", f"must be one of {', '.join(ORIENTATIONS)}")
+        out["orientation"] = meta["orientation"]
 
     # channels ----------------------------------------------------------------------
     channels = ck.array(meta["channels"], "channels", min_length=1)

@@ -64,12 +64,24 @@ class Grid:
                     self.spacing, self.direction)
 
     def with_spacing(self, spacing: Sequence[float]) -> "Grid":
-        """A grid covering the same physical box (edge to edge) at another spacing."""
+        """A grid covering the same physical box (edge to edge) at another spacing.
+
+        Where the box is not a whole number of new voxels, the new grid keeps the box's edge at
+        the lower world coordinate of each axis (its patient-right, anterior, inferior edge), so
+        the same box stored with its axes reversed or swapped is sampled at the same points."""
+        from .orientation import AxisOrder
+
         spacing = np.asarray(spacing, dtype=np.float64)
         extent = np.asarray(self.size) * np.asarray(self.spacing)
         size = np.maximum(np.round(extent / spacing), 1).astype(np.int64)
-        # keep the box's lower edge: first voxel centre moves by half the spacing change
+        # keep the box's lower edge: first voxel centre moves by half the spacing change; an axis
+        # that runs against its world axis keeps its upper (stored) edge instead
         shift = (spacing - np.asarray(self.spacing)) / 2.0
+        axes = AxisOrder.of_direction(self.direction)
+        for k in range(3):
+            if axes.flip[k]:
+                a = axes.perm[k]
+                shift[a] += extent[a] - size[a] * spacing[a]
         origin = np.asarray(self.origin) + self.matrix @ shift
         return Grid(tuple(int(v) for v in size), tuple(float(v) for v in origin),
                     tuple(float(v) for v in spacing), self.direction)

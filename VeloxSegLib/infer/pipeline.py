@@ -58,6 +58,10 @@ class InferencePlan:
     pet_refine: None (off), or the settings of the PET border refinement
         (:mod:`VeloxSegLib.infer.petrefine`; missing settings take their defaults). Needs a
         channel whose ``modality`` is PET.
+    orientation: ``"LPS"``: the network sees every volume with its array axes turned to run
+        nearest to left, posterior, superior, as our trainer trains it
+        (:mod:`VeloxSegLib.data.orientation`); None: arrays as the files store them (bundles
+        that predate the field).
     """
 
     patch_size: Tuple[int, int, int]
@@ -75,6 +79,7 @@ class InferencePlan:
     body_margin_mm: float = 10.0
     pet_refine: Optional[Dict[str, Any]] = None
     name: str = "model"
+    orientation: Optional[str] = "LPS"
 
     def __post_init__(self):
         ps = self.patch_size
@@ -96,6 +101,10 @@ class InferencePlan:
         if self.blending not in ("uniform", "gaussian"):
             raise ConfigError(f"blending must be 'uniform' or 'gaussian', got {self.blending!r}")
         self.tta_axes = check_tta_axes(self.tta_axes)
+        from ..data.orientation import ORIENTATIONS
+
+        if self.orientation is not None and self.orientation not in ORIENTATIONS:
+            raise ConfigError(f"orientation must be one of {', '.join(ORIENTATIONS)} or None, got {self.orientation!r}")
         if self.pet_refine is not None:
             self.pet_refine = self.pet_refine_settings(self.pet_refine)
 
@@ -152,6 +161,7 @@ class InferencePlan:
             crop_to_body=bool(inf.get("crop_to_body", True)),
             pet_refine=dict(inf["pet_refine"]) if inf.get("pet_refine") is not None else None,
             name=str(meta.get("name", "model")),
+            orientation=meta.get("orientation"),
         )
 
 
@@ -442,6 +452,7 @@ class Segmenter:
 
         from ..data.alignment import Grid, check_overlap, resample_to_grid, spacing_close
         from ..data.normalization import fit_normalizer
+        from ..data.orientation import AxisOrder
         from .postprocess import (labels_from_logits, probabilities_from_logits, probabilities_to_grid,
                                   remove_small_components)
         from .sliding_window import stream_windows
@@ -526,9 +537,14 @@ class Segmenter:
             return CasePrediction(labels, probs, info)
 
         crop_grid = ref.crop(lo, hi)
-        resample = plan.spacing is not None and not spacing_close(ref.spacing, plan.spacing, plan.spacing_tolerance)
-        work = crop_grid.with_spacing(plan.spacing) if resample else crop_grid
-        info.update(working_size=work.size, working_spacing=work.spacing, resampled=resample)
+        # the network sees the arrays turned to the bundle's orientation; the plan's spacing is
+        # per world axis, so it is laid onto the reference's stored axes first
+        axes = AxisOrder.for_plan(plan.orientation, ref.direction)
+        target = axes.stored_vector(plan.spacing) if plan.spacing is not None else None
+        resample = target is not None and not spacing_close(ref.spacing, target, plan.spacing_tolerance)
+        work = crop_grid.with_spacing(target) if resample else crop_grid
+        info.update(working_size=work.size, working_spacing=work.spacing, resampled=resample,
+                    reoriented=not axes.is_identity)
         (x0, y0, z0), (x1, y1, z1) = lo.tolist(), hi.tolist()
 
         # 3. one resampling per channel onto the working grid, body mask, normalization
@@ -548,6 +564,12 @@ class Segmenter:
                 body |= arr_in[i] > _body_threshold(specs[i], norms[i], plan)
             norms[i].apply(arr_in[i])
             report("preprocess", (i + 1) / C)
+        if not axes.is_identity:  # exact: a transpose and flips
+            inp = axes.to_canonical(inp).contiguous()
+            arr_in = None
+            if body is not None:
+                body = np.ascontiguousarray(axes.to_canonical(body))
+        net_shape = axes.canonical_shape(work.shape)
         pad_values = [n.normalized_background for n in norms]
         pet_image = images[plan.pet_channel] if refine is not None else None
         del views, images  # the caller's images live on in the caller; ours are freed here
@@ -558,8 +580,8 @@ class Segmenter:
         # uint8 labels at once; on a resampled working grid they are kept as class probabilities
         # (float16, the lesion probability alone for two classes) for step 5
         n_scores = K if probabilities or K != 2 else 1
-        labels_w = None if resample else torch.zeros(work.shape, dtype=torch.uint8)
-        probs_w = torch.empty((n_scores,) + work.shape, dtype=torch.float32 if probabilities else torch.float16) \
+        labels_w = None if resample else torch.zeros(net_shape, dtype=torch.uint8)
+        probs_w = torch.empty((n_scores,) + net_shape, dtype=torch.float32 if probabilities else torch.float16) \
             if probabilities or resample or refine is not None else None
         predictor = _WindowPredictor(self.model, self.device, tta, self.batch_size,
                                      dtype=torch.bfloat16 if self.precision == "bf16" else None, tta_axes=tta_axes)
@@ -580,6 +602,9 @@ class Segmenter:
                 if probs_w is not None:
                     probs_w[:, zs:ze] = probabilities_from_logits(acc, weight)[K - n_scores:]
         del inp, arr_in, body
+        if not axes.is_identity:  # back to the working grid's own axes
+            labels_w = None if labels_w is None else axes.to_stored(labels_w).contiguous()
+            probs_w = None if probs_w is None else axes.to_stored(probs_w).contiguous()
         if predictor.fell_back:
             info["fell_back_to_cpu"] = True
         report("predict", 1.0)

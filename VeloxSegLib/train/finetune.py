@@ -173,7 +173,7 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
                      patch_size=patch, spacing=target,
                      channels=[dict(c) for c in meta["channels"]], labels=labels,
                      batch_size=int(config.batch_size or 2), overrides=dict(m.get("overrides") or {}),
-                     inference=inference)
+                     inference=inference, orientation=meta.get("orientation"))
     weights = src.state_dict()
     sha = _weights_sha256(src)
     notes = {"parent_path": str(Path(src.path).resolve()), "parent_weights_sha256": sha, "new_label_set": not same,

@@ -113,6 +113,7 @@ def fingerprint_dataset(path: PathLike, samples_per_case: int = SAMPLES_PER_CASE
     from ..data.alignment import Grid, align_to_reference
     from ..data.io import read_image
     from ..data.nnunet import grid_differences, validate_dataset
+    from ..data.orientation import AxisOrder
 
     ds = validate_dataset(path)
     names = ds.channel_list
@@ -134,8 +135,10 @@ def fingerprint_dataset(path: PathLike, samples_per_case: int = SAMPLES_PER_CASE
                 off_grid.add(name)
         if off_grid:
             images = align_to_reference(images, names)
-        spacings.append([float(v) for v in ref.spacing])
-        sizes.append([int(v) for v in ref.size])
+        # per world axis (L, P, S), as the trainer turns the arrays (data/orientation.py)
+        axes = AxisOrder.of_direction(ref.direction)
+        spacings.append([float(v) for v in axes.canonical_vector(ref.spacing)])
+        sizes.append([int(v) for v in axes.canonical_vector(ref.size)])
         counts = np.bincount(np.asarray(lab, dtype=np.int64).reshape(-1))
         for v in label_voxels:
             label_voxels[v].append(int(counts[v]) if v < counts.size else 0)
@@ -484,6 +487,7 @@ def make_plans(
         "model": {"name": model, "in_channels": in_ch, "num_classes": len(labels), "patch_size": patch,
                   "overrides": {}},
         "spacing": spacing,
+        "orientation": "LPS",
         "channels": channels,
         "labels": labels,
         "batch_size": batch,

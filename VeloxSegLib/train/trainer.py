@@ -161,6 +161,9 @@ class RunSetup:
     batch_size: int = 2
     overrides: Dict[str, Any] = field(default_factory=dict)
     inference: Optional[Dict[str, Any]] = None  # a parent bundle's inference settings (fine-tuning)
+    # the arrays' orientation (data/orientation.py): "LPS" for every new run; None (arrays as the
+    # files store them) only for a fine-tune of a bundle that predates the field
+    orientation: Optional[str] = "LPS"
 
     @classmethod
     def from_plans(cls, plans: dict, config: TrainConfig) -> "RunSetup":
@@ -172,7 +175,7 @@ class RunSetup:
                    spacing=tuple(float(s) for s in plans["spacing"]), channels=[dict(c) for c in plans["channels"]],
                    labels=[dict(lb) for lb in plans["labels"]],
                    batch_size=int(config.batch_size or plans.get("batch_size", 2)),
-                   overrides=dict(m.get("overrides") or {}))
+                   overrides=dict(m.get("overrides") or {}), orientation=plans.get("orientation", "LPS"))
 
     def with_dropout(self, rate: float) -> "RunSetup":
         """The same setup with every dropout of a VeloxSeg network (attention probabilities,
@@ -217,7 +220,8 @@ class RunSetup:
 
         refine = (self.inference or {}).get("pet_refine")
         return InferencePlan(patch_size=self.patch_size, channels=self.channels, labels=self.labels,
-                             spacing=self.spacing, name=name, pet_refine=dict(refine) if refine else None)
+                             spacing=self.spacing, name=name, pet_refine=dict(refine) if refine else None,
+                             orientation=self.orientation)
 
 
 def resolve_plans(dataset, plans=None, **planner_overrides) -> dict:
@@ -288,12 +292,17 @@ def preprocess_case(ds, case: str, setup: RunSetup) -> CaseData:
     from ..data.alignment import Grid, resample_to_grid, spacing_close
     from ..data.io import read_image
     from ..data.normalization import fit_normalizer
+    from ..data.orientation import AxisOrder
 
     images = [read_image(p) for p in ds.image_paths(case)]
     label = read_image(ds.label_path(case))
     ref = Grid.of(images[0])
-    resample = not spacing_close(ref.spacing, setup.spacing, 0.02)
-    work = ref.with_spacing(setup.spacing) if resample else ref
+    # arrays are turned to the setup's orientation, as inference turns them; the setup's spacing
+    # is per world axis, laid onto channel 0's stored axes first
+    axes = AxisOrder.for_plan(setup.orientation, ref.direction)
+    target = axes.stored_vector(setup.spacing)
+    resample = not spacing_close(ref.spacing, target, 0.02)
+    work = ref.with_spacing(target) if resample else ref
     arr = np.empty((len(images),) + work.shape, dtype=np.float32)
     pads = []
     for i, (img, ch) in enumerate(zip(images, setup.channels)):
@@ -312,7 +321,10 @@ def preprocess_case(ds, case: str, setup: RunSetup) -> CaseData:
     lab = sitk.GetArrayFromImage(label).astype(np.uint8)
     if lab.max(initial=0) >= setup.num_classes:
         raise InputError(f"case {case!r}: label value {int(lab.max())} but the model has {setup.num_classes} classes")
-    return CaseData(case, arr, lab, tuple(pads), tuple(work.spacing))
+    if not axes.is_identity:
+        arr = np.ascontiguousarray(axes.to_canonical(arr))
+        lab = np.ascontiguousarray(axes.to_canonical(lab))
+    return CaseData(case, arr, lab, tuple(pads), axes.canonical_vector(work.spacing))
 
 
 # --------------------------------------------------------------------------- loop pieces
@@ -578,6 +590,7 @@ def build_bundle_meta(setup: RunSetup, name: str, training: dict, description: s
         "model": {"name": setup.model_name, "in_channels": list(setup.in_channels), "num_classes": setup.num_classes,
                   "patch_size": list(setup.patch_size), "overrides": dict(setup.overrides)},
         "spacing": list(setup.spacing),
+        **({"orientation": setup.orientation} if setup.orientation else {}),
         "channels": setup.channels,
         "labels": setup.labels,
         "inference": inference,
@@ -839,7 +852,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     ckpt = read_checkpoint(writer.path("last")) if resume else None
     if setup is None and ckpt is not None:
         saved = ckpt.state["setup"]
-        setup = RunSetup(**{**saved, "patch_size": tuple(saved["patch_size"]),
+        # a checkpoint from before the orientation field trained on arrays as stored
+        setup = RunSetup(**{"orientation": None, **saved, "patch_size": tuple(saved["patch_size"]),
                             "in_channels": tuple(saved["in_channels"]), "spacing": tuple(saved["spacing"])})
     elif setup is None:
         plans = ddp.broadcast_object(resolve_plans(ds.root, plans, **(planner_overrides or {}))
