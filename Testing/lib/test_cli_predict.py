@@ -137,9 +137,17 @@ def _bad_disjoint(d, ct, pet):
     return [ct, p], r"far\.nii\.gz.*does not overlap"
 
 
+def _bad_named_order(d, ct, pet):
+    named = [d / "p7_PET.nii.gz", d / "p7_CT.nii.gz"]  # names in the other order than the model's
+    named[0].write_bytes(Path(ct).read_bytes())
+    named[1].write_bytes(Path(pet).read_bytes())
+    return named, r"another order: input 1 \(CT\) is '.*p7_PET\.nii\.gz', named like PET; .*in this order: 1\) CT, 2\) PET"
+
+
 @pytest.mark.parametrize("make", [_bad_missing, _bad_corrupt, _bad_truncated, _bad_count, _bad_2d, _bad_4d,
-                                  _bad_nan, _bad_disjoint],
-                         ids=["missing", "corrupt", "truncated", "count", "2d", "4d", "nan", "non-overlapping"])
+                                  _bad_nan, _bad_disjoint, _bad_named_order],
+                         ids=["missing", "corrupt", "truncated", "count", "2d", "4d", "nan", "non-overlapping",
+                              "named-in-another-order"])
 def test_bad_input_gives_one_line_error_and_leaves_nothing(tmp_path, bundle, capsys, make):
     ct, pet = _case(tmp_path)
     inputs, pattern = make(tmp_path, ct, pet)

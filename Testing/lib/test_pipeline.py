@@ -594,3 +594,45 @@ def test_bf16_fast_and_plain_paths_stay_close_to_fp32():
 def test_unknown_precision_is_refused():
     with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
         Segmenter(torch.nn.Identity(), _plan(), precision="fp16")
+
+
+MRI_CHANNELS = ["T1", "T1ce", "T2", "FLAIR"]
+
+
+def _mri_plan():
+    return InferencePlan(patch_size=(32, 32, 32), spacing=(2.0, 2.0, 2.0), name="mri",
+                         channels=[{"name": n, "normalization": {"scheme": "zscore_nonzero"}} for n in MRI_CHANNELS],
+                         labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "tumour"}])
+
+
+def test_inputs_whose_names_give_another_order_are_refused_before_reading(tmp_path):
+    files = [tmp_path / f"BraTS2021_00001_{c}.nii.gz" for c in ("t2", "t1", "t1ce", "flair")]  # none exists
+    with pytest.raises(InputError, match=r"input 1 \(T1\) is '.*_t2\.nii\.gz', named like T2; input 2 \(T1ce\) is "
+                                         r"'.*_t1\.nii\.gz', named like T1; .*in this order: 1\) T1, 2\) T1ce, 3\) T2"):
+        Segmenter(PetThreshold(), _mri_plan(), device="cpu").predict(files)
+
+
+@pytest.mark.parametrize("names", [
+    ("BraTS2021_00001_t1", "BraTS2021_00001_t1ce", "BraTS2021_00001_t2", "BraTS2021_00001_flair"),
+    ("BraTS-GLI-00001-000-t1n", "BraTS-GLI-00001-000-t1c", "BraTS-GLI-00001-000-t2w", "BraTS-GLI-00001-000-t2f"),
+    ("case_0000", "case_0001", "case_0002", "case_0003"),
+], ids=["brats2021", "brats2023", "nnunet"])
+def test_inputs_named_in_the_models_order_or_without_contrast_names_pass(names):
+    from VeloxSegLib.infer.pipeline import input_order_problems
+
+    assert input_order_problems([f"/data/{n}.nii.gz" for n in names], MRI_CHANNELS) == (False, [])
+
+
+def test_only_some_inputs_named_out_of_order_give_a_warning(tmp_path, caplog):
+    from VeloxSegLib.infer.pipeline import input_order_problems
+
+    certain, problems = input_order_problems(["a_flair.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz"], MRI_CHANNELS)
+    assert not certain and problems == ["input 1 (T1) is 'a_flair.nii.gz', named like FLAIR"]
+    files = []
+    for i, name in enumerate(("a_flair", "b", "c", "d")):
+        img = _ct()
+        files.append(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(img, str(files[-1]))
+    with caplog.at_level("WARNING"):
+        Segmenter(PetThreshold(), _mri_plan(), device="cpu").predict(files)
+    assert "check the order of the inputs: input 1 (T1) is" in caplog.text and "named like FLAIR" in caplog.text

@@ -78,6 +78,19 @@ def test_one_volume_for_two_inputs_is_refused(scene, metadata_bundle):
         logic.start_segmentation(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, ct]))
 
 
+def test_volumes_named_in_another_order_are_refused(scene, metadata_bundle):
+    logic = L.VeloxSegCoreLogic()
+    ct, pet = _pet_ct(scene)
+    ct.SetName("patient1 PET")  # the selectors hold the volumes the other way round from their names
+    pet.SetName("patient1 CT")
+    with pytest.raises(InputError, match=r"input 1 \(CT\) is 'patient1 PET', named like PET; input 2 \(PET\) is "
+                                         r"'patient1 CT', named like CT; model '.*' expects CT, PET in this order"):
+        logic.start_segmentation(L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet]))
+    ct.SetName("patient1 CT")
+    pet.SetName("patient1 PET")
+    L.SegmentationRequest(bundle=str(metadata_bundle), input_nodes=[ct, pet]).validate(logic.bundle_info(str(metadata_bundle)))
+
+
 def test_predict_command_uses_this_python_and_json_progress():
     args = L.predict_command("/b", ["/a.nii.gz", "/p.nii.gz"], "/o.nii.gz", device="cpu", overlap=0.5, tta=True)
     assert args[:5] == [sys.executable, "-m", "VeloxSegLib.cli", "predict", "-m"]

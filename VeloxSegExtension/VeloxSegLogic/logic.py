@@ -55,6 +55,13 @@ class SegmentationRequest:
                 raise InputError(f"volume '{node.GetName()}' is selected as both {seen[node.GetID()]} and {name}; "
                                  "each input needs its own volume")
             seen[node.GetID()] = name
+        if info is not None:  # volumes named, say, T2, T1, T1ce, FLAIR for a T1, T1ce, T2, FLAIR model
+            from VeloxSegLib.infer.pipeline import input_order_problems
+
+            certain, problems = input_order_problems([n.GetName() for n in self.input_nodes], info.channel_names)
+            if certain:
+                raise InputError(f"the volumes' names give another order: {'; '.join(problems)}; model "
+                                 f"'{info.name}' expects {', '.join(info.channel_names)} in this order")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {', '.join(DEVICES)}")
         if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:

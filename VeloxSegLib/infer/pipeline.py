@@ -351,6 +351,61 @@ def _check_modalities(images, names, plan) -> None:
                              f"{plan.expected_inputs()}")
 
 
+#: Names files and volumes commonly carry for each contrast or modality (BraTS 2021 and 2023,
+#: AutoPET, HECKTOR), by the lower-case channel name they stand for. A channel name not listed
+#: here stands for itself.
+CHANNEL_ALIASES = {
+    "t1": ("t1", "t1n", "t1w", "t1native"),
+    "t1ce": ("t1ce", "t1c", "t1gd", "t1post", "t1contrast"),
+    "t2": ("t2", "t2w"),
+    "flair": ("flair", "t2flair", "t2f"),
+    "ct": ("ct", "ctres"),
+    "pet": ("pet", "pt", "suv"),
+}
+
+
+def _name_tokens(name: str) -> set:
+    """The words of a file or volume name: lower case, split at anything not a letter or digit."""
+    stem = os.path.basename(os.fspath(name)).lower()
+    for ending in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd"):
+        if stem.endswith(ending):
+            stem = stem[:-len(ending)]
+            break
+    return set(re.split(r"[^a-z0-9]+", stem)) - {""}
+
+
+def input_order_problems(names: Sequence[str], channel_names: Sequence[str]) -> Tuple[bool, List[str]]:
+    """Inputs whose file or volume names say they are another of the model's channels.
+
+    Returns ``(certain, problems)``: one line per input whose name names exactly one channel, not
+    its own; ``certain`` when every input names exactly one channel, each a different one, so the
+    names give a whole other order (then the order is surely wrong, unless the names are).
+    """
+    keys = [str(c).lower() for c in channel_names]
+    aliases = [set(CHANNEL_ALIASES.get(k, (k,))) for k in keys]
+    said = []
+    for name in names:
+        tokens = _name_tokens(name)
+        said.append([j for j, a in enumerate(aliases) if tokens & a])
+    problems = [f"input {i + 1} ({channel_names[i]}) is '{names[i]}', named like {channel_names[hits[0]]}"
+                for i, hits in enumerate(said) if len(hits) == 1 and hits[0] != i]
+    whole = all(len(h) == 1 for h in said) and len({h[0] for h in said}) == len(said)
+    return bool(problems) and whole, problems
+
+
+def _check_input_order(names: Sequence[str], plan) -> None:
+    """Refuse inputs whose names give them another order of the model's channels; warn when only
+    some names say so (a wrong order runs and gives a meaningless segmentation)."""
+    certain, problems = input_order_problems(names, plan.channel_names)
+    if not problems:
+        return
+    text = (f"{'; '.join(problems)}. Model '{plan.name}' expects, in this order: {plan.expected_inputs()}")
+    if certain:
+        raise InputError(f"the inputs' names give another order: {text} (pass them in that order, or rename "
+                         f"the files if their names are wrong)")
+    log.warning("check the order of the inputs: %s", text)
+
+
 class Segmenter:
     """A network ready for inference plus its plan; call :meth:`predict` per case.
 
@@ -416,6 +471,7 @@ class Segmenter:
         if len(inputs) != len(plan.channels):
             raise InputError(f"model '{plan.name}' expects {len(plan.channels)} input image(s) in this order: "
                              f"{plan.expected_inputs()}; got {len(inputs)}")
+        _check_input_order(["" if isinstance(x, sitk.Image) else os.fspath(x) for x in inputs], plan)
         images, names = [], []
         progress("read", 0.0)
         for i, (item, cname) in enumerate(zip(inputs, plan.channel_names)):
