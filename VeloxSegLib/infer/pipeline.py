@@ -336,7 +336,8 @@ PET_MIN_PLAUSIBLE = -500.0
 
 def _check_modalities(images, names, plan) -> None:
     """Refuse a PET input that is plainly a CT (inputs swapped): a wrong order would otherwise run
-    and give a meaningless segmentation. Only PET is checked; MRI contrasts cannot be told apart."""
+    and give a meaningless segmentation. Only PET is checked by value; MRI contrasts cannot be told
+    apart by their values, so their order is checked by name (:func:`input_order_problems`)."""
     modalities = [str(c.get("modality") or c.get("name") or "").upper() for c in plan.channels]
     if "PET" not in modalities:
         return
