@@ -172,3 +172,19 @@ def test_terminology_string_round_trip():
     parsed = S.parse_terminology_string(text)
     assert parsed["category"] == term["category"] and parsed["type"] == term["type"]
     assert S.terminology_string(None) == ""
+
+
+def test_the_segment_editor_keeps_a_reference_geometry_the_user_chose(scene, oblique_matrix):
+    """Segment Editor "Add all labels": the segmentation's own geometry (here twice as fine as the
+    source, as "Specify geometry" makes it) stays, since Undo restores segments, not geometry."""
+    ref = _reference(scene, oblique_matrix)
+    fine = V.add_volume_from_array(scene, np.zeros((20, 18, 16), np.int16), oblique_matrix @ np.diag([0.5, 0.5, 0.5, 1]),
+                                   "fine")
+    seg = S.create_segmentation_node(scene, "edited", fine)
+    chosen = S.reference_geometry(seg)
+    ids = S.import_label_array(seg, _label_array((10, 9, 8)), ref, labels_meta(), keep_geometry=True)
+    assert S.reference_geometry(seg) == chosen
+    assert np.array_equal(S.label_array_from_segmentation(seg, ref, labels_meta()), _label_array((10, 9, 8)))
+    assert S.segment_array(seg, ids[0], ref).sum() == (_label_array((10, 9, 8)) == 1).sum()
+    S.import_label_array(seg, _label_array((10, 9, 8)), ref, labels_meta())  # the panel's output: the input's grid
+    assert S.reference_geometry(seg) != chosen

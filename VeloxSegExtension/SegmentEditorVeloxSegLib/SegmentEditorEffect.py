@@ -245,7 +245,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 from VeloxSegLogic.volumes import array_from_volume
 
                 import_label_array(segmentationNode, array_from_volume(labelNode), source, bundle.labels,
-                                   model=bundle.name)
+                                   model=bundle.name, keep_geometry=True)
         except VeloxSegError as exc:
             slicer.util.errorDisplay(f"VeloxSeg: {exc}")
         except Exception as exc:  # a bug or an OS error: a message, the details in the log

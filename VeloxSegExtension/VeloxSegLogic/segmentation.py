@@ -68,6 +68,14 @@ def _foreground_labels(labels):
     return [lab for lab in labels if int(lab["value"]) != 0]
 
 
+def reference_geometry(segmentation_node) -> str:
+    """The segmentation's reference image geometry (a conversion parameter string; "" if none)."""
+    import slicer
+
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return segmentation_node.GetSegmentation().GetConversionParameter(name) or ""
+
+
 def create_segmentation_node(scene, name: str, reference_node=None):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
@@ -77,14 +85,16 @@ def create_segmentation_node(scene, name: str, reference_node=None):
 
 
 def import_label_array(segmentation_node, label_array: np.ndarray, reference_node, labels, replace=True,
-                       model: str | None = None):
+                       model: str | None = None, keep_geometry: bool = False):
     """Add one segment per foreground label of ``labels`` from ``label_array`` (in ``reference_node``'s grid).
 
     ``labels``: the bundle's label list ([{value, name, color, terminology?}]); ``model``: the
     bundle's name, recorded on each segment. Existing segments created by VeloxSeg for the same
     label values by the same model are replaced; other segments (the user's, another model's)
     are kept. Every label gets a segment, empty if the label is absent. Returns the segment IDs in
-    label order.
+    label order. The segmentation's reference geometry becomes ``reference_node``'s, unless
+    ``keep_geometry`` and it has one already (the Segment Editor's: a geometry the user chose,
+    which Undo would not restore).
     """
     from .core import core_session
     from .volumes import add_volume_from_array, ijk_to_ras, remove_node, update_volume_from_array
@@ -98,7 +108,8 @@ def import_label_array(segmentation_node, label_array: np.ndarray, reference_nod
             f"label map shape {label_array.shape} does not match the reference volume "
             f"'{reference_node.GetName()}' {reference_node.GetImageData().GetDimensions()[::-1]}"
         )
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    if not (keep_geometry and reference_geometry(segmentation_node)):
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     if replace:
         remove_veloxseg_segments(segmentation_node, [int(lab["value"]) for lab in labels], model=model)
     segment_ids = []
