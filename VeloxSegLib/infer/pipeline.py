@@ -606,27 +606,25 @@ class Segmenter:
 
         # 3. one resampling per channel onto the working grid, body mask, normalization
         C = len(images)
-        inp = torch.empty((C,) + work.shape, dtype=torch.float32)
+        # the buffers are laid out in the network's orientation; each channel is written through a
+        # view that has the working grid's own axes (a transpose and flips: exact, no extra copy)
+        net_shape = axes.canonical_shape(work.shape)
+        inp = torch.empty((C,) + net_shape, dtype=torch.float32)
         arr_in = inp.numpy()
-        body = np.zeros(work.shape, dtype=bool) if crop else None
+        body = np.zeros(net_shape, dtype=bool) if crop else None
         for i, img in enumerate(images):
             _check_cancel(cancel)
+            channel = axes.to_stored(arr_in[i])
             if not resample and (i == 0 or Grid.of(img).same_as(ref)):
-                arr_in[i] = views[i][z0:z1, y0:y1, x0:x1]
+                channel[...] = views[i][z0:z1, y0:y1, x0:x1]
             else:
                 res = resample_to_grid(img, work, default=norms[i].background)
-                arr_in[i] = sitk.GetArrayViewFromImage(res)
+                channel[...] = sitk.GetArrayViewFromImage(res)
                 del res
             if body is not None and i in body_ch:
                 body |= arr_in[i] > _body_threshold(specs[i], norms[i], plan)
             norms[i].apply(arr_in[i])
             report("preprocess", (i + 1) / C)
-        if not axes.is_identity:  # exact: a transpose and flips
-            inp = axes.to_canonical(inp).contiguous()
-            arr_in = None
-            if body is not None:
-                body = np.ascontiguousarray(axes.to_canonical(body))
-        net_shape = axes.canonical_shape(work.shape)
         pad_values = [n.normalized_background for n in norms]
         pet_image = images[plan.pet_channel] if refine is not None else None
         del views, images  # the caller's images live on in the caller; ours are freed here
