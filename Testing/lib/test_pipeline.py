@@ -616,7 +616,8 @@ def test_inputs_whose_names_give_another_order_are_refused_before_reading(tmp_pa
     ("BraTS2021_00001_t1", "BraTS2021_00001_t1ce", "BraTS2021_00001_t2", "BraTS2021_00001_flair"),
     ("BraTS-GLI-00001-000-t1n", "BraTS-GLI-00001-000-t1c", "BraTS-GLI-00001-000-t2w", "BraTS-GLI-00001-000-t2f"),
     ("case_0000", "case_0001", "case_0002", "case_0003"),
-], ids=["brats2021", "brats2023", "nnunet"])
+    ("3 T1 AX SE", "5 T1 AX post contrast", "4 T2 AX FSE", "6 T2 FLAIR AX"),  # Slicer's DICOM volume names
+], ids=["brats2021", "brats2023", "nnunet", "series-descriptions"])
 def test_inputs_named_in_the_models_order_or_without_contrast_names_pass(names):
     from VeloxSegLib.infer.pipeline import input_order_problems
 

@@ -365,14 +365,29 @@ CHANNEL_ALIASES = {
 }
 
 
+#: Words that make a "T1" name a contrast-enhanced T1 ("T1 post contrast", "t1_gd").
+CONTRAST_WORDS = {"ce", "c", "gd", "post", "contrast", "pc", "enhanced"}
+
+
 def _name_tokens(name: str) -> set:
     """The words of a file or volume name: lower case, split at anything not a letter or digit."""
     stem = os.path.basename(os.fspath(name)).lower()
-    for ending in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd"):
+    for ending in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if stem.endswith(ending):
             stem = stem[:-len(ending)]
             break
     return set(re.split(r"[^a-z0-9]+", stem)) - {""}
+
+
+def _named_channels(name: str, keys: Sequence[str]) -> List[int]:
+    """The channels (indices into ``keys``, lower-case channel names) a file or volume name names."""
+    tokens = _name_tokens(name)
+    said = {k for k in keys if tokens & set(CHANNEL_ALIASES.get(k, (k,)))}
+    if "t1" in said and tokens & CONTRAST_WORDS and "t1ce" in keys:
+        said = (said - {"t1"}) | {"t1ce"}
+    if "flair" in said:  # "T2 FLAIR" is FLAIR
+        said.discard("t2")
+    return [j for j, k in enumerate(keys) if k in said]
 
 
 def input_order_problems(names: Sequence[str], channel_names: Sequence[str]) -> Tuple[bool, List[str]]:
@@ -383,11 +398,7 @@ def input_order_problems(names: Sequence[str], channel_names: Sequence[str]) -> 
     names give a whole other order (then the order is surely wrong, unless the names are).
     """
     keys = [str(c).lower() for c in channel_names]
-    aliases = [set(CHANNEL_ALIASES.get(k, (k,))) for k in keys]
-    said = []
-    for name in names:
-        tokens = _name_tokens(name)
-        said.append([j for j, a in enumerate(aliases) if tokens & a])
+    said = [_named_channels(name, keys) for name in names]
     problems = [f"input {i + 1} ({channel_names[i]}) is '{names[i]}', named like {channel_names[hits[0]]}"
                 for i, hits in enumerate(said) if len(hits) == 1 and hits[0] != i]
     whole = all(len(h) == 1 for h in said) and len({h[0] for h in said}) == len(said)
