@@ -347,6 +347,40 @@ def _negative_above_minimum(arr: np.ndarray, lo: float) -> bool:
     return False
 
 
+#: How far a PET's uptake may lie from what a ``pet_suv`` model was trained on (a factor either way):
+#: SUV phantoms lie 1.6-7x their training mean, a PET in Bq/mL about 4000x (SUV 1 is about 4300
+#: Bq/mL after 300 MBq in 70 kg).
+PET_UNITS_FACTOR = 20.0
+
+
+def pet_uptake_level(arr: np.ndarray) -> float:
+    """A PET's typical uptake in the body: the median of the voxels above 5% of its 99.9th percentile
+    (every other voxel along each axis; the air, and values stored as 0 or left by blurring, are out)."""
+    sample = np.asarray(arr[::2, ::2, ::2], dtype=np.float32).reshape(-1)
+    if sample.size == 0:
+        return 0.0
+    top = float(np.percentile(sample, 99.9))
+    body = sample[sample > 0.05 * top] if top > 0 else sample[:0]
+    return float(np.median(body)) if body.size else 0.0
+
+
+def _check_pet_units(image, name, plan, channel) -> None:
+    """Refuse a PET far from the units a ``pet_suv`` model was trained on (fixed statistics in SUV):
+    a PET in Bq/mL or counts would run and give a meaningless segmentation."""
+    spec = channel.get("normalization") or {}
+    factor = float(spec.get("suv_factor", 1.0))
+    trained = float(spec.get("mean", 0.0))
+    level = pet_uptake_level(sitk.GetArrayViewFromImage(image)) * factor
+    if trained <= 0 or level <= 0:
+        return
+    ratio = level / trained
+    if ratio > PET_UNITS_FACTOR or ratio < 1.0 / PET_UNITS_FACTOR:
+        raise InputError(f"{name}: PET uptake in the body is about {level:.4g} (median), {ratio:.3g} times that of the "
+                         f"PET model '{plan.name}' was trained on (in SUV; mean {trained:g}): is it in Bq/mL or counts? "
+                         f"Convert it to SUV first (x body weight in g / decay-corrected injected dose in Bq; in 3D "
+                         f"Slicer, the PET DICOM extension loads PET series as SUV)")
+
+
 def _check_modalities(images, names, plan) -> None:
     """Refuse a PET input that is plainly a CT (inputs swapped), and a CT input that is plainly
     not in Hounsfield units (stored without its rescale intercept, or a PET in its place): either
@@ -355,13 +389,17 @@ def _check_modalities(images, names, plan) -> None:
     modalities = [str(c.get("modality") or c.get("name") or "").upper() for c in plan.channels]
     schemes = [(c.get("normalization") or {}).get("scheme") for c in plan.channels]
     stats = sitk.MinimumMaximumImageFilter()
-    for image, name, modality, scheme in zip(images, names, modalities, schemes):
+    checks = list(zip(images, names, modalities, schemes, plan.channels))
+    # PET first: a CT given as PET is the plainest sign of swapped inputs, and names the CT file
+    for image, name, modality, scheme, channel in sorted(checks, key=lambda c: c[2] != "PET"):
         if modality == "PET":
             stats.Execute(image)
             if stats.GetMinimum() < PET_MIN_PLAUSIBLE:
                 raise InputError(f"{name}: given as PET but holds values down to {stats.GetMinimum():.0f}, as a CT "
                                  f"does; are the inputs swapped? Model '{plan.name}' expects, in this order: "
                                  f"{plan.expected_inputs()}")
+            if scheme == "pet_suv":
+                _check_pet_units(image, name, plan, channel)
         elif scheme == "ct":
             # in HU, air is -1000 and fat about -100: a CT of a body holds negative values. Raw stored
             # values (0..4095, the rescale intercept of -1024 not applied) hold none, besides perhaps a
