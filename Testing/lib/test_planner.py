@@ -73,8 +73,8 @@ def test_anisotropic_spacing_takes_the_tenth_percentile_of_the_coarse_axis():
 
 
 @pytest.mark.parametrize("name, modality, scheme", [
-    ("CT", "CT", "ct"), ("CTres", "CT", "ct"), ("PET", "PET", "pet_zscore_body"), ("PT", "PET", "pet_zscore_body"),
-    ("SUV", "PET", "pet_zscore_body"), ("T1", "MR", "zscore_nonzero"), ("T1ce", "MR", "zscore_nonzero"),
+    ("CT", "CT", "ct"), ("CTres", "CT", "ct"), ("PET", "PET", "pet_suv"), ("PT", "PET", "pet_suv"),
+    ("SUV", "PET", "pet_suv"), ("T1", "MR", "zscore_nonzero"), ("T1ce", "MR", "zscore_nonzero"),
     ("t2", "MR", "zscore_nonzero"), ("FLAIR", "MR", "zscore_nonzero"), ("MR", "MR", "zscore_nonzero"),
 ])
 def test_normalization_is_chosen_from_the_channel_name(name, modality, scheme):
@@ -88,8 +88,17 @@ def test_ct_normalization_uses_foreground_percentiles_and_moments():
     plans = make_plans(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5)))
     assert plans["channels"][0]["normalization"] == {"scheme": "ct", "clip": [-90.0, 300.0], "mean": 50.0,
                                                      "std": 30.0}
-    assert plans["channels"][1]["normalization"] == {"scheme": "pet_zscore_body"}
+    # PET in SUV: fixed statistics (the body's), as nnU-Net normalizes SUV
+    assert plans["channels"][1]["normalization"] == {"scheme": "pet_suv", "suv_factor": 1.0, "mean": 1.0, "std": 2.0}
     validate_meta(as_bundle_meta(plans))
+
+
+def test_pet_not_in_suv_gets_a_per_image_zscore():
+    fp = fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5))
+    fp["channels"][1]["body"].update(mean=3000.0, std=9000.0, percentile_99_5=40000.0)  # Bq/mL
+    plans = make_plans(fp)
+    assert plans["channels"][1]["normalization"] == {"scheme": "pet_zscore_body"}
+    assert "not in SUV" in plans["decisions"]["normalization"]["PET"]
 
 
 def test_mri_contrasts_get_one_early_fusion_stream():

@@ -33,6 +33,9 @@ DEFAULT_BATCH_VOXELS = 2 * 96 ** 3  # the paper's batch of two 96^3 patches
 MAX_BATCH_SIZE = 8
 MAX_BATCH_DATASET_FRACTION = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
 ANISOTROPY_RATIO = 3.0
+#: A PET whose body's 99.5th percentile is below this is taken to be in SUV (tumours reach 10-30);
+#: Bq/mL is thousands of times larger.
+PET_SUV_MAX = 100.0
 CT_BODY_HU = -500.0  # CT "body": voxels above this HU (air and lung-free background below)
 
 _CT_NAMES = {"ct", "ctres", "cect", "ldct", "lowdosect", "ctac"}
@@ -278,7 +281,16 @@ def default_normalization(channel: dict):
                 "std": round(max(stats["std"], 1e-4), 4)}
         return spec, f"CT: clip to {where} 0.5/99.5 percentiles, z-score with {where} mean/std"
     if modality == "PET":
-        return {"scheme": "pet_zscore_body"}, "PET: z-score over the body (voxels above the image minimum)"
+        stats = channel["body"]
+        if stats.get("count") and stats.get("percentile_99_5", 0.0) < PET_SUV_MAX:
+            # fixed statistics, as nnU-Net normalizes SUV: a per-image z-score moves with the field of
+            # view and with how the file stores the near-zero values (docs/inference.md)
+            spec = {"scheme": "pet_suv", "suv_factor": 1.0, "mean": round(stats["mean"], 6),
+                    "std": round(max(stats["std"], 1e-6), 6)}
+            return spec, "PET in SUV: z-score with the dataset's body mean/std (fixed, as for CT)"
+        return ({"scheme": "pet_zscore_body"},
+                "PET not in SUV (99.5th percentile of the body >= 100): z-score over each image's body "
+                "(voxels above its minimum)")
     if modality == "MR":
         return {"scheme": "zscore_nonzero"}, "MRI contrast: z-score over non-zero voxels"
     return ({"scheme": "zscore_nonzero"},
