@@ -81,7 +81,8 @@ def test_a_ct_of_raw_stored_values_is_refused_not_segmented(petct, tmp_path):
 def test_a_ct_with_air_at_its_minimum_and_nothing_else_negative_is_still_a_ct():
     """Synthetic CTs (air -1000 or -1024, body 40) are in HU: only a minimum below -1024, a padding
     value, does not count as air."""
-    from VeloxSegLib.infer.pipeline import InferencePlan, _check_modalities
+    from VeloxSegLib.infer.checks import check_values
+    from VeloxSegLib.infer.pipeline import InferencePlan
 
     plan = InferencePlan(patch_size=(16, 16, 16), labels=[{"value": 0, "name": "bg"}, {"value": 1, "name": "fg"}],
                          channels=[{"name": "CT", "normalization": {"scheme": "ct", "clip": [-1000, 600], "mean": 0,
@@ -89,10 +90,10 @@ def test_a_ct_with_air_at_its_minimum_and_nothing_else_negative_is_still_a_ct():
     for air in (-1000, -1024):
         arr = np.full((8, 8, 8), air, np.int16)
         arr[2:6, 2:6, 2:6] = 40
-        _check_modalities([sitk.GetImageFromArray(arr)], ["ct"], plan)
+        check_values([sitk.GetImageFromArray(arr)], ["ct"], plan)
     arr[arr == -1024] = -1025
     with pytest.raises(InputError, match="besides its padding value"):
-        _check_modalities([sitk.GetImageFromArray(arr)], ["ct"], plan)
+        check_values([sitk.GetImageFromArray(arr)], ["ct"], plan)
 
 
 def test_an_mri_whose_background_is_not_zero_gets_a_warning(tmp_path, caplog):

@@ -619,13 +619,13 @@ def test_inputs_whose_names_give_another_order_are_refused_before_reading(tmp_pa
     ("3 T1 AX SE", "5 T1 AX post contrast", "4 T2 AX FSE", "6 T2 FLAIR AX"),  # Slicer's DICOM volume names
 ], ids=["brats2021", "brats2023", "nnunet", "series-descriptions"])
 def test_inputs_named_in_the_models_order_or_without_contrast_names_pass(names):
-    from VeloxSegLib.infer.pipeline import input_order_problems
+    from VeloxSegLib.infer.checks import input_order_problems
 
     assert input_order_problems([f"/data/{n}.nii.gz" for n in names], MRI_CHANNELS) == (False, [])
 
 
 def test_only_some_inputs_named_out_of_order_give_a_warning(tmp_path, caplog):
-    from VeloxSegLib.infer.pipeline import input_order_problems
+    from VeloxSegLib.infer.checks import input_order_problems
 
     certain, problems = input_order_problems(["a_flair.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz"], MRI_CHANNELS)
     assert not certain and problems == ["input 1 (T1) is 'a_flair.nii.gz', named like FLAIR"]

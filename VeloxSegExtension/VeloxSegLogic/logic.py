@@ -56,7 +56,7 @@ class SegmentationRequest:
                                  "each input needs its own volume")
             seen[node.GetID()] = name
         if info is not None:  # volumes named, say, T2, T1, T1ce, FLAIR for a T1, T1ce, T2, FLAIR model
-            from VeloxSegLib.infer.pipeline import input_order_problems
+            from VeloxSegLib.infer.checks import input_order_problems
 
             certain, problems = input_order_problems([n.GetName() for n in self.input_nodes], info.channel_names)
             if certain:
