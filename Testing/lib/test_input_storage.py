@@ -165,3 +165,38 @@ def test_a_pet_in_bq_per_ml_is_refused_by_a_model_trained_on_suv(petct):
     with pytest.raises(InputError, match=r"PET \(input 2\): PET uptake in the body is about .* times that of the PET "
                                          r"model 'petct-lesion-demo' was trained on \(in SUV.*is it in Bq/mL or counts\?"):
         seg.predict([ct_path, bq])
+
+
+def _dicom_series(img, folder, modality, series, unsigned, intercept, slope_of):
+    """``img`` written as a DICOM series, one file a slice, each with its own rescale slope (as GE
+    stores PET) and the given intercept: stored integers that ITK must rescale back."""
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    sp, origin = img.GetSpacing(), img.GetOrigin()
+    for k in range(arr.shape[0]):
+        sl = sitk.GetImageFromArray(arr[k])
+        sl.SetSpacing(sp[:2])
+        for tag, value in {
+            "0008|0060": modality, "0020|000d": "1.2.826.0.1.3680043.2.1125.7", "0020|000e": f"1.2.826.0.1.3680043.2.1125.7.{series}",
+            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"{origin[0]}\\{origin[1]}\\{origin[2] + sp[2] * k}",
+            "0020|0013": str(k + 1), "0028|0030": f"{sp[1]}\\{sp[0]}", "0018|0050": str(sp[2]),
+            "0008|0018": f"1.2.826.0.1.3680043.2.1125.7.{series}.{k + 1}", "0028|1053": f"{slope_of(arr[k]):.8g}",
+            "0028|1052": str(intercept), "0028|0100": "16", "0028|0101": "16", "0028|0102": "15",
+            "0028|0103": "0" if unsigned else "1",
+        }.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(sl)
+    return str(folder)
+
+
+def test_a_petct_given_as_two_dicom_series_segments_as_its_nifti_files(petct, tmp_path):
+    """CT as unsigned integers with an intercept of -1024, PET in SUV as signed integers with a
+    slope per slice: read back, rescaled, and segmented to the same labels."""
+    seg, ct, (_, pet_path), want = petct
+    pet = sitk.ReadImage(pet_path)
+    ct_dir = _dicom_series(ct, tmp_path / "CT", "CT", 1, True, -1024, lambda s: 1.0)
+    pet_dir = _dicom_series(pet, tmp_path / "PT", "PT", 2, False, 0, lambda s: max(float(s.max()), 1e-3) / 32000)
+    assert np.array_equal(sitk.GetArrayFromImage(seg.predict([ct_dir, pet_dir]).labels), want)
