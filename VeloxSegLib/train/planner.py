@@ -285,9 +285,8 @@ def default_normalization(channel: dict):
         if stats.get("count") and stats.get("percentile_99_5", 0.0) < PET_SUV_MAX:
             # fixed statistics, as nnU-Net normalizes SUV: a per-image z-score moves with the field of
             # view and with how the file stores the near-zero values (docs/inference.md)
-            spec = {"scheme": "pet_suv", "suv_factor": 1.0, "mean": round(stats["mean"], 6),
-                    "std": round(max(stats["std"], 1e-6), 6)}
-            return spec, "PET in SUV: z-score with the dataset's body mean/std (fixed, as for CT)"
+            return (_complete_spec({"scheme": "pet_suv"}, channel),
+                    "PET in SUV: z-score with the dataset's body mean/std (fixed, as for CT)")
         return ({"scheme": "pet_zscore_body"},
                 "PET not in SUV (99.5th percentile of the body >= 100): z-score over each image's body "
                 "(voxels above its minimum)")
