@@ -171,6 +171,20 @@ def align_to_reference(images: Sequence[sitk.Image], names: Optional[Sequence[st
     return out
 
 
+def working_grid(grid: Grid, spacing: Optional[Sequence[float]], orientation: Optional[str], rtol: float):
+    """The grid a network works on for ``grid`` (a reference image's grid, or its body box), as
+    inference and training both lay it: ``(axes, work, resampled)``. ``spacing`` is per world axis
+    (None keeps ``grid``'s); ``axes`` turns arrays on ``work`` to the bundle's ``orientation``
+    (:mod:`.orientation`); ``work`` is ``grid`` itself where its spacing is within ``rtol`` of
+    ``spacing`` on every axis."""
+    from .orientation import AxisOrder
+
+    axes = AxisOrder.for_plan(orientation, grid.direction)
+    target = axes.stored_vector(spacing) if spacing is not None else None
+    resampled = target is not None and not spacing_close(grid.spacing, target, rtol)
+    return axes, (grid.with_spacing(target) if resampled else grid), resampled
+
+
 def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], *, interpolator=sitk.sitkLinear,
                         default: Optional[float] = None, pixel_type=sitk.sitkFloat32) -> sitk.Image:
     """Resample to a new spacing covering the same physical box (labels: sitkNearestNeighbor)."""
@@ -186,4 +200,4 @@ def spacing_close(a: Sequence[float], b: Sequence[float], rtol: float) -> bool:
 
 
 __all__ = ["Grid", "index_box", "overlap_fraction", "check_overlap", "resample_to_grid", "align_to_reference",
-           "resample_to_spacing", "spacing_close"]
+           "resample_to_spacing", "spacing_close", "working_grid"]

@@ -432,9 +432,8 @@ class Segmenter:
         """
         import torch
 
-        from ..data.alignment import Grid, check_overlap, resample_to_grid, spacing_close
+        from ..data.alignment import Grid, check_overlap, resample_to_grid, working_grid
         from ..data.normalization import fit_normalizer
-        from ..data.orientation import AxisOrder
         from .postprocess import (labels_from_logits, probabilities_from_logits, probabilities_to_grid,
                                   remove_small_components)
         from .sliding_window import stream_windows
@@ -520,11 +519,8 @@ class Segmenter:
 
         crop_grid = ref.crop(lo, hi)
         # the network sees the arrays turned to the bundle's orientation; the plan's spacing is
-        # per world axis, so it is laid onto the reference's stored axes first
-        axes = AxisOrder.for_plan(plan.orientation, ref.direction)
-        target = axes.stored_vector(plan.spacing) if plan.spacing is not None else None
-        resample = target is not None and not spacing_close(ref.spacing, target, plan.spacing_tolerance)
-        work = crop_grid.with_spacing(target) if resample else crop_grid
+        # per world axis, laid onto the reference's stored axes
+        axes, work, resample = working_grid(crop_grid, plan.spacing, plan.orientation, plan.spacing_tolerance)
         info.update(working_size=work.size, working_spacing=work.spacing, resampled=resample,
                     reoriented=not axes.is_identity)
         (x0, y0, z0), (x1, y1, z1) = lo.tolist(), hi.tolist()

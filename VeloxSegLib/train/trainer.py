@@ -289,20 +289,15 @@ def preprocess_case(ds, case: str, setup: RunSetup) -> CaseData:
     resample the label (nearest neighbour)."""
     import SimpleITK as sitk
 
-    from ..data.alignment import Grid, resample_to_grid, spacing_close
+    from ..data.alignment import Grid, resample_to_grid, working_grid
     from ..data.io import read_image
     from ..data.normalization import fit_normalizer
-    from ..data.orientation import AxisOrder
 
     images = [read_image(p) for p in ds.image_paths(case)]
     label = read_image(ds.label_path(case))
     ref = Grid.of(images[0])
-    # arrays are turned to the setup's orientation, as inference turns them; the setup's spacing
-    # is per world axis, laid onto channel 0's stored axes first
-    axes = AxisOrder.for_plan(setup.orientation, ref.direction)
-    target = axes.stored_vector(setup.spacing)
-    resample = not spacing_close(ref.spacing, target, 0.02)
-    work = ref.with_spacing(target) if resample else ref
+    # the working grid and the arrays' orientation as inference lays them
+    axes, work, resample = working_grid(ref, setup.spacing, setup.orientation, 0.02)
     arr = np.empty((len(images),) + work.shape, dtype=np.float32)
     pads = []
     for i, (img, ch) in enumerate(zip(images, setup.channels)):
