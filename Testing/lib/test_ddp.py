@@ -15,9 +15,18 @@ WORKER = textwrap.dedent("""
     import hashlib, os, sys
     import torch
     torch.set_num_threads(1)
+    from VeloxSegLib.train import trainer
     from VeloxSegLib.train.trainer import TrainConfig, run_training
 
     dataset, output, out_dir = sys.argv[1:4]
+    preprocess = trainer.preprocess_case
+
+    def logged(ds, case, setup):  # which rank preprocesses which case
+        with open(os.path.join(out_dir, "pre" + os.environ["RANK"] + ".txt"), "a") as fh:
+            fh.write(case + "\\n")
+        return preprocess(ds, case, setup)
+
+    trainer.preprocess_case = logged
     config = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=1, val_every=5, device="cpu")
     result = run_training(dataset, output, config, command="test_ddp")
     h = hashlib.sha256()
@@ -61,3 +70,10 @@ def test_two_cpu_ranks_end_with_identical_weights_and_rank0_writes_the_bundle(tm
     ckpt = read_checkpoint(tmp_path / "bundle.training" / "checkpoints" / "last.safetensors")
     assert ckpt.state["run"]["world_size"] == 2 and len(ckpt.state["ranks"]) == 2
     assert ckpt.state["ranks"][0]["sampler"] != ckpt.state["ranks"][1]["sampler"]
+    # the ranks share the work of preprocessing (each case once, into one memory-mapped folder)
+    pre = [set((tmp_path / f"pre{r}.txt").read_text().split()) if (tmp_path / f"pre{r}.txt").exists() else set()
+           for r in (0, 1)]
+    train = set(ckpt.state["splits"]["train"])
+    assert len(train) == 2 and pre[0] | pre[1] == train and len(pre[0]) == len(pre[1]) == 1
+    store = tmp_path / "bundle.training" / "preprocessed"
+    assert len(list(store.glob("*.json"))) == 2 and not [p for p in store.iterdir() if p.name.startswith(".")]

@@ -53,6 +53,14 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--preprocessed", metavar="DIR",
+                       help="folder of preprocessed training cases, read through memory maps so that a dataset larger "
+                            "than memory trains (default: WORK/preprocessed, inside the work folder). Give one folder "
+                            "to several runs on the same data (folds, fine-tunes) to preprocess each case once; "
+                            "cases of other settings are kept beside each other")
+    store.add_argument("--in-memory", action="store_true",
+                       help="hold the preprocessed training cases in memory instead (no folder; the same patches)")
     p.add_argument("--val-dataset", help="validate on every case of this other dataset (all of DATASET trains)")
     p.add_argument("--target-dice", type=float,
                    help="validate every epoch and stop once the validation Dice reaches this value (finetune: "
@@ -117,7 +125,8 @@ def config_from_args(args, **extra):
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
                        dropout=args.dropout, refine_head=args.refine_head,
-                       component_sampling=args.component_sampling, **extra)
+                       component_sampling=args.component_sampling, preprocessed=args.preprocessed,
+                       in_memory=args.in_memory, **extra)
 
 
 def command_line(args) -> str:

@@ -61,6 +61,7 @@ NUM_FOLDS = 5
 LOG_NAME = "training_log.csv"
 PLOT_NAME = "curves.png"
 PLANS_NAME = "plans.json"
+PREPROCESSED_NAME = "preprocessed"  # the default folder of preprocessed cases, inside the work folder
 #: Modules of the segmentation heads (re-initialized for a new label set; the refinement head
 #: reads and writes the logits, so its shapes follow the classes too).
 HEAD_PREFIXES = ("head.", "refine.", "ds_heads.", "final.")
@@ -98,6 +99,8 @@ class TrainConfig:
     amp: Optional[bool] = None
     threads: Optional[int] = None
     loader_threads: Optional[int] = None  # None: 0 on the CPU, up to 8 with a GPU
+    preprocessed: Optional[str] = None  # folder of preprocessed cases (train/cache.py); None: WORK/preprocessed
+    in_memory: bool = False  # hold the preprocessed cases in memory instead (no folder)
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
     refine_head: Optional[int] = None  # width of a full-resolution refinement head; None: none, or the parent's
@@ -145,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"--component-sampling must be in [0, 1], got {self.component_sampling}")
         if self.final_weights not in ("best", "last"):
             raise ConfigError("final weights must be 'best' or 'last'")
+        if self.in_memory and self.preprocessed is not None:
+            raise ConfigError("give either --preprocessed DIR or --in-memory, not both")
 
 
 @dataclass
@@ -655,12 +660,14 @@ class Run:
     init_report: Optional[dict] = None
     made_dirs: List[Path] = field(default_factory=list)  # created by this run, deepest first
     wrote_plans: bool = False
+    store_dirs: List[Path] = field(default_factory=list)  # the preprocessed folder and parents it created
+    notices: List[str] = field(default_factory=list)  # messages from assembling, emitted after "start"
 
     def discard_unstarted(self) -> None:
         """The run ends before its first checkpoint (a broken case, divergence at once, Ctrl-C while
         loading or validating the starting weights): nothing resumable exists, so nothing it wrote
         stays. A work folder holding a checkpoint is never touched."""
-        _discard_unstarted(self.work, self.writer, self.made_dirs, self.wrote_plans)
+        _discard_unstarted(self.work, self.writer, self.made_dirs, self.wrote_plans, self.store_dirs)
 
     @property
     def validated_on(self) -> str:
@@ -736,10 +743,17 @@ def _shown(value) -> str:
     return "default" if value is None else str(value)
 
 
-def _discard_unstarted(work: Path, writer: CheckpointWriter, made: Sequence[Path], wrote_plans: bool) -> None:
+def _discard_unstarted(work: Path, writer: CheckpointWriter, made: Sequence[Path], wrote_plans: bool,
+                       made_store: Sequence[Path] = ()) -> None:
     if writer.exists("last"):
         return
-    if made and made[0] == work.absolute():
+    work = work.absolute()
+    if made_store:  # a folder of preprocessed cases this run created: inside the work folder it is part of
+        store = made_store[0]  # the run's output and goes; one given with --preprocessed keeps its whole cases
+        if store == work or work in store.parents:
+            shutil.rmtree(store, ignore_errors=True)
+        remove_empty_folders(made_store)
+    if made and made[0] == work:
         shutil.rmtree(work, ignore_errors=True)
         remove_empty_folders(made[1:])
     elif wrote_plans:
@@ -844,6 +858,12 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     ds = load_dataset(dataset)
     writer = CheckpointWriter(work / "checkpoints")
     _check_paths(output, writer, work, resume, config.overwrite, ds.root)
+    store_root = None if config.in_memory else (Path(config.preprocessed) if config.preprocessed
+                                                 else work / PREPROCESSED_NAME)
+    if store_root is not None:
+        from .cache import check_store_folder
+
+        check_store_folder(store_root, ds.root, output)
     ckpt = read_checkpoint(writer.path("last")) if resume else None
     if setup is None and ckpt is not None:
         saved = ckpt.state["setup"]
@@ -865,6 +885,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     val_ds = _validation_dataset(ds, splits)
     _check_validation_labels(val_ds, splits["validation"], setup)
     made: List[Path] = []  # folders this run creates before its first checkpoint: removed if it ends there
+    made_store: List[Path] = []  # the same for the folder of preprocessed cases
     wrote_plans = False
     if dist.is_main:
         made = make_folders(work)
@@ -872,27 +893,33 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
             write_json_atomic(work / PLANS_NAME, plans)
             wrote_plans = True
     try:
+        store = None
+        if store_root is not None:
+            from .cache import CaseStore
+
+            if dist.is_main:  # before any other rank writes there, so that rank 0 knows what it made
+                made_store[:] = make_folders(store_root)
+            ddp.barrier(dist)
+            store = CaseStore(store_root)
         return _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt,
-                              init_weights, reinit_prefixes, made, wrote_plans)
+                              init_weights, reinit_prefixes, made, wrote_plans, store, made_store)
     except BaseException:  # a broken case, Ctrl-C or SIGTERM while loading: nothing of this run stays
         if dist.is_main:
-            _discard_unstarted(work, writer, made, wrote_plans)
+            _discard_unstarted(work, writer, made, wrote_plans, made_store)
         raise
 
 
 def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt, init_weights,
-                   reinit_prefixes, made, wrote_plans) -> Run:
-    """The in-memory cases and the training pieces of :func:`assemble_run` (restored when resuming)."""
+                   reinit_prefixes, made, wrote_plans, store=None, made_store=()) -> Run:
+    """The training cases (memory-mapped from ``store``, or in memory) and the training pieces of
+    :func:`assemble_run` (restored when resuming)."""
     from ..losses import LossConfig, VeloxSegLoss
+    from .cache import prepare_cases
 
     loader_threads = resolve_loader_threads(config.loader_threads, device)
-    if loader_threads > 1 and len(splits["train"]) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(loader_threads) as pool:  # reading and resampling release the GIL
-            cases = list(pool.map(lambda c: preprocess_case(ds, c, setup), splits["train"]))
-    else:
-        cases = [preprocess_case(ds, c, setup) for c in splits["train"]]
+    notices: List[str] = []  # said once the run has started (its first progress record is "start")
+    cases = prepare_cases(ds, splits["train"], setup, preprocess_case, store, dist, threads=loader_threads,
+                          emit=notices.append)
 
     # seeded so that every rank builds the same model (DDP also broadcasts rank 0's weights)
     torch.manual_seed(config.seed)
@@ -920,7 +947,7 @@ def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device
     validator = Validator(val_ds, splits["validation"], setup, device) if dist.is_main else None
     run = Run(config, setup, ds, splits, work, writer, dist, device, model, optimizer, schedule, sampler, loop,
               validator, progress, LoopState(), amp, init_report=init_report, made_dirs=list(made),
-              wrote_plans=wrote_plans)
+              wrote_plans=wrote_plans, store_dirs=list(made_store), notices=notices)
     if ckpt is not None:
         run.restore(ckpt)
     return run
@@ -1165,6 +1192,9 @@ def run_training(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                        "train_cases": len(sp["train"]), "val_cases": len(sp["validation"]),
                        "validation": run.validated_on, "device": str(run.device),
                        "world_size": run.dist.world_size, "resumed": run.resumed})
+    for msg in run.notices:
+        log.info(msg)
+        run.progress.emit({"event": "message", "message": msg})
     if run.validated_on == "training cases":
         why = ("--split gives validation no case" if config.split is not None and float(config.split[1]) == 0
                else f"only {len(run.dataset.cases)} case(s): no case can be held out")

@@ -1,0 +1,191 @@
+"""Preprocessed training cases on disk, read through memory maps (nnU-Net's preprocessed folder).
+
+Held in memory, the training cases of a real dataset do not fit: a whole-body PET/CT at
+2 x 2 x 3 mm is about 55 M voxels per channel, so 200 MB of float32 per channel, and a dataset
+of hundreds of studies needs hundreds of GB. Each rank of a data-parallel run would hold its
+own copy. Here every case is preprocessed once (:func:`VeloxSegLib.train.trainer.preprocess_case`,
+unchanged) and written as two ``.npy`` files, which the sampler then reads through read-only
+memory maps: the pages it touches live in the operating system's file cache, shared by every
+process on the machine and given back under memory pressure, so a run's own (anonymous) memory
+no longer grows with the dataset. The arrays are the same float32 and uint8 values, so a run
+trains on exactly the patches it would draw from memory.
+
+Layout of a store (``WORK/preprocessed`` by default, ``--preprocessed DIR`` to share one between
+runs, for example the folds of a cross-validation)::
+
+    {case}.{key}.json          written last: the case is complete when this exists
+    {case}.{key}.image.npy     (C, z, y, x) float32, normalized, at the target spacing
+    {case}.{key}.label.npy     (z, y, x) uint8
+
+``key`` is a hash of everything the arrays depend on: the case's source files (name, size,
+modification time), the target spacing, the orientation, each channel's normalization, the number
+of classes and :data:`PREPROCESS_VERSION`. A changed file or setting gives a new key, so a stale
+case is never read; cases of other settings stay beside it. Every file is written under a
+temporary name and renamed, so an interrupted run leaves only complete cases. Files are read with
+``allow_pickle=False``; a case whose files do not match its JSON (truncated, replaced) is
+preprocessed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .sampler import CaseData
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever preprocess_case would produce other arrays from the same files and settings.
+PREPROCESS_VERSION = 1
+FORMAT = "veloxseg-preprocessed"
+
+
+def case_key(ds, case: str, setup) -> str:
+    """The hash naming one case's preprocessed files for ``setup`` (see the module docstring)."""
+    files = []
+    for path in list(ds.image_paths(case)) + [ds.label_path(case)]:
+        st = Path(path).stat()
+        files.append([Path(path).name, st.st_size, st.st_mtime_ns])
+    doc = {"version": PREPROCESS_VERSION, "spacing": [float(s) for s in setup.spacing],
+           "orientation": setup.orientation, "num_classes": int(setup.num_classes),
+           "normalization": [c.get("normalization") for c in setup.channels], "files": files}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CaseStore:
+    """A folder of preprocessed cases (see the module docstring)."""
+
+    def __init__(self, root: os.PathLike):
+        self.root = Path(root)
+
+    def paths(self, case: str, key: str):
+        stem = f"{case}.{key}"
+        return (self.root / f"{stem}.json", self.root / f"{stem}.image.npy", self.root / f"{stem}.label.npy")
+
+    def load(self, case: str, key: str) -> Optional[CaseData]:
+        """The case as memory-mapped arrays, or None when it is absent or does not check out."""
+        meta_path, image_path, label_path = self.paths(case, key)
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format") != FORMAT or meta.get("case") != case or meta.get("key") != key:
+                raise ValueError("its JSON names another case or format")
+            image = np.load(image_path, mmap_mode="r", allow_pickle=False)
+            label = np.load(label_path, mmap_mode="r", allow_pickle=False)
+            if (image.dtype != np.float32 or label.dtype != np.uint8 or list(image.shape) != meta["image_shape"]
+                    or list(label.shape) != meta["image_shape"][1:]):
+                raise ValueError(f"arrays {image.dtype}{list(image.shape)} / {label.dtype}{list(label.shape)} do not "
+                                 f"match its JSON")
+            return CaseData(case, image, label, tuple(float(v) for v in meta["pad_values"]),
+                            tuple(float(s) for s in meta["spacing"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: preprocessed case %r unusable (%s); preprocessing it again", self.root, case, exc)
+            return None
+
+    def save(self, case: str, key: str, data: CaseData) -> CaseData:
+        """Write ``data`` (arrays first, the JSON last, each renamed into place); return it memory-mapped."""
+        meta_path, image_path, label_path = self.paths(case, key)
+        image = np.ascontiguousarray(data.image, dtype=np.float32)
+        label = np.ascontiguousarray(data.label, dtype=np.uint8)
+        _write_atomic(image_path, lambda f: np.save(f, image, allow_pickle=False))
+        _write_atomic(label_path, lambda f: np.save(f, label, allow_pickle=False))
+        meta = {"format": FORMAT, "case": case, "key": key, "image_shape": list(image.shape),
+                "pad_values": [float(v) for v in data.pad_values], "spacing": [float(s) for s in data.spacing],
+                "bytes": int(image.nbytes + label.nbytes)}
+        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        loaded = self.load(case, key)
+        if loaded is None:
+            raise InputError(f"{self.root}: the preprocessed case {case!r} just written cannot be read back")
+        return loaded
+
+    def nbytes(self, cases: Sequence[CaseData]) -> int:
+        return int(sum(c.image.nbytes + c.label.nbytes for c in cases))
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_store_folder(root: Path, dataset_root: Path, output: Path) -> None:
+    """A store is written to: never inside the dataset or the bundle to be written, and it must
+    be creatable and writable."""
+    from ..data.io import check_writable_folder
+
+    target = Path(root).resolve()
+    for other, what in ((Path(dataset_root).resolve(), f"the dataset {dataset_root}, which is never written to"),
+                        (Path(output).resolve(), f"the output bundle {output}")):
+        if target == other or other in target.parents:
+            raise InputError(f"{root}: the preprocessed folder is inside {what}")
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: the preprocessed folder is a file")
+    probe = root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    check_writable_folder(probe)
+
+
+def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: Optional[CaseStore], dist,
+                  threads: int = 0, emit: Optional[Callable[[str], None]] = None) -> List[CaseData]:
+    """The training cases, memory-mapped from ``store`` (preprocessed there first where missing),
+    or preprocessed into memory when ``store`` is None.
+
+    Data-parallel: rank r preprocesses the missing cases r, r + N, ... of the list, the ranks
+    wait for each other, and every rank then maps every case (a rank that still misses one,
+    on a folder not shared between machines, preprocesses it itself). A case that fails on one
+    rank fails the run on every rank with the same message.
+    """
+    from . import ddp
+
+    def run_all(fn, items):
+        if threads > 1 and len(items) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:  # reading and resampling release the GIL
+                return list(pool.map(fn, items))
+        return [fn(c) for c in items]
+
+    if store is None:
+        return run_all(lambda c: preprocess(ds, c, setup), list(cases))
+
+    keys = {c: case_key(ds, c, setup) for c in cases}
+    mine = [c for i, c in enumerate(cases) if i % dist.world_size == dist.rank]
+    todo = [c for c in mine if store.load(c, keys[c]) is None]
+    error = None
+    try:
+        run_all(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)) and None, todo)
+    except Exception as exc:  # a broken case: every rank stops with its message
+        error = exc
+    errors = [e for e in ddp.gather_objects(None if error is None else str(error), dist) if e]
+    if error is not None:
+        raise error
+    if errors:
+        raise InputError(errors[0])
+    out = []
+    for c in cases:
+        data = store.load(c, keys[c])
+        if data is None:
+            data = store.save(c, keys[c], preprocess(ds, c, setup))
+        out.append(data)
+    done = ddp.gather_objects(len(todo), dist)
+    if emit is not None:
+        emit(f"{len(cases)} training case(s) memory-mapped from {store.root} ({store.nbytes(out) / 1e9:.2f} GB; "
+             f"{sum(done)} preprocessed now, {len(cases) - sum(done)} reused)")
+    return out
+
+
+__all__ = ["CaseStore", "case_key", "prepare_cases", "check_store_folder", "PREPROCESS_VERSION"]
