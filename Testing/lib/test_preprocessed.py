@@ -238,3 +238,39 @@ def test_cli_options_reach_the_run(dataset, tmp_path):
     assert config_from_args(args).in_memory
     with pytest.raises(SystemExit):
         parser.parse_args(["train", str(dataset), "-o", "x", "--in-memory", "--preprocessed", "P"])
+
+
+def test_a_run_on_a_shared_folder_plans_from_the_saved_fingerprint_until_the_dataset_changes(dataset, tmp_path,
+                                                                                             monkeypatch):
+    """Planning reads every case; a second run on the unchanged dataset plans from the saved
+    measurements instead (the same plans), and a changed file makes it measure again."""
+    import shutil
+
+    from VeloxSegLib.train import planner
+
+    torch.set_num_threads(1)
+    data = tmp_path / "ds"
+    shutil.copytree(dataset, data)
+    shared = tmp_path / "shared"
+    calls = []
+    measure = planner.fingerprint_dataset
+
+    def counted(*a, **k):
+        calls.append(1)
+        return measure(*a, **k)
+
+    monkeypatch.setattr(planner, "fingerprint_dataset", counted)
+    run_training(data, tmp_path / "a", _config(preprocessed=str(shared)))
+    assert len(calls) == 1 and len(list(shared.glob("fingerprints/*.json"))) == 1
+    records = []
+    run_training(data, tmp_path / "b", _config(preprocessed=str(shared)), progress=make_reporter("none", records.append))
+    assert len(calls) == 1
+    assert any("planned from the dataset fingerprint" in m for m in _messages(records))
+    plans_a = json.loads((tmp_path / "a.training" / "plans.json").read_text())
+    plans_b = json.loads((tmp_path / "b.training" / "plans.json").read_text())
+    assert plans_a == plans_b
+    label = next((data / "labelsTr").iterdir())
+    st = label.stat()
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    run_training(data, tmp_path / "c", _config(preprocessed=str(shared)))
+    assert len(calls) == 2 and len(list(shared.glob("fingerprints/*.json"))) == 2

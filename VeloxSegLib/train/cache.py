@@ -13,6 +13,8 @@ trains on exactly the patches it would draw from memory.
 Layout of a store (``WORK/preprocessed`` by default, ``--preprocessed DIR`` to share one between
 runs, for example the folds of a cross-validation)::
 
+    fingerprints/{key}.json    the planner's measurements of the dataset (``train`` without --plans
+                               reads every case to make them; a run on the unchanged dataset reuses them)
     {case}.{key}.json          written last: the case is complete when this exists
     {case}.{key}.image.npy     (C, z, y, x) float32, normalized, at the target spacing
     {case}.{key}.label.npy     (z, y, x) uint8
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever preprocess_case would produce other arrays from the same files and settings.
 PREPROCESS_VERSION = 1
+#: Bumped whenever the planner's fingerprint_dataset would measure something else.
+FINGERPRINT_VERSION = 1
 FORMAT = "veloxseg-preprocessed"
 
 
@@ -108,6 +112,46 @@ class CaseStore:
 
     def nbytes(self, cases: Sequence[CaseData]) -> int:
         return int(sum(c.image.nbytes + c.label.nbytes for c in cases))
+
+
+def dataset_key(ds) -> str:
+    """A hash of a dataset as the planner reads it: ``dataset.json`` and every case's files
+    (name, size, modification time), with the planner's sampling settings."""
+    from .planner import SAMPLES_PER_CASE
+
+    files = []
+    for case in ds.cases:
+        for path in list(ds.image_paths(case)) + [ds.label_path(case)]:
+            st = Path(path).stat()
+            files.append([Path(path).name, st.st_size, st.st_mtime_ns])
+    doc = {"version": FINGERPRINT_VERSION, "samples_per_case": SAMPLES_PER_CASE,
+           "dataset_json": hashlib.sha256((Path(ds.root) / "dataset.json").read_bytes()).hexdigest(), "files": files}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_path(root: os.PathLike, key: str) -> Path:
+    return Path(root) / "fingerprints" / f"{key}.json"  # a folder: no case's file can take its name
+
+
+def load_fingerprint(root: os.PathLike, key: str) -> Optional[dict]:
+    """The planner's fingerprint of an unchanged dataset, saved by an earlier run, or None."""
+    path = fingerprint_path(root, key)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT or doc.get("key") != key or not isinstance(doc.get("fingerprint"), dict):
+            raise ValueError("not a saved fingerprint")
+        return doc["fingerprint"]
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unusable (%s); measuring the dataset again", path, exc)
+        return None
+
+
+def save_fingerprint(root: os.PathLike, key: str, fingerprint: dict) -> None:
+    doc = {"format": FORMAT, "key": key, "fingerprint": fingerprint}
+    fingerprint_path(root, key).parent.mkdir(exist_ok=True)
+    _write_atomic(fingerprint_path(root, key), lambda f: f.write(json.dumps(doc).encode()))
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
@@ -188,4 +232,5 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
     return out
 
 
-__all__ = ["CaseStore", "case_key", "prepare_cases", "check_store_folder", "PREPROCESS_VERSION"]
+__all__ = ["CaseStore", "case_key", "prepare_cases", "check_store_folder", "dataset_key", "load_fingerprint",
+           "save_fingerprint", "PREPROCESS_VERSION"]

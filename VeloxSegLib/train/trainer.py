@@ -229,8 +229,9 @@ class RunSetup:
                              orientation=self.orientation)
 
 
-def resolve_plans(dataset, plans=None, **planner_overrides) -> dict:
-    """Plans from a plans dict or JSON file, or made now by the planner."""
+def resolve_plans(dataset, plans=None, fingerprint: Optional[dict] = None, **planner_overrides) -> dict:
+    """Plans from a plans dict or JSON file, or made now by the planner (from ``fingerprint`` when
+    given: the dataset's measurements saved by an earlier run, else measured now)."""
     if isinstance(plans, dict):
         return plans
     if plans is not None:
@@ -239,9 +240,15 @@ def resolve_plans(dataset, plans=None, **planner_overrides) -> dict:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"'{path}': cannot read plans ({exc})") from None
-    from .planner import plan_dataset
+    from .planner import make_plans, plan_dataset
 
-    return plan_dataset(dataset, **{k: v for k, v in planner_overrides.items() if v is not None})
+    overrides = {k: v for k, v in planner_overrides.items() if v is not None}
+    if fingerprint is not None:
+        try:
+            return make_plans(fingerprint, **overrides)
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:  # a saved one of another layout
+            log.warning("the saved dataset fingerprint is unusable (%r); measuring the dataset again", exc)
+    return plan_dataset(dataset, **overrides)
 
 
 # --------------------------------------------------------------------------- cases
@@ -865,14 +872,26 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
         check_store_folder(store_root, ds.root, output)
     ckpt = read_checkpoint(writer.path("last")) if resume else None
+    notices: List[str] = []  # said once the run has started (its first progress record is "start")
+    new_fp = None  # (key, fingerprint) measured now, saved beside the preprocessed cases
     if setup is None and ckpt is not None:
         saved = ckpt.state["setup"]
         # a checkpoint from before the orientation field trained on arrays as stored
         setup = RunSetup(**{"orientation": None, **saved, "patch_size": tuple(saved["patch_size"]),
                             "in_channels": tuple(saved["in_channels"]), "spacing": tuple(saved["spacing"])})
     elif setup is None:
-        plans = ddp.broadcast_object(resolve_plans(ds.root, plans, **(planner_overrides or {}))
+        fp_key = saved_fp = None
+        if dist.is_main and plans is None and store_root is not None:  # a fingerprint an earlier run saved
+            from .cache import dataset_key, load_fingerprint
+
+            fp_key = dataset_key(ds)
+            saved_fp = load_fingerprint(store_root, fp_key)
+        plans = ddp.broadcast_object(resolve_plans(ds.root, plans, fingerprint=saved_fp, **(planner_overrides or {}))
                                      if dist.is_main else None, dist)
+        if saved_fp is not None:
+            notices.append(f"planned from the dataset fingerprint saved in {store_root} (the dataset is unchanged)")
+        elif fp_key is not None and isinstance(plans.get("fingerprint"), dict):
+            new_fp = (fp_key, plans["fingerprint"])  # saved once the folder exists
         setup = RunSetup.from_plans(plans, config)
     if config.dropout is not None and ckpt is None:  # a resumed run keeps the setup it saved
         setup = setup.with_dropout(config.dropout)
@@ -899,10 +918,14 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
             if dist.is_main:  # before any other rank writes there, so that rank 0 knows what it made
                 made_store[:] = make_folders(store_root)
+                if new_fp is not None:
+                    from .cache import save_fingerprint
+
+                    save_fingerprint(store_root, *new_fp)
             ddp.barrier(dist)
             store = CaseStore(store_root)
         return _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt,
-                              init_weights, reinit_prefixes, made, wrote_plans, store, made_store)
+                              init_weights, reinit_prefixes, made, wrote_plans, store, made_store, notices)
     except BaseException:  # a broken case, Ctrl-C or SIGTERM while loading: nothing of this run stays
         if dist.is_main:
             _discard_unstarted(work, writer, made, wrote_plans, made_store)
@@ -910,14 +933,14 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
 
 def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt, init_weights,
-                   reinit_prefixes, made, wrote_plans, store=None, made_store=()) -> Run:
+                   reinit_prefixes, made, wrote_plans, store=None, made_store=(), notices=None) -> Run:
     """The training cases (memory-mapped from ``store``, or in memory) and the training pieces of
     :func:`assemble_run` (restored when resuming)."""
     from ..losses import LossConfig, VeloxSegLoss
     from .cache import prepare_cases
 
     loader_threads = resolve_loader_threads(config.loader_threads, device)
-    notices: List[str] = []  # said once the run has started (its first progress record is "start")
+    notices = list(notices or [])
     cases = prepare_cases(ds, splits["train"], setup, preprocess_case, store, dist, threads=loader_threads,
                           emit=notices.append)
 
