@@ -588,6 +588,8 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFinetuneProgress(self, fraction, record):
         self.ui.finetuneProgressBar.value = int(round(100 * fraction))
+        if record.get("event") == "prepare":
+            self.ui.finetuneStatusLabel.text = f"Preparing the cases: {record.get('done')}/{record.get('total')}"
 
     def onEpoch(self, record):
         if self.plot is not None:  # None after the scene was closed

@@ -74,7 +74,16 @@ def test_json_progress_lines_parse_and_carry_the_fields(cli_run):
         assert r["val_dice"] is not None and r["lr"] > 0
     assert len(steps) == 4 and all("epoch" not in r for r in steps)  # records with 'epoch' are epochs
     assert all({"step", "steps", "loss", "lr", "fraction"} <= set(r) for r in steps)
-    assert records[0]["event"] == "start" and records[-1]["event"] == "done"
+    # planning and preprocessing are reported case by case before the run starts
+    prepare = [r for r in records if r["event"] == "prepare"]
+    first = records.index(next(r for r in records if r["event"] != "prepare"))
+    assert records[first]["event"] == "start" and records[-1]["event"] == "done"
+    assert prepare == records[:first]
+    for stage in ("plan", "preprocess"):
+        done = [r["done"] for r in prepare if r["stage"] == stage]
+        total = {r["total"] for r in prepare if r["stage"] == stage}
+        assert total == {len(done)} and done == list(range(1, len(done) + 1)), stage
+    assert [r["total"] for r in prepare if r["stage"] == "plan"][0] == 3  # every case is measured
 
 
 def test_training_log_csv_and_curve_plot_are_written(cli_run):
@@ -464,3 +473,20 @@ def test_validating_on_the_training_cases_is_said_once_with_the_reason(dataset, 
     text = stream.getvalue()
     assert text.count("training cases") == 1, text  # once, not again in other words
     assert "--split gives validation no case" in text and "no case can be held out" not in text
+
+
+def test_the_bar_shows_planning_and_preprocessing_before_training():
+    from VeloxSegLib.train.progress import TqdmProgress
+
+    out = io.StringIO()
+    bar = TqdmProgress(stream=out, disable=False)
+    for i in (1, 2, 3):
+        bar.emit({"event": "prepare", "stage": "plan", "done": i, "total": 3, "seconds": 0.1})
+    for i in (1, 2):
+        bar.emit({"event": "prepare", "stage": "preprocess", "done": i, "total": 2, "seconds": 0.1})
+    bar.emit({"event": "start", "epochs": 1, "iterations_per_epoch": 4})
+    bar.close()
+    text = out.getvalue()
+    assert "planning: 100%" in text and "3/3" in text
+    assert "preprocessing: 100%" in text and "2/2" in text
+    assert text.index("planning") < text.index("preprocessing") < text.index("training:")

@@ -185,10 +185,17 @@ def test_real_finetune_command_runs_one_short_epoch_into_a_new_bundle(scene, tmp
         ct, pet, seg, _ = _case(scene, f"c{i}", shift=40.0 * i)
         cases.append(F.FineTuneCase([ct, pet], seg, f"c{i}"))
     labels = [{"value": 0, "name": "background"}, labels_meta()[1]]
-    epochs, fractions, logs = [], [], []
+    epochs, fractions, logs, prepared = [], [], [], []
+
+    def on_progress(f, r):
+        if r.get("event") == "prepare":
+            prepared.append((f, r["stage"], r["done"], r["total"]))
+        else:
+            fractions.append(f)
+
     job = F.FineTuneJob(str(source), cases, CHANNELS, labels, "tuned", epochs=1, lr=1e-4, device="cpu",
                         models_dir=str(tmp_path / "models"), on_epoch=epochs.append,
-                        on_progress=lambda f, r: fractions.append(f), on_log=logs.append)
+                        on_progress=on_progress, on_log=logs.append)
     job.start(command=lambda args: args + ["--iterations-per-epoch", "2"])
     info = job.wait(timeout=600)
     assert [r["epoch"] for r in epochs] == [0] and "total" in epochs[0]["loss"]
@@ -197,5 +204,8 @@ def test_real_finetune_command_runs_one_short_epoch_into_a_new_bundle(scene, tmp
     assert any(line.startswith("Starting weights: validation Dice") for line in logs)
     assert info.name == "tuned" and os.path.isfile(os.path.join(info.path, "model.safetensors"))
     assert fractions and fractions[-1] <= 1.0
+    # preprocessing the exported cases is reported case by case, without moving the training bar
+    assert prepared and prepared[-1][1:] == ("preprocess", prepared[-1][3], prepared[-1][3])
+    assert all(f == 0.0 for f, *_ in prepared) and not any("event=prepare" in line for line in logs)
     # no checkpoint folder is left in the models folder to block a later run of the same name
     assert os.listdir(tmp_path / "models") == ["tuned"] and not os.path.exists(job.temp_dir)

@@ -241,6 +241,10 @@ class FineTuneJob:
             if self.on_log:
                 self.on_log(str(record.get("message", "")))
             return
+        if event == "prepare":  # reading and preprocessing the cases, before the first step
+            if self.on_progress:  # the training fraction stays where it is (0)
+                self.on_progress(self.fraction, record)
+            return
         if "epoch" in record:
             self.history.append(record)
             if self.on_epoch:

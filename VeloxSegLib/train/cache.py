@@ -184,7 +184,8 @@ def check_store_folder(root: Path, dataset_root: Path, output: Path) -> None:
 
 
 def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: Optional[CaseStore], dist,
-                  threads: int = 0, emit: Optional[Callable[[str], None]] = None) -> List[CaseData]:
+                  threads: int = 0, emit: Optional[Callable[[str], None]] = None,
+                  on_case: Optional[Callable[[int, int], None]] = None) -> List[CaseData]:
     """The training cases, memory-mapped from ``store`` (preprocessed there first where missing),
     or preprocessed into memory when ``store`` is None.
 
@@ -192,8 +193,23 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
     wait for each other, and every rank then maps every case (a rank that still misses one,
     on a folder not shared between machines, preprocesses it itself). A case that fails on one
     rank fails the run on every rank with the same message.
+    ``on_case(done, total)`` is called as this rank finishes each case it preprocesses.
     """
+    import threading
+
     from . import ddp
+
+    lock, count = threading.Lock(), [0]
+
+    def counted(fn, total):
+        def wrapped(case):
+            out = fn(case)
+            if on_case is not None:
+                with lock:
+                    count[0] += 1
+                    on_case(count[0], total)
+            return out
+        return wrapped
 
     def run_all(fn, items):
         if threads > 1 and len(items) > 1:
@@ -204,14 +220,14 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
         return [fn(c) for c in items]
 
     if store is None:
-        return run_all(lambda c: preprocess(ds, c, setup), list(cases))
+        return run_all(counted(lambda c: preprocess(ds, c, setup), len(cases)), list(cases))
 
     keys = {c: case_key(ds, c, setup) for c in cases}
     mine = [c for i, c in enumerate(cases) if i % dist.world_size == dist.rank]
     todo = [c for c in mine if store.load(c, keys[c]) is None]
     error = None
     try:
-        run_all(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)) and None, todo)
+        run_all(counted(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)) and None, len(todo)), todo)
     except Exception as exc:  # a broken case: every rank stops with its message
         error = exc
     errors = [e for e in ddp.gather_objects(None if error is None else str(error), dist) if e]

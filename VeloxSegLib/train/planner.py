@@ -510,13 +510,14 @@ def make_plans(
     }
 
 
-def plan_dataset(path: PathLike, output: Optional[PathLike] = None, **overrides) -> dict:
-    """Fingerprint ``path``, make plans and write them (atomically) to ``output`` if given."""
+def plan_dataset(path: PathLike, output: Optional[PathLike] = None, progress=None, **overrides) -> dict:
+    """Fingerprint ``path``, make plans and write them (atomically) to ``output`` if given.
+    ``progress(done, total)`` is called after each case is measured."""
     from ..data.nnunet import write_json_atomic
 
     if overrides.get("patch_size") is not None:  # fail fast, before reading the dataset
         check_patch_size(overrides["patch_size"])
-    plans = make_plans(fingerprint_dataset(path), **overrides)
+    plans = make_plans(fingerprint_dataset(path, progress=progress), **overrides)
     if output is not None:
         out = Path(output)
         if out.is_dir():

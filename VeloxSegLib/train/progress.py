@@ -2,6 +2,10 @@
 
 Reporters receive plain dict records (every one has an ``event``):
 
+- ``prepare`` (before ``start``, as the run reads its data): ``stage`` ("plan": the planner
+  measures each case; "preprocess": the training cases are preprocessed into the folder of
+  preprocessed cases, or into memory), ``done``, ``total`` (cases), ``seconds``. Cases reused from
+  the folder are not counted, so a run with nothing to prepare emits none;
 - ``start``: ``epochs``, ``iterations_per_epoch``, ``train_cases``, ``val_cases``, ``validation``
   (``"held-out"`` or ``"training cases"``), ``start_epoch``;
 - ``step`` (a summary every few steps): ``stage`` ("train"), ``step``/``steps`` (global
@@ -33,6 +37,7 @@ from typing import Dict, List, Optional, Sequence
 log = logging.getLogger(__name__)
 
 LOSS_PARTS = ("seg", "rc", "sdkt", "total")
+PREPARE_TEXT = {"plan": "planning", "preprocess": "preprocessing"}
 CSV_COLUMNS = ("epoch", "loss_total", "loss_seg", "loss_rc", "loss_sdkt", "lr", "val_dice", "seconds")
 
 
@@ -75,12 +80,23 @@ class TqdmProgress(ProgressReporter):
         self.stream = stream or sys.stderr
         self.disable = disable
         self.bar = None
+        self.stage = None  # the preparation stage the bar shows (None: the training bar or none)
 
     def emit(self, record: Dict) -> None:
         from tqdm.auto import tqdm
 
         event = record.get("event")
+        if event == "prepare":
+            if self.bar is None or self.stage != record["stage"]:
+                self.close()
+                self.stage = record["stage"]
+                self.bar = tqdm(total=record["total"], file=self.stream, unit="case", dynamic_ncols=True,
+                                disable=self.disable, desc=PREPARE_TEXT.get(record["stage"], record["stage"]))
+            self.bar.n = record["done"]
+            self.bar.refresh()
+            return
         if event == "start":
+            self.close()  # a preparation bar
             total = record["epochs"] * record["iterations_per_epoch"]
             done = record.get("start_step", 0)
             self.bar = tqdm(total=total, initial=done, file=self.stream, unit="it", dynamic_ncols=True,
@@ -109,6 +125,7 @@ class TqdmProgress(ProgressReporter):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.stage = None
 
 
 class MultiProgress(ProgressReporter):

@@ -229,7 +229,18 @@ class RunSetup:
                              orientation=self.orientation)
 
 
-def resolve_plans(dataset, plans=None, fingerprint: Optional[dict] = None, **planner_overrides) -> dict:
+def _prepare_reporter(progress: ProgressReporter, stage: str):
+    """``fn(done, total)`` emitting ``prepare`` records (planning, preprocessing: before ``start``)."""
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        progress.emit({"event": "prepare", "stage": stage, "done": int(done), "total": int(total),
+                       "seconds": time.perf_counter() - t0})
+    return report
+
+
+def resolve_plans(dataset, plans=None, fingerprint: Optional[dict] = None, progress=None,
+                  **planner_overrides) -> dict:
     """Plans from a plans dict or JSON file, or made now by the planner (from ``fingerprint`` when
     given: the dataset's measurements saved by an earlier run, else measured now)."""
     if isinstance(plans, dict):
@@ -248,7 +259,7 @@ def resolve_plans(dataset, plans=None, fingerprint: Optional[dict] = None, **pla
             return make_plans(fingerprint, **overrides)
         except (KeyError, TypeError, IndexError, AttributeError) as exc:  # a saved one of another layout
             log.warning("the saved dataset fingerprint is unusable (%r); measuring the dataset again", exc)
-    return plan_dataset(dataset, **overrides)
+    return plan_dataset(dataset, progress=progress, **overrides)
 
 
 # --------------------------------------------------------------------------- cases
@@ -886,7 +897,9 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
             fp_key = dataset_key(ds)
             saved_fp = load_fingerprint(store_root, fp_key)
-        plans = ddp.broadcast_object(resolve_plans(ds.root, plans, fingerprint=saved_fp, **(planner_overrides or {}))
+        plans = ddp.broadcast_object(resolve_plans(ds.root, plans, fingerprint=saved_fp,
+                                                   progress=_prepare_reporter(progress, "plan"),
+                                                   **(planner_overrides or {}))
                                      if dist.is_main else None, dist)
         if saved_fp is not None:
             notices.append(f"planned from the dataset fingerprint saved in {store_root} (the dataset is unchanged)")
@@ -942,7 +955,7 @@ def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device
     loader_threads = resolve_loader_threads(config.loader_threads, device)
     notices = list(notices or [])
     cases = prepare_cases(ds, splits["train"], setup, preprocess_case, store, dist, threads=loader_threads,
-                          emit=notices.append)
+                          emit=notices.append, on_case=_prepare_reporter(progress, "preprocess"))
 
     # seeded so that every rank builds the same model (DDP also broadcasts rank 0's weights)
     torch.manual_seed(config.seed)
