@@ -275,3 +275,46 @@ def test_a_run_on_a_shared_folder_plans_from_the_saved_fingerprint_until_the_dat
     os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
     run_training(data, tmp_path / "c", _config(preprocessed=str(shared)))
     assert len(calls) == 2 and len(list(shared.glob("fingerprints/*.json"))) == 2
+
+
+def test_the_size_estimate_matches_what_is_written(dataset, setup, tmp_path):
+    from VeloxSegLib.data.nnunet import load_dataset
+    from VeloxSegLib.train.cache import estimate_bytes
+
+    ds = load_dataset(dataset)
+    root = tmp_path / "store"
+    root.mkdir()
+    mapped = prepare_cases(ds, ds.cases, setup, preprocess_case, CaseStore(root), DistInfo())
+    assert estimate_bytes(ds, ds.cases, setup) == sum(c.image.nbytes + c.label.nbytes for c in mapped)
+
+
+def test_a_disk_too_small_is_refused_before_the_first_case_naming_the_need(dataset, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    torch.set_num_threads(1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    given = tmp_path / "cache"
+    with pytest.raises(InputError, match=r"need about 0\.0 GB and the disk has 0\.0 GB free.*--in-memory"):
+        run_training(dataset, tmp_path / "o", _config(preprocessed=str(given)))
+    assert not list(given.glob("*.npy")) and not (tmp_path / "o").exists()
+    # --in-memory needs no disk
+    run_training(dataset, tmp_path / "o", _config(in_memory=True))
+
+
+def test_a_write_failure_names_the_folder_and_the_case(dataset, setup, tmp_path, monkeypatch):
+    from VeloxSegLib.data.nnunet import load_dataset
+    from VeloxSegLib.train import cache
+
+    ds = load_dataset(dataset)
+    root = tmp_path / "store"
+    root.mkdir()
+
+    def full(f, arr, allow_pickle=False):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "save", full)
+    with pytest.raises(InputError, match=rf"store: cannot write the preprocessed case '{ds.cases[0]}' \(No space left"):
+        prepare_cases(ds, ds.cases[:1], setup, preprocess_case, CaseStore(root), DistInfo())
+    assert list(root.iterdir()) == []

@@ -99,12 +99,16 @@ class CaseStore:
         meta_path, image_path, label_path = self.paths(case, key)
         image = np.ascontiguousarray(data.image, dtype=np.float32)
         label = np.ascontiguousarray(data.label, dtype=np.uint8)
-        _write_atomic(image_path, lambda f: np.save(f, image, allow_pickle=False))
-        _write_atomic(label_path, lambda f: np.save(f, label, allow_pickle=False))
         meta = {"format": FORMAT, "case": case, "key": key, "image_shape": list(image.shape),
                 "pad_values": [float(v) for v in data.pad_values], "spacing": [float(s) for s in data.spacing],
                 "bytes": int(image.nbytes + label.nbytes)}
-        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        try:
+            _write_atomic(image_path, lambda f: np.save(f, image, allow_pickle=False))
+            _write_atomic(label_path, lambda f: np.save(f, label, allow_pickle=False))
+            _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        except OSError as exc:  # a full disk, a folder made read-only meanwhile
+            raise InputError(f"{self.root}: cannot write the preprocessed case {case!r} "
+                             f"({exc.strerror or exc})") from None
         loaded = self.load(case, key)
         if loaded is None:
             raise InputError(f"{self.root}: the preprocessed case {case!r} just written cannot be read back")
@@ -152,6 +156,33 @@ def save_fingerprint(root: os.PathLike, key: str, fingerprint: dict) -> None:
     doc = {"format": FORMAT, "key": key, "fingerprint": fingerprint}
     fingerprint_path(root, key).parent.mkdir(exist_ok=True)
     _write_atomic(fingerprint_path(root, key), lambda f: f.write(json.dumps(doc).encode()))
+
+
+def estimate_bytes(ds, cases: Sequence[str], setup) -> int:
+    """The bytes ``cases`` take preprocessed (float32 channels + uint8 label on the working grid),
+    from the reference images' headers alone."""
+    from ..data.alignment import working_grid
+    from ..data.nnunet import read_grid
+
+    total = 0
+    for case in cases:
+        _, work, _ = working_grid(read_grid(ds.image_paths(case)[0]), setup.spacing, setup.orientation, 0.02)
+        total += int(np.prod(work.shape)) * (4 * len(setup.channels) + 1)
+    return total
+
+
+def check_free_space(store: CaseStore, needed: int, margin: float = 1.05) -> None:
+    """Refuse before the first case when the store's disk cannot hold what is left to write."""
+    import shutil
+
+    probe = store.root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed * margin > free:
+        raise InputError(f"{store.root}: the preprocessed training cases need about {needed / 1e9:.1f} GB and the "
+                         f"disk has {free / 1e9:.1f} GB free; give --preprocessed a folder on a larger disk, free "
+                         f"space, or hold the cases in memory with --in-memory")
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
@@ -227,6 +258,7 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
     todo = [c for c in mine if store.load(c, keys[c]) is None]
     error = None
     try:
+        check_free_space(store, estimate_bytes(ds, todo, setup))
         run_all(counted(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)) and None, len(todo)), todo)
     except Exception as exc:  # a broken case: every rank stops with its message
         error = exc
@@ -249,4 +281,4 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
 
 
 __all__ = ["CaseStore", "case_key", "prepare_cases", "check_store_folder", "dataset_key", "load_fingerprint",
-           "save_fingerprint", "PREPROCESS_VERSION"]
+           "save_fingerprint", "estimate_bytes", "check_free_space", "PREPROCESS_VERSION"]
