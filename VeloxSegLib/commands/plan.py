@@ -43,11 +43,19 @@ def run(args) -> int:
     output = Path(args.output) if args.output else Path(args.dataset) / "plans.json"
     # before any work; never onto the dataset's own files (its dataset.json, its images)
     check_output_file(output, overwrite=args.overwrite, inputs=[args.dataset], what="a plans file")
-    plans = plan_dataset(
-        args.dataset, output, spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size,
-        normalization=normalization or None, model=args.model, in_channels=args.in_channels,
-        max_patch_voxels=args.max_patch_voxels,
-    )
+    from tqdm import tqdm
+
+    with tqdm(desc="plan", unit="case", disable=None) as bar:  # every case is read: long on a large dataset
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        plans = plan_dataset(
+            args.dataset, output, progress=progress, spacing=args.spacing, patch_size=args.patch_size,
+            batch_size=args.batch_size, normalization=normalization or None, model=args.model,
+            in_channels=args.in_channels, max_patch_voxels=args.max_patch_voxels,
+        )
     fp = plans["fingerprint"]
     print(f"dataset: {fp['name']} ({fp['num_cases']} cases, channels {', '.join(c['name'] for c in fp['channels'])})")
     print(f"spacing: {plans['spacing']}  patch size: {plans['model']['patch_size']}  batch size: {plans['batch_size']}")
