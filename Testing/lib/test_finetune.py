@@ -67,7 +67,8 @@ def test_finetune_leaves_the_source_untouched_names_its_parent_and_validates_on_
     assert [e["name"] for e in lineage] == ["petct-source"] and lineage[0]["dataset"] == "test"
     assert tr["metrics"]["validated_on"] == "training cases"
     assert tr["metrics"]["val_cases"] == tr["metrics"]["train_cases"] == ["petct_0000", "petct_0001"]
-    assert records[0]["validation"] == "training cases"
+    start = next(r for r in records if r["event"] != "prepare")  # (prepare records come first)
+    assert start["event"] == "start" and start["validation"] == "training cases"
     assert any(r["event"] == "message" and "training cases" in r["message"] for r in records)
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [0]
     assert new.meta["channels"] == load_bundle(source_bundle).meta["channels"]  # stored statistics kept

@@ -108,6 +108,9 @@ def test_a_changed_file_or_setting_gives_a_new_key(dataset, setup, tmp_path):
     case = ds.cases[0]
     key = case_key(ds, case, setup)
     assert key == case_key(load_dataset(copy), case, setup)  # stable
+    twin = tmp_path / "twin"
+    shutil.copytree(copy, twin)  # copy2: the same names, sizes and modification times, elsewhere
+    assert case_key(load_dataset(twin), case, setup) != key
     assert case_key(ds, case, replace(setup, spacing=(2.0, 2.0, 2.0))) != key
     norm = [dict(c) for c in setup.channels]
     norm[1] = {**norm[1], "normalization": {"scheme": "zscore_nonzero"}}

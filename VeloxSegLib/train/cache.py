@@ -19,7 +19,7 @@ runs, for example the folds of a cross-validation)::
     {case}.{key}.image.npy     (C, z, y, x) float32, normalized, at the target spacing
     {case}.{key}.label.npy     (z, y, x) uint8
 
-``key`` is a hash of everything the arrays depend on: the case's source files (name, size,
+``key`` is a hash of everything the arrays depend on: the case's source files (full path, size,
 modification time), the target spacing, the orientation, each channel's normalization, the number
 of classes and :data:`PREPROCESS_VERSION`. A changed file or setting gives a new key, so a stale
 case is never read; cases of other settings stay beside it. Every file is written under a
@@ -51,12 +51,17 @@ FINGERPRINT_VERSION = 1
 FORMAT = "veloxseg-preprocessed"
 
 
+def _identity(path) -> list:
+    """A file as the keys see it: its full path (resolved), size and modification time. (Two
+    datasets with the same case names never share keys; a moved dataset is preprocessed again.)"""
+    p = Path(path).resolve()
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
 def case_key(ds, case: str, setup) -> str:
     """The hash naming one case's preprocessed files for ``setup`` (see the module docstring)."""
-    files = []
-    for path in list(ds.image_paths(case)) + [ds.label_path(case)]:
-        st = Path(path).stat()
-        files.append([Path(path).name, st.st_size, st.st_mtime_ns])
+    files = [_identity(p) for p in list(ds.image_paths(case)) + [ds.label_path(case)]]
     doc = {"version": PREPROCESS_VERSION, "spacing": [float(s) for s in setup.spacing],
            "orientation": setup.orientation, "num_classes": int(setup.num_classes),
            "normalization": [c.get("normalization") for c in setup.channels], "files": files}
@@ -120,14 +125,10 @@ class CaseStore:
 
 def dataset_key(ds) -> str:
     """A hash of a dataset as the planner reads it: ``dataset.json`` and every case's files
-    (name, size, modification time), with the planner's sampling settings."""
+    (full path, size, modification time), with the planner's sampling settings."""
     from .planner import SAMPLES_PER_CASE
 
-    files = []
-    for case in ds.cases:
-        for path in list(ds.image_paths(case)) + [ds.label_path(case)]:
-            st = Path(path).stat()
-            files.append([Path(path).name, st.st_size, st.st_mtime_ns])
+    files = [_identity(p) for case in ds.cases for p in list(ds.image_paths(case)) + [ds.label_path(case)]]
     doc = {"version": FINGERPRINT_VERSION, "samples_per_case": SAMPLES_PER_CASE,
            "dataset_json": hashlib.sha256((Path(ds.root) / "dataset.json").read_bytes()).hexdigest(), "files": files}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
