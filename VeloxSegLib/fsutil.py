@@ -34,6 +34,14 @@ def make_folders(folder: os.PathLike) -> List[Path]:
     return created
 
 
+def nearest_existing(path: os.PathLike) -> Path:
+    """``path`` if it exists, else its nearest existing parent (where a folder would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def remove_empty_folders(folders: Sequence[Path]) -> None:
     """Remove ``folders`` (deepest first) while they are empty."""
     for d in folders:

@@ -39,7 +39,9 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ..data.nnunet import write_json_atomic
 from ..errors import InputError
+from ..fsutil import nearest_existing
 from .sampler import CaseData
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,9 @@ class CaseStore:
                 "pad_values": [float(v) for v in data.pad_values], "spacing": [float(s) for s in data.spacing],
                 "bytes": int(image.nbytes + label.nbytes)}
         try:
-            _write_atomic(image_path, lambda f: np.save(f, image, allow_pickle=False))
-            _write_atomic(label_path, lambda f: np.save(f, label, allow_pickle=False))
-            _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            _write_array_atomic(image_path, image)
+            _write_array_atomic(label_path, label)
+            write_json_atomic(meta_path, meta)
         except OSError as exc:  # a full disk, a folder made read-only meanwhile
             raise InputError(f"{self.root}: cannot write the preprocessed case {case!r} "
                              f"({exc.strerror or exc})") from None
@@ -156,7 +158,7 @@ def load_fingerprint(root: os.PathLike, key: str) -> Optional[dict]:
 def save_fingerprint(root: os.PathLike, key: str, fingerprint: dict) -> None:
     doc = {"format": FORMAT, "key": key, "fingerprint": fingerprint}
     fingerprint_path(root, key).parent.mkdir(exist_ok=True)
-    _write_atomic(fingerprint_path(root, key), lambda f: f.write(json.dumps(doc).encode()))
+    write_json_atomic(fingerprint_path(root, key), doc)
 
 
 def estimate_bytes(ds, cases: Sequence[str], setup) -> int:
@@ -176,21 +178,19 @@ def check_free_space(store: CaseStore, needed: int, margin: float = 1.05) -> Non
     """Refuse before the first case when the store's disk cannot hold what is left to write."""
     import shutil
 
-    probe = store.root
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(nearest_existing(store.root)).free
     if needed * margin > free:
         raise InputError(f"{store.root}: the preprocessed training cases need about {needed / 1e9:.1f} GB and the "
                          f"disk has {free / 1e9:.1f} GB free; give --preprocessed a folder on a larger disk, free "
                          f"space, or hold the cases in memory with --in-memory")
 
 
-def _write_atomic(path: Path, write: Callable) -> None:
+def _write_array_atomic(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a hidden temporary sibling (unique per process), renamed onto ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            np.save(f, arr, allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -209,10 +209,7 @@ def check_store_folder(root: Path, dataset_root: Path, output: Path) -> None:
             raise InputError(f"{root}: the preprocessed folder is inside {what}")
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: the preprocessed folder is a file")
-    probe = root
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    check_writable_folder(probe)
+    check_writable_folder(nearest_existing(root))
 
 
 def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: Optional[CaseStore], dist,

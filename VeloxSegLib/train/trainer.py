@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import Cancelled, ConfigError, InputError
-from ..fsutil import make_folders, remove_empty_folders
+from ..fsutil import make_folders, nearest_existing, remove_empty_folders
 from . import ddp
 from .augment import Augmenter
 from .checkpoint import CheckpointWriter, capture_rng, read_checkpoint, restore_rng
@@ -778,13 +778,6 @@ def _discard_unstarted(work: Path, writer: CheckpointWriter, made: Sequence[Path
         (work / PLANS_NAME).unlink(missing_ok=True)
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
 def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: bool, overwrite: bool,
                  dataset_root: Optional[Path] = None) -> None:
     """Everything :func:`save_bundle` and the checkpoints would refuse at the end, refused before
@@ -802,7 +795,7 @@ def _check_paths(output: Path, writer: CheckpointWriter, work: Path, resume: boo
             target = path.resolve()
             if target == root or root in target.parents:
                 raise InputError(f"{path}: {what} is inside the dataset {dataset_root}, which is never written to")
-    check_writable_folder(_nearest_existing(work))
+    check_writable_folder(nearest_existing(work))
     if resume and not writer.exists("last"):
         raise InputError(f"{writer.path('last')}: no checkpoint to resume from")
     if not resume and writer.exists("last") and not overwrite:
