@@ -876,7 +876,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
         check_store_folder(store_root, ds.root, output)
     ckpt = read_checkpoint(writer.path("last")) if resume else None
-    notices: List[str] = []  # said once the run has started (its first progress record is "start")
+    notices: List[str] = []  # said once the run has started (after its "start" record)
     new_fp = None  # (key, fingerprint) measured now, saved beside the preprocessed cases
     if setup is None and ckpt is not None:
         saved = ckpt.state["setup"]
@@ -884,20 +884,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         setup = RunSetup(**{"orientation": None, **saved, "patch_size": tuple(saved["patch_size"]),
                             "in_channels": tuple(saved["in_channels"]), "spacing": tuple(saved["spacing"])})
     elif setup is None:
-        fp_key = saved_fp = None
-        if dist.is_main and plans is None and store_root is not None:  # a fingerprint an earlier run saved
-            from .cache import dataset_key, load_fingerprint
-
-            fp_key = dataset_key(ds)
-            saved_fp = load_fingerprint(store_root, fp_key)
-        plans = ddp.broadcast_object(resolve_plans(ds.root, plans, fingerprint=saved_fp,
-                                                   progress=_prepare_reporter(progress, "plan"),
-                                                   **(planner_overrides or {}))
-                                     if dist.is_main else None, dist)
-        if saved_fp is not None:
-            notices.append(f"planned from the dataset fingerprint saved in {store_root} (the dataset is unchanged)")
-        elif fp_key is not None and isinstance(plans.get("fingerprint"), dict):
-            new_fp = (fp_key, plans["fingerprint"])  # saved once the folder exists
+        plans, new_fp = _plan_run(ds, plans, planner_overrides, store_root, progress, dist, notices)
         setup = RunSetup.from_plans(plans, config)
     if config.dropout is not None and ckpt is None:  # a resumed run keeps the setup it saved
         setup = setup.with_dropout(config.dropout)
@@ -936,6 +923,28 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
         if dist.is_main:
             _discard_unstarted(work, writer, made, wrote_plans, made_store)
         raise
+
+
+def _plan_run(ds, plans, planner_overrides, store_root, progress, dist, notices: List[str]):
+    """The run's plans, made on rank 0 and broadcast: from ``plans`` when given, else from the
+    dataset fingerprint an earlier run saved in the folder of preprocessed cases (the dataset
+    unchanged), else by the planner. Returns the plans and, when the fingerprint was measured
+    now, ``(key, fingerprint)`` to save once the folder exists (else None)."""
+    fp_key = saved_fp = None
+    if dist.is_main and plans is None and store_root is not None:
+        from .cache import dataset_key, load_fingerprint
+
+        fp_key = dataset_key(ds)
+        saved_fp = load_fingerprint(store_root, fp_key)
+    plans = ddp.broadcast_object(resolve_plans(ds.root, plans, fingerprint=saved_fp,
+                                               progress=_prepare_reporter(progress, "plan"),
+                                               **(planner_overrides or {}))
+                                 if dist.is_main else None, dist)
+    if saved_fp is not None:
+        notices.append(f"planned from the dataset fingerprint saved in {store_root} (the dataset is unchanged)")
+    elif fp_key is not None and isinstance(plans.get("fingerprint"), dict):
+        return plans, (fp_key, plans["fingerprint"])
+    return plans, None
 
 
 def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt, init_weights,
