@@ -121,16 +121,20 @@ def test_a_changed_file_or_setting_gives_a_new_key(dataset, setup, tmp_path):
     assert case_key(ds, case, setup) != key
 
 
-def test_a_damaged_case_is_preprocessed_again(dataset, setup, tmp_path):
+def _saved_case(dataset, setup, tmp_path):
+    """A store holding the dataset's first case: (dataset, store, case, key, the mapped case)."""
     from VeloxSegLib.data.nnunet import load_dataset
 
     ds = load_dataset(dataset)
-    root = tmp_path / "store"
-    root.mkdir()
-    store = CaseStore(root)
+    (tmp_path / "store").mkdir()
+    store = CaseStore(tmp_path / "store")
     case = ds.cases[0]
     key = case_key(ds, case, setup)
-    ref = store.save(case, key, preprocess_case(ds, case, setup))
+    return ds, store, case, key, store.save(case, key, preprocess_case(ds, case, setup))
+
+
+def test_a_damaged_case_is_preprocessed_again(dataset, setup, tmp_path):
+    ds, store, case, key, ref = _saved_case(dataset, setup, tmp_path)
     meta, image, label = store.paths(case, key)
     size = image.stat().st_size
     with open(image, "r+b") as f:  # cut short, as by a full disk
@@ -156,15 +160,7 @@ class _Marker:
 
 
 def test_a_pickled_array_in_the_folder_is_never_unpickled(dataset, setup, tmp_path):
-    from VeloxSegLib.data.nnunet import load_dataset
-
-    ds = load_dataset(dataset)
-    root = tmp_path / "store"
-    root.mkdir()
-    store = CaseStore(root)
-    case = ds.cases[0]
-    key = case_key(ds, case, setup)
-    store.save(case, key, preprocess_case(ds, case, setup))
+    ds, store, case, key, _ = _saved_case(dataset, setup, tmp_path)
     _, image, _ = store.paths(case, key)
     marker = tmp_path / "unpickled"
     evil = np.empty(1, dtype=object)
