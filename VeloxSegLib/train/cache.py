@@ -253,11 +253,14 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
 
     keys = {c: case_key(ds, c, setup) for c in cases}
     mine = [c for i, c in enumerate(cases) if i % dist.world_size == dist.rank]
-    todo = [c for c in mine if store.load(c, keys[c]) is None]
+    mapped = {c: store.load(c, keys[c]) for c in mine}  # this rank's cases, each read once
+    todo = [c for c in mine if mapped[c] is None]
     error = None
     try:
         check_free_space(store, estimate_bytes(ds, todo, setup))
-        run_all(counted(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)) and None, len(todo)), todo)
+        for c, data in zip(todo, run_all(counted(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)),
+                                                 len(todo)), todo)):
+            mapped[c] = data
     except Exception as exc:  # a broken case: every rank stops with its message
         error = exc
     errors = [e for e in ddp.gather_objects(None if error is None else str(error), dist) if e]
@@ -267,7 +270,7 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
         raise InputError(errors[0])
     out = []
     for c in cases:
-        data = store.load(c, keys[c])
+        data = mapped.get(c) or store.load(c, keys[c])  # the other ranks' cases
         if data is None:
             data = store.save(c, keys[c], preprocess(ds, c, setup))
         out.append(data)
