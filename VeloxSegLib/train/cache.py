@@ -255,9 +255,16 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
     mine = [c for i, c in enumerate(cases) if i % dist.world_size == dist.rank]
     mapped = {c: store.load(c, keys[c]) for c in mine}  # this rank's cases, each read once
     todo = [c for c in mine if mapped[c] is None]
-    error = None
+    error, need = None, 0
     try:
-        check_free_space(store, estimate_bytes(ds, todo, setup))
+        need = estimate_bytes(ds, todo, setup)
+    except Exception as exc:  # an unreadable header: reported with the other ranks' errors below
+        error = exc
+    need = sum(ddp.gather_objects(need, dist))  # one disk for every rank (a shared folder, or one machine)
+    try:
+        if error is not None:
+            raise error
+        check_free_space(store, need)
         for c, data in zip(todo, run_all(counted(lambda c: store.save(c, keys[c], preprocess(ds, c, setup)),
                                                  len(todo)), todo)):
             mapped[c] = data
