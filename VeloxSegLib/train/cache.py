@@ -121,9 +121,6 @@ class CaseStore:
             raise InputError(f"{self.root}: the preprocessed case {case!r} just written cannot be read back")
         return loaded
 
-    def nbytes(self, cases: Sequence[CaseData]) -> int:
-        return int(sum(c.image.nbytes + c.label.nbytes for c in cases))
-
 
 def dataset_key(ds) -> str:
     """A hash of a dataset as the planner reads it: ``dataset.json`` and every case's files
@@ -283,7 +280,7 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
         out.append(data)
     done = ddp.gather_objects(len(todo), dist)
     if emit is not None:
-        emit(f"{len(cases)} training case(s) memory-mapped from {store.root} ({store.nbytes(out) / 1e9:.2f} GB; "
+        emit(f"{len(cases)} training case(s) memory-mapped from {store.root} ({sum(c.image.nbytes + c.label.nbytes for c in out) / 1e9:.2f} GB; "
              f"{sum(done)} preprocessed now, {len(cases) - sum(done)} reused)")
     return out
 
