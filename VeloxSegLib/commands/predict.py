@@ -2,6 +2,7 @@
 
     veloxseg predict -m BUNDLE_OR_NAME -i CT.nii.gz PET.nii.gz -o seg.nii.gz
     veloxseg predict -m BUNDLE_OR_NAME -i cases/ -o segs/        (nnU-Net naming: case_0000.nii.gz, ...)
+    veloxseg predict -m fold0/ fold1/ fold2/ fold3/ fold4/ -i ...   (an ensemble: logits averaged)
 
 Progress: a tqdm bar on a terminal; ``--progress json`` prints one JSON object per line on
 stdout ({"stage", "fraction", "elapsed", ...}) and nothing else there. SIGINT/SIGTERM cancel
@@ -25,8 +26,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="segment images with a model bundle", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, metavar="BUNDLE_OR_NAME",
-                   help="bundle folder or .zip, or the name of an embedded/user bundle (see `veloxseg models`)")
+    p.add_argument("-m", "--model", required=True, nargs="+", metavar="BUNDLE_OR_NAME",
+                   help="bundle folder or .zip, or the name of an embedded/user bundle (see `veloxseg models`); "
+                        "several bundles (the folds of a cross-validation) predict as one ensemble, their "
+                        "logits averaged in every window (same inputs, labels, spacing and window size; the "
+                        "first bundle's inference settings)")
     p.add_argument("-i", "--input", nargs="+", metavar="IMAGE",
                    help="input images in the bundle's channel order (NIfTI, NRRD, MHA or DICOM series folders), "
                         "or one folder of cases in nnU-Net naming")
@@ -256,7 +260,8 @@ def run(args) -> int:
                    pet_refine=args.pet_refine)
     try:
         with _CancelOnSignal() as cancel:
-            seg = Segmenter(args.model, device=args.device, threads=args.threads, batch_size=args.batch_size,
+            model = args.model[0] if len(args.model) == 1 else args.model  # several: an ensemble
+            seg = Segmenter(model, device=args.device, threads=args.threads, batch_size=args.batch_size,
                             precision=args.precision)
             plan = seg.plan
             if args.pet_refine:  # refused before anything is read

@@ -21,7 +21,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -336,7 +336,10 @@ class Segmenter:
 
     model: a bundle (anything with ``.meta`` and ``.build_model(device)``), a bundle path or
         name (loaded with ``VeloxSegLib.bundle.load_bundle``), or a torch module (then ``plan``
-        is required).
+        is required); or a list of these, an ensemble (the folds of a cross-validation): every
+        window goes through each network and their logits are averaged
+        (:mod:`VeloxSegLib.infer.ensemble`; the members must share inputs, labels, spacing and
+        window size, and the first member's inference settings are used).
     precision: ``"fp32"`` (default) or ``"bf16"``: opt-in bfloat16 weights and activations on
         the CPU (1.1-1.3x faster than fp32 for veloxseg-b on CPUs with AVX512-BF16 or AMX in our
         runs, see docs/benchmarks.md; logits differ from fp32 by bf16 rounding, see
@@ -365,22 +368,45 @@ class Segmenter:
         self.threads = threads
         if threads is not None:
             set_threads(threads)
-        if isinstance(model, (str, os.PathLike)):
-            from ..bundle import load_bundle
+        members = list(model) if isinstance(model, (list, tuple)) else [model]
+        if not members:
+            raise ConfigError("no model given")
+        nets, plans, names, bundles = [], [], [], []
+        for m in members:
+            if isinstance(m, (str, os.PathLike)):
+                from ..bundle import load_bundle
 
-            model = load_bundle(model)
-        if hasattr(model, "meta") and hasattr(model, "build_model"):
-            self.bundle = model
-            plan = plan or InferencePlan.from_meta(model.meta)
-            net = model.build_model(self.device)
-        elif isinstance(model, torch.nn.Module):
-            if plan is None:
-                raise ConfigError("a plan is required when predicting with a bare network")
-            self.bundle = None
-            net = model
+                m = load_bundle(m)
+            if hasattr(m, "meta") and hasattr(m, "build_model"):
+                bundles.append(m)
+                plans.append(InferencePlan.from_meta(m.meta))
+                names.append(f"'{m.path}'" if getattr(m, "path", None) else f"'{plans[-1].name}'")
+                nets.append(m.build_model(self.device))
+            elif isinstance(m, torch.nn.Module):
+                if plan is None:
+                    raise ConfigError("a plan is required when predicting with a bare network")
+                plans.append(plan)
+                names.append(f"network {len(nets) + 1}")
+                nets.append(m)
+            else:
+                raise ConfigError(f"cannot predict with a {type(m).__name__}; pass a bundle, its path, or a network")
+        #: the bundles behind the model (one, or an ensemble's members); the first is ``bundle``
+        self.bundles = bundles
+        self.bundle = bundles[0] if len(bundles) == len(nets) else None
+        if len(nets) > 1:
+            from .ensemble import MeanOfNetworks, check_members
+
+            if plan is not None:  # a caller's plan applies to every member: each must fit it
+                plans, names = [plan] + plans, ["the given plan"] + names
+            check_members(plans, names)
+            unique = list(dict.fromkeys(p.name for p in plans))
+            plan = plan or replace(plans[0], name=" + ".join(unique) + (
+                f" ({len(nets)} networks)" if len(unique) < len(nets) else ""))
+            net = MeanOfNetworks(nets)
         else:
-            raise ConfigError(f"cannot predict with a {type(model).__name__}; pass a bundle, its path, or a network")
+            plan, net = plan or plans[0], nets[0]
         self.plan = plan
+        self.members = len(nets)
         self.model = net.to(self.device).eval()
         if precision == "bf16":  # a caller's own network is converted on a copy, not in place
             self.model = (self.model if self.bundle is not None else copy.deepcopy(self.model)).to(torch.bfloat16)
@@ -633,7 +659,7 @@ class Segmenter:
             del parr
         report("postprocess", 1.0)
         times["postprocess"] = time.perf_counter() - t
-        info.update(windows_run=counts["run"], windows_total=counts["total"], times=times)
+        info.update(windows_run=counts["run"], windows_total=counts["total"], times=times, networks=self.members)
         return CasePrediction(labels, probs, info)
 
 

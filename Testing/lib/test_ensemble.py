@@ -1,0 +1,232 @@
+"""Ensembles (several bundles, e.g. the folds of a cross-validation) predicting as one model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from VeloxSegLib import build_model
+from VeloxSegLib.bundle import save_bundle
+from VeloxSegLib.cli import main
+from VeloxSegLib.errors import ConfigError
+from VeloxSegLib.infer.pipeline import InferencePlan, Segmenter, predict_case
+
+ROOT = Path(__file__).resolve().parents[2]
+PATCH = (32, 32, 32)
+BUNDLE_PATCH = [64, 32, 32]  # the smallest window VeloxSeg's paired windows tile
+
+
+def _plan(**kw):
+    base = dict(
+        patch_size=PATCH, spacing=(2.0, 2.0, 2.0),
+        channels=[{"name": "CT", "normalization": {"scheme": "ct", "clip": [-1000, 600], "mean": 0, "std": 100}},
+                  {"name": "PET", "normalization": {"scheme": "pet_zscore_body"}}],
+        labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}])
+    base.update(kw)
+    return InferencePlan(**base)
+
+
+def _images(shape=(40, 50, 60), seed=0):
+    """A CT with a body ellipse and a PET on a coarser, shifted grid with random uptake."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    body = ((y - shape[1] / 2) / (shape[1] * 0.4)) ** 2 + ((x - shape[2] / 2) / (shape[2] * 0.42)) ** 2 <= 1
+    ct = np.where(body, rng.normal(40, 30, shape), -1000).astype(np.int16)
+    cti = sitk.GetImageFromArray(ct)
+    cti.SetSpacing((1.5, 1.5, 2.5))
+    cti.SetOrigin((-40.0, -30.0, 10.0))
+    pet = rng.gamma(2.0, 0.5, tuple(s // 2 for s in shape)).astype(np.float32)
+    peti = sitk.GetImageFromArray(pet)
+    peti.SetSpacing((3.0, 3.0, 5.0))
+    peti.SetOrigin((-39.0, -29.0, 11.0))
+    return cti, peti
+
+
+def _conv(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Conv3d(2, 2, 3, padding=1).eval()
+
+
+def _mean_conv(a, b):
+    """The single network whose logits are the mean of a's and b's (convolutions are linear)."""
+    m = torch.nn.Conv3d(2, 2, 3, padding=1).eval()
+    with torch.no_grad():
+        m.weight.copy_((a.weight + b.weight) / 2)
+        m.bias.copy_((a.bias + b.bias) / 2)
+    return m
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "mirror-tta"])
+def test_an_ensemble_averages_its_networks_logits_in_every_window(tta):
+    # for linear networks the mean of the logits is the logit of the mean weights: an ensemble
+    # of two must predict exactly what that one network predicts, through the whole pipeline
+    a, b = _conv(1), _conv(2)
+    ct, pet = _images()
+    plan = _plan(blending="gaussian", overlap=0.5, tta_axes=("x", "z"))
+    ens = predict_case([a, b], [ct, pet], plan=plan, probabilities=True, tta=tta)
+    one = predict_case(_mean_conv(a, b), [ct, pet], plan=plan, probabilities=True, tta=tta)
+    pa = sitk.GetArrayFromImage(ens.probabilities)
+    assert np.allclose(pa, sitk.GetArrayFromImage(one.probabilities), atol=2e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(ens.labels), sitk.GetArrayFromImage(one.labels))
+    # and it is neither member alone
+    alone = sitk.GetArrayFromImage(predict_case(a, [ct, pet], plan=plan, probabilities=True, tta=tta).probabilities)
+    assert np.abs(pa - alone).max() > 1e-2
+    assert ens.info["networks"] == 2 and one.info["networks"] == 1
+
+
+def test_members_are_run_on_the_same_windows_once_per_window():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def forward(self, x):
+            self.shapes.append(tuple(x.shape))
+            return torch.zeros((x.shape[0], 2) + tuple(x.shape[2:]))
+
+    a, b, alone = Counting(), Counting(), Counting()
+    ct, pet = _images()
+    predict_case([a, b], [ct, pet], plan=_plan())
+    predict_case(alone, [ct, pet], plan=_plan())
+    assert a.shapes == b.shapes == alone.shapes and len(alone.shapes) > 1
+
+
+def _meta(name, **change):
+    meta = {
+        "format_version": 1, "name": name,
+        "model": {"name": "veloxseg-b", "in_channels": [1, 1], "num_classes": 2, "patch_size": BUNDLE_PATCH},
+        "spacing": [2.0, 2.0, 2.0],
+        "channels": [
+            {"name": "CT", "modality": "CT",
+             "normalization": {"scheme": "ct", "clip": [-1000.0, 600.0], "mean": 40.0, "std": 200.0}},
+            {"name": "PET", "modality": "PET", "normalization": {"scheme": "pet_zscore_body"}}],
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}],
+        "inference": {"overlap": 0.25},
+    }
+    for key, value in change.items():
+        meta[key] = value
+    return meta
+
+
+def _bundle(folder, name, seed, **change):
+    meta = _meta(name, **change)
+    torch.manual_seed(seed)
+    net = build_model("veloxseg-b", in_channels=tuple(meta["model"]["in_channels"]),
+                      num_classes=meta["model"]["num_classes"], patch_size=tuple(meta["model"]["patch_size"]))
+    return save_bundle(Path(folder) / name, meta, net.state_dict())
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folds")
+    return [_bundle(root, f"fold{k}", seed=k) for k in range(2)]
+
+
+@pytest.fixture(scope="module")
+def case_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("case")
+    paths = [folder / "case_0000.nii.gz", folder / "case_0001.nii.gz"]
+    for img, p in zip(_images(seed=3), paths):
+        sitk.WriteImage(img, str(p), True)
+    return paths
+
+
+def _probabilities(model, case_files):
+    seg = Segmenter(model, device="cpu", threads=1)
+    return sitk.GetArrayFromImage(seg.predict([str(p) for p in case_files], probabilities=True).probabilities)
+
+
+def test_the_same_bundle_twice_predicts_what_it_predicts_alone(folds, case_files):
+    alone = _probabilities(str(folds[0]), case_files)
+    twice = _probabilities([str(folds[0]), str(folds[0])], case_files)
+    assert np.array_equal(alone, twice)  # (y + y) / 2 is y in floating point
+
+
+def test_the_predict_command_takes_several_bundles(folds, case_files, tmp_path):
+    out, probs = tmp_path / "seg.nii.gz", tmp_path / "p.nii.gz"
+    rc = main(["predict", "-m", str(folds[0]), str(folds[1]), "-i", *map(str, case_files), "-o", str(out),
+               "--probabilities", str(probs), "--threads", "1", "--progress", "none"])
+    assert rc == 0
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(probs)))
+    assert np.allclose(got, _probabilities([str(f) for f in folds], case_files), atol=1e-6)
+    for fold in folds:  # neither fold alone
+        assert np.abs(got - _probabilities(str(fold), case_files)).max() > 1e-3
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.array_equal(labels, np.argmax(got, axis=-1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(channels=[{"name": "CT", "modality": "CT", "normalization": {"scheme": "ct", "clip": [-1000.0, 600.0],
+                                                                        "mean": 0.0, "std": 200.0}},
+                    {"name": "PET", "modality": "PET", "normalization": {"scheme": "pet_zscore_body"}}]),
+     "inputs differ"),
+    (dict(labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "tumour"}]), "labels differ"),
+    (dict(spacing=[3.0, 3.0, 3.0]), "spacings differ"),
+    (dict(model={"name": "veloxseg-b", "in_channels": [1, 1], "num_classes": 2, "patch_size": [64, 64, 64]}),
+     "window sizes differ"),
+], ids=["normalization", "labels", "spacing", "window"])
+def test_bundles_that_cannot_be_averaged_are_refused_naming_both(folds, case_files, tmp_path, change, message):
+    odd = _bundle(tmp_path, "odd", seed=5, **change)
+    with pytest.raises(ConfigError, match=message) as info:
+        Segmenter([str(folds[0]), str(odd)], device="cpu")
+    assert str(folds[0]) in str(info.value) and str(odd) in str(info.value)
+    # the command: a clear message, a non-zero exit, nothing written
+    out = tmp_path / "seg.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "VeloxSegLib.cli", "predict", "-m", str(folds[0]), str(odd),
+                           "-i", *map(str, case_files), "-o", str(out), "--progress", "none"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 4  # a configuration error
+    assert message in proc.stderr and str(odd) in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["odd"]
+
+
+def test_the_first_members_inference_settings_are_used_and_a_difference_is_named(folds, case_files, tmp_path):
+    # a member that would remove every component: its setting is not the ensemble's unless it comes first
+    wipes = _bundle(tmp_path, "wipes", seed=0, inference={"overlap": 0.25, "min_component_mm3": 1e12})
+    with pytest.warns(UserWarning, match=r"min_component_mm3: 0 in '[^']*fold0', 1e\+12 in '[^']*wipes'"):
+        kept = Segmenter([str(folds[0]), str(wipes)], device="cpu", threads=1)
+    with pytest.warns(UserWarning, match="using those of the first, '[^']*wipes'"):
+        wiped = Segmenter([str(wipes), str(folds[0])], device="cpu", threads=1)
+    a = sitk.GetArrayFromImage(kept.predict([str(p) for p in case_files]).labels)
+    b = sitk.GetArrayFromImage(wiped.predict([str(p) for p in case_files]).labels)
+    assert a.any() and not b.any()
+    assert kept.plan.name == "fold0 + wipes"
+
+
+def test_a_plan_given_for_bare_networks_is_required_and_checked():
+    with pytest.raises(ConfigError, match="a plan is required"):
+        Segmenter([_conv(1), _conv(2)], device="cpu")
+    with pytest.raises(ConfigError, match="no model given"):
+        Segmenter([], device="cpu")
+
+
+def test_folds_of_a_cross_validation_predict_as_an_ensemble(tmp_path):
+    """The documented workflow, end to end: two folds trained by the command, then one predict."""
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 5, seed=4, size=(64, 64, 48))
+    torch.set_num_threads(1)
+    bundles = []
+    for k in range(2):
+        out = tmp_path / f"fold{k}"
+        rc = main(["train", str(ds), "-o", str(out), "--fold", str(k), "--epochs", "1", "--iterations-per-epoch", "1",
+                   "--batch-size", "1", "--patch-size", "32", "32", "64", "--device", "cpu", "--seed", str(k),
+                   "--preprocessed", str(tmp_path / "pre"), "--progress", "none"])
+        assert rc == 0
+        bundles.append(out)
+    splits = [json.loads((b / "bundle.json").read_text())["training"] for b in bundles]
+    assert splits[0] != splits[1]
+    seg = tmp_path / "seg.nii.gz"
+    images = [str(ds / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)]
+    rc = main(["predict", "-m", *map(str, bundles), "-i", *images, "-o", str(seg), "--threads", "1",
+               "--progress", "none"])
+    assert rc == 0
+    out = sitk.ReadImage(str(seg))
+    assert out.GetSize() == sitk.ReadImage(images[0]).GetSize()
