@@ -74,6 +74,9 @@ INFERENCE_DEFAULTS = {
     "pet_refine": None,
 }
 TERMINOLOGY_KEYS = ("category", "type", "type_modifier", "region", "region_modifier")
+#: The most networks an ensemble bundle may hold (model.members).
+MAX_MEMBERS = 64
+
 TRAINING_KEYS = ("dataset", "epochs", "seed", "command", "metrics", "parent", "date", "veloxseg_version", "notes")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -290,7 +293,7 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
 
     # model -------------------------------------------------------------------------
     model = ck.obj(meta["model"], "model", required=("name", "in_channels", "num_classes", "patch_size"),
-                   optional=("overrides",))
+                   optional=("overrides", "members"))
     m_out: Dict[str, Any] = {"name": ck.string(model["name"], "model.name")}
     in_ch = ck.array(model["in_channels"], "model.in_channels", min_length=1)
     m_out["in_channels"] = [ck.integer(c, f"model.in_channels[{i}]", lo=1) for i, c in enumerate(in_ch)]
@@ -307,6 +310,8 @@ def validate_meta(meta: dict, source: str = META_NAME) -> dict:
             ck.fail(f"model.overrides.{key}", f"duplicates model.{key}")
         _check_json_value(ck, value, f"model.overrides.{key}")
     m_out["overrides"] = copy.deepcopy(overrides)
+    if "members" in model:  # an ensemble: that many networks of this model, weights "members.<i>.<key>"
+        m_out["members"] = ck.integer(model["members"], "model.members", lo=2, hi=MAX_MEMBERS)
     out["model"] = m_out
 
     # spacing -----------------------------------------------------------------------
@@ -650,6 +655,11 @@ class Bundle:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise BundleError(f"{src}: cannot be parsed as safetensors ({str(exc).splitlines()[0]})") from None
 
+    @property
+    def members(self) -> int:
+        """How many networks the bundle holds: 1, or an ensemble's ``model.members``."""
+        return int(self._meta["model"].get("members", 1))
+
     def build_model(self, device="cpu"):
         """Build ``meta['model']`` with :func:`VeloxSegLib.build_model`, load the weights, eval().
 
@@ -657,9 +667,38 @@ class Bundle:
         shape, and the file may hold no other keys, except keys of the model's training-only
         modules (texture teachers, deep-supervision heads; see ``_training_only_prefixes``),
         which may be absent or present. Raises BundleError naming the weights file.
+
+        An ensemble bundle (``model.members`` N) holds N networks of that model, member i's
+        weights under ``members.<i>.``; it builds into one
+        :class:`VeloxSegLib.infer.ensemble.MeanOfNetworks` (each member checked as strictly).
         """
         import torch
 
+        state = self.state_dict()
+        n = self.members
+        if n == 1:
+            model = self._build_network(state, "")
+        else:
+            from .infer.ensemble import MeanOfNetworks
+
+            parts: List[dict] = [{} for _ in range(n)]
+            stray = []
+            for key, t in state.items():
+                head, _, rest = key.partition(".")
+                idx, _, sub = rest.partition(".")
+                if head == "members" and idx.isdigit() and int(idx) < n and str(int(idx)) == idx and sub:
+                    parts[int(idx)][sub] = t
+                else:
+                    stray.append(key)
+            if stray:
+                raise BundleError(f"{self.weights_source}: holds {len(stray)} tensor(s) outside the ensemble's "
+                                  f"{n} members (e.g. {', '.join(stray[:3])})")
+            model = MeanOfNetworks([self._build_network(part, f"member {i}: ") for i, part in enumerate(parts)])
+        model = model.to(torch.device(device))
+        model.eval()
+        return model
+
+    def _build_network(self, state: dict, what: str):
         from . import build_model as _build_model
 
         m = self._meta["model"]
@@ -670,7 +709,6 @@ class Bundle:
         except (TypeError, ValueError, KeyError) as exc:
             raise BundleError(f"{self._path}: model '{m['name']}' cannot be built from bundle.json "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-        state = self.state_dict()
         prefixes = _training_only_prefixes(model)
 
         def _training_only(key):
@@ -680,10 +718,10 @@ class Bundle:
         missing = [k for k in expected if k not in state and not _training_only(k)]
         unexpected = [k for k in state if k not in expected and not _training_only(k)]
         if missing:
-            raise BundleError(f"{src}: lacks {len(missing)} tensor(s) model '{m['name']}' needs "
+            raise BundleError(f"{src}: {what}lacks {len(missing)} tensor(s) model '{m['name']}' needs "
                               f"(e.g. {', '.join(missing[:3])})")
         if unexpected:
-            raise BundleError(f"{src}: holds {len(unexpected)} tensor(s) model '{m['name']}' does not have "
+            raise BundleError(f"{src}: {what}holds {len(unexpected)} tensor(s) model '{m['name']}' does not have "
                               f"(e.g. {', '.join(unexpected[:3])})")
         load = {}
         for key, ref in expected.items():
@@ -691,14 +729,12 @@ class Bundle:
                 continue
             t = state[key]
             if tuple(t.shape) != tuple(ref.shape):
-                raise BundleError(f"{src}: tensor '{key}' has shape {tuple(t.shape)} but model '{m['name']}' "
+                raise BundleError(f"{src}: {what}tensor '{key}' has shape {tuple(t.shape)} but model '{m['name']}' "
                                   f"expects {tuple(ref.shape)}")
             if t.dtype.is_floating_point != ref.dtype.is_floating_point:
-                raise BundleError(f"{src}: tensor '{key}' has dtype {t.dtype}, model expects {ref.dtype}")
+                raise BundleError(f"{src}: {what}tensor '{key}' has dtype {t.dtype}, model expects {ref.dtype}")
             load[key] = t
         model.load_state_dict(load, strict=False)
-        model = model.to(torch.device(device))
-        model.eval()
         return model
 
 
@@ -1053,7 +1089,8 @@ def list_bundles() -> List[dict]:
             except BundleError as exc:
                 entry["error"] = str(exc)
             else:
-                entry.update(name=b.name, description=b.description, model=b.model_name,
+                entry.update(name=b.name, description=b.description,
+                             model=b.model_name + (f" x{b.members}" if b.members > 1 else ""),
                              channels=b.channel_names, labels=[lab["name"] for lab in b.labels])
             out.append(entry)
     for e in out:

@@ -27,6 +27,7 @@ COMMANDS = {
     "finetune": "finetune",
     "bench": "bench",
     "compare": "compare",
+    "ensemble": "ensemble",
     "demo": "demo",
 }
 

@@ -230,3 +230,125 @@ def test_folds_of_a_cross_validation_predict_as_an_ensemble(tmp_path):
     assert rc == 0
     out = sitk.ReadImage(str(seg))
     assert out.GetSize() == sitk.ReadImage(images[0]).GetSize()
+
+
+# --------------------------------------------------------------------------- packed ensembles
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize("suffix", ["", ".zip"], ids=["folder", "zip"])
+def test_a_packed_ensemble_predicts_what_its_members_predict_together(folds, case_files, tmp_path, suffix):
+    before = [_bytes(f) for f in folds]
+    out = tmp_path / f"ens{suffix}"
+    assert main(["ensemble", *map(str, folds), "-o", str(out), "--name", "my-ensemble"]) == 0
+    assert [_bytes(f) for f in folds] == before  # the members are only read
+    from VeloxSegLib.bundle import load_bundle
+
+    b = load_bundle(out)
+    assert b.name == "my-ensemble" and b.members == 2 and b.meta["model"]["members"] == 2
+    notes = json.loads(b.meta["training"]["notes"])
+    assert [m["name"] for m in notes["ensemble"]] == ["fold0", "fold1"]
+    assert "veloxseg ensemble" in b.meta["training"]["command"]
+    assert np.array_equal(_probabilities(str(out), case_files), _probabilities([str(f) for f in folds], case_files))
+    assert Segmenter(str(out), device="cpu").members == 2
+
+
+def test_an_ensemble_bundle_beside_other_bundles_counts_each_network_once(folds, case_files, tmp_path):
+    third = _bundle(tmp_path, "fold2", seed=2)
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    ens = pack_ensemble([str(f) for f in folds], tmp_path / "ens")
+    seg = Segmenter([str(ens), str(third)], device="cpu", threads=1)
+    assert seg.members == 3
+    assert np.array_equal(_probabilities([str(ens), str(third)], case_files),
+                          _probabilities([str(folds[0]), str(folds[1]), str(third)], case_files))
+
+
+def test_an_ensemble_bundle_is_listed_and_found_by_name(folds, tmp_path, monkeypatch, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    assert main(["ensemble", *map(str, folds), "-o", str(models / "cv5"), "--name", "cv-ensemble"]) == 0
+    monkeypatch.setenv("VELOXSEG_MODELS", str(models))
+    capsys.readouterr()
+    assert main(["models", "--json"]) == 0
+    entry = [e for e in json.loads(capsys.readouterr().out)["bundles"] if e["name"] == "cv-ensemble"]
+    assert entry and entry[0]["model"] == "veloxseg-b x2"
+    assert Segmenter("cv-ensemble", device="cpu").members == 2
+
+
+def test_packing_refuses_members_that_do_not_fit_and_writes_nothing(folds, tmp_path):
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    odd_spacing = _bundle(tmp_path, "odd", seed=5, spacing=[3.0, 3.0, 3.0])
+    with pytest.raises(ConfigError, match="spacings differ"):
+        pack_ensemble([str(folds[0]), str(odd_spacing)], tmp_path / "a")
+    other_net = _bundle(tmp_path, "small", seed=5,
+                        model={"name": "veloxseg-s", "in_channels": [1, 1], "num_classes": 2,
+                               "patch_size": BUNDLE_PATCH})
+    with pytest.raises(ConfigError, match=r"their networks differ \(veloxseg-b, .*; veloxseg-s"):
+        pack_ensemble([str(folds[0]), str(other_net)], tmp_path / "b")
+    ens = pack_ensemble([str(f) for f in folds], tmp_path / "ens")
+    with pytest.raises(ConfigError, match="is itself an ensemble of 2 networks"):
+        pack_ensemble([str(ens), str(folds[0])], tmp_path / "c")
+    with pytest.raises(ConfigError, match="at least 2 bundles"):
+        pack_ensemble([str(folds[0])], tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "odd", "small"]
+
+
+def test_packing_never_writes_over_a_member(folds, tmp_path):
+    import shutil
+
+    member = tmp_path / "fold0"
+    shutil.copytree(folds[0], member)
+    before = _bytes(member)
+    proc = subprocess.run([sys.executable, "-m", "VeloxSegLib.cli", "ensemble", str(member), str(folds[1]),
+                           "-o", str(member), "--overwrite"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is one of the members" in proc.stderr
+    assert _bytes(member) == before
+
+
+def test_damaged_ensemble_weights_are_refused_naming_the_member(folds, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.errors import BundleError
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    ens = pack_ensemble([str(f) for f in folds], tmp_path / "ens")
+    weights = ens / "model.safetensors"
+    full = load_file(str(weights))
+    save_file({k: v for k, v in full.items() if not k.startswith("members.1.")}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(BundleError, match="member 1: lacks"):
+        load_bundle(ens).build_model()
+    save_file(dict(full, **{"stray.weight": torch.zeros(1)}), str(weights), metadata={"format": "pt"})
+    with pytest.raises(BundleError, match=r"1 tensor\(s\) outside the ensemble's 2 members \(e.g. stray.weight\)"):
+        load_bundle(ens).build_model()
+
+
+def test_an_ensemble_bundle_is_not_fine_tuned(folds, tmp_path):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    ens = pack_ensemble([str(f) for f in folds], tmp_path / "ens")
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 2, seed=1, size=(64, 64, 48))
+    proc = subprocess.run([sys.executable, "-m", "VeloxSegLib.cli", "finetune", "-m", str(ens), str(ds),
+                           "-o", str(tmp_path / "ft")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is an ensemble of 2 networks" in proc.stderr
+    assert not (tmp_path / "ft").exists()
+
+
+def test_compare_counts_every_members_inference_parameters(folds, tmp_path):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.commands.compare import _inference_params
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    ens = pack_ensemble([str(f) for f in folds], tmp_path / "ens")
+    one = _inference_params(load_bundle(folds[0]))
+    assert _inference_params(load_bundle(ens)) == pytest.approx(2 * one)
+    assert 1.0 < one < 2.0  # veloxseg-b without its teachers and deep-supervision heads

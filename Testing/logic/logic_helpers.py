@@ -66,7 +66,7 @@ def bundle_json(name="petct-test", channels=("CT", "PET"), labels=None):
     }
 
 
-def random_bundle(folder):
+def random_bundle(folder, seed=0):
     """A veloxseg-b bundle with random weights at the smallest patch VeloxSeg tiles (64x32x32; 32^3 is
     refused by the paired windows), or skip if the library cannot make one yet."""
     try:
@@ -79,7 +79,7 @@ def random_bundle(folder):
         pytest.skip(f"VeloxSegLib cannot build/save a bundle yet ({exc})")
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     labels = [{"value": 0, "name": "background"},
               {"value": 1, "name": "lesion", "color": [230, 80, 60],
                "terminology": {"category": ["SCT", "49755003", "Morphologically Altered Structure"],

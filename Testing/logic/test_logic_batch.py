@@ -95,6 +95,35 @@ def test_batch_end_to_end_writes_seg_nrrd_with_names_and_geometry(tmp_path, sess
         scene.Clear(1)
 
 
+@pytest.mark.parametrize("mode", ["in-process", "subprocess"])
+def test_batch_segments_with_an_ensemble_bundle(tmp_path, session, mode):
+    """The folds of a cross-validation packed by `veloxseg ensemble` reach Slicer as one bundle."""
+    import SimpleITK as sitk
+
+    from VeloxSegLib.cli import main
+    from VeloxSegLib.infer.pipeline import predict_case
+    from VeloxSegLogic.segmentation import load_segmentation
+
+    folds = [random_bundle(str(tmp_path / f"fold{k}"), seed=k) for k in range(2)]
+    ens = tmp_path / "ens"
+    assert main(["ensemble", *map(str, folds), "-o", str(ens)]) == 0
+    ct, pet = _write_pair(str(tmp_path))
+    out = str(tmp_path / "out.seg.nrrd")
+    result = run_batch("--model", str(ens), "--input", ct, pet, "--output", out, "--device", "cpu",
+                       *(["--subprocess"] if mode == "subprocess" else []))
+    assert result.returncode == 0, result.stderr
+    scene = session.scene
+    try:
+        segmentation = load_segmentation(out, scene).GetSegmentation()
+        assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "lesion"
+    finally:
+        scene.Clear(1)
+    # the same voxels as the two folds predicting together through the library
+    written = sitk.GetArrayFromImage(sitk.ReadImage(out))
+    expected = sitk.GetArrayFromImage(predict_case([str(f) for f in folds], [ct, pet], device="cpu").labels)
+    assert int((written > 0).sum()) == int((expected > 0).sum()) > 0
+
+
 def test_batch_folder_of_nnunet_cases(tmp_path, metadata_bundle):
     cases = tmp_path / "cases"
     cases.mkdir()

@@ -7,6 +7,12 @@ the windows are blended (nnU-Net averages its folds' logits the same way). Mirro
 window once and averages every member's output for each flip. The cost is one network pass per
 member and window; everything around the networks is paid once.
 
+``veloxseg ensemble fold0 fold1 ... -o my-ensemble`` (:func:`pack_ensemble`) packs the bundles
+into one bundle (``model.members`` N, member i's weights under ``members.<i>.``;
+docs/bundle-format.md), as nnU-Net exports its folds as one model: it predicts the same as
+``-m fold0 fold1 ...`` and goes wherever a bundle goes (``-m NAME``, the models folder, the Slicer
+panel, the batch script, a zip).
+
 Members must see the same inputs and give the same outputs: the same channels (name, modality,
 normalization), labels, spacing, orientation and window size. Anything else refuses the
 ensemble, naming both bundles and what differs. The inference settings (overlap, blending, TTA,
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +51,13 @@ class MeanOfNetworks(nn.Module):
             y = _model_output(net(x)).float()
             total = y if total is None else total.add_(y)
         return total.div_(len(self.members))
+
+    @property
+    def training_only_prefixes(self) -> tuple:
+        """The members' training-only modules (teachers, deep-supervision heads) as key prefixes."""
+        from ..bundle import _training_only_prefixes
+
+        return tuple(f"members.{i}.{p}" for i, net in enumerate(self.members) for p in _training_only_prefixes(net))
 
 
 def _channel_key(c: dict) -> tuple:
@@ -121,4 +134,75 @@ def check_members(plans: Sequence, names: Sequence[str]) -> List[str]:
     return differ
 
 
-__all__ = ["MeanOfNetworks", "check_members", "SETTINGS"]
+def pack_ensemble(members: Sequence, output, *, name: Optional[str] = None, description: Optional[str] = None,
+                  overwrite: bool = False, command: Optional[str] = None):
+    """Write the bundles ``members`` (paths or names) as one ensemble bundle at ``output``.
+
+    The members are checked as for prediction (:func:`check_members`) and must hold the same
+    network (``model``: name, inputs, classes, window, overrides); an ensemble bundle is not a
+    member. The new bundle takes the first member's channels, labels, spacing, orientation and
+    inference settings; its training record lists every member's. The members are only read.
+    Returns the written bundle's path.
+    """
+    import datetime
+    import json
+    from pathlib import Path
+
+    from .. import __version__
+    from ..bundle import check_bundle_output, load_bundle, save_bundle
+    from ..errors import InputError
+    from .pipeline import InferencePlan
+
+    members = list(members)
+    if len(members) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 bundles, got {len(members)}")
+    out = Path(output).expanduser()
+    check_bundle_output(out, overwrite, "pass --overwrite to replace it")
+    bundles = [load_bundle(m) for m in members]
+    names = [f"'{b.path}'" for b in bundles]
+    for b, shown in zip(bundles, names):
+        if out.exists() and out.resolve() == Path(b.path).resolve():
+            raise InputError(f"{out}: is one of the members, which are never modified; write the ensemble elsewhere")
+        if b.members > 1:
+            raise ConfigError(f"{shown} is itself an ensemble of {b.members} networks; give the bundles it was made "
+                              f"from")
+    check_members([InferencePlan.from_meta(b.meta) for b in bundles], names)
+    first = bundles[0].meta
+    for b, shown in zip(bundles[1:], names[1:]):
+        if b.meta["model"] != first["model"]:
+            raise ConfigError(f"cannot pack {shown} with {names[0]}: their networks differ "
+                              f"({_model_text(first['model'])}; {_model_text(b.meta['model'])}); an ensemble bundle "
+                              f"holds one network several times (predict -m A B ... averages any that fit)")
+    weights = {}
+    for i, b in enumerate(bundles):
+        b.build_model("cpu")  # every member's weights checked before anything is written
+        for key, t in b.state_dict().items():
+            weights[f"members.{i}.{key}"] = t
+    training = {"notes": json.dumps({"ensemble": [
+        {"name": b.name, "path": str(Path(b.path).resolve()), "training": b.meta.get("training") or {}}
+        for b in bundles]}), "date": datetime.date.today().isoformat(), "veloxseg_version": __version__}
+    datasets = {(b.meta.get("training") or {}).get("dataset") for b in bundles}
+    if len(datasets) == 1 and None not in datasets:
+        training["dataset"] = datasets.pop()
+    if command:
+        training["command"] = command
+    meta = {key: json.loads(json.dumps(first[key])) for key in ("format_version", "model", "spacing", "channels",
+                                                                "labels", "inference") if key in first}
+    if "orientation" in first:
+        meta["orientation"] = first["orientation"]
+    meta["model"]["members"] = len(bundles)
+    meta["name"] = name or f"{bundles[0].name}-ensemble"
+    meta["description"] = description if description is not None else (
+        f"Ensemble of {len(bundles)} bundles ({', '.join(b.name for b in bundles)}): the logits of their networks "
+        f"are averaged in every window." + (f" {bundles[0].description}" if bundles[0].description else ""))
+    meta["training"] = training
+    return save_bundle(out, meta, weights, overwrite=overwrite)
+
+
+def _model_text(model: dict) -> str:
+    extra = f", {model['overrides']}" if model.get("overrides") else ""
+    return (f"{model['name']}, {len(model['in_channels'])} input(s), {model['num_classes']} classes, window "
+            f"{'x'.join(map(str, model['patch_size']))}{extra}")
+
+
+__all__ = ["MeanOfNetworks", "check_members", "pack_ensemble", "SETTINGS"]

@@ -393,8 +393,13 @@ class Segmenter:
         #: the bundles behind the model (one, or an ensemble's members); the first is ``bundle``
         self.bundles = bundles
         self.bundle = bundles[0] if len(bundles) == len(nets) else None
+        from .ensemble import MeanOfNetworks
+
+        # an ensemble bundle among several: its networks join the others, every network weighing the same
+        flat = [list(n.members) if isinstance(n, MeanOfNetworks) and len(nets) > 1 else [n] for n in nets]
+        self.members = sum(len(n.members) if isinstance(n, MeanOfNetworks) else 1 for n in nets)
         if len(nets) > 1:
-            from .ensemble import MeanOfNetworks, check_members
+            from .ensemble import check_members
 
             if plan is not None:  # a caller's plan applies to every member: each must fit it
                 plans, names = [plan] + plans, ["the given plan"] + names
@@ -402,11 +407,10 @@ class Segmenter:
             unique = list(dict.fromkeys(p.name for p in plans))
             plan = plan or replace(plans[0], name=" + ".join(unique) + (
                 f" ({len(nets)} networks)" if len(unique) < len(nets) else ""))
-            net = MeanOfNetworks(nets)
+            net = MeanOfNetworks([m for group in flat for m in group])
         else:
             plan, net = plan or plans[0], nets[0]
         self.plan = plan
-        self.members = len(nets)
         self.model = net.to(self.device).eval()
         if precision == "bf16":  # a caller's own network is converted on a copy, not in place
             self.model = (self.model if self.bundle is not None else copy.deepcopy(self.model)).to(torch.bfloat16)

@@ -135,6 +135,9 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     config = config or TrainConfig(epochs=FINETUNE_EPOCHS, iterations_per_epoch=FINETUNE_ITERATIONS,
                                    lr=FINETUNE_LR, val_every=1)
     src = load_bundle(bundle)
+    if src.members > 1:
+        raise InputError(f"{src.path}: is an ensemble of {src.members} networks (veloxseg ensemble); fine-tune one "
+                         f"of the bundles it was made from, or each of them")
     out = Path(output)
     if out.exists() and out.resolve() == Path(src.path).resolve():
         raise InputError(f"{out}: is the source bundle; fine-tuning writes a new bundle and never replaces its parent")
