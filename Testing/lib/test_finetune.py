@@ -609,3 +609,33 @@ def test_finetune_table_says_when_each_draw_reached_the_target():
     assert "| 2 | 0.500 | 0.720 | yes, after epoch 1 | 25 | 6.0 | 900.0 |" in text
     assert "| 3 | 0.500 | 0.500 | no | 500 | 6.0 | - |" in text
     assert "--target-dice 0.7 --threads 2" in text and "| reached 0.70 |" in text
+
+
+def test_finetune_folds_validate_on_their_fold_and_pack_into_an_ensemble(source_bundle, tmp_path):
+    """Cross-validation on local cases: each fold's fine-tune validates on its own fifth, and the
+    fold bundles pack into one ensemble."""
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.cli import main
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.train.trainer import split_cases
+
+    local = tmp_path / "five"
+    write_phantom_dataset(local, "petct", 5, seed=12, size=(64, 64, 48))
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (local / "labelsTr").iterdir())
+    folds = []
+    for k in (1, 3):
+        out = tmp_path / f"ft{k}"
+        rc, _ = _finetune(["-m", str(source_bundle), str(local), "-o", str(out), "--fold", str(k), "--epochs", "1",
+                           "--iterations-per-epoch", "1", "--preprocessed", str(tmp_path / "pre")])
+        assert rc == 0
+        metrics = load_bundle(out).meta["training"]["metrics"]
+        train, val, _, _ = split_cases(cases, fold=k)
+        assert metrics["val_cases"] == val and metrics["train_cases"] == train and len(val) == 1
+        folds.append(out)
+    assert load_bundle(folds[0]).meta["training"]["metrics"]["val_cases"] != \
+        load_bundle(folds[1]).meta["training"]["metrics"]["val_cases"]
+    assert main(["ensemble", *map(str, folds), "-o", str(tmp_path / "cv")]) == 0
+    assert load_bundle(tmp_path / "cv").members == 2
+    with pytest.raises(SystemExit):  # --fold and --split exclude each other, as for train
+        _finetune(["-m", str(source_bundle), str(local), "-o", str(tmp_path / "x"), "--fold", "0", "--split",
+                   "0.8,0.2,0"])

@@ -1,7 +1,7 @@
 """``veloxseg finetune``: adapt a bundle to local cases and write a new bundle."""
 from __future__ import annotations
 
-from .train import add_run_arguments, command_line, config_from_args, execute
+from .train import _parse_split, add_run_arguments, add_split_arguments, command_line, config_from_args, execute
 
 
 def register(subparsers):
@@ -27,6 +27,7 @@ def register(subparsers):
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                    help="train (and predict) at this voxel spacing in mm instead of the bundle's; every weight is "
                         "kept, and the patch covers a field of view that much smaller or larger")
+    add_split_arguments(p)
     add_run_arguments(p, epochs=FINETUNE_EPOCHS, iterations=FINETUNE_ITERATIONS, lr=FINETUNE_LR, val_every=1)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -36,7 +37,8 @@ def run(args) -> int:
     from ..train.finetune import run_finetune
 
     args.model_preset = None
-    config = config_from_args(args, freeze_encoder=args.freeze_encoder, fresh_warmup=args.fresh_warmup)
+    config = config_from_args(args, freeze_encoder=args.freeze_encoder, fresh_warmup=args.fresh_warmup,
+                              fold=args.fold, split=_parse_split(args.split))
     return execute(args, lambda progress, stop: run_finetune(
         args.model, args.dataset, args.output, config,
         patch_size=tuple(reversed(args.patch_size)) if args.patch_size else None, spacing=args.spacing,

@@ -88,14 +88,21 @@ def register(subparsers):
     p.add_argument("dataset", help="nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr)")
     p.add_argument("--model", help="network preset (default: the plans', veloxseg-b)")
     p.add_argument("--plans", help="plans JSON from 'veloxseg plan' (default: plan now)")
-    split = p.add_mutually_exclusive_group()
-    split.add_argument("--fold", type=int, help="5-fold cross-validation fold 0..4 to validate on")
-    split.add_argument("--split", help="train,val,test fractions, e.g. 0.6,0.2,0.2")
+    add_split_arguments(p)
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="planner override (x y z)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="planner override, mm")
     add_run_arguments(p, epochs=300, iterations=250, lr=2.5e-4, val_every=10)
     p.set_defaults(func=run, _parser=p)
     return p
+
+
+def add_split_arguments(p) -> None:
+    """--fold / --split: which cases validate (train and finetune)."""
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--fold", type=int, help="5-fold cross-validation fold 0..4 to validate on (the folds' bundles "
+                                                "predict together with 'veloxseg predict -m A B ...' or packed by "
+                                                "'veloxseg ensemble')")
+    split.add_argument("--split", help="train,val,test fractions, e.g. 0.6,0.2,0.2")
 
 
 def _parse_split(text):

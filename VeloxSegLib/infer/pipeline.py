@@ -406,7 +406,7 @@ class Segmenter:
             check_members(plans, names)
             unique = list(dict.fromkeys(p.name for p in plans))
             plan = plan or replace(plans[0], name=" + ".join(unique) + (
-                f" ({len(nets)} networks)" if len(unique) < len(nets) else ""))
+                f" ({self.members} networks)" if len(unique) < self.members else ""))
             net = MeanOfNetworks([m for group in flat for m in group])
         else:
             plan, net = plan or plans[0], nets[0]
