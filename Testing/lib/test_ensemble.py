@@ -352,3 +352,22 @@ def test_compare_counts_every_members_inference_parameters(folds, tmp_path):
     one = _inference_params(load_bundle(folds[0]))
     assert _inference_params(load_bundle(ens)) == pytest.approx(2 * one)
     assert 1.0 < one < 2.0  # veloxseg-b without its teachers and deep-supervision heads
+
+
+def test_a_member_with_damaged_weights_is_refused_before_anything_is_written(folds, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from VeloxSegLib.errors import BundleError
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folds[1], broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(broken / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(BundleError, match=r"broken/model.safetensors: lacks 1 tensor\(s\)"):
+        pack_ensemble([str(folds[0]), str(broken)], tmp_path / "ens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

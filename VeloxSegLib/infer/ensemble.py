@@ -175,9 +175,9 @@ def pack_ensemble(members: Sequence, output, *, name: Optional[str] = None, desc
                               f"holds one network several times (predict -m A B ... averages any that fit)")
     weights = {}
     for i, b in enumerate(bundles):
-        b.build_model("cpu")  # every member's weights checked before anything is written
-        for key, t in b.state_dict().items():
-            weights[f"members.{i}.{key}"] = t
+        state = b.state_dict()
+        b._build_network(state, "")  # every member's weights checked (strictly) before anything is written
+        weights.update({f"members.{i}.{key}": t for key, t in state.items()})
     training = {"notes": json.dumps({"ensemble": [
         {"name": b.name, "path": str(Path(b.path).resolve()), "training": b.meta.get("training") or {}}
         for b in bundles]}), "date": datetime.date.today().isoformat(), "veloxseg_version": __version__}
