@@ -61,15 +61,7 @@ class MeanOfNetworks(nn.Module):
 
 
 def _channel_key(c: dict) -> tuple:
-    return (str(c.get("name", "")), str(c.get("modality", "")).upper(), repr(_sorted(c.get("normalization") or {})))
-
-
-def _sorted(value):
-    if isinstance(value, dict):
-        return tuple(sorted((k, _sorted(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_sorted(v) for v in value)
-    return value
+    return (str(c.get("name", "")), str(c.get("modality", "")).upper(), c.get("normalization") or {})
 
 
 def _close(a, b) -> bool:
@@ -106,8 +98,7 @@ def check_members(plans: Sequence, names: Sequence[str]) -> List[str]:
     differ: List[str] = []
     for plan, name in zip(plans[1:], names[1:]):
         what = None
-        if len(plan.channels) != len(first.channels) or \
-                [_channel_key(c) for c in plan.channels] != [_channel_key(c) for c in first.channels]:
+        if [_channel_key(c) for c in plan.channels] != [_channel_key(c) for c in first.channels]:
             what = f"inputs differ ({fname}: {_describe_channels(first)}; {name}: {_describe_channels(plan)})"
         elif [(int(a["value"]), str(a.get("name", ""))) for a in plan.labels] != \
                 [(int(a["value"]), str(a.get("name", ""))) for a in first.labels]:

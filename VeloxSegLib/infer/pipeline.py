@@ -393,23 +393,21 @@ class Segmenter:
         #: the bundles behind the model (one, or an ensemble's members); the first is ``bundle``
         self.bundles = bundles
         self.bundle = bundles[0] if len(bundles) == len(nets) else None
-        from .ensemble import MeanOfNetworks
+        from .ensemble import MeanOfNetworks, check_members
 
-        # an ensemble bundle among several: its networks join the others, every network weighing the same
-        flat = [list(n.members) if isinstance(n, MeanOfNetworks) and len(nets) > 1 else [n] for n in nets]
-        self.members = sum(len(n.members) if isinstance(n, MeanOfNetworks) else 1 for n in nets)
         if len(nets) > 1:
-            from .ensemble import check_members
-
             if plan is not None:  # a caller's plan applies to every member: each must fit it
                 plans, names = [plan] + plans, ["the given plan"] + names
             check_members(plans, names)
+            # an ensemble bundle among several: its networks join the others, every network weighing the same
+            net = MeanOfNetworks([m for n in nets for m in (n.members if isinstance(n, MeanOfNetworks) else [n])])
             unique = list(dict.fromkeys(p.name for p in plans))
             plan = plan or replace(plans[0], name=" + ".join(unique) + (
-                f" ({self.members} networks)" if len(unique) < self.members else ""))
-            net = MeanOfNetworks([m for group in flat for m in group])
+                f" ({len(net.members)} networks)" if len(unique) < len(net.members) else ""))
         else:
             plan, net = plan or plans[0], nets[0]
+        #: how many networks predict (an ensemble's members, else 1)
+        self.members = len(net.members) if isinstance(net, MeanOfNetworks) else 1
         self.plan = plan
         self.model = net.to(self.device).eval()
         if precision == "bf16":  # a caller's own network is converted on a copy, not in place
