@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": "bench",
     "compare": "compare",
     "ensemble": "ensemble",
+    "crossval": "crossval",
     "demo": "demo",
 }
 

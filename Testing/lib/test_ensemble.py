@@ -371,3 +371,17 @@ def test_a_member_with_damaged_weights_is_refused_before_anything_is_written(fol
     with pytest.raises(BundleError, match=r"broken/model.safetensors: lacks 1 tensor\(s\)"):
         pack_ensemble([str(folds[0]), str(broken)], tmp_path / "ens")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_packing_can_set_the_ensembles_smallest_component(folds, case_files, tmp_path):
+    out = tmp_path / "ens"
+    assert main(["ensemble", *map(str, folds), "-o", str(out), "--min-component-mm3", "1e12"]) == 0
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["inference"]["min_component_mm3"] == 1e12
+    assert meta["inference"]["overlap"] == 0.25  # the first member's other settings stay
+    labels = Segmenter(str(out), device="cpu", threads=1).predict([str(p) for p in case_files]).labels
+    assert not sitk.GetArrayFromImage(labels).any()  # every component is under 1e12 mm^3
+    plain = Segmenter([str(f) for f in folds], device="cpu", threads=1).predict([str(p) for p in case_files]).labels
+    assert sitk.GetArrayFromImage(plain).any()  # the members' own setting keeps them
+    assert main(["ensemble", *map(str, folds), "-o", str(tmp_path / "bad"), "--min-component-mm3", "-1"]) == 4
+    assert not (tmp_path / "bad").exists()

@@ -23,16 +23,27 @@ def register(subparsers):
                    help="the ensemble bundle to write (a folder, or a .zip)")
     p.add_argument("--name", help="the bundle's name (default: the first member's name + '-ensemble')")
     p.add_argument("--description", help="the bundle's description (default: names its members)")
+    p.add_argument("--min-component-mm3", type=float, metavar="V",
+                   help="the ensemble's smallest component kept (default: the first member's; veloxseg crossval "
+                        "chooses one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at the output")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
+    import math
+
+    from ..errors import ConfigError
     from ..infer.ensemble import pack_ensemble
     from .train import command_line
 
+    inference = None
+    if args.min_component_mm3 is not None:
+        if not (math.isfinite(args.min_component_mm3) and args.min_component_mm3 >= 0):
+            raise ConfigError(f"--min-component-mm3 must be a volume >= 0, got {args.min_component_mm3}")
+        inference = {"min_component_mm3": args.min_component_mm3}
     out = pack_ensemble(args.bundles, args.output, name=args.name, description=args.description,
-                        overwrite=args.overwrite, command=command_line(args))
+                        overwrite=args.overwrite, command=command_line(args), inference=inference)
     print(f"wrote {out}: an ensemble of {len(args.bundles)} networks")
     return 0

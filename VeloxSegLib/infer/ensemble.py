@@ -126,14 +126,15 @@ def check_members(plans: Sequence, names: Sequence[str]) -> List[str]:
 
 
 def pack_ensemble(members: Sequence, output, *, name: Optional[str] = None, description: Optional[str] = None,
-                  overwrite: bool = False, command: Optional[str] = None):
+                  overwrite: bool = False, command: Optional[str] = None, inference: Optional[dict] = None):
     """Write the bundles ``members`` (paths or names) as one ensemble bundle at ``output``.
 
     The members are checked as for prediction (:func:`check_members`) and must hold the same
     network (``model``: name, inputs, classes, window, overrides); an ensemble bundle is not a
     member. The new bundle takes the first member's channels, labels, spacing, orientation and
-    inference settings; its training record lists every member's. The members are only read.
-    Returns the written bundle's path.
+    inference settings (``inference`` replaces some of them, e.g. the smallest component that
+    ``veloxseg crossval`` chose); its training record lists every member's. The members are only
+    read. Returns the written bundle's path.
     """
     import datetime
     import json
@@ -182,6 +183,8 @@ def pack_ensemble(members: Sequence, output, *, name: Optional[str] = None, desc
     if "orientation" in first:
         meta["orientation"] = first["orientation"]
     meta["model"]["members"] = len(bundles)
+    if inference:
+        meta["inference"] = {**meta.get("inference", {}), **inference}
     meta["name"] = name or f"{bundles[0].name}-ensemble"
     meta["description"] = description if description is not None else (
         f"Ensemble of {len(bundles)} bundles ({', '.join(b.name for b in bundles)}): the logits of their networks "

@@ -1138,6 +1138,7 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
         "validated_on": run.validated_on, "best_epoch": state.best_epoch, "weights": weights_from,
         "final_train_loss": last.get("loss"),
         "train_cases": splits["train"], "val_cases": splits["validation"], "test_cases": splits["test"],
+        "fold": splits.get("fold"), "split": splits.get("split"),
         "train_seconds": round(sum(r.get("seconds") or 0.0 for r in state.history), 2),
         # optimizer steps actually taken (fewer than the schedule's total_steps when --target-dice
         # stopped the run early; 0 when the starting weights already met it)

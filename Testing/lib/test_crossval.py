@@ -1,0 +1,287 @@
+"""``veloxseg crossval``: out-of-fold predictions of a cross-validation's folds, their scores, the
+post-processing choice and the packed ensemble (nnU-Net's find_best_configuration)."""
+import copy
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from VeloxSegLib.bundle import embedded_bundles_dir, load_bundle, save_bundle
+from VeloxSegLib.cli import main
+from VeloxSegLib.errors import Cancelled, ConfigError, InputError
+from VeloxSegLib.infer.pipeline import Segmenter
+from VeloxSegLib.train.crossval import SUMMARY_NAME, cross_validate
+from VeloxSegLib.train.trainer import split_cases
+
+DEMO = embedded_bundles_dir() / "petct-lesion-demo"
+
+
+def _fold_bundle(folder, name, val_cases, seed, noise=0.05, inference=None, **metrics):
+    """The PET/CT demo with its convolution weights jittered (a different network per seed) and a
+    training record naming ``val_cases`` as the fold's held-out cases."""
+    demo = load_bundle(DEMO)
+    meta = copy.deepcopy(demo.meta)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, t in demo.state_dict().items():
+        if t.is_floating_point() and t.dim() >= 2:
+            t = t + noise * t.std() * torch.randn(t.shape, generator=g, dtype=t.dtype)
+        state[key] = t
+    meta["name"] = name
+    meta["inference"].update(inference or {})
+    meta["training"] = {"metrics": {"val_cases": list(val_cases), "validated_on": "held-out", **metrics}}
+    return save_bundle(Path(folder) / name, meta, state)
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory):
+    """Five phantoms, five folds (one held-out case each), and one crossval run through the
+    command line with --pack."""
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("cv")
+    ds = root / "ds"
+    write_phantom_dataset(ds, "petct", 5, seed=11, size=(64, 64, 48))
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").iterdir())
+    folds = [_fold_bundle(root, f"fold{k}", split_cases(cases, fold=k)[1], seed=k) for k in range(5)]
+    before = {p: p.read_bytes() for f in [ds, *folds] for p in sorted(Path(f).rglob("*")) if p.is_file()}
+    torch.set_num_threads(2)
+    out, pack = root / "out", root / "packed"
+    rc = main(["crossval", str(ds), *map(str, folds), "-o", str(out), "--pack", str(pack), "--threads", "2",
+               "--min-component-candidates", "0", "30", "300", "3000", "--progress", "none"])
+    assert rc == 0
+    return {"root": root, "ds": ds, "cases": cases, "folds": folds, "out": out, "pack": pack, "before": before,
+            "summary": json.loads((out / SUMMARY_NAME).read_text())}
+
+
+def _labels(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _inputs(ds, case):
+    return [str(ds / "imagesTr" / f"{case}_000{c}.nii.gz") for c in range(2)]
+
+
+def _dice(p, r):
+    p, r = p > 0, r > 0
+    den = p.sum() + r.sum()
+    return 1.0 if den == 0 else 2.0 * (p & r).sum() / den
+
+
+def test_each_case_is_predicted_by_the_fold_that_held_it_out(cv):
+    ds, folds, s = cv["ds"], cv["folds"], cv["summary"]
+    assert s["validated_cases"] == 5 and s["cases_not_validated"] == []
+    owners = {c["case"]: c["fold"] for c in s["per_case"]}
+    differs = 0
+    for case in cv["cases"]:
+        k = owners[case]
+        assert case in split_cases(cv["cases"], fold=k)[1]
+        got = _labels(cv["out"] / "predictions" / f"{case}.nii.gz")
+        own = sitk.GetArrayFromImage(Segmenter(str(folds[k]), device="cpu").predict(_inputs(ds, case)).labels)
+        assert np.array_equal(got, own)
+        other = sitk.GetArrayFromImage(
+            Segmenter(str(folds[(k + 1) % 5]), device="cpu").predict(_inputs(ds, case)).labels)
+        differs += not np.array_equal(got, other)
+    assert differs >= 3  # the folds are different networks: which one predicts a case matters
+
+
+def test_scores_are_the_dice_of_the_written_predictions_per_case_fold_and_overall(cv):
+    s, ds = cv["summary"], cv["ds"]
+    per_case = {}
+    for case in cv["cases"]:
+        pred = _labels(cv["out"] / "predictions" / f"{case}.nii.gz")
+        per_case[case] = _dice(pred, _labels(ds / "labelsTr" / f"{case}.nii.gz"))
+    assert {c["case"]: c["metrics"]["lesion"]["dice"] for c in s["per_case"]} == pytest.approx(per_case, abs=1e-9)
+    assert s["mean"]["lesion"]["dice"] == pytest.approx(np.mean(list(per_case.values())), abs=1e-9)
+    assert 0.3 < s["mean"]["lesion"]["dice"] < 1.0  # the demo's networks, jittered: real segmentations
+    for f in s["folds"]:
+        assert f["mean"]["lesion"]["dice"] == pytest.approx(np.mean([per_case[c] for c in f["cases"]]), abs=1e-9)
+
+
+def test_the_sweep_scores_what_predicting_with_each_smallest_component_gives(cv):
+    s, ds, folds = cv["summary"], cv["ds"], cv["folds"]
+    rows = {r["min_component_mm3"]: r for r in s["postprocessing"]["candidates"]}
+    assert sorted(rows) == [0.0, 30.0, 300.0, 3000.0]
+    owners = {c["case"]: c["fold"] for c in s["per_case"]}
+    segs = [Segmenter(str(f), device="cpu") for f in folds]
+    for volume in (300.0, 3000.0):
+        dice = []
+        for case in cv["cases"]:
+            pred = segs[owners[case]].predict(_inputs(ds, case), min_component_mm3=volume).labels
+            dice.append(_dice(sitk.GetArrayFromImage(pred), _labels(ds / "labelsTr" / f"{case}.nii.gz")))
+        assert rows[volume]["dice"]["lesion"] == pytest.approx(np.mean(dice), abs=1e-9)
+    assert rows[3000.0]["dice"]["lesion"] != rows[0.0]["dice"]["lesion"]  # the sweep moves something
+    # the bundles' own setting (0) scores what the written predictions score
+    assert rows[0.0]["dice"]["lesion"] == pytest.approx(s["mean"]["lesion"]["dice"], abs=1e-9)
+
+
+def test_the_choice_is_the_best_setting_when_it_gains_more_than_the_noise(cv):
+    pp = cv["summary"]["postprocessing"]
+    rows = {r["min_component_mm3"]: r["foreground_dice"] for r in pp["candidates"]}
+    best = max(rows, key=lambda v: (rows[v], v == 0.0, -v))
+    expected = best if rows[best] - rows[0.0] > 0.001 else 0.0
+    assert pp["current"] == 0.0 and pp["best"] == expected
+    assert pp["gain"] == pytest.approx(rows[expected] - rows[0.0], abs=1e-12)
+
+
+def test_another_setting_replaces_the_bundles_own_only_when_it_gains_more_than_min_gain(cv, tmp_path):
+    cases = cv["cases"]
+    wipe = {"min_component_mm3": 1e7}  # removes every lesion
+    folds = [_fold_bundle(tmp_path, f"w{k}", split_cases(cases, fold=k)[1], seed=k, inference=wipe) for k in range(2)]
+    s = cross_validate(cv["ds"], folds, tmp_path / "a", candidates_mm3=[0.0, 3000.0])
+    pp = s["postprocessing"]
+    rows = {r["min_component_mm3"]: r["foreground_dice"] for r in pp["candidates"]}
+    assert sorted(rows) == [0.0, 3000.0, 1e7] and pp["current"] == 1e7
+    assert rows[1e7] == pytest.approx(s["mean"]["lesion"]["dice"]) and rows[1e7] < rows[0.0] - 0.2
+    best = max(rows, key=rows.get)
+    assert pp["best"] == best and pp["gain"] == pytest.approx(rows[best] - rows[1e7])
+    kept = cross_validate(cv["ds"], folds, tmp_path / "b", candidates_mm3=[0.0, 3000.0], min_gain=pp["gain"] + 1e-9)
+    assert kept["postprocessing"]["best"] == 1e7 and kept["postprocessing"]["gain"] == 0.0
+    # the predictions written are the bundles' own (here: empty)
+    assert all(not _labels(p).any() for p in (tmp_path / "a" / "predictions").iterdir())
+    held = split_cases(cases, fold=0)[1] + split_cases(cases, fold=1)[1]
+    assert s["cases_not_validated"] == [c for c in cases if c not in held]  # two folds: three cases in neither
+    assert len(list((tmp_path / "a" / "predictions").iterdir())) == 2
+
+
+def test_the_packed_ensemble_holds_the_folds_and_the_chosen_setting(cv):
+    packed = load_bundle(cv["pack"])
+    assert packed.members == 5
+    assert packed.meta["inference"]["min_component_mm3"] == cv["summary"]["postprocessing"]["best"]
+    case = cv["cases"][0]
+    a = Segmenter(str(cv["pack"]), device="cpu").predict(_inputs(cv["ds"], case)).labels
+    b = Segmenter([str(f) for f in cv["folds"]], device="cpu").predict(
+        _inputs(cv["ds"], case), min_component_mm3=packed.meta["inference"]["min_component_mm3"]).labels
+    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
+def test_the_dataset_and_the_folds_are_only_read(cv):
+    after = {p: p.read_bytes() for f in [cv["ds"], *cv["folds"]] for p in sorted(Path(f).rglob("*")) if p.is_file()}
+    assert after == cv["before"]
+    assert sorted(p.name for p in cv["root"].iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+@pytest.mark.parametrize("problem", ["overlap", "twice", "val_dataset", "own_cases", "no_record", "unknown_case",
+                                     "ensemble"])
+def test_bundles_that_are_not_folds_of_one_cross_validation_are_refused_writing_nothing(cv, tmp_path, problem,
+                                                                                      capsys):
+    folds, cases = list(map(str, cv["folds"][:2])), cv["cases"]
+    message = {"overlap": "both validate on case", "twice": "both validate on case",
+               "val_dataset": "validated on another dataset", "own_cases": "validated on its own training cases",
+               "no_record": "names no validation cases", "unknown_case": "are not in the dataset",
+               "ensemble": "is an ensemble of 2 networks"}[problem]
+    if problem == "overlap":
+        folds.append(str(_fold_bundle(tmp_path, "odd", [cases[0], cases[4]], seed=9)))
+    elif problem == "twice":
+        folds.append(folds[0])
+    elif problem == "val_dataset":
+        folds.append(str(_fold_bundle(tmp_path, "odd", [cases[4]], seed=9, val_dataset="other")))
+    elif problem == "own_cases":
+        folds.append(str(_fold_bundle(tmp_path, "odd", [cases[4]], seed=9, validated_on="training cases")))
+    elif problem == "no_record":
+        folds.append(str(_fold_bundle(tmp_path, "odd", [], seed=9)))
+    elif problem == "unknown_case":
+        folds.append(str(_fold_bundle(tmp_path, "odd", ["nosuchcase"], seed=9)))
+    else:
+        assert main(["ensemble", folds[0], folds[1], "-o", str(tmp_path / "ens")]) == 0
+        folds.append(str(tmp_path / "ens"))
+    before = _listing(tmp_path)
+    capsys.readouterr()
+    rc = main(["crossval", str(cv["ds"]), *folds, "-o", str(tmp_path / "out"), "--pack", str(tmp_path / "pk"),
+               "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == (InputError.exit_code if problem == "unknown_case" else ConfigError.exit_code)
+    assert message in err and "veloxseg crossval: error:" in err
+    assert _listing(tmp_path) == before
+
+
+def test_an_existing_output_is_kept_unless_overwrite_and_only_a_crossval_folder_is_replaced(cv, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["crossval", str(cv["ds"]), str(cv["folds"][0]), "-o", str(out), "--progress", "none"]
+    assert main(args) == InputError.exit_code
+    assert main(args + ["--overwrite"]) == InputError.exit_code  # not a cross-validation's folder
+    assert (out / "notes.txt").read_text() == "mine"
+    # inside the dataset: refused, nothing written there
+    assert main(["crossval", str(cv["ds"]), str(cv["folds"][0]), "-o", str(cv["ds"] / "cv"),
+                 "--progress", "none"]) == InputError.exit_code
+    assert not (cv["ds"] / "cv").exists()
+    # an earlier run's folder is replaced whole
+    again = tmp_path / "again"
+    assert main(["crossval", str(cv["ds"]), str(cv["folds"][0]), "-o", str(again), "--progress", "none"]) == 0
+    assert main(["crossval", str(cv["ds"]), str(cv["folds"][1]), "-o", str(again), "--progress", "none"]) == 2
+    assert main(["crossval", str(cv["ds"]), str(cv["folds"][1]), "-o", str(again), "--progress", "none",
+                 "--overwrite"]) == 0
+    s = json.loads((again / SUMMARY_NAME).read_text())
+    assert [f["cases"] for f in s["folds"]] == [split_cases(cv["cases"], fold=1)[1]]
+    assert _listing(again / "predictions") == [f"{c}.nii.gz" for c in split_cases(cv["cases"], fold=1)[1]]
+
+
+def test_a_bad_pack_output_is_refused_before_any_case_runs(cv, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x.txt").write_text("x")
+    rc = main(["crossval", str(cv["ds"]), *map(str, cv["folds"][:2]), "-o", str(tmp_path / "out"),
+               "--pack", str(taken), "--progress", "json"])
+    assert rc == InputError.exit_code
+    assert capsys.readouterr().out == ""  # not one case was run
+    assert not (tmp_path / "out").exists()
+
+
+def test_cancelling_leaves_nothing_behind(cv, tmp_path):
+    event = threading.Event()
+    seen = []
+
+    def progress(e):
+        seen.append(e)
+        event.set()  # cancel after the first case
+
+    with pytest.raises(Cancelled):
+        cross_validate(cv["ds"], cv["folds"], tmp_path / "out", progress=progress, cancel=event)
+    assert len(seen) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_progress_json_reports_every_case_then_the_result(cv, tmp_path, capsys):
+    capsys.readouterr()
+    rc = main(["crossval", str(cv["ds"]), *map(str, cv["folds"][:2]), "-o", str(tmp_path / "out"),
+               "--progress", "json", "--min-component-candidates", "0"])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["stage"], e["done"], e["total"]) for e in lines[:-1]] == [("crossval", 1, 2), ("crossval", 2, 2)]
+    s = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert lines[-1]["stage"] == "done" and lines[-1]["mean"]["lesion"] == s["mean"]["lesion"]["dice"]
+
+
+def test_folds_trained_by_the_command_score_what_they_validated_at(tmp_path, capsys):
+    """The documented workflow: `train --fold K`, then crossval. Each fold's out-of-fold Dice is the
+    validation Dice its own run recorded (the same cases through the same pipeline)."""
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 5, seed=4, size=(64, 64, 48))
+    torch.set_num_threads(1)
+    folds = []
+    for k in (0, 3):
+        out = tmp_path / f"fold{k}"
+        assert main(["train", str(ds), "-o", str(out), "--fold", str(k), "--epochs", "1", "--iterations-per-epoch",
+                     "1", "--batch-size", "1", "--patch-size", "32", "32", "64", "--device", "cpu", "--seed", str(k),
+                     "--preprocessed", str(tmp_path / "pre"), "--progress", "none"]) == 0
+        folds.append(out)
+    capsys.readouterr()
+    assert main(["crossval", str(ds), *map(str, folds), "-o", str(tmp_path / "cv"), "--progress", "none"]) == 0
+    table = capsys.readouterr().out
+    s = json.loads((tmp_path / "cv" / SUMMARY_NAME).read_text())
+    assert [f["fold"] for f in s["folds"]] == [0, 3]  # the training record names its fold
+    for f in s["folds"]:
+        assert f["mean"]["lesion"]["dice"] == pytest.approx(f["recorded_val_dice"], abs=1e-6)
+    assert s["validated_cases"] == 2 and len(s["cases_not_validated"]) == 3
+    assert "| **all folds** | 2 |" in table and "3 case(s) are in no given fold's validation set" in table

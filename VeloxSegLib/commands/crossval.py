@@ -1,0 +1,127 @@
+"""``veloxseg crossval``: the cross-validation result of a model's folds (nnU-Net's
+find_best_configuration).
+
+    veloxseg train DATASET -o fold0 --fold 0     (and so on for folds 1-4)
+    veloxseg crossval DATASET fold0 fold1 fold2 fold3 fold4 -o cv --pack my-model
+
+Every case of DATASET is segmented by the fold that did not train on it, through the normal
+inference pipeline, and scored against its label: per fold and over all cases. The smallest
+connected component kept is then chosen on those predictions, and --pack writes the folds as
+one ensemble bundle with it. Writes OUT/predictions/ (the out-of-fold label maps) and
+OUT/crossval.json; prints the tables. The bundles and the dataset are only read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DESCRIPTION = __doc__.replace("``", "")
+
+
+def register(subparsers):
+    p = subparsers.add_parser("crossval", help="score a cross-validation's folds on their held-out cases; choose "
+                                               "the post-processing; pack the folds",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", metavar="DATASET", help="the nnU-Net raw dataset the folds were trained on")
+    p.add_argument("bundles", nargs="+", metavar="FOLD_BUNDLE",
+                   help="the fold bundles (written by train/finetune --fold K): folders, .zip files or names")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder to write (predictions/ and crossval.json); must not exist unless --overwrite")
+    p.add_argument("--regions", nargs="+", metavar="NAME=L,L",
+                   help="score unions of labels instead, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
+    p.add_argument("--min-component-candidates", type=float, nargs="+", metavar="MM3",
+                   help="smallest-component volumes to try (default: 0 10 25 50 100 250 500 1000, and the folds' "
+                        "own)")
+    p.add_argument("--pack", metavar="BUNDLE_DIR",
+                   help="also write the folds as one ensemble bundle (a folder or .zip) with the chosen "
+                        "smallest component")
+    p.add_argument("--name", help="with --pack: the ensemble's name (default: the first fold's + '-ensemble')")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="default: cpu")
+    p.add_argument("--progress", default="auto", choices=("auto", "bar", "json", "none"),
+                   help="auto: a bar on a terminal, else none; json: one JSON line per case on stdout")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier cross-validation folder at -o (and a bundle at --pack)")
+    p.set_defaults(func=run)
+    return p
+
+
+class _Reporter:
+    def __init__(self, mode: str, start: float):
+        self.mode = mode if mode != "auto" else ("bar" if sys.stderr.isatty() else "none")
+        self.start = start
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        if self.mode == "json":
+            import json
+
+            print(json.dumps({**event, "elapsed": round(time.perf_counter() - self.start, 3)}), flush=True)
+        elif self.mode == "bar":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event["total"], desc="crossval", unit="case", file=sys.stderr)
+            self.bar.set_postfix_str(f"fold {event['fold']}: {event['case']}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..bundle import check_bundle_output
+    from ..errors import ConfigError
+    from ..train.crossval import MIN_GAIN, cross_validate, render_markdown
+    from .evaluate import parse_regions
+    from .predict import _CancelOnSignal
+
+    start = time.perf_counter()
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.pack:  # a wrong --pack is refused before the long part
+        pack = Path(args.pack).expanduser()
+        check_bundle_output(pack, args.overwrite, "pass --overwrite to replace it")
+        if len(args.bundles) < 2:
+            raise ConfigError("--pack needs at least 2 fold bundles")
+    reporter = _Reporter(args.progress, start)
+    try:
+        with _CancelOnSignal() as cancel:
+            summary = cross_validate(args.dataset, args.bundles, args.output, regions=parse_regions(args.regions),
+                                     candidates_mm3=args.min_component_candidates, device=args.device,
+                                     threads=args.threads, overwrite=args.overwrite, progress=reporter,
+                                     cancel=cancel)
+    finally:
+        reporter.close()
+    pp = summary["postprocessing"]
+    packed = None
+    if args.pack:
+        from ..infer.ensemble import pack_ensemble
+        from .train import command_line
+
+        packed = pack_ensemble(args.bundles, args.pack, name=args.name, overwrite=args.overwrite,
+                               command=command_line(args), inference={"min_component_mm3": pp["best"]})
+    if args.progress == "json":
+        print(json.dumps({"stage": "done", "output": str(args.output), "mean": {
+            k: v["dice"] for k, v in summary["mean"].items()}, "min_component_mm3": pp["best"],
+            "packed": str(packed) if packed else None, "elapsed": round(time.perf_counter() - start, 3)}), flush=True)
+        return 0
+    print(render_markdown(summary))
+    print()
+    change = (f"the bundles' own ({pp['current']:g} mm^3) is kept: no other gains over {MIN_GAIN} mean Dice"
+              if pp["best"] == pp["current"] else
+              f"{pp['best']:g} mm^3 (the bundles': {pp['current']:g}; +{pp['gain']:.4f} mean Dice)")
+    print(f"Smallest component: {change}.")
+    if packed:
+        print(f"Wrote {packed}: the {len(args.bundles)} folds as one ensemble, smallest component "
+              f"{pp['best']:g} mm^3.")
+    else:
+        extra = f" --min-component-mm3 {pp['best']:g}" if pp["best"] != pp["current"] else ""
+        print(f"To predict with the folds as one model: veloxseg ensemble {' '.join(args.bundles)} -o NAME{extra}")
+    print(f"Wrote {args.output} in {time.perf_counter() - start:.0f} s.", file=sys.stderr)
+    return 0

@@ -1,0 +1,296 @@
+"""Cross-validation results of the folds of one training, as nnU-Net's ``find_best_configuration``.
+
+After ``veloxseg train DATASET --fold K`` (or ``finetune --fold K``) for K = 0..4, every case of
+the dataset was left out of exactly one fold's training. :func:`cross_validate` segments each
+case with the fold that did not train on it (its *out-of-fold* prediction, nnU-Net's
+``cv_niftis``), through the normal inference pipeline with the fold's own settings, and scores
+the predictions against the dataset's labels: per case, per fold and over every case. That
+pooled figure is the honest estimate of how the model does on cases like the dataset's (each
+fold's own validation figure rests on a fifth of them).
+
+It then chooses the post-processing on the same predictions, as nnU-Net's
+``determine_postprocessing`` does: the smallest connected component kept
+(``inference.min_component_mm3``) is scored over a ladder of volumes, each applied to the
+predictions made without any removal (the pipeline removes small components last, so this is
+exactly what predicting with that setting gives). The best one replaces the bundle's own setting
+only when it gains more than ``MIN_GAIN`` mean Dice: less is within the noise of a few dozen cases. ``veloxseg crossval --pack`` writes the folds as one ensemble bundle with it.
+
+The folds are read from each bundle's training record (``training.metrics.val_cases``). Folds
+whose validation cases overlap, or that validated on their training cases or on another
+dataset, are refused before any case runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+
+#: The smallest-component volumes (mm^3) tried by default, besides each fold's own.
+DEFAULT_CANDIDATES_MM3 = (0.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+#: The least mean-Dice gain for which the sweep's best smallest component replaces the folds' own.
+MIN_GAIN = 0.001
+#: The summary written into the output folder.
+SUMMARY_NAME = "crossval.json"
+#: The out-of-fold label maps, one per validated case.
+PREDICTIONS_DIR = "predictions"
+
+ProgressFn = Callable[[dict], None]
+
+
+def fold_cases(bundle, shown: str) -> List[str]:
+    """The validation cases of a fold bundle's training record (ConfigError when the bundle is
+    not one fold of a cross-validation)."""
+    if getattr(bundle, "members", 1) > 1:
+        raise ConfigError(f"{shown} is an ensemble of {bundle.members} networks; give the fold bundles it was "
+                          f"packed from")
+    metrics = ((bundle.meta.get("training") or {}).get("metrics")) or {}
+    cases = metrics.get("val_cases")
+    if not cases:
+        raise ConfigError(f"{shown}: its training record names no validation cases; cross-validation takes "
+                          f"bundles written by 'veloxseg train --fold K' or 'veloxseg finetune --fold K'")
+    if metrics.get("val_dataset"):
+        raise ConfigError(f"{shown}: validated on another dataset ({metrics['val_dataset']}), not on a fold of "
+                          f"its own cases; it is not part of a cross-validation")
+    if metrics.get("validated_on") != "held-out":
+        raise ConfigError(f"{shown}: validated on its own training cases (too few cases to hold any out); it has "
+                          f"no out-of-fold cases")
+    return [str(c) for c in cases]
+
+
+def _check_output(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
+    """The output is a new folder, or with ``overwrite`` an earlier cross-validation's folder;
+    never an input, inside one, or holding one."""
+    real = Path(os.path.realpath(output))
+    for src in inputs:
+        src_real = Path(os.path.realpath(src))
+        if real == src_real or src_real in real.parents or real in src_real.parents:
+            raise InputError(f"{output}: is, holds or lies inside '{src}', which is only read; choose another "
+                             f"output folder")
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+        if output.is_symlink() or not output.is_dir() or not (output / SUMMARY_NAME).is_file() or \
+                any(p.name not in (SUMMARY_NAME, PREDICTIONS_DIR) for p in output.iterdir()):
+            raise InputError(f"{output}: exists and is not the folder of an earlier cross-validation; not "
+                             f"replacing it")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{output}: the folder {parent} does not exist")
+
+
+def _candidates(extra: Optional[Sequence[float]], own: Sequence[float]) -> List[float]:
+    values = list(DEFAULT_CANDIDATES_MM3 if extra is None else extra) + [0.0] + list(own)
+    for v in values:
+        if not (math.isfinite(float(v)) and float(v) >= 0):
+            raise ConfigError(f"smallest-component candidates must be volumes >= 0 mm^3, got {v}")
+    return sorted({float(v) for v in values})
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    from .. import metrics as M
+
+    return M.dice_score(pred, ref)
+
+
+def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict[str, Sequence[int]]] = None,
+                   candidates_mm3: Optional[Sequence[float]] = None, device: str = "cpu",
+                   threads: Optional[int] = None, overwrite: bool = False, progress: Optional[ProgressFn] = None,
+                   cancel=None, min_gain: float = MIN_GAIN) -> dict:
+    """Out-of-fold predictions of ``bundles`` (the folds, paths or names) on ``dataset`` (an
+    nnU-Net raw dataset), their scores and the post-processing choice; see the module docstring.
+
+    Writes ``output/predictions/CASE<ending>`` (each fold's own settings) and
+    ``output/crossval.json`` atomically (a temporary folder renamed at the end: a failed or
+    cancelled run leaves nothing). ``regions``: named unions of labels also scored (BraTS).
+    ``progress`` receives one dict per finished case. Returns the summary.
+    """
+    import SimpleITK as sitk
+
+    from .. import metrics as M
+    from ..bundle import load_bundle
+    from ..commands.evaluate import check_regions, write_json_atomic
+    from ..data.io import read_image, write_image
+    from ..data.nnunet import _umask, load_dataset
+    from ..infer.ensemble import check_members
+    from ..infer.pipeline import InferencePlan, Segmenter, _check_cancel
+    from ..infer.postprocess import remove_small_components
+
+    ds = load_dataset(dataset)
+    loaded = [load_bundle(b) for b in bundles]
+    if not loaded:
+        raise ConfigError("cross-validation needs the fold bundles")
+    shown = [f"'{b.path}'" for b in loaded]
+    plans = [InferencePlan.from_meta(b.meta) for b in loaded]
+    folds = [fold_cases(b, s) for b, s in zip(loaded, shown)]
+    owner: Dict[str, int] = {}
+    for i, cases in enumerate(folds):
+        for case in cases:
+            if case in owner:
+                j = owner[case]
+                raise ConfigError(f"{shown[j]} and {shown[i]} both validate on case '{case}': they are not folds "
+                                  f"of one cross-validation" if i != j else
+                                  f"{shown[i]} lists case '{case}' twice among its validation cases")
+            owner[case] = i
+        missing = [c for c in cases if c not in set(ds.cases)]
+        if missing:
+            raise InputError(f"{shown[i]}: its validation case(s) {', '.join(missing[:3])}"
+                             f"{' ...' if len(missing) > 3 else ''} are not in the dataset '{ds.root}'; give the "
+                             f"dataset the folds were trained on")
+    if len(loaded) > 1:
+        check_members(plans, shown)  # the folds of one model: same inputs, labels, spacing and window
+    plan = plans[0]
+    if ds.num_channels != len(plan.channels):
+        raise InputError(f"'{ds.root}': {ds.num_channels} channel(s) per case, the folds take "
+                         f"{len(plan.channels)} ({plan.expected_inputs()})")
+    names = {int(lb["value"]): str(lb["name"]) for lb in plan.labels if int(lb["value"]) != 0}
+    check_regions(regions or {}, sorted(names), names)
+    keys: List[object] = sorted(names) + list(regions or {})
+    shown_key = {k: (names[k] if not isinstance(k, str) else k) for k in keys}
+    scored = list(regions) if regions else sorted(names)  # the foreground figure: regions when given
+    ladder = _candidates(candidates_mm3, [p.min_component_mm3 for p in plans])
+
+    output = Path(output).expanduser()
+    sources = [ds.root] + [Path(b.path) for b in loaded if getattr(b, "path", None)]
+    _check_output(output, overwrite, sources)
+    validated = [c for c in ds.cases if c in owner]
+    not_validated = [c for c in ds.cases if c not in owner]
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent)))
+    try:
+        (tmp / PREDICTIONS_DIR).mkdir()
+        per_case: List[dict] = []
+        sweep: Dict[float, Dict[object, List[float]]] = {c: {k: [] for k in keys} for c in ladder}
+        done = 0
+        for i, (bundle, fold_plan, cases) in enumerate(zip(loaded, plans, folds)):
+            seg = Segmenter(bundle, device=device, threads=threads)
+            for case in sorted(cases):
+                _check_cancel(cancel)
+                result = seg.predict(ds.image_paths(case), min_component_mm3=0.0, cancel=cancel)
+                label_path = ds.label_path(case)
+                ref_img = read_image(label_path)
+                problem = M.geometry_mismatch(result.labels, ref_img)
+                if problem:
+                    raise InputError(f"'{label_path}': the label map is not on the grid of the case's first image "
+                                     f"({problem})")
+                ref = sitk.GetArrayFromImage(ref_img)
+                unknown = sorted(int(v) for v in np.unique(ref) if int(v) != 0 and int(v) not in names)
+                if unknown:
+                    raise InputError(f"'{label_path}': holds label(s) {unknown} that the folds do not predict "
+                                     f"(they predict {sorted(names)})")
+                raw = sitk.GetArrayFromImage(result.labels)
+                spacing_xyz = ref_img.GetSpacing()
+                spacing_zyx = tuple(reversed(spacing_xyz))
+                masks_ref = {k: (ref == k) if not isinstance(k, str) else np.isin(ref, regions[k]) for k in keys}
+                for c in ladder:
+                    arr = remove_small_components(raw.copy(), spacing_xyz, c) if c > 0 else raw
+                    for k in keys:
+                        pm = (arr == k) if not isinstance(k, str) else np.isin(arr, regions[k])
+                        sweep[c][k].append(_dice(pm, masks_ref[k]))
+                final = remove_small_components(raw.copy(), spacing_xyz, fold_plan.min_component_mm3)
+                img = sitk.GetImageFromArray(final)
+                img.CopyInformation(result.labels)
+                write_image(img, tmp / PREDICTIONS_DIR / f"{case}{ds.file_ending}")
+                metrics = M.evaluate_arrays(final, ref, sorted(names), spacing_zyx)
+                for name, values in (regions or {}).items():
+                    metrics[name] = M.label_metrics(np.isin(final, values), np.isin(ref, values), spacing_zyx)
+                per_case.append({"case": case, "fold": i, "metrics": metrics})
+                done += 1
+                if progress:
+                    progress({"stage": "crossval", "fold": i, "case": case, "done": done, "total": len(validated),
+                              "dice": {shown_key[k]: metrics[k]["dice"] for k in keys}})
+        _check_cancel(cancel)
+
+        def named(mean):
+            return {shown_key[k]: mean[k] for k in keys}
+
+        fold_rows = []
+        for i, (bundle, cases) in enumerate(zip(loaded, folds)):
+            mine = [c["metrics"] for c in per_case if c["fold"] == i]
+            rec = (bundle.meta.get("training") or {}).get("metrics") or {}
+            fold_rows.append({"bundle": bundle.name, "path": str(Path(bundle.path).resolve()), "fold": rec.get("fold"),
+                              "cases": sorted(cases), "mean": named(M.mean_metrics(mine)),
+                              "recorded_val_dice": rec.get("val_dice"),
+                              "min_component_mm3": plans[i].min_component_mm3})
+        rows = []
+        for c in ladder:
+            dice = {shown_key[k]: float(np.mean(sweep[c][k])) for k in keys}
+            rows.append({"min_component_mm3": c, "dice": dice,
+                         "foreground_dice": float(np.mean([dice[shown_key[k]] for k in scored]))})
+        current = plan.min_component_mm3
+        base = next(r for r in rows if r["min_component_mm3"] == current)
+        best = max(rows, key=lambda r: (r["foreground_dice"], r["min_component_mm3"] == current,
+                                        -r["min_component_mm3"]))
+        if best["foreground_dice"] - base["foreground_dice"] <= min_gain:
+            best = base
+        summary = {
+            "dataset": str(ds.root.resolve()), "cases": len(ds.cases), "validated_cases": len(validated),
+            "cases_not_validated": not_validated,
+            "labels": {str(k): v for k, v in names.items()}, "regions": {k: list(v) for k, v in (regions or {}).items()},
+            "scored": [shown_key[k] for k in scored],
+            "mean": named(M.mean_metrics([c["metrics"] for c in per_case])),
+            "folds": fold_rows,
+            "postprocessing": {"setting": "min_component_mm3", "current": current, "candidates": rows,
+                               "best": best["min_component_mm3"],
+                               "gain": best["foreground_dice"] - base["foreground_dice"]},
+            "per_case": [{"case": c["case"], "fold": c["fold"], "metrics": named(c["metrics"])} for c in per_case],
+        }
+        summary = M.json_safe(summary)
+        write_json_atomic(summary, tmp / SUMMARY_NAME)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        if output.exists():
+            _check_output(output, overwrite, sources)
+            from ..fsutil import swap_folder_into_place
+
+            swap_folder_into_place(tmp, output)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render_markdown(summary: dict) -> str:
+    """Per-fold and pooled Dice, then the post-processing sweep."""
+    scored = list(summary["scored"])
+    keys = list(summary["mean"])
+    head = ["fold bundle", "cases"] + [f"Dice {k}" for k in keys] + ["recorded val Dice"]
+    lines = [f"Out-of-fold predictions of {len(summary['folds'])} fold(s) on `{summary['dataset']}`: "
+             f"{summary['validated_cases']} of {summary['cases']} cases.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in summary["folds"]:
+        cells = [f["bundle"] + (f" (fold {f['fold']})" if f.get("fold") is not None else ""), str(len(f["cases"]))]
+        cells += [_fmt(f["mean"][k]["dice"]) for k in keys] + [_fmt(f.get("recorded_val_dice"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["**all folds**", str(summary["validated_cases"])]
+    cells += [f"**{_fmt(summary['mean'][k]['dice'])}**" for k in keys] + [""]
+    lines.append("| " + " | ".join(cells) + " |")
+    if summary["cases_not_validated"]:
+        lines += ["", f"{len(summary['cases_not_validated'])} case(s) are in no given fold's validation set "
+                      f"(not predicted): {', '.join(summary['cases_not_validated'][:5])}"
+                      f"{' ...' if len(summary['cases_not_validated']) > 5 else ''}"]
+    pp = summary["postprocessing"]
+    lines += ["", f"Smallest component kept (mm^3), mean Dice of {', '.join(scored)} over the out-of-fold "
+                  "predictions:", "", "| min_component_mm3 | " + " | ".join(scored) + " | mean |",
+              "|---|" + "---|" * (len(scored) + 1)]
+    for r in pp["candidates"]:
+        mark = " (the bundle's)" if r["min_component_mm3"] == pp["current"] else ""
+        mark += " **chosen**" if r["min_component_mm3"] == pp["best"] else ""
+        lines.append(f"| {r['min_component_mm3']:g}{mark} | " + " | ".join(_fmt(r["dice"][k], 4) for k in scored)
+                     + f" | {_fmt(r['foreground_dice'], 4)} |")
+    return "\n".join(lines)
+
+
+__all__ = ["cross_validate", "fold_cases", "render_markdown", "DEFAULT_CANDIDATES_MM3", "SUMMARY_NAME",
+           "PREDICTIONS_DIR", "MIN_GAIN"]
