@@ -285,3 +285,34 @@ def test_folds_trained_by_the_command_score_what_they_validated_at(tmp_path, cap
         assert f["mean"]["lesion"]["dice"] == pytest.approx(f["recorded_val_dice"], abs=1e-6)
     assert s["validated_cases"] == 2 and len(s["cases_not_validated"]) == 3
     assert "| **all folds** | 2 |" in table and "3 case(s) are in no given fold's validation set" in table
+
+
+def test_regions_are_scored_and_drive_the_choice(tmp_path):
+    """BraTS-style regions (unions of labels) on the MRI demo's four-channel, three-label setting."""
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "mri"
+    write_phantom_dataset(ds, "mri", 5, seed=77, size=(64, 64, 48))
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (ds / "labelsTr").iterdir())
+    demo = load_bundle(embedded_bundles_dir() / "brain-tumor-mri-demo")
+    folds = []
+    for k in range(2):
+        meta = copy.deepcopy(demo.meta)
+        meta["training"] = {"metrics": {"val_cases": split_cases(cases, fold=k)[1], "validated_on": "held-out"}}
+        folds.append(save_bundle(tmp_path / f"m{k}", meta, demo.state_dict()))
+    regions = {"ET": [3], "TC": [1, 3], "WT": [1, 2, 3]}
+    s = cross_validate(ds, folds, tmp_path / "cv", regions=regions, candidates_mm3=[0.0, 1e7])
+    assert s["scored"] == ["ET", "TC", "WT"] and list(s["mean"]) == [
+        "necrotic_core", "edema", "enhancing_tumor", "ET", "TC", "WT"]
+    for c in s["per_case"]:
+        pred = _labels(tmp_path / "cv" / "predictions" / f"{c['case']}.nii.gz")
+        ref = _labels(ds / "labelsTr" / f"{c['case']}.nii.gz")
+        for name, values in regions.items():
+            assert c["metrics"][name]["dice"] == pytest.approx(_dice(np.isin(pred, values), np.isin(ref, values)))
+        assert c["metrics"]["edema"]["dice"] == pytest.approx(_dice(pred == 2, ref == 2))
+    rows = {r["min_component_mm3"]: r for r in s["postprocessing"]["candidates"]}
+    assert rows[0.0]["foreground_dice"] == pytest.approx(np.mean([s["mean"][k]["dice"] for k in regions]))
+    assert rows[1e7]["foreground_dice"] == 0.0  # every tumour removed
+    with pytest.raises(InputError, match="region"):
+        cross_validate(ds, folds, tmp_path / "bad", regions={"X": [7]})
+    assert not (tmp_path / "bad").exists()
