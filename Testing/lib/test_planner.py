@@ -216,3 +216,53 @@ def test_model_preset_override_is_checked_and_recorded():
     assert plans["model"]["name"] == "veloxseg-s" and plans["overrides"] == {"model": "veloxseg-s"}
     with pytest.raises(ConfigError, match="unknown model"):
         make_plans(fp, model="resnet")
+
+
+def test_fingerprint_measures_cases_in_threads_with_the_same_result(tmp_path, monkeypatch):
+    """Cases are measured several at once (as nnU-Net's fingerprint extraction runs processes); the
+    fingerprint is identical to one thread's, also on a dataset where only some cases' PET needs
+    aligning, and progress still counts the cases in order."""
+    import threading
+
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.errors import InputError
+    from VeloxSegLib.train import planner
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 5, seed=3, size=(48, 48, 32))
+    ct = sitk.ReadImage(str(ds / "imagesTr" / "petct_0002_0000.nii.gz"))
+    pet_path = ds / "imagesTr" / "petct_0002_0001.nii.gz"
+    pet = sitk.Resample(sitk.ReadImage(str(pet_path)), ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    sitk.WriteImage(pet, str(pet_path), True)  # this case's PET already on its CT grid
+    seen = []
+    fp1 = fingerprint_dataset(ds, threads=1, progress=lambda d, n: seen.append((d, n)))
+    ran_in = []
+    measure = planner._measure_case
+    monkeypatch.setattr(planner, "_measure_case",
+                        lambda *a, **k: ran_in.append(threading.current_thread().name) or measure(*a, **k))
+    seen3 = []
+    fp3 = fingerprint_dataset(ds, threads=3, progress=lambda d, n: seen3.append((d, n)))
+    assert fp3 == fp1 and seen3 == seen == [(k, 5) for k in range(1, 6)]
+    assert len(ran_in) == 5 and all(name.startswith("fingerprint") for name in ran_in)
+    assert fp1["channels"][1]["on_reference_grid"] is False
+    # an error in one case names it, as with one thread
+    lab = sitk.ReadImage(str(ds / "labelsTr" / "petct_0003.nii.gz"))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[0, 0, 0] = 7
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(lab)
+    sitk.WriteImage(bad, str(ds / "labelsTr" / "petct_0003.nii.gz"), True)
+    with pytest.raises(InputError, match=r"'petct_0003': label values \[7\]"):
+        fingerprint_dataset(ds, threads=3)
+
+
+def test_plan_command_takes_threads(tmp_path, capsys):
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 3, seed=5, size=(48, 48, 32))
+    assert main(["plan", str(ds), "--threads", "0"]) == 4
+    assert not (ds / "plans.json").exists()
+    assert main(["plan", str(ds), "-o", str(tmp_path / "one.json"), "--threads", "1"]) == 0
+    assert main(["plan", str(ds), "-o", str(tmp_path / "two.json"), "--threads", "2"]) == 0
+    assert json.loads((tmp_path / "one.json").read_text()) == json.loads((tmp_path / "two.json").read_text())

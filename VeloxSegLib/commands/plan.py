@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="veloxseg-b", help="network preset (default veloxseg-b)")
     p.add_argument("--in-channels", type=int, nargs="+", metavar="N",
                    help="channels per modality stream, e.g. 1 1 (separate) or 4 (early fusion)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="cases read and measured at once (default: the CPUs, at most 4; each holds one case in "
+                        "memory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plans file")
     p.add_argument("--max-patch-voxels", type=int, metavar="N",
                    help=f"memory budget for automatic patch sizes (default 96^3 = {96 ** 3})")
@@ -35,7 +38,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..train.planner import parse_normalization, plan_dataset
+    from ..errors import ConfigError
+    from ..train.planner import default_fingerprint_threads, parse_normalization, plan_dataset
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
 
     normalization = dict(parse_normalization(s) for s in args.normalization)
     from ..data.io import check_output_file
@@ -52,7 +59,8 @@ def run(args) -> int:
             bar.refresh()
 
         plans = plan_dataset(
-            args.dataset, output, progress=progress, spacing=args.spacing, patch_size=args.patch_size,
+            args.dataset, output, progress=progress, threads=args.threads or default_fingerprint_threads(),
+            spacing=args.spacing, patch_size=args.patch_size,
             batch_size=args.batch_size, normalization=normalization or None, model=args.model,
             in_channels=args.in_channels, max_patch_voxels=args.max_patch_voxels,
         )

@@ -48,6 +48,15 @@ _PALETTE = [(230, 80, 60), (80, 160, 230), (250, 210, 60), (120, 200, 90), (180,
 
 PathLike = Union[str, Path]
 
+#: Cases measured at once by default (each holds one case's images in memory).
+MAX_FINGERPRINT_THREADS = 4
+
+
+def default_fingerprint_threads() -> int:
+    import os
+
+    return max(1, min(MAX_FINGERPRINT_THREADS, os.cpu_count() or 1))
+
 
 # --------------------------------------------------------------------------- channel kinds
 
@@ -108,15 +117,45 @@ def _sample_mask(rng: np.random.Generator, mask_of, flat: np.ndarray, n: int) ->
     return _sample(rng, np.flatnonzero(mask_of(flat)), n)
 
 
-def fingerprint_dataset(path: PathLike, samples_per_case: int = SAMPLES_PER_CASE, seed: int = 0,
-                        progress=None) -> dict:
-    """Measure an nnU-Net raw dataset (validated first; errors name the case). Deterministic."""
+def _measure_case(ds, k: int, case: str, names, modalities, samples_per_case: int, seed: int) -> dict:
+    """One case's part of the fingerprint (its own random stream: the same in any order or thread)."""
     import SimpleITK as sitk
 
     from ..data.alignment import Grid, align_to_reference
     from ..data.io import read_image
-    from ..data.nnunet import grid_differences, validate_dataset
+    from ..data.nnunet import grid_differences
     from ..data.orientation import AxisOrder
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
+    label_img = read_image(ds.label_path(case))
+    lab = sitk.GetArrayViewFromImage(label_img)
+    images = [read_image(p) for p in ds.image_paths(case)]
+    ref = Grid.of(images[0])
+    off_grid = [name for name, img in zip(names[1:], images[1:]) if grid_differences(ref, Grid.of(img))]
+    if off_grid:
+        images = align_to_reference(images, names)
+    # per world axis (L, P, S), as the trainer turns the arrays (data/orientation.py)
+    axes = AxisOrder.of_direction(ref.direction)
+    counts = np.bincount(np.asarray(lab, dtype=np.int64).reshape(-1))
+    fg_index = np.flatnonzero(np.asarray(lab).reshape(-1) > 0)
+    fg_index = _sample(rng, fg_index, samples_per_case)
+    fg, body = [], []
+    for c, img in enumerate(images):
+        arr = sitk.GetArrayViewFromImage(img).reshape(-1)
+        fg.append(np.asarray(arr[fg_index], dtype=np.float32))
+        idx = _sample_mask(rng, _body_test(arr, modalities[c]), arr, samples_per_case)
+        body.append(np.asarray(arr[idx], dtype=np.float32))
+    return {"spacing": [float(v) for v in axes.canonical_vector(ref.spacing)],
+            "size": [int(v) for v in axes.canonical_vector(ref.size)], "counts": counts,
+            "off_grid": off_grid, "fg": fg, "body": body}
+
+
+def fingerprint_dataset(path: PathLike, samples_per_case: int = SAMPLES_PER_CASE, seed: int = 0,
+                        progress=None, threads: int = 1) -> dict:
+    """Measure an nnU-Net raw dataset (validated first; errors name the case). Deterministic:
+    the same with any number of ``threads`` (cases measured at once; reading and resampling
+    release the GIL, as nnU-Net's fingerprint extraction runs several processes)."""
+    from ..data.nnunet import validate_dataset
 
     ds = validate_dataset(path)
     names = ds.channel_list
@@ -127,36 +166,40 @@ def fingerprint_dataset(path: PathLike, samples_per_case: int = SAMPLES_PER_CASE
     body_samples: List[List[np.ndarray]] = [[] for _ in names]
     label_voxels: Dict[int, List[int]] = {v: [] for v, _ in label_values}
     unexpected: Dict[str, List[int]] = {}
-    for k, case in enumerate(ds.cases):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
-        label_img = read_image(ds.label_path(case))
-        lab = sitk.GetArrayViewFromImage(label_img)
-        images = [read_image(p) for p in ds.image_paths(case)]
-        ref = Grid.of(images[0])
-        for name, img in zip(names[1:], images[1:]):
-            if grid_differences(ref, Grid.of(img)):
-                off_grid.add(name)
-        if off_grid:
-            images = align_to_reference(images, names)
-        # per world axis (L, P, S), as the trainer turns the arrays (data/orientation.py)
-        axes = AxisOrder.of_direction(ref.direction)
-        spacings.append([float(v) for v in axes.canonical_vector(ref.spacing)])
-        sizes.append([int(v) for v in axes.canonical_vector(ref.size)])
-        counts = np.bincount(np.asarray(lab, dtype=np.int64).reshape(-1))
-        for v in label_voxels:
-            label_voxels[v].append(int(counts[v]) if v < counts.size else 0)
-        extra = [int(v) for v in np.flatnonzero(counts) if int(v) not in label_voxels]
-        if extra:
-            unexpected[case] = extra
-        fg_index = np.flatnonzero(np.asarray(lab).reshape(-1) > 0)
-        fg_index = _sample(rng, fg_index, samples_per_case)
-        for c, img in enumerate(images):
-            arr = sitk.GetArrayViewFromImage(img).reshape(-1)
-            fg_samples[c].append(np.asarray(arr[fg_index], dtype=np.float32))
-            body = _sample_mask(rng, _body_test(arr, modalities[c]), arr, samples_per_case)
-            body_samples[c].append(np.asarray(arr[body], dtype=np.float32))
-        if progress is not None:
-            progress(k + 1, len(ds.cases))
+
+    def measure(item):
+        k, case = item
+        return _measure_case(ds, k, case, names, modalities, samples_per_case, seed)
+
+    items = list(enumerate(ds.cases))
+    threads = max(1, min(int(threads or 1), len(items)))
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="fingerprint")
+        results = pool.map(measure, items)  # in case order
+    else:
+        pool, results = None, map(measure, items)
+    try:
+        for k, m in enumerate(results):
+            case = ds.cases[k]
+            off_grid.update(m["off_grid"])
+            spacings.append(m["spacing"])
+            sizes.append(m["size"])
+            counts = m["counts"]
+            for v in label_voxels:
+                label_voxels[v].append(int(counts[v]) if v < counts.size else 0)
+            extra = [int(v) for v in np.flatnonzero(counts) if int(v) not in label_voxels]
+            if extra:
+                unexpected[case] = extra
+            for c in range(len(names)):
+                fg_samples[c].append(m["fg"][c])
+                body_samples[c].append(m["body"][c])
+            if progress is not None:
+                progress(k + 1, len(ds.cases))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if unexpected:
         case, vals = next(iter(unexpected.items()))
         raise InputError(f"{ds.root.name}: case {case!r}: label values {vals} are not declared in dataset.json")
@@ -510,14 +553,15 @@ def make_plans(
     }
 
 
-def plan_dataset(path: PathLike, output: Optional[PathLike] = None, progress=None, **overrides) -> dict:
-    """Fingerprint ``path``, make plans and write them (atomically) to ``output`` if given.
-    ``progress(done, total)`` is called after each case is measured."""
+def plan_dataset(path: PathLike, output: Optional[PathLike] = None, progress=None, threads: int = 1,
+                 **overrides) -> dict:
+    """Fingerprint ``path`` (``threads`` cases at once), make plans and write them (atomically) to
+    ``output`` if given. ``progress(done, total)`` is called after each case is measured."""
     from ..data.nnunet import write_json_atomic
 
     if overrides.get("patch_size") is not None:  # fail fast, before reading the dataset
         check_patch_size(overrides["patch_size"])
-    plans = make_plans(fingerprint_dataset(path, progress=progress), **overrides)
+    plans = make_plans(fingerprint_dataset(path, progress=progress, threads=threads), **overrides)
     if output is not None:
         out = Path(output)
         if out.is_dir():

@@ -251,7 +251,7 @@ def resolve_plans(dataset, plans=None, fingerprint: Optional[dict] = None, progr
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"'{path}': cannot read plans ({exc})") from None
-    from .planner import make_plans, plan_dataset
+    from .planner import default_fingerprint_threads, make_plans, plan_dataset
 
     overrides = {k: v for k, v in planner_overrides.items() if v is not None}
     if fingerprint is not None:
@@ -259,7 +259,7 @@ def resolve_plans(dataset, plans=None, fingerprint: Optional[dict] = None, progr
             return make_plans(fingerprint, **overrides)
         except (KeyError, TypeError, IndexError, AttributeError) as exc:  # a saved one of another layout
             log.warning("the saved dataset fingerprint is unusable (%r); measuring the dataset again", exc)
-    return plan_dataset(dataset, progress=progress, **overrides)
+    return plan_dataset(dataset, progress=progress, threads=default_fingerprint_threads(), **overrides)
 
 
 # --------------------------------------------------------------------------- cases
