@@ -316,3 +316,17 @@ def test_regions_are_scored_and_drive_the_choice(tmp_path):
     with pytest.raises(InputError, match="region"):
         cross_validate(ds, folds, tmp_path / "bad", regions={"X": [7]})
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_table_names_the_lowest_scoring_cases_first(cv):
+    from VeloxSegLib.train.crossval import render_markdown
+
+    s = cv["summary"]
+    text = render_markdown(s)
+    ranked = sorted(s["per_case"], key=lambda c: c["metrics"]["lesion"]["dice"])
+    line = next(t for t in text.splitlines() if t.startswith("Lowest-scoring cases"))
+    names = [c["case"] for c in ranked]
+    positions = [line.index(n) for n in names]
+    assert positions == sorted(positions)  # lowest first, every case (5 <= 5) listed
+    worst = ranked[0]
+    assert f"{worst['case']} ({s['folds'][worst['fold']]['bundle']}): {worst['metrics']['lesion']['dice']:.3f}" in line

@@ -76,7 +76,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..bundle import check_bundle_output
-    from ..errors import ConfigError
+    from ..errors import ConfigError, InputError
     from ..train.crossval import MIN_GAIN, cross_validate, render_markdown
     from .evaluate import parse_regions
     from .predict import _CancelOnSignal
@@ -87,6 +87,9 @@ def run(args) -> int:
     if args.pack:  # a wrong --pack is refused before the long part
         pack = Path(args.pack).expanduser()
         check_bundle_output(pack, args.overwrite, "pass --overwrite to replace it")
+        out = Path(args.output).expanduser().absolute()
+        if pack.absolute() == out or out in pack.absolute().parents:
+            raise InputError(f"--pack {args.pack}: is the output folder or inside it; write the bundle elsewhere")
         if len(args.bundles) < 2:
             raise ConfigError("--pack needs at least 2 fold bundles")
     reporter = _Reporter(args.progress, start)
@@ -120,7 +123,7 @@ def run(args) -> int:
     if packed:
         print(f"Wrote {packed}: the {len(args.bundles)} folds as one ensemble, smallest component "
               f"{pp['best']:g} mm^3.")
-    else:
+    elif len(args.bundles) > 1:
         extra = f" --min-component-mm3 {pp['best']:g}" if pp["best"] != pp["current"] else ""
         print(f"To predict with the folds as one model: veloxseg ensemble {' '.join(args.bundles)} -o NAME{extra}")
     print(f"Wrote {args.output} in {time.perf_counter() - start:.0f} s.", file=sys.stderr)

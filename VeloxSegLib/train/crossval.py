@@ -162,7 +162,10 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
     validated = [c for c in ds.cases if c in owner]
     not_validated = [c for c in ds.cases if c not in owner]
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent)))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent)))
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write in {output.parent} ({exc.strerror or exc})") from None
     try:
         (tmp / PREDICTIONS_DIR).mkdir()
         per_case: List[dict] = []
@@ -276,6 +279,12 @@ def render_markdown(summary: dict) -> str:
     cells = ["**all folds**", str(summary["validated_cases"])]
     cells += [f"**{_fmt(summary['mean'][k]['dice'])}**" for k in keys] + [""]
     lines.append("| " + " | ".join(cells) + " |")
+    per_case = sorted(summary["per_case"], key=lambda c: np.mean([c["metrics"][k]["dice"] for k in scored]))
+    if per_case:
+        worst = ", ".join(f"{c['case']} ({summary['folds'][c['fold']]['bundle']}): "
+                          f"{np.mean([c['metrics'][k]['dice'] for k in scored]):.3f}" for c in per_case[:5])
+        lines += ["", f"Lowest-scoring cases (mean Dice of {', '.join(scored)}; worth a look for label errors): "
+                      f"{worst}"]
     if summary["cases_not_validated"]:
         lines += ["", f"{len(summary['cases_not_validated'])} case(s) are in no given fold's validation set "
                       f"(not predicted): {', '.join(summary['cases_not_validated'][:5])}"
