@@ -93,10 +93,29 @@ def _candidates(extra: Optional[Sequence[float]], own: Sequence[float]) -> List[
     return sorted({float(v) for v in values})
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    from .. import metrics as M
+def _mask(arr: np.ndarray, key, regions) -> np.ndarray:
+    return np.isin(arr, regions[key]) if isinstance(key, str) else arr == key
 
-    return M.dice_score(pred, ref)
+
+def _score_case(raw: np.ndarray, ref: np.ndarray, spacing_xyz, labels: Sequence[int], regions, ladder,
+                own_mm3: float):
+    """One out-of-fold case: the fold's own segmentation (``raw`` with its smallest component
+    removed), all its metrics, and the Dice of every label and region for each candidate."""
+    from .. import metrics as M
+    from ..infer.postprocess import remove_small_components
+
+    keys = list(labels) + list(regions or {})
+    masks_ref = {k: _mask(ref, k, regions) for k in keys}
+    sweep = {}
+    for c in ladder:
+        arr = remove_small_components(raw.copy(), spacing_xyz, c) if c > 0 else raw
+        sweep[c] = {k: M.dice_score(_mask(arr, k, regions), masks_ref[k]) for k in keys}
+    final = remove_small_components(raw.copy(), spacing_xyz, own_mm3)
+    spacing_zyx = tuple(reversed(spacing_xyz))
+    metrics = M.evaluate_arrays(final, ref, labels, spacing_zyx)
+    for name in regions or {}:
+        metrics[name] = M.label_metrics(_mask(final, name, regions), masks_ref[name], spacing_zyx)
+    return final, metrics, sweep
 
 
 def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict[str, Sequence[int]]] = None,
@@ -115,12 +134,11 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
 
     from .. import metrics as M
     from ..bundle import load_bundle
-    from ..commands.evaluate import check_regions, write_json_atomic
+    from ..commands.evaluate import check_regions
     from ..data.io import read_image, write_image
-    from ..data.nnunet import _umask, load_dataset
+    from ..data.nnunet import _umask, load_dataset, write_json_atomic
     from ..infer.ensemble import check_members
     from ..infer.pipeline import InferencePlan, Segmenter, _check_cancel
-    from ..infer.postprocess import remove_small_components
 
     ds = load_dataset(dataset)
     loaded = [load_bundle(b) for b in bundles]
@@ -188,21 +206,14 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
                     raise InputError(f"'{label_path}': holds label(s) {unknown} that the folds do not predict "
                                      f"(they predict {sorted(names)})")
                 raw = sitk.GetArrayFromImage(result.labels)
-                spacing_xyz = ref_img.GetSpacing()
-                spacing_zyx = tuple(reversed(spacing_xyz))
-                masks_ref = {k: (ref == k) if not isinstance(k, str) else np.isin(ref, regions[k]) for k in keys}
+                final, metrics, case_sweep = _score_case(raw, ref, ref_img.GetSpacing(), sorted(names), regions,
+                                                         ladder, fold_plan.min_component_mm3)
                 for c in ladder:
-                    arr = remove_small_components(raw.copy(), spacing_xyz, c) if c > 0 else raw
                     for k in keys:
-                        pm = (arr == k) if not isinstance(k, str) else np.isin(arr, regions[k])
-                        sweep[c][k].append(_dice(pm, masks_ref[k]))
-                final = remove_small_components(raw.copy(), spacing_xyz, fold_plan.min_component_mm3)
+                        sweep[c][k].append(case_sweep[c][k])
                 img = sitk.GetImageFromArray(final)
                 img.CopyInformation(result.labels)
                 write_image(img, tmp / PREDICTIONS_DIR / f"{case}{ds.file_ending}")
-                metrics = M.evaluate_arrays(final, ref, sorted(names), spacing_zyx)
-                for name, values in (regions or {}).items():
-                    metrics[name] = M.label_metrics(np.isin(final, values), np.isin(ref, values), spacing_zyx)
                 per_case.append({"case": case, "fold": i, "metrics": metrics})
                 done += 1
                 if progress:
@@ -245,7 +256,7 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
             "per_case": [{"case": c["case"], "fold": c["fold"], "metrics": named(c["metrics"])} for c in per_case],
         }
         summary = M.json_safe(summary)
-        write_json_atomic(summary, tmp / SUMMARY_NAME)
+        write_json_atomic(tmp / SUMMARY_NAME, summary)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
         if output.exists():
             _check_output(output, overwrite, sources)
