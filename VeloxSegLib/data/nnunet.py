@@ -412,16 +412,18 @@ def check_output_folder(output: PathLike, overwrite: bool = False, inputs: Seque
 
 @contextlib.contextmanager
 def atomic_directory(output: PathLike, overwrite: bool = False,
-                     inputs: Sequence[PathLike] = ()) -> Iterator[Path]:
+                     inputs: Sequence[PathLike] = (), check=None) -> Iterator[Path]:
     """Yield a temporary directory next to ``output``; on success it is renamed to ``output``,
     on any error (or Ctrl-C) it is removed, so a failed run leaves nothing behind: missing parent
     folders are created, and removed again (if still empty) when the run fails.
 
     ``check_output_folder`` decides first: ``output`` must not be, contain or lie inside one of
     ``inputs``; an existing non-empty ``output`` is refused unless ``overwrite``, and even then
-    only a dataset folder is replaced (after the new content is complete).
+    only a dataset folder is replaced (after the new content is complete). ``check`` replaces
+    that rule (same arguments) for outputs of another kind.
     """
-    check_output_folder(output, overwrite, inputs)
+    check = check or check_output_folder
+    check(output, overwrite, inputs)
     output = Path(output).absolute()
     parent = output.parent
     created = make_folders(parent)
@@ -434,7 +436,7 @@ def atomic_directory(output: PathLike, overwrite: bool = False,
             yield tmp
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
             if output.exists() or output.is_symlink():
-                check_output_folder(output, overwrite, inputs)  # it may have changed meanwhile
+                check(output, overwrite, inputs)  # it may have changed meanwhile
                 swap_folder_into_place(tmp, output)
             else:
                 os.rename(tmp, output)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -80,9 +78,6 @@ def _check_output(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None
                 any(p.name not in (SUMMARY_NAME, PREDICTIONS_DIR) for p in output.iterdir()):
             raise InputError(f"{output}: exists and is not the folder of an earlier cross-validation; not "
                              f"replacing it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{output}: the folder {parent} does not exist")
 
 
 def _candidates(extra: Optional[Sequence[float]], own: Sequence[float]) -> List[float]:
@@ -136,7 +131,7 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
     from ..bundle import load_bundle
     from ..commands.evaluate import check_regions
     from ..data.io import read_image, write_image
-    from ..data.nnunet import _umask, load_dataset, write_json_atomic
+    from ..data.nnunet import atomic_directory, load_dataset, write_json_atomic
     from ..infer.ensemble import check_members
     from ..infer.pipeline import InferencePlan, Segmenter, _check_cancel
 
@@ -176,15 +171,10 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
 
     output = Path(output).expanduser()
     sources = [ds.root] + [Path(b.path) for b in loaded if getattr(b, "path", None)]
-    _check_output(output, overwrite, sources)
     validated = [c for c in ds.cases if c in owner]
     not_validated = [c for c in ds.cases if c not in owner]
 
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent)))
-    except OSError as exc:
-        raise InputError(f"{output}: cannot write in {output.parent} ({exc.strerror or exc})") from None
-    try:
+    with atomic_directory(output, overwrite, sources, check=_check_output) as tmp:
         (tmp / PREDICTIONS_DIR).mkdir()
         per_case: List[dict] = []
         sweep: Dict[float, Dict[object, List[float]]] = {c: {k: [] for k in keys} for c in ladder}
@@ -257,17 +247,6 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
         }
         summary = M.json_safe(summary)
         write_json_atomic(tmp / SUMMARY_NAME, summary)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        if output.exists():
-            _check_output(output, overwrite, sources)
-            from ..fsutil import swap_folder_into_place
-
-            swap_folder_into_place(tmp, output)
-        else:
-            os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
