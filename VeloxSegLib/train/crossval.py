@@ -13,7 +13,8 @@ It then chooses the post-processing on the same predictions, as nnU-Net's
 (``inference.min_component_mm3``) is scored over a ladder of volumes, each applied to the
 predictions made without any removal (the pipeline removes small components last, so this is
 exactly what predicting with that setting gives). The best one replaces the bundle's own setting
-only when it gains more than ``MIN_GAIN`` mean Dice: less is within the noise of a few dozen cases. ``veloxseg crossval --pack`` writes the folds as one ensemble bundle with it.
+only when it gains more than ``MIN_GAIN`` mean Dice: less is within the noise of a few dozen
+cases. ``veloxseg crossval --pack`` writes the folds as one ensemble bundle with it.
 
 The folds are read from each bundle's training record (``training.metrics.val_cases``). Folds
 whose validation cases overlap, or that validated on their training cases or on another
@@ -101,11 +102,14 @@ def _score_case(raw: np.ndarray, ref: np.ndarray, spacing_xyz, labels: Sequence[
 
     keys = list(labels) + list(regions or {})
     masks_ref = {k: _mask(ref, k, regions) for k in keys}
+    def removed(volume):
+        return remove_small_components(raw.copy(), spacing_xyz, volume) if volume > 0 else raw
+
+    final = removed(own_mm3)
     sweep = {}
     for c in ladder:
-        arr = remove_small_components(raw.copy(), spacing_xyz, c) if c > 0 else raw
+        arr = final if c == own_mm3 else removed(c)
         sweep[c] = {k: M.dice_score(_mask(arr, k, regions), masks_ref[k]) for k in keys}
-    final = remove_small_components(raw.copy(), spacing_xyz, own_mm3)
     spacing_zyx = tuple(reversed(spacing_xyz))
     metrics = M.evaluate_arrays(final, ref, labels, spacing_zyx)
     for name in regions or {}:
