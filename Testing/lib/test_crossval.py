@@ -330,3 +330,25 @@ def test_the_table_names_the_lowest_scoring_cases_first(cv):
     assert positions == sorted(positions)  # lowest first, every case (5 <= 5) listed
     worst = ranked[0]
     assert f"{worst['case']} ({s['folds'][worst['fold']]['bundle']}): {worst['metrics']['lesion']['dice']:.3f}" in line
+
+
+def test_a_label_map_the_folds_cannot_score_stops_the_run_naming_it_and_writes_nothing(cv, tmp_path, capsys):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(cv["ds"], ds)
+    case = split_cases(cv["cases"], fold=1)[1][0]  # held out by the second fold: the first fold's cases run first
+    path = ds / "labelsTr" / f"{case}.nii.gz"
+    lab = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[0, 0, 0] = 2
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(lab)
+    sitk.WriteImage(bad, str(path), True)
+    capsys.readouterr()
+    rc = main(["crossval", str(ds), *map(str, cv["folds"][:2]), "-o", str(tmp_path / "out"), "--progress", "json"])
+    out, err = capsys.readouterr()
+    assert rc == InputError.exit_code
+    assert f"'{path}': holds label(s) [2] that the folds do not predict" in err
+    assert len(out.splitlines()) >= 1  # the first fold's case(s) had run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
