@@ -102,46 +102,60 @@ def test_scores_are_the_dice_of_the_written_predictions_per_case_fold_and_overal
         assert f["mean"]["lesion"]["dice"] == pytest.approx(np.mean([per_case[c] for c in f["cases"]]), abs=1e-9)
 
 
-def test_the_sweep_scores_what_predicting_with_each_smallest_component_gives(cv):
+def _rows(pp):
+    return {(r["pet_refine"], r["min_component_mm3"]): r for r in pp["candidates"]}
+
+
+def test_the_sweep_scores_what_predicting_with_each_setting_gives(cv):
+    """Every (PET refinement, smallest component) pair scores what predicting with it gives."""
     s, ds, folds = cv["summary"], cv["ds"], cv["folds"]
-    rows = {r["min_component_mm3"]: r for r in s["postprocessing"]["candidates"]}
-    assert sorted(rows) == [0.0, 30.0, 300.0, 3000.0]
+    rows = _rows(s["postprocessing"])
+    assert sorted(rows) == [(r, v) for r in (False, True) for v in (0.0, 30.0, 300.0, 3000.0)]
     owners = {c["case"]: c["fold"] for c in s["per_case"]}
     segs = [Segmenter(str(f), device="cpu") for f in folds]
-    for volume in (300.0, 3000.0):
+    for refine, volume in ((True, 300.0), (False, 3000.0), (False, 0.0)):
         dice = []
         for case in cv["cases"]:
-            pred = segs[owners[case]].predict(_inputs(ds, case), min_component_mm3=volume).labels
+            pred = segs[owners[case]].predict(_inputs(ds, case), min_component_mm3=volume, pet_refine=refine).labels
             dice.append(_dice(sitk.GetArrayFromImage(pred), _labels(ds / "labelsTr" / f"{case}.nii.gz")))
-        assert rows[volume]["dice"]["lesion"] == pytest.approx(np.mean(dice), abs=1e-9)
-    assert rows[3000.0]["dice"]["lesion"] != rows[0.0]["dice"]["lesion"]  # the sweep moves something
-    # the bundles' own setting (0) scores what the written predictions score
-    assert rows[0.0]["dice"]["lesion"] == pytest.approx(s["mean"]["lesion"]["dice"], abs=1e-9)
+        assert rows[refine, volume]["dice"]["lesion"] == pytest.approx(np.mean(dice), abs=1e-9)
+    # each dimension moves something
+    assert rows[True, 3000.0]["dice"]["lesion"] != rows[True, 0.0]["dice"]["lesion"]
+    assert rows[False, 0.0]["dice"]["lesion"] != rows[True, 0.0]["dice"]["lesion"]
+    # the folds' own settings (the demo's: refinement on, 0 mm^3) score what the written predictions score
+    assert s["postprocessing"]["current"] == {"pet_refine": True, "min_component_mm3": 0.0}
+    assert rows[True, 0.0]["dice"]["lesion"] == pytest.approx(s["mean"]["lesion"]["dice"], abs=1e-9)
 
 
 def test_the_choice_is_the_best_setting_when_it_gains_more_than_the_noise(cv):
     pp = cv["summary"]["postprocessing"]
-    rows = {r["min_component_mm3"]: r["foreground_dice"] for r in pp["candidates"]}
-    best = max(rows, key=lambda v: (rows[v], v == 0.0, -v))
-    expected = best if rows[best] - rows[0.0] > 0.001 else 0.0
-    assert pp["current"] == 0.0 and pp["best"] == expected
-    assert pp["gain"] == pytest.approx(rows[expected] - rows[0.0], abs=1e-12)
+    rows = {k: r["foreground_dice"] for k, r in _rows(pp).items()}
+    own = (True, 0.0)
+    best = max(rows, key=lambda k: (rows[k], k == own, k[0] == own[0], -k[1]))
+    expected = best if rows[best] - rows[own] > 0.001 else own
+    assert (pp["best"]["pet_refine"], pp["best"]["min_component_mm3"]) == expected
+    assert pp["gain"] == pytest.approx(rows[expected] - rows[own], abs=1e-12)
 
 
-def test_another_setting_replaces_the_bundles_own_only_when_it_gains_more_than_min_gain(cv, tmp_path):
+def test_another_setting_replaces_the_folds_own_only_when_it_gains_more_than_min_gain(cv, tmp_path):
     cases = cv["cases"]
-    wipe = {"min_component_mm3": 1e7}  # removes every lesion
+    wipe = {"min_component_mm3": 1e7, "pet_refine": None}  # removes every lesion; no PET refinement
     folds = [_fold_bundle(tmp_path, f"w{k}", split_cases(cases, fold=k)[1], seed=k, inference=wipe) for k in range(2)]
     s = cross_validate(cv["ds"], folds, tmp_path / "a", candidates_mm3=[0.0, 3000.0])
     pp = s["postprocessing"]
-    rows = {r["min_component_mm3"]: r["foreground_dice"] for r in pp["candidates"]}
-    assert sorted(rows) == [0.0, 3000.0, 1e7] and pp["current"] == 1e7
-    assert rows[1e7] == pytest.approx(s["mean"]["lesion"]["dice"]) and rows[1e7] < rows[0.0] - 0.2
+    rows = {k: r["foreground_dice"] for k, r in _rows(pp).items()}
+    assert sorted(rows) == [(r, v) for r in (False, True) for v in (0.0, 3000.0, 1e7)]
+    assert pp["current"] == {"pet_refine": False, "min_component_mm3": 1e7}
+    assert rows[False, 1e7] == pytest.approx(s["mean"]["lesion"]["dice"]) and rows[False, 1e7] < rows[False, 0.0] - 0.2
     best = max(rows, key=rows.get)
-    assert pp["best"] == best and pp["gain"] == pytest.approx(rows[best] - rows[1e7])
+    assert (pp["best"]["pet_refine"], pp["best"]["min_component_mm3"]) == best
+    assert pp["gain"] == pytest.approx(rows[best] - rows[False, 1e7])
+    # what --pack would record: the refinement's settings when it is chosen on, null when off
+    assert pp["inference"]["min_component_mm3"] == best[1]
+    assert (pp["inference"]["pet_refine"] is not None) == best[0]
     kept = cross_validate(cv["ds"], folds, tmp_path / "b", candidates_mm3=[0.0, 3000.0], min_gain=pp["gain"] + 1e-9)
-    assert kept["postprocessing"]["best"] == 1e7 and kept["postprocessing"]["gain"] == 0.0
-    # the predictions written are the bundles' own (here: empty)
+    assert kept["postprocessing"]["best"] == pp["current"] and kept["postprocessing"]["gain"] == 0.0
+    # the predictions written are the folds' own (here: empty)
     assert all(not _labels(p).any() for p in (tmp_path / "a" / "predictions").iterdir())
     held = split_cases(cases, fold=0)[1] + split_cases(cases, fold=1)[1]
     assert s["cases_not_validated"] == [c for c in cases if c not in held]  # two folds: three cases in neither
@@ -150,12 +164,15 @@ def test_another_setting_replaces_the_bundles_own_only_when_it_gains_more_than_m
 
 def test_the_packed_ensemble_holds_the_folds_and_the_chosen_setting(cv):
     packed = load_bundle(cv["pack"])
+    pp = cv["summary"]["postprocessing"]
     assert packed.members == 5
-    assert packed.meta["inference"]["min_component_mm3"] == cv["summary"]["postprocessing"]["best"]
+    assert packed.meta["inference"]["min_component_mm3"] == pp["best"]["min_component_mm3"]
+    assert (packed.meta["inference"]["pet_refine"] is not None) == pp["best"]["pet_refine"]
     case = cv["cases"][0]
     a = Segmenter(str(cv["pack"]), device="cpu").predict(_inputs(cv["ds"], case)).labels
     b = Segmenter([str(f) for f in cv["folds"]], device="cpu").predict(
-        _inputs(cv["ds"], case), min_component_mm3=packed.meta["inference"]["min_component_mm3"]).labels
+        _inputs(cv["ds"], case), min_component_mm3=pp["best"]["min_component_mm3"],
+        pet_refine=pp["best"]["pet_refine"]).labels
     assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
 
 
@@ -310,9 +327,10 @@ def test_regions_are_scored_and_drive_the_choice(tmp_path):
         for name, values in regions.items():
             assert c["metrics"][name]["dice"] == pytest.approx(_dice(np.isin(pred, values), np.isin(ref, values)))
         assert c["metrics"]["edema"]["dice"] == pytest.approx(_dice(pred == 2, ref == 2))
-    rows = {r["min_component_mm3"]: r for r in s["postprocessing"]["candidates"]}
-    assert rows[0.0]["foreground_dice"] == pytest.approx(np.mean([s["mean"][k]["dice"] for k in regions]))
-    assert rows[1e7]["foreground_dice"] == 0.0  # every tumour removed
+    rows = _rows(s["postprocessing"])  # MRI: no PET, so no refinement choice
+    assert sorted(rows) == [(None, 0.0), (None, 1e7)]
+    assert rows[None, 0.0]["foreground_dice"] == pytest.approx(np.mean([s["mean"][k]["dice"] for k in regions]))
+    assert rows[None, 1e7]["foreground_dice"] == 0.0  # every tumour removed
     with pytest.raises(InputError, match="region"):
         cross_validate(ds, folds, tmp_path / "bad", regions={"X": [7]})
     assert not (tmp_path / "bad").exists()

@@ -6,8 +6,9 @@ find_best_configuration).
 
 Every case of DATASET is segmented by the fold that did not train on it, through the normal
 inference pipeline, and scored against its label: per fold and over all cases. The smallest
-connected component kept is then chosen on those predictions, and --pack writes the folds as
-one ensemble bundle with it. Writes OUT/predictions/ (the out-of-fold label maps) and
+connected component kept (and, for models that take PET, whether the PET border refinement is
+on) is then chosen on those predictions, and --pack writes the folds as one ensemble bundle with
+it. Writes OUT/predictions/ (the out-of-fold label maps) and
 OUT/crossval.json; prints the tables. The bundles and the dataset are only read.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def register(subparsers):
                         "own)")
     p.add_argument("--pack", metavar="BUNDLE_DIR",
                    help="also write the folds as one ensemble bundle (a folder or .zip) with the chosen "
-                        "smallest component")
+                        "post-processing")
     p.add_argument("--name", help="with --pack: the ensemble's name (default: the first fold's + '-ensemble')")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="default: cpu")
@@ -77,7 +78,7 @@ def run(args) -> int:
 
     from ..bundle import check_bundle_output
     from ..errors import ConfigError, InputError
-    from ..train.crossval import MIN_GAIN, cross_validate, render_markdown
+    from ..train.crossval import MIN_GAIN, cross_validate, describe_setting, render_markdown
     from .evaluate import parse_regions
     from .predict import _CancelOnSignal
 
@@ -108,23 +109,29 @@ def run(args) -> int:
         from .train import command_line
 
         packed = pack_ensemble(args.bundles, args.pack, name=args.name, overwrite=args.overwrite,
-                               command=command_line(args), inference={"min_component_mm3": pp["best"]})
+                               command=command_line(args), inference=pp["inference"])
     if args.progress == "json":
         print(json.dumps({"stage": "done", "output": str(args.output), "mean": {
-            k: v["dice"] for k, v in summary["mean"].items()}, "min_component_mm3": pp["best"],
+            k: v["dice"] for k, v in summary["mean"].items()}, "postprocessing": pp["best"],
             "packed": str(packed) if packed else None, "elapsed": round(time.perf_counter() - start, 3)}), flush=True)
         return 0
     print(render_markdown(summary))
     print()
-    change = (f"the bundles' own ({pp['current']:g} mm^3) is kept: no other gains over {MIN_GAIN} mean Dice"
-              if pp["best"] == pp["current"] else
-              f"{pp['best']:g} mm^3 (the bundles': {pp['current']:g}; +{pp['gain']:.4f} mean Dice)")
-    print(f"Smallest component: {change}.")
+    if pp["best"] == pp["current"]:
+        print(f"Post-processing: the folds' own ({describe_setting(pp['current'])}) is kept: nothing else gains over "
+              f"{MIN_GAIN} mean Dice.")
+    else:
+        print(f"Post-processing: {describe_setting(pp['best'])} (the folds': {describe_setting(pp['current'])}; "
+              f"+{pp['gain']:.4f} mean Dice).")
     if packed:
-        print(f"Wrote {packed}: the {len(args.bundles)} folds as one ensemble, smallest component "
-              f"{pp['best']:g} mm^3.")
+        print(f"Wrote {packed}: the {len(args.bundles)} folds as one ensemble, {describe_setting(pp['best'])}.")
     elif len(args.bundles) > 1:
-        extra = f" --min-component-mm3 {pp['best']:g}" if pp["best"] != pp["current"] else ""
-        print(f"To predict with the folds as one model: veloxseg ensemble {' '.join(args.bundles)} -o NAME{extra}")
+        extra = ""
+        if pp["best"]["min_component_mm3"] != pp["current"]["min_component_mm3"]:
+            extra += f" --min-component-mm3 {pp['best']['min_component_mm3']:g}"
+        hint = (" (then predict with --pet-refine / --no-pet-refine as chosen, or use --pack, which records it)"
+                if pp["best"]["pet_refine"] != pp["current"]["pet_refine"] else "")
+        print(f"To predict with the folds as one model: veloxseg ensemble {' '.join(args.bundles)} -o NAME{extra}"
+              f"{hint}")
     print(f"Wrote {args.output} in {time.perf_counter() - start:.0f} s.", file=sys.stderr)
     return 0

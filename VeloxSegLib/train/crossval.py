@@ -12,9 +12,12 @@ It then chooses the post-processing on the same predictions, as nnU-Net's
 ``determine_postprocessing`` does: the smallest connected component kept
 (``inference.min_component_mm3``) is scored over a ladder of volumes, each applied to the
 predictions made without any removal (the pipeline removes small components last, so this is
-exactly what predicting with that setting gives). The best one replaces the bundle's own setting
-only when it gains more than ``MIN_GAIN`` mean Dice: less is within the noise of a few dozen
-cases. ``veloxseg crossval --pack`` writes the folds as one ensemble bundle with it.
+exactly what predicting with that setting gives). Where the folds take PET, every case is also
+predicted with the PET border refinement off and on (its settings, tuned on phantoms, are the
+part of the pipeline most worth checking on a user's own scans), and each volume is scored with
+both. The best pair replaces the folds' own settings only when it gains more than ``MIN_GAIN``
+mean Dice: less is within the noise of a few dozen cases. ``veloxseg crossval --pack`` writes the
+folds as one ensemble bundle with it.
 
 The folds are read from each bundle's training record (``training.metrics.val_cases``). Folds
 whose validation cases overlap, or that validated on their training cases or on another
@@ -93,28 +96,40 @@ def _mask(arr: np.ndarray, key, regions) -> np.ndarray:
     return np.isin(arr, regions[key]) if isinstance(key, str) else arr == key
 
 
-def _score_case(raw: np.ndarray, ref: np.ndarray, spacing_xyz, labels: Sequence[int], regions, ladder,
-                own_mm3: float):
-    """One out-of-fold case: the fold's own segmentation (``raw`` with its smallest component
-    removed), all its metrics, and the Dice of every label and region for each candidate."""
+def _score_case(raws: Dict[object, np.ndarray], own: object, ref: np.ndarray, spacing_xyz,
+                labels: Sequence[int], regions, ladder, own_mm3: float):
+    """One out-of-fold case: the fold's own segmentation (``raws[own]``, the segmentation with
+    the fold's own PET refinement, with its smallest component removed), all its metrics, and the
+    Dice of every label and region for each candidate ``(variant, volume)``."""
     from .. import metrics as M
     from ..infer.postprocess import remove_small_components
 
     keys = list(labels) + list(regions or {})
     masks_ref = {k: _mask(ref, k, regions) for k in keys}
-    def removed(volume):
+
+    def removed(raw, volume):
         return remove_small_components(raw.copy(), spacing_xyz, volume) if volume > 0 else raw
 
-    final = removed(own_mm3)
+    final = removed(raws[own], own_mm3)
     sweep = {}
-    for c in ladder:
-        arr = final if c == own_mm3 else removed(c)
-        sweep[c] = {k: M.dice_score(_mask(arr, k, regions), masks_ref[k]) for k in keys}
+    for variant, raw in raws.items():
+        for c in ladder:
+            arr = final if (variant, c) == (own, own_mm3) else removed(raw, c)
+            sweep[variant, c] = {k: M.dice_score(_mask(arr, k, regions), masks_ref[k]) for k in keys}
     spacing_zyx = tuple(reversed(spacing_xyz))
     metrics = M.evaluate_arrays(final, ref, labels, spacing_zyx)
     for name in regions or {}:
         metrics[name] = M.label_metrics(_mask(final, name, regions), masks_ref[name], spacing_zyx)
     return final, metrics, sweep
+
+
+def _inference_of(choice: dict, plan) -> dict:
+    """The bundle ``inference`` fields that make a choice: the smallest component, and where the
+    PET refinement was chosen, its settings (the folds' own, else the defaults) or null (off)."""
+    out = {"min_component_mm3": choice["min_component_mm3"]}
+    if choice["pet_refine"] is not None:
+        out["pet_refine"] = plan.pet_refine_settings(plan.pet_refine) if choice["pet_refine"] else None
+    return out
 
 
 def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict[str, Sequence[int]]] = None,
@@ -172,6 +187,20 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
     shown_key = {k: (names[k] if not isinstance(k, str) else k) for k in keys}
     scored = list(regions) if regions else sorted(names)  # the foreground figure: regions when given
     ladder = _candidates(candidates_mm3, [p.min_component_mm3 for p in plans])
+    # the PET border refinement is tried off and on where the folds take PET (None: no such choice)
+    variants = [None]
+    if plan.pet_channel is not None:
+        try:
+            plan.pet_refine_settings(plan.pet_refine)  # its default label may not be one of the model's
+            variants = [False, True]
+        except ConfigError:
+            pass
+
+    def own_variant(p):
+        return None if variants == [None] else p.pet_refine is not None
+
+    def refine_arg(p, variant):
+        return None if variant is None else (p.pet_refine or True) if variant else False
 
     output = Path(output).expanduser()
     sources = [ds.root] + [Path(b.path) for b in loaded if getattr(b, "path", None)]
@@ -181,13 +210,16 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
     with atomic_directory(output, overwrite, sources, check=_check_output) as tmp:
         (tmp / PREDICTIONS_DIR).mkdir()
         per_case: List[dict] = []
-        sweep: Dict[float, Dict[object, List[float]]] = {c: {k: [] for k in keys} for c in ladder}
+        sweep: Dict[tuple, Dict[object, List[float]]] = {(v, c): {k: [] for k in keys} for v in variants
+                                                         for c in ladder}
         done = 0
         for i, (bundle, fold_plan, cases) in enumerate(zip(loaded, plans, folds)):
             seg = Segmenter(bundle, device=device, threads=threads)
             for case in sorted(cases):
                 _check_cancel(cancel)
-                result = seg.predict(ds.image_paths(case), min_component_mm3=0.0, cancel=cancel)
+                results = {v: seg.predict(ds.image_paths(case), min_component_mm3=0.0, cancel=cancel,
+                                          pet_refine=refine_arg(fold_plan, v)) for v in variants}
+                result = results[variants[0]]
                 label_path = ds.label_path(case)
                 ref_img = read_image(label_path)
                 problem = M.geometry_mismatch(result.labels, ref_img)
@@ -199,12 +231,12 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
                 if unknown:
                     raise InputError(f"'{label_path}': holds label(s) {unknown} that the folds do not predict "
                                      f"(they predict {sorted(names)})")
-                raw = sitk.GetArrayFromImage(result.labels)
-                final, metrics, case_sweep = _score_case(raw, ref, ref_img.GetSpacing(), sorted(names), regions,
-                                                         ladder, fold_plan.min_component_mm3)
-                for c in ladder:
+                raws = {v: sitk.GetArrayFromImage(r.labels) for v, r in results.items()}
+                final, metrics, case_sweep = _score_case(raws, own_variant(fold_plan), ref, ref_img.GetSpacing(),
+                                                         sorted(names), regions, ladder, fold_plan.min_component_mm3)
+                for key, dice in case_sweep.items():
                     for k in keys:
-                        sweep[c][k].append(case_sweep[c][k])
+                        sweep[key][k].append(dice[k])
                 img = sitk.GetImageFromArray(final)
                 img.CopyInformation(result.labels)
                 write_image(img, tmp / PREDICTIONS_DIR / f"{case}{ds.file_ending}")
@@ -225,16 +257,21 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
             fold_rows.append({"bundle": bundle.name, "path": str(Path(bundle.path).resolve()), "fold": rec.get("fold"),
                               "cases": sorted(cases), "mean": named(M.mean_metrics(mine)),
                               "recorded_val_dice": rec.get("val_dice"),
-                              "min_component_mm3": plans[i].min_component_mm3})
+                              "min_component_mm3": plans[i].min_component_mm3,
+                              "pet_refine": own_variant(plans[i])})
         rows = []
-        for c in ladder:
-            dice = {shown_key[k]: float(np.mean(sweep[c][k])) for k in keys}
-            rows.append({"min_component_mm3": c, "dice": dice,
+        for (v, c), values in sweep.items():
+            dice = {shown_key[k]: float(np.mean(values[k])) for k in keys}
+            rows.append({"pet_refine": v, "min_component_mm3": c, "dice": dice,
                          "foreground_dice": float(np.mean([dice[shown_key[k]] for k in scored]))})
-        current = plan.min_component_mm3
-        base = next(r for r in rows if r["min_component_mm3"] == current)
-        best = max(rows, key=lambda r: (r["foreground_dice"], r["min_component_mm3"] == current,
-                                        -r["min_component_mm3"]))
+        current = {"pet_refine": own_variant(plan), "min_component_mm3": plan.min_component_mm3}
+
+        def setting(r):
+            return {"pet_refine": r["pet_refine"], "min_component_mm3": r["min_component_mm3"]}
+
+        base = next(r for r in rows if setting(r) == current)
+        best = max(rows, key=lambda r: (r["foreground_dice"], setting(r) == current,
+                                        r["pet_refine"] == current["pet_refine"], -r["min_component_mm3"]))
         if best["foreground_dice"] - base["foreground_dice"] <= min_gain:
             best = base
         summary = {
@@ -244,9 +281,9 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
             "scored": [shown_key[k] for k in scored],
             "mean": named(M.mean_metrics([c["metrics"] for c in per_case])),
             "folds": fold_rows,
-            "postprocessing": {"setting": "min_component_mm3", "current": current, "candidates": rows,
-                               "best": best["min_component_mm3"],
-                               "gain": best["foreground_dice"] - base["foreground_dice"]},
+            "postprocessing": {"current": current, "best": setting(best), "candidates": rows,
+                               "gain": best["foreground_dice"] - base["foreground_dice"],
+                               "inference": _inference_of(setting(best), plan)},
             "per_case": [{"case": c["case"], "fold": c["fold"], "metrics": named(c["metrics"])} for c in per_case],
         }
         summary = M.json_safe(summary)
@@ -284,16 +321,27 @@ def render_markdown(summary: dict) -> str:
                       f"(not predicted): {', '.join(summary['cases_not_validated'][:5])}"
                       f"{' ...' if len(summary['cases_not_validated']) > 5 else ''}"]
     pp = summary["postprocessing"]
-    lines += ["", f"Smallest component kept (mm^3), mean Dice of {', '.join(scored)} over the out-of-fold "
-                  "predictions:", "", "| min_component_mm3 | " + " | ".join(scored) + " | mean |",
-              "|---|" + "---|" * (len(scored) + 1)]
+    pet = pp["current"]["pet_refine"] is not None
+    lines += ["", f"Post-processing, mean Dice of {', '.join(scored)} over the out-of-fold predictions:", "",
+              "| " + ("PET refinement | " if pet else "") + "smallest component (mm^3) | " + " | ".join(scored)
+              + " | mean |", "|---|" + ("---|" if pet else "") + "---|" * (len(scored) + 1)]
     for r in pp["candidates"]:
-        mark = " (the bundle's)" if r["min_component_mm3"] == pp["current"] else ""
-        mark += " **chosen**" if r["min_component_mm3"] == pp["best"] else ""
-        lines.append(f"| {r['min_component_mm3']:g}{mark} | " + " | ".join(_fmt(r["dice"][k], 4) for k in scored)
+        mine = {"pet_refine": r["pet_refine"], "min_component_mm3": r["min_component_mm3"]}
+        mark = " (the folds')" if mine == pp["current"] else ""
+        mark += " **chosen**" if mine == pp["best"] else ""
+        lines.append("| " + (("on" if r["pet_refine"] else "off") + " | " if pet else "")
+                     + f"{r['min_component_mm3']:g}{mark} | " + " | ".join(_fmt(r["dice"][k], 4) for k in scored)
                      + f" | {_fmt(r['foreground_dice'], 4)} |")
     return "\n".join(lines)
 
 
-__all__ = ["cross_validate", "fold_cases", "render_markdown", "DEFAULT_CANDIDATES_MM3", "SUMMARY_NAME",
+__all__ = ["cross_validate", "fold_cases", "render_markdown", "describe_setting", "DEFAULT_CANDIDATES_MM3", "SUMMARY_NAME",
            "PREDICTIONS_DIR", "MIN_GAIN"]
+
+
+def describe_setting(setting: dict) -> str:
+    """``{"pet_refine": True, "min_component_mm3": 50}`` -> ``"PET refinement on, smallest component 50 mm^3"``."""
+    text = f"smallest component {setting['min_component_mm3']:g} mm^3"
+    if setting["pet_refine"] is not None:
+        text = f"PET refinement {'on' if setting['pet_refine'] else 'off'}, " + text
+    return text
