@@ -223,6 +223,26 @@ def test_pipeline_refines_the_network_labels_and_keeps_its_probabilities(phantom
     assert dist[out != net].max() <= PET_REFINE_DEFAULTS["margin_mm"]
 
 
+def test_one_pass_can_return_the_labels_before_refinement(phantom):
+    """``keep_unrefined`` gives what ``pet_refine=False`` gives (small components removed alike),
+    from the same network pass as the refined labels (veloxseg crossval scores both)."""
+    from VeloxSegLib.infer.pipeline import Segmenter
+
+    inputs, _label = phantom
+    seg = Segmenter("petct-lesion-demo", threads=2)
+    for volume in (0.0, 300.0):
+        both = seg.predict(inputs, keep_unrefined=True, min_component_mm3=volume)
+        plain = seg.predict(inputs, pet_refine=False, min_component_mm3=volume)
+        refined = seg.predict(inputs, min_component_mm3=volume)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(both.unrefined_labels),
+                                      sitk.GetArrayFromImage(plain.labels))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(both.labels), sitk.GetArrayFromImage(refined.labels))
+        assert both.unrefined_labels.GetOrigin() == plain.labels.GetOrigin()
+    assert not np.array_equal(sitk.GetArrayFromImage(both.unrefined_labels), sitk.GetArrayFromImage(both.labels))
+    assert seg.predict(inputs).unrefined_labels is None  # only when asked
+    assert seg.predict(inputs, pet_refine=False, keep_unrefined=True).unrefined_labels is None  # nothing refined
+
+
 def test_cli_switches_refinement_and_refuses_it_without_pet(phantom, tmp_path, capsys):
     inputs, _label = phantom
     on, off = tmp_path / "on.nii.gz", tmp_path / "off.nii.gz"

@@ -173,11 +173,14 @@ class CasePrediction:
     labels: uint8 image with exactly the reference input's size, origin, spacing, direction.
     probabilities: float32 vector image (one component per class) on the same grid, or None.
     info: windows run/total, body box, working grid, seconds per stage.
+    unrefined_labels: with ``predict(..., keep_unrefined=True)`` where the PET border refinement
+        ran, the labels it started from (small components removed alike), else None.
     """
 
     labels: sitk.Image
     probabilities: Optional[sitk.Image] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    unrefined_labels: Optional[sitk.Image] = None
 
     def __iter__(self):
         return iter((self.labels, self.probabilities))
@@ -449,7 +452,8 @@ class Segmenter:
     def predict(self, inputs, *, overlap: Optional[float] = None, tta: Optional[bool] = None,
                 tta_axes: Optional[Sequence[str]] = None, blending: Optional[str] = None, probabilities: bool = False,
                 min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
-                pet_refine=None, progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
+                pet_refine=None, keep_unrefined: bool = False, progress: Optional[ProgressFn] = None,
+                cancel=None) -> CasePrediction:
         """Segment one case. ``inputs``: paths or SimpleITK images in the plan's channel order.
 
         Options left as None take the plan's (bundle's) defaults. ``tta`` averages the mirror
@@ -457,6 +461,8 @@ class Segmenter:
         ``pet_refine``: False turns the PET border refinement off, True turns it on (with the
         plan's settings, else the defaults), a mapping turns it on with those settings. The
         returned probabilities are always the network's; the refinement changes the labels.
+        ``keep_unrefined`` also returns the labels as they were before the refinement (what
+        ``pet_refine=False`` gives), from the same network pass.
         """
         import torch
 
@@ -641,6 +647,7 @@ class Segmenter:
             if score is not None:
                 score[...] = probs_w[refine["label"] if n_scores == K else 0].float().numpy()
         del labels_w, probs_w
+        unrefined = out.copy() if refine is not None and keep_unrefined else None
         if refine is not None:
             from .petrefine import refine_with_pet
 
@@ -653,7 +660,11 @@ class Segmenter:
             del score, pet_image
         if min_mm3 > 0:
             remove_small_components(out_crop, crop_grid.spacing, min_mm3)
+            if unrefined is not None:
+                remove_small_components(unrefined[z0:z1, y0:y1, x0:x1], crop_grid.spacing, min_mm3)
         labels = ref.stamp(sitk.GetImageFromArray(out))
+        if unrefined is not None:
+            unrefined = ref.stamp(sitk.GetImageFromArray(unrefined))
         del out, out_crop
         probs = None
         if parr is not None:
@@ -662,7 +673,7 @@ class Segmenter:
         report("postprocess", 1.0)
         times["postprocess"] = time.perf_counter() - t
         info.update(windows_run=counts["run"], windows_total=counts["total"], times=times, networks=self.members)
-        return CasePrediction(labels, probs, info)
+        return CasePrediction(labels, probs, info, unrefined)
 
 
 def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device: str = "auto",
@@ -671,7 +682,8 @@ def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device:
                  tta: Optional[bool] = None, tta_axes: Optional[Sequence[str]] = None,
                  blending: Optional[str] = None, probabilities: bool = False,
                  min_component_mm3: Optional[float] = None, crop_to_body: Optional[bool] = None,
-                 pet_refine=None, progress: Optional[ProgressFn] = None, cancel=None) -> CasePrediction:
+                 pet_refine=None, keep_unrefined: bool = False, progress: Optional[ProgressFn] = None,
+                cancel=None) -> CasePrediction:
     """Segment one case: ``labels, probabilities = predict_case(bundle, [ct, pet])``.
 
     model: a bundle, bundle path/name, a :class:`Segmenter`, or a network with ``plan``.

@@ -13,7 +13,7 @@ It then chooses the post-processing on the same predictions, as nnU-Net's
 (``inference.min_component_mm3``) is scored over a ladder of volumes, each applied to the
 predictions made without any removal (the pipeline removes small components last, so this is
 exactly what predicting with that setting gives). Where the folds take PET, every case is also
-predicted with the PET border refinement off and on (its settings, tuned on phantoms, are the
+scored with the PET border refinement off and on (its settings, tuned on phantoms, are the
 part of the pipeline most worth checking on a user's own scans), and each volume is scored with
 both. The best pair replaces the folds' own settings only when it gains more than ``MIN_GAIN``
 mean Dice: less is within the noise of a few dozen cases. ``veloxseg crossval --pack`` writes the
@@ -199,9 +199,6 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
     def own_variant(p):
         return None if variants == [None] else p.pet_refine is not None
 
-    def refine_arg(p, variant):
-        return None if variant is None else (p.pet_refine or True) if variant else False
-
     output = Path(output).expanduser()
     sources = [ds.root] + [Path(b.path) for b in loaded if getattr(b, "path", None)]
     validated = [c for c in ds.cases if c in owner]
@@ -217,9 +214,10 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
             seg = Segmenter(bundle, device=device, threads=threads)
             for case in sorted(cases):
                 _check_cancel(cancel)
-                results = {v: seg.predict(ds.image_paths(case), min_component_mm3=0.0, cancel=cancel,
-                                          pet_refine=refine_arg(fold_plan, v)) for v in variants}
-                result = results[variants[0]]
+                # one network pass gives both variants: the refined labels and those it started from
+                result = seg.predict(ds.image_paths(case), min_component_mm3=0.0, cancel=cancel,
+                                     pet_refine=None if variants == [None] else (fold_plan.pet_refine or True),
+                                     keep_unrefined=True)
                 label_path = ds.label_path(case)
                 ref_img = read_image(label_path)
                 problem = M.geometry_mismatch(result.labels, ref_img)
@@ -231,7 +229,10 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
                 if unknown:
                     raise InputError(f"'{label_path}': holds label(s) {unknown} that the folds do not predict "
                                      f"(they predict {sorted(names)})")
-                raws = {v: sitk.GetArrayFromImage(r.labels) for v, r in results.items()}
+                raws = {variants[-1]: sitk.GetArrayFromImage(result.labels)}
+                if variants == [False, True]:  # without unrefined labels no refinement ran (no body found)
+                    unrefined = result.labels if result.unrefined_labels is None else result.unrefined_labels
+                    raws[False] = sitk.GetArrayFromImage(unrefined)
                 final, metrics, case_sweep = _score_case(raws, own_variant(fold_plan), ref, ref_img.GetSpacing(),
                                                          sorted(names), regions, ladder, fold_plan.min_component_mm3)
                 for key, dice in case_sweep.items():
