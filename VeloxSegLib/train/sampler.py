@@ -40,7 +40,8 @@ MAX_FG_INDICES = 200_000
 
 @dataclass
 class CaseData:
-    """One preprocessed case: image (C, z, y, x) float32 normalized, label (z, y, x) uint8."""
+    """One preprocessed case: image (C, z, y, x) float32 normalized, label (z, y, x) uint8: numpy
+    arrays, memory maps, or :class:`~VeloxSegLib.train.chunked.ChunkedArray` (a compressed store)."""
 
     name: str
     image: np.ndarray
@@ -60,7 +61,7 @@ class CaseData:
     def foreground(self) -> Dict[int, np.ndarray]:
         """Flat voxel indices of every label value > 0 present (strided to MAX_FG_INDICES)."""
         if self._fg is None:
-            flat = self.label.reshape(-1)
+            flat = np.asarray(self.label).reshape(-1)  # (a compressed label is read whole, once)
             out = {}
             for v in np.unique(flat):
                 if v == 0:
@@ -80,8 +81,9 @@ class CaseData:
         """
         if self._cc is None:
             out = {}
+            label = np.asarray(self.label)
             for v in self.foreground:
-                cc = _components(self.label == v, fully_connected=True).reshape(-1)
+                cc = _components(label == v, fully_connected=True).reshape(-1)
                 idx = np.flatnonzero(cc)
                 ids = cc[idx]
                 order = np.argsort(ids, kind="stable")

@@ -101,6 +101,7 @@ class TrainConfig:
     loader_threads: Optional[int] = None  # None: 0 on the CPU, up to 8 with a GPU
     preprocessed: Optional[str] = None  # folder of preprocessed cases (train/cache.py); None: WORK/preprocessed
     in_memory: bool = False  # hold the preprocessed cases in memory instead (no folder)
+    compress_preprocessed: bool = False  # write new preprocessed cases compressed (train/chunked.py)
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
     refine_head: Optional[int] = None  # width of a full-resolution refinement head; None: none, or the parent's
@@ -150,6 +151,9 @@ class TrainConfig:
             raise ConfigError("final weights must be 'best' or 'last'")
         if self.in_memory and self.preprocessed is not None:
             raise ConfigError("give either --preprocessed DIR or --in-memory, not both")
+        if self.in_memory and self.compress_preprocessed:
+            raise ConfigError("--compress-preprocessed compresses the folder of preprocessed cases; "
+                              "--in-memory has none")
 
 
 @dataclass
@@ -916,7 +920,7 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
 
                     save_fingerprint(store_root, *new_fp)
             ddp.barrier(dist)
-            store = CaseStore(store_root)
+            store = CaseStore(store_root, compress=config.compress_preprocessed)
         return _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device, progress, amp, ckpt,
                               init_weights, reinit_prefixes, made, wrote_plans, store, made_store, notices)
     except BaseException:  # a broken case, Ctrl-C or SIGTERM while loading: nothing of this run stays
