@@ -215,3 +215,22 @@ def test_cli_option_reaches_the_run_and_excludes_in_memory(dataset, tmp_path):
     with pytest.raises(ConfigError, match="--in-memory has none"):
         run_training(dataset, tmp_path / "o", _config(in_memory=True, compress_preprocessed=True))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.training").exists()
+
+
+def test_the_bench_section_measures_both_folders_and_checks_their_patches(monkeypatch):
+    from VeloxSegLib import bench
+    from VeloxSegLib.train.cache import store_benchmark
+    from VeloxSegLib.train.chunked import ChunkedArray as CA
+
+    out = store_benchmark(cases=2, batches=4, rounds=2)
+    npy, packed = out["rows"]
+    assert (npy["storage"], packed["storage"]) == ("npy", "chunked")
+    assert npy["bytes"] > out["array_bytes"] > 2 * packed["bytes"]  # .npy headers: a little over the arrays
+    assert len(npy["batch_ms"]) == len(packed["batch_ms"]) == 4
+    md = bench.render_markdown({"machine": {k: "x" for k in ("cpu", "cores", "memory_gib", "os", "python",
+                                                               "torch", "date")}, "patch": [], "store": out})
+    assert "## Preprocessed folder" in md and "`--compress-preprocessed` |" in md
+    read = CA.read
+    monkeypatch.setattr(CA, "read", lambda self, lo, hi: read(self, lo, hi) + (self.dtype.kind == "f"))
+    with pytest.raises(RuntimeError, match="other patches"):
+        store_benchmark(cases=2, batches=2, rounds=1)

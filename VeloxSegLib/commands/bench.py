@@ -14,7 +14,7 @@ def register(subparsers):
                    help="timed repetitions per model and thread count (a quarter for SegResNet and SwinUNETR)")
     p.add_argument("--output", "-o", help="write a markdown table here (and the raw figures as .json)")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON on stdout")
-    p.add_argument("--sections", nargs="+", choices=["patch", "wholebody", "training", "finetune"],
+    p.add_argument("--sections", nargs="+", choices=["patch", "wholebody", "training", "store", "finetune"],
                    help="which benchmarks to run (default: all available)")
     p.add_argument("--reference", metavar="DIR",
                    help="also time the authors' implementation from this checkout of "
