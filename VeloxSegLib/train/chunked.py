@@ -34,6 +34,8 @@ from typing import Iterable, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import InputError
+
 MAGIC = b"VXCHUNK1"
 CODEC = "zlib-shuffle"
 #: Chunk edge over the last three axes. 16^3 keeps the bytes inflated for a 96^3 patch within
@@ -165,10 +167,15 @@ class ChunkedArray:
         try:
             raw = zlib.decompress(self._mm[a:b])
         except zlib.error as exc:
-            raise ValueError(f"{self.path}: chunk {idx} is damaged ({exc})") from None
+            raise self._damaged(idx, str(exc)) from None
         if len(raw) != int(np.prod(shape)) * self.dtype.itemsize:
-            raise ValueError(f"{self.path}: chunk {idx} is damaged (wrong length)")
+            raise self._damaged(idx, "wrong length")
         return _unshuffle(raw, self.dtype, shape)
+
+    def _damaged(self, idx, why: str) -> InputError:
+        # found only when the chunk is read (opening checks the file's length, not every chunk)
+        return InputError(f"{self.path}: chunk {idx} is damaged ({why}); delete this file and run again to "
+                          f"preprocess its case anew")
 
     def read(self, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
         """Every leading axis, and ``lo[d]:hi[d]`` of each of the last three axes (within bounds)."""
