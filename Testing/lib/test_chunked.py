@@ -125,7 +125,9 @@ def test_a_compressed_folder_trains_the_weights_of_an_uncompressed_one_on_less_d
     for meta in (tmp_path / "c").glob("*.json"):
         doc = json.loads(meta.read_text())
         assert doc["storage"] == "chunked" and doc["stored_bytes"] < doc["bytes"]
-    assert any("GB on disk" in r.get("message", "") for r in records if r.get("event") == "message")
+    [said] = [r["message"] for r in records if r.get("event") == "message" and "memory-mapped" in r["message"]]
+    raw_arrays = sum(doc["bytes"] for doc in (json.loads(m.read_text()) for m in (tmp_path / "c").glob("*.json")))
+    assert f"({raw_arrays / 1e6:.1f} MB, {on_disk / 1e6:.1f} MB on disk; 3 preprocessed now" in said
 
 
 def test_the_loader_threads_draw_the_same_batches_from_compressed_cases(dataset, setup, tmp_path):

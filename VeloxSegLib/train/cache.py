@@ -219,6 +219,10 @@ def check_free_space(store: CaseStore, needed: int, margin: float = 1.05) -> Non
                          f"with --in-memory")
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def _write_array_atomic(path: Path, arr: np.ndarray, storage: str = "npy") -> int:
     """``np.save`` (or :func:`~VeloxSegLib.train.chunked.write_chunked` for "chunked") to a hidden
     temporary sibling (unique per process), renamed onto ``path``; returns the file's bytes."""
@@ -326,7 +330,7 @@ def prepare_cases(ds, cases: Sequence[str], setup, preprocess: Callable, store: 
     if emit is not None:
         raw = sum(c.image.nbytes + c.label.nbytes for c in out)
         stored = sum(getattr(a, "stored_bytes", a.nbytes) for c in out for a in (c.image, c.label))
-        size = f"{raw / 1e9:.2f} GB" if stored == raw else f"{raw / 1e9:.2f} GB, {stored / 1e9:.2f} GB on disk"
+        size = _size(raw) if stored == raw else f"{_size(raw)}, {_size(stored)} on disk"
         emit(f"{len(cases)} training case(s) memory-mapped from {store.root} ({size}; "
              f"{sum(done)} preprocessed now, {len(cases) - sum(done)} reused)")
     return out
