@@ -43,6 +43,10 @@ def test_compare_tabulates_each_bundle_with_its_training_record(heldout, tmp_pat
     assert a["train_seconds"] == pytest.approx(meta["training"]["metrics"]["train_seconds"])
     assert set(a["dice"]) == {"lesion"} and 0.0 <= a["dice"]["lesion"] <= 1.0
     assert a["dice"] == b["dice"]  # identical weights, identical segmentations
+    assert "versus_first" not in a and b["per_case"] == a["per_case"] and len(a["per_case"]) == 2
+    v = b["versus_first"]
+    assert (v["n"], v["tied"], v["better"], v["worse"], v["p_value"]) == (2, 2, 0, 0, 1.0)
+    assert v["mean_difference"] == v["ci_low"] == v["ci_high"] == 0.0
     table = stdout.getvalue()
     assert f"| petct-lesion-demo | veloxseg-b | {a['params_m']:.3f} |" in table and "Dice lesion" in table
 
@@ -69,9 +73,40 @@ def test_compare_agrees_with_predict_then_evaluate(heldout, tmp_path):
         assert main(["evaluate", "--pred", str(preds), "--ref", str(heldout / "labelsTr"), "-m", demo,
                      "--json", str(tmp_path / "eval.json")]) == 0
         assert main(["compare", demo, "--heldout", str(heldout), "-o", str(tmp_path / "cmp.json")]) == 0
-    expected = json.loads((tmp_path / "eval.json").read_text())["mean"]["1"]["dice"]
-    got = json.loads((tmp_path / "cmp.json").read_text())["rows"][0]["dice"]["lesion"]
-    assert got == pytest.approx(expected, abs=1e-9)
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    row = json.loads((tmp_path / "cmp.json").read_text())["rows"][0]
+    assert row["dice"]["lesion"] == pytest.approx(evaluated["mean"]["1"]["dice"], abs=1e-9)
+    assert row["per_case"] == pytest.approx({c["case"]: c["metrics"]["1"]["dice"] for c in evaluated["cases"]},
+                                            abs=1e-12)
+
+
+def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_path):
+    """A copy that removes every component under 10^9 mm^3 segments nothing: it loses every
+    case by that case's Dice, and the table says so with its interval and p."""
+    import numpy as np
+
+    from VeloxSegLib.metrics import paired_comparison
+
+    demo = embedded_bundles_dir() / "petct-lesion-demo"
+    blind = tmp_path / "blind"
+    shutil.copytree(demo, blind)
+    meta = json.loads((blind / "bundle.json").read_text())
+    meta["inference"]["min_component_mm3"] = 1e9
+    (blind / "bundle.json").write_text(json.dumps(meta))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["compare", str(demo), str(blind), "--heldout", str(heldout), "-o", str(tmp_path / "c.json"),
+                     "--threads", "1"]) == 0
+    first, second = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert all(d > 0 for d in first["per_case"].values()) and set(second["per_case"].values()) == {0.0}
+    v = second["versus_first"]
+    cases = sorted(first["per_case"])
+    assert v["mean_difference"] == pytest.approx(-np.mean([first["per_case"][c] for c in cases]))
+    assert (v["better"], v["worse"], v["tied"]) == (0, 2, 0) and v["ci_high"] < 0
+    assert v == pytest.approx(paired_comparison([first["per_case"][c] for c in cases], [0.0, 0.0]))
+    table = stdout.getvalue()
+    assert "vs petct-lesion-demo: mean difference (95% CI)" in table
+    assert f"| {v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f}) | 0 / 2 | 0.500 |" in table
 
 
 def test_compare_refuses_a_folder_without_labels(tmp_path, capsys):

@@ -66,7 +66,14 @@ def _training_record(bundle) -> dict:
 
 def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[int]]] = None,
             threads: Optional[int] = None, device: str = "cpu", progress=None) -> dict:
-    """Evaluate each bundle on ``heldout``; returns {"heldout", "cases", "rows": [...]}."""
+    """Evaluate each bundle on ``heldout``; returns {"heldout", "cases", "scored", "rows": [...]}.
+
+    Each row holds its mean Dice per label (and region), its per-case score (the mean Dice of
+    ``scored``: the regions when given, else the labels) and, after the first row, how it
+    compares with the first bundle case by case (:func:`VeloxSegLib.metrics.paired_comparison`)."""
+    import numpy as np
+
+    from .. import metrics as M
     from ..bundle import load_bundle
     from ..infer.pipeline import predict_folder
     from .evaluate import evaluate
@@ -93,12 +100,19 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
             names = {lab["value"]: lab["name"] for lab in bundle.labels if lab["value"] != 0}
             res = evaluate(out, labels, labels=sorted(names), label_names=names, regions=regions)
             dice = {str(names.get(k, k)): v["dice"] for k, v in res["mean"].items()}
+            scored = list(regions) if regions else sorted(names)  # the per-case figure compared
+            per_case = {c["case"]: float(np.mean([c["metrics"][k]["dice"] for k in scored])) for c in res["cases"]}
             m = bundle.meta["model"]
             rows.append({"bundle": bundle.name, "model": m["name"], "in_channels": m["in_channels"],
                          "patch_size": m["patch_size"], "params_m": _inference_params(bundle),
-                         **_training_record(bundle), "dice": dice,
+                         **_training_record(bundle), "dice": dice, "per_case": per_case,
                          "predict_seconds_per_case": seconds / max(1, len(predicted))})
-    return {"heldout": heldout.name, "cases": len(res["cases"]), "rows": rows}
+    first = rows[0]["per_case"]
+    for row in rows[1:]:  # each against the first bundle, case by case
+        cases = sorted(first)
+        row["versus_first"] = M.paired_comparison([first[c] for c in cases], [row["per_case"][c] for c in cases])
+    scored_names = list(regions) if regions else [str(lab["name"]) for lab in loaded[0].labels if lab["value"] != 0]
+    return {"heldout": heldout.name, "cases": len(res["cases"]), "scored": scored_names, "rows": rows}
 
 
 def _fmt(v, digits=3) -> str:
@@ -118,6 +132,9 @@ def render_markdown(data: dict) -> str:
     lines = []
     if data.get("title"):
         lines += [data["title"], ""]
+    paired = any(r.get("versus_first") for r in rows)  # comparisons saved before it have none
+    if paired:
+        head += [f"vs {rows[0]['bundle']}: mean difference (95% CI)", "better / worse", "p"]
     lines += [f"Held-out: `{data['heldout']}`, {data['cases']} cases, mean Dice per label "
               "(`veloxseg compare`; training figures from each bundle's record).", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -127,8 +144,21 @@ def render_markdown(data: dict) -> str:
         cells = [r["bundle"], r["model"], f"{r['params_m']:.3f}", budget, patch, _fmt(r.get("train_seconds"), 0)]
         cells += [_fmt(r["dice"].get(k)) for k in keys]
         cells += [_fmt(r.get("val_dice")), _fmt(r.get("predict_seconds_per_case"), 1)]
+        if paired:
+            v = r.get("versus_first")
+            cells += ([f"{v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})",
+                       f"{v['better']} / {v['worse']}", _fmt_p(v["p_value"])] if v else ["(reference)", "", ""])
         lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        scored = ", ".join(data.get("scored") or keys)
+        lines += ["", f"Each bundle against {rows[0]['bundle']}, case by case on the mean Dice of {scored}: the mean "
+                      f"difference with a 95% bootstrap interval over cases, the cases it scores higher / lower on, and "
+                      f"the two-sided paired sign-flip test's p (docs/metrics.md, \"Comparing two models\")."]
     return "\n".join(lines)
+
+
+def _fmt_p(p) -> str:
+    return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "< 0.001")
 
 
 def run(args) -> int:
