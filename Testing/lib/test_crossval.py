@@ -370,3 +370,60 @@ def test_a_label_map_the_folds_cannot_score_stops_the_run_naming_it_and_writes_n
     assert f"'{path}': holds label(s) [2] that the folds do not predict" in err
     assert len(out.splitlines()) >= 1  # the first fold's case(s) had run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_compare_crossval_puts_two_cross_validations_side_by_side_case_by_case(cv, tmp_path, capsys):
+    """Two cross-validations of the same folds' cases (the fixture's, and folds jittered four times
+    as hard): `compare --crossval` reads both summaries, and its case-by-case comparison is the
+    one computed here from the written predictions and the labels."""
+    from VeloxSegLib.metrics import paired_comparison
+
+    folds = [_fold_bundle(tmp_path, f"rough{k}", split_cases(cv["cases"], fold=k)[1], seed=40 + k, noise=0.2)
+             for k in range(5)]
+    other = tmp_path / "cv-rough"
+    torch.set_num_threads(2)
+    assert main(["crossval", str(cv["ds"]), *map(str, folds), "-o", str(other), "--threads", "2",
+                 "--progress", "none"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.json"
+    assert main(["compare", "--crossval", str(cv["out"]), str(other), "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    first, second = data["rows"]
+    assert (data["cases"], data["scored"], first["folds"], second["folds"]) == (5, ["lesion"], 5, 5)
+    scores = {}
+    for row, folder in ((first, cv["out"]), (second, other)):
+        scores[folder] = {c: _dice(_labels(folder / "predictions" / f"{c}.nii.gz"),
+                                   _labels(cv["ds"] / "labelsTr" / f"{c}.nii.gz")) for c in cv["cases"]}
+        assert row["per_case"] == pytest.approx(scores[folder], abs=1e-9)
+        assert row["dice"]["lesion"] == pytest.approx(np.mean(list(scores[folder].values())), abs=1e-9)
+    expected = paired_comparison([scores[cv["out"]][c] for c in cv["cases"]], [scores[other][c] for c in cv["cases"]])
+    assert second["versus_first"] == pytest.approx(expected) and "versus_first" not in first
+    assert expected["mean_difference"] != 0  # the rougher folds segment differently
+    assert f"| cv-rough | 5 | 5 | {second['dice']['lesion']:.3f} | {expected['mean_difference']:+.3f} (" in table
+
+
+def test_compare_crossval_refuses_what_cannot_be_compared(cv, tmp_path, capsys):
+    summary = json.loads((cv["out"] / SUMMARY_NAME).read_text())
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / SUMMARY_NAME).write_text(json.dumps({**summary, "per_case": summary["per_case"][1:]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / SUMMARY_NAME).write_text(json.dumps({**summary, "dataset": "/another/dataset"}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / SUMMARY_NAME).write_text("{")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, message in ((fewer, "predicted different cases"), (elsewhere, "different datasets"),
+                            (broken, "not a cross-validation summary"), (empty, "no crossval.json")):
+        out = tmp_path / f"{folder.name}.json"
+        assert main(["compare", "--crossval", str(cv["out"]), str(folder), "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+    assert main(["compare", "--crossval", str(cv["out"]), "--heldout", str(cv["ds"]), "-o",
+                 str(tmp_path / "x.json")]) == 2
+    assert "takes no --heldout" in capsys.readouterr().err
+    assert main(["compare", str(DEMO), "-o", str(tmp_path / "y.json")]) == 2
+    assert "give --heldout DATASET" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()

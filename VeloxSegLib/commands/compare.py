@@ -17,6 +17,8 @@ from ..errors import InputError
 
 #: Where ``make bench`` looks for the comparison (next to docs/benchmarks.md).
 DEFAULT_OUTPUT = "docs/training-comparison.json"
+#: The JSON of ``compare --crossval`` unless ``-o`` says otherwise.
+DEFAULT_CROSSVAL_OUTPUT = "crossval-comparison.json"
 
 
 def register(subparsers):
@@ -29,12 +31,18 @@ def register(subparsers):
             "each bundle's training record (network, parameters, iterations, batch, patch, training "
             "seconds). Writes JSON for docs/benchmarks.md and prints a markdown table."),
     )
-    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders, .zip files or names")
-    p.add_argument("--heldout", required=True, metavar="DATASET", help="held-out dataset folder")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE",
+                   help="bundle folders, .zip files or names (with --crossval: output folders of 'veloxseg crossval')")
+    p.add_argument("--heldout", metavar="DATASET", help="held-out dataset folder (required unless --crossval)")
+    p.add_argument("--crossval", action="store_true",
+                   help="compare cross-validations instead: each argument is a 'veloxseg crossval' output folder "
+                        "on the same dataset; their out-of-fold scores are compared case by case (nothing is "
+                        "segmented again), nnU-Net's choice between configurations")
     p.add_argument("--regions", nargs="+", metavar="NAME=L,L",
                    help="also evaluate unions of labels, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
     p.add_argument("--title", help="a line describing the comparison (data, budget)")
-    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"JSON to write (default {DEFAULT_OUTPUT})")
+    p.add_argument("-o", "--output", help=f"JSON to write (default {DEFAULT_OUTPUT}; with --crossval "
+                                          f"{DEFAULT_CROSSVAL_OUTPUT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--threads", type=int, help="CPU threads for inference")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="default: cpu")
@@ -115,6 +123,77 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
     return {"heldout": heldout.name, "cases": len(res["cases"]), "scored": scored_names, "rows": rows}
 
 
+def compare_crossvals(folders: Sequence) -> dict:
+    """Cross-validations of one dataset side by side: each folder's ``crossval.json`` (written by
+    ``veloxseg crossval``) gives the mean Dice over its out-of-fold predictions and each case's
+    score (the mean Dice of its ``scored`` labels or regions, with the folds' own post-processing);
+    every cross-validation after the first is compared with the first case by case
+    (:func:`VeloxSegLib.metrics.paired_comparison`). Refuses (InputError) folders without a
+    readable summary, and cross-validations of other datasets, cases or scored labels."""
+    import json
+
+    import numpy as np
+
+    from .. import metrics as M
+    from ..train.crossval import SUMMARY_NAME
+
+    docs = []
+    for folder in folders:
+        path = pathlib.Path(folder) / SUMMARY_NAME
+        if not path.is_file():
+            raise InputError(f"'{folder}': no {SUMMARY_NAME}; give output folders of 'veloxseg crossval'")
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            per_case = {str(c["case"]): float(np.mean([c["metrics"][k]["dice"] for k in doc["scored"]]))
+                        for c in doc["per_case"]}
+            dice = {str(k): v["dice"] for k, v in doc["mean"].items()}
+            bundles = [str(f["bundle"]) for f in doc["folds"]]
+            dataset = str(doc["dataset"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"'{path}': not a cross-validation summary ({exc!r})") from None
+        docs.append({"crossval": pathlib.Path(folder).name, "path": str(pathlib.Path(folder).resolve()),
+                     "dataset": dataset, "scored": list(doc["scored"]), "folds": len(bundles), "bundles": bundles,
+                     "dice": dice, "per_case": per_case,
+                     "postprocessing": (doc.get("postprocessing") or {}).get("best")})
+    first = docs[0]
+    for other in docs[1:]:
+        for key, what in (("dataset", "datasets"), ("scored", "scored labels")):
+            if other[key] != first[key]:
+                raise InputError(f"'{first['path']}' and '{other['path']}' are cross-validations of different "
+                                 f"{what} ({first[key]} against {other[key]}); only the same cases can be compared")
+        if set(other["per_case"]) != set(first["per_case"]):
+            only = sorted(set(first["per_case"]) ^ set(other["per_case"]))
+            raise InputError(f"'{first['path']}' and '{other['path']}' predicted different cases ({len(only)} in only "
+                             f"one of them, e.g. {', '.join(only[:3])}); compare cross-validations of the same folds' "
+                             f"cases")
+    cases = sorted(first["per_case"])
+    for row in docs[1:]:
+        row["versus_first"] = M.paired_comparison([first["per_case"][c] for c in cases],
+                                                  [row["per_case"][c] for c in cases])
+    return {"kind": "crossval", "dataset": first["dataset"], "cases": len(cases), "scored": first["scored"],
+            "rows": docs}
+
+
+def render_crossval_markdown(data: dict) -> str:
+    rows = data["rows"]
+    keys = list(rows[0]["dice"])
+    head = ["cross-validation", "folds", "cases"] + [f"Dice {k}" for k in keys] + \
+           [f"vs {rows[0]['crossval']}: mean difference (95% CI)", "better / worse", "p"]
+    lines = [f"Out-of-fold predictions on `{data['dataset']}`, {data['cases']} cases, mean Dice (`veloxseg compare "
+             f"--crossval`; each cross-validation with its folds' own post-processing).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        v = r.get("versus_first")
+        cells = [r["crossval"], str(r["folds"]), str(data["cases"])] + [_fmt(r["dice"].get(k)) for k in keys]
+        cells += ([f"{v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})",
+                   f"{v['better']} / {v['worse']}", _fmt_p(v["p_value"])] if v else ["(reference)", "", ""])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Case by case on the mean Dice of {', '.join(data['scored'])}: the mean difference with a 95% "
+                  f"bootstrap interval over cases, the cases it scores higher / lower on, and the two-sided paired "
+                  f"sign-flip test's p (docs/metrics.md, \"Comparing two models\")."]
+    return "\n".join(lines)
+
+
 def _fmt(v, digits=3) -> str:
     if v is None:
         return "-"
@@ -168,6 +247,27 @@ def run(args) -> int:
 
     from ..data.io import check_output_file
 
+    if args.crossval:
+        if args.heldout:
+            raise InputError("--crossval compares the out-of-fold predictions the cross-validations already "
+                             "made; it takes no --heldout dataset")
+        if args.regions:
+            raise InputError("--crossval compares what each cross-validation scored; give --regions to "
+                             "'veloxseg crossval' instead")
+        folders = [pathlib.Path(f) for f in args.bundles]
+        out = check_output_file(args.output or DEFAULT_CROSSVAL_OUTPUT, overwrite=args.overwrite, inputs=folders,
+                                sealed=[f for f in folders if f.is_dir()])
+        data = M.json_safe(compare_crossvals(folders))
+        if args.title:
+            data["title"] = args.title
+        write_json_atomic(data, out)
+        print(render_crossval_markdown(data))
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    if not args.heldout:
+        raise InputError("give --heldout DATASET (the cases every bundle segments), or --crossval with "
+                         "'veloxseg crossval' output folders")
+    args.output = args.output or DEFAULT_OUTPUT
     # before any bundle runs: never into a bundle, never onto the held-out cases
     bundle_paths = [b for b in args.bundles if pathlib.Path(b).exists()]
     out = check_output_file(args.output, overwrite=args.overwrite, inputs=[args.heldout, *bundle_paths],
