@@ -150,11 +150,24 @@ def test_another_setting_replaces_the_folds_own_only_when_it_gains_more_than_min
     best = max(rows, key=rows.get)
     assert (pp["best"]["pet_refine"], pp["best"]["min_component_mm3"]) == best
     assert pp["gain"] == pytest.approx(rows[best] - rows[False, 1e7])
+    # how sure the gain is, case by case: the best candidate predicted, against the folds' own scores
+    from VeloxSegLib.metrics import paired_comparison
+    from VeloxSegLib.train.crossval import render_markdown
+
+    segs = [Segmenter(str(f), device="cpu") for f in folds]
+    top = [_dice(sitk.GetArrayFromImage(segs[c["fold"]].predict(
+        _inputs(cv["ds"], c["case"]), min_component_mm3=best[1], pet_refine=best[0]).labels),
+        _labels(cv["ds"] / "labelsTr" / f"{c['case']}.nii.gz")) for c in s["per_case"]]
+    assert pp["top_candidate"] == pp["best"]
+    assert pp["top_versus_current"] == pytest.approx(
+        paired_comparison([c["metrics"]["lesion"]["dice"] for c in s["per_case"]], top))
+    assert pp["top_versus_current"]["better"] == 2 and "against the folds' own, case by case: +" in render_markdown(s)
     # what --pack would record: the refinement's settings when it is chosen on, null when off
     assert pp["inference"]["min_component_mm3"] == best[1]
     assert (pp["inference"]["pet_refine"] is not None) == best[0]
     kept = cross_validate(cv["ds"], folds, tmp_path / "b", candidates_mm3=[0.0, 3000.0], min_gain=pp["gain"] + 1e-9)
     assert kept["postprocessing"]["best"] == pp["current"] and kept["postprocessing"]["gain"] == 0.0
+    assert kept["postprocessing"]["top_versus_current"] == pp["top_versus_current"]  # reported though not taken
     # the predictions written are the folds' own (here: empty)
     assert all(not _labels(p).any() for p in (tmp_path / "a" / "predictions").iterdir())
     held = split_cases(cases, fold=0)[1] + split_cases(cases, fold=1)[1]

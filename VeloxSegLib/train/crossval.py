@@ -273,8 +273,15 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
         base = next(r for r in rows if setting(r) == current)
         best = max(rows, key=lambda r: (r["foreground_dice"], setting(r) == current,
                                         r["pet_refine"] == current["pet_refine"], -r["min_component_mm3"]))
+        top = best  # the best candidate, kept or not: how sure the gain is, case by case
         if best["foreground_dice"] - base["foreground_dice"] <= min_gain:
             best = base
+
+        def case_scores(r):
+            values = sweep[r["pet_refine"], r["min_component_mm3"]]
+            return [float(np.mean([values[k][i] for k in scored])) for i in range(len(per_case))]
+
+        versus = M.paired_comparison(case_scores(base), case_scores(top)) if per_case else None
         summary = {
             "dataset": str(ds.root.resolve()), "cases": len(ds.cases), "validated_cases": len(validated),
             "cases_not_validated": not_validated,
@@ -284,6 +291,7 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
             "folds": fold_rows,
             "postprocessing": {"current": current, "best": setting(best), "candidates": rows,
                                "gain": best["foreground_dice"] - base["foreground_dice"],
+                               "top_candidate": setting(top), "top_versus_current": versus,
                                "inference": _inference_of(setting(best), plan)},
             "per_case": [{"case": c["case"], "fold": c["fold"], "metrics": named(c["metrics"])} for c in per_case],
         }
@@ -333,6 +341,12 @@ def render_markdown(summary: dict) -> str:
         lines.append("| " + (("on" if r["pet_refine"] else "off") + " | " if pet else "")
                      + f"{r['min_component_mm3']:g}{mark} | " + " | ".join(_fmt(r["dice"][k], 4) for k in scored)
                      + f" | {_fmt(r['foreground_dice'], 4)} |")
+    v = pp.get("top_versus_current")
+    if v and pp.get("top_candidate") != pp["current"]:
+        lines += ["", f"The best candidate ({describe_setting(pp['top_candidate'])}) against the folds' own, case by "
+                      f"case: {v['mean_difference']:+.4f} (95% CI {v['ci_low']:+.4f} to {v['ci_high']:+.4f}), "
+                      f"{v['better']} cases better and {v['worse']} worse, paired p = "
+                      f"{v['p_value']:.3f} (docs/metrics.md, \"Comparing two models\")."]
     return "\n".join(lines)
 
 
