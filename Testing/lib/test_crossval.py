@@ -204,7 +204,7 @@ def _listing(folder):
 def test_bundles_that_are_not_folds_of_one_cross_validation_are_refused_writing_nothing(cv, tmp_path, problem,
                                                                                       capsys):
     folds, cases = list(map(str, cv["folds"][:2])), cv["cases"]
-    message = {"overlap": "both validate on case", "twice": "both validate on case",
+    message = {"overlap": "both validate on case", "twice": "is given twice",
                "val_dataset": "validated on another dataset", "own_cases": "validated on its own training cases",
                "no_record": "names no validation cases", "unknown_case": "are not in the dataset",
                "ensemble": "is an ensemble of 2 networks"}[problem]
@@ -440,3 +440,50 @@ def test_compare_crossval_refuses_what_cannot_be_compared(cv, tmp_path, capsys):
     assert main(["compare", str(DEMO), "-o", str(tmp_path / "y.json")]) == 2
     assert "give --heldout DATASET" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_ensemble_averages_the_bundles_that_hold_out_the_same_cases(cv, tmp_path, capsys):
+    """--ensemble: fold K of two configurations (the fixture's folds and rougher ones on the same
+    splits) predicts fold K's cases together, exactly as `predict -m` with the two does."""
+    from VeloxSegLib.metrics import paired_comparison
+
+    cases, ds = cv["cases"], cv["ds"]
+    rough = [_fold_bundle(tmp_path, f"r{k}", split_cases(cases, fold=k)[1], seed=60 + k, noise=0.2) for k in range(5)]
+    both = [str(b) for pair in zip(cv["folds"], rough) for b in pair]
+    out = tmp_path / "cv-ens"
+    torch.set_num_threads(2)
+    assert main(["crossval", str(ds), *both, "-o", str(out), "--ensemble", "--threads", "2", "--progress", "none",
+                 "--pack", str(tmp_path / "ens-pack")]) == 0
+    s = json.loads((out / SUMMARY_NAME).read_text())
+    assert len(s["folds"]) == 5 and all(len(f["members"]) == 2 for f in s["folds"])
+    assert s["folds"][0]["bundle"] == "fold0 + r0" and s["folds"][0]["recorded_val_dice"] is None
+    owners = {c["case"]: c["fold"] for c in s["per_case"]}
+    for case in cases:
+        k = owners[case]
+        expected = Segmenter([str(cv["folds"][k]), str(rough[k])], device="cpu").predict(_inputs(ds, case)).labels
+        written = _labels(out / "predictions" / f"{case}.nii.gz")
+        assert np.array_equal(written, sitk.GetArrayFromImage(expected))
+    assert any(not np.array_equal(_labels(out / "predictions" / f"{c}.nii.gz"),
+                                  _labels(cv["out"] / "predictions" / f"{c}.nii.gz")) for c in cases)
+    assert load_bundle(tmp_path / "ens-pack").members == 10
+    # the ensemble's cross-validation against the single configuration's, case by case
+    capsys.readouterr()
+    assert main(["compare", "--crossval", str(cv["out"]), str(out), "-o", str(tmp_path / "c.json")]) == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    truth = {c: _labels(ds / "labelsTr" / f"{c}.nii.gz") for c in cases}
+    mine = [_dice(_labels(out / "predictions" / f"{c}.nii.gz"), truth[c]) for c in cases]
+    base = [_dice(_labels(cv["out"] / "predictions" / f"{c}.nii.gz"), truth[c]) for c in cases]
+    assert rows[1]["versus_first"] == pytest.approx(paired_comparison(base, mine))
+
+
+def test_ensemble_refuses_folds_that_overlap_without_matching(cv, tmp_path, capsys):
+    cases = cv["cases"]
+    odd = _fold_bundle(tmp_path, "odd", [cases[0], cases[1]], seed=9)  # not any fold's cases
+    capsys.readouterr()
+    rc = main(["crossval", str(cv["ds"]), *map(str, cv["folds"]), str(odd), "-o", str(tmp_path / "o"),
+               "--ensemble", "--progress", "none"])
+    assert rc == ConfigError.exit_code and "hold out overlapping but different cases" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    rc = main(["crossval", str(cv["ds"]), str(cv["folds"][0]), str(cv["folds"][0]), "-o", str(tmp_path / "o"),
+               "--ensemble", "--progress", "none"])
+    assert rc == ConfigError.exit_code and "is given twice" in capsys.readouterr().err

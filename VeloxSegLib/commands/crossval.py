@@ -8,7 +8,8 @@ Every case of DATASET is segmented by the fold that did not train on it, through
 inference pipeline, and scored against its label: per fold and over all cases. The smallest
 connected component kept (and, for models that take PET, whether the PET border refinement is
 on) is then chosen on those predictions, and --pack writes the folds as one ensemble bundle with
-it. Writes OUT/predictions/ (the out-of-fold label maps) and
+it. With --ensemble, the folds of several configurations trained on the same splits are given
+together: the bundles that hold out the same cases are averaged as one model per fold. Writes OUT/predictions/ (the out-of-fold label maps) and
 OUT/crossval.json; prints the tables. The bundles and the dataset are only read.
 """
 from __future__ import annotations
@@ -34,6 +35,10 @@ def register(subparsers):
     p.add_argument("--min-component-candidates", type=float, nargs="+", metavar="MM3",
                    help="smallest-component volumes to try (default: 0 10 25 50 100 250 500 1000, and the folds' "
                         "own)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="the folds of several configurations trained on the same splits (e.g. fold K of two "
+                        "recipes): bundles holding out the same cases predict them together, averaged as "
+                        "predict -m does; the cross-validation of the configurations' ensemble")
     p.add_argument("--pack", metavar="BUNDLE_DIR",
                    help="also write the folds as one ensemble bundle (a folder or .zip) with the chosen "
                         "post-processing")
@@ -99,7 +104,7 @@ def run(args) -> int:
             summary = cross_validate(args.dataset, args.bundles, args.output, regions=parse_regions(args.regions),
                                      candidates_mm3=args.min_component_candidates, device=args.device,
                                      threads=args.threads, overwrite=args.overwrite, progress=reporter,
-                                     cancel=cancel)
+                                     cancel=cancel, ensemble=args.ensemble)
     finally:
         reporter.close()
     pp = summary["postprocessing"]
@@ -124,7 +129,7 @@ def run(args) -> int:
         print(f"Post-processing: {describe_setting(pp['best'])} (the folds': {describe_setting(pp['current'])}; "
               f"+{pp['gain']:.4f} mean Dice).")
     if packed:
-        print(f"Wrote {packed}: the {len(args.bundles)} folds as one ensemble, {describe_setting(pp['best'])}.")
+        print(f"Wrote {packed}: the {len(args.bundles)} fold bundles as one ensemble, {describe_setting(pp['best'])}.")
     elif len(args.bundles) > 1:
         extra = ""
         if pp["best"]["min_component_mm3"] != pp["current"]["min_component_mm3"]:

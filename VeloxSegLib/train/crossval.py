@@ -132,12 +132,44 @@ def _inference_of(choice: dict, plan) -> dict:
     return out
 
 
+def _group_folds(folds: List[List[str]], shown: List[str], ensemble: bool) -> List[List[int]]:
+    """Bundle indices per fold: one bundle each; with ``ensemble``, the bundles holding out the
+    same cases (the same fold of several configurations) together. Two bundles holding out
+    overlapping but different cases, or (without ``ensemble``) the same case, are refused."""
+    groups: Dict[frozenset, List[int]] = {}
+    owner: Dict[str, int] = {}
+    for i, cases in enumerate(folds):
+        key = frozenset(cases)
+        if len(key) != len(cases):
+            dup = next(c for c in cases if cases.count(c) > 1)
+            raise ConfigError(f"{shown[i]} lists case '{dup}' twice among its validation cases")
+        if ensemble and key in groups:
+            groups[key].append(i)
+            continue
+        for case in cases:
+            if case in owner:
+                j = owner[case]
+                how = ("hold out overlapping but different cases: they are not the same fold of configurations "
+                       "trained on the same splits" if ensemble else
+                       "both validate on case '" + case + "': they are not folds of one cross-validation (with "
+                       "--ensemble, the folds of several configurations trained on the same splits are averaged)")
+                raise ConfigError(f"{shown[j]} and {shown[i]} {how}")
+            owner[case] = i
+        groups[key] = [i]
+    return list(groups.values())
+
+
 def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict[str, Sequence[int]]] = None,
                    candidates_mm3: Optional[Sequence[float]] = None, device: str = "cpu",
                    threads: Optional[int] = None, overwrite: bool = False, progress: Optional[ProgressFn] = None,
-                   cancel=None, min_gain: float = MIN_GAIN) -> dict:
+                   cancel=None, min_gain: float = MIN_GAIN, ensemble: bool = False) -> dict:
     """Out-of-fold predictions of ``bundles`` (the folds, paths or names) on ``dataset`` (an
     nnU-Net raw dataset), their scores and the post-processing choice; see the module docstring.
+
+    ``ensemble``: the bundles that hold out the same cases (the same fold of several
+    configurations, trained on the same splits) predict their cases together, their outputs
+    averaged as ``predict -m`` averages an ensemble's networks: the cross-validation of the
+    configurations' ensemble, which ``veloxseg compare --crossval`` can set against each one's.
 
     Writes ``output/predictions/CASE<ending>`` (each fold's own settings) and
     ``output/crossval.json`` atomically (a temporary folder renamed at the end: a failed or
@@ -161,15 +193,13 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
     shown = [f"'{b.path}'" for b in loaded]
     plans = [InferencePlan.from_meta(b.meta) for b in loaded]
     folds = [fold_cases(b, s) for b, s in zip(loaded, shown)]
-    owner: Dict[str, int] = {}
+    paths = [os.path.realpath(b.path) if getattr(b, "path", None) else None for b in loaded]
+    for i, p in enumerate(paths):
+        if p is not None and p in paths[:i]:
+            raise ConfigError(f"{shown[i]} is given twice")
+    groups = _group_folds(folds, shown, ensemble)
+    owner = {case: g for g, members in enumerate(groups) for case in folds[members[0]]}
     for i, cases in enumerate(folds):
-        for case in cases:
-            if case in owner:
-                j = owner[case]
-                raise ConfigError(f"{shown[j]} and {shown[i]} both validate on case '{case}': they are not folds "
-                                  f"of one cross-validation" if i != j else
-                                  f"{shown[i]} lists case '{case}' twice among its validation cases")
-            owner[case] = i
         missing = [c for c in cases if c not in set(ds.cases)]
         if missing:
             raise InputError(f"{shown[i]}: its validation case(s) {', '.join(missing[:3])}"
@@ -210,8 +240,10 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
         sweep: Dict[tuple, Dict[object, List[float]]] = {(v, c): {k: [] for k in keys} for v in variants
                                                          for c in ladder}
         done = 0
-        for i, (bundle, fold_plan, cases) in enumerate(zip(loaded, plans, folds)):
-            seg = Segmenter(bundle, device=device, threads=threads)
+        for i, members in enumerate(groups):
+            fold_plan, cases = plans[members[0]], folds[members[0]]  # an ensemble's settings are its first's
+            seg = Segmenter([loaded[j] for j in members] if len(members) > 1 else loaded[members[0]],
+                            device=device, threads=threads)
             for case in sorted(cases):
                 _check_cancel(cancel)
                 # one network pass gives both variants: the refined labels and those it started from
@@ -252,14 +284,19 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
             return {shown_key[k]: mean[k] for k in keys}
 
         fold_rows = []
-        for i, (bundle, cases) in enumerate(zip(loaded, folds)):
+        for i, members in enumerate(groups):
             mine = [c["metrics"] for c in per_case if c["fold"] == i]
-            rec = (bundle.meta.get("training") or {}).get("metrics") or {}
-            fold_rows.append({"bundle": bundle.name, "path": str(Path(bundle.path).resolve()), "fold": rec.get("fold"),
-                              "cases": sorted(cases), "mean": named(M.mean_metrics(mine)),
-                              "recorded_val_dice": rec.get("val_dice"),
-                              "min_component_mm3": plans[i].min_component_mm3,
-                              "pet_refine": own_variant(plans[i])})
+            recs = [(loaded[j].meta.get("training") or {}).get("metrics") or {} for j in members]
+            row = {"bundle": " + ".join(loaded[j].name for j in members),
+                   "path": str(Path(loaded[members[0]].path).resolve()), "fold": recs[0].get("fold"),
+                   "cases": sorted(folds[members[0]]), "mean": named(M.mean_metrics(mine)),
+                   "recorded_val_dice": recs[0].get("val_dice") if len(members) == 1 else None,
+                   "min_component_mm3": plans[members[0]].min_component_mm3,
+                   "pet_refine": own_variant(plans[members[0]])}
+            if len(members) > 1:
+                row["members"] = [{"bundle": loaded[j].name, "path": str(Path(loaded[j].path).resolve()),
+                                   "recorded_val_dice": r.get("val_dice")} for j, r in zip(members, recs)]
+            fold_rows.append(row)
         rows = []
         for (v, c), values in sweep.items():
             dice = {shown_key[k]: float(np.mean(values[k])) for k in keys}
