@@ -487,3 +487,9 @@ def test_ensemble_refuses_folds_that_overlap_without_matching(cv, tmp_path, caps
     rc = main(["crossval", str(cv["ds"]), str(cv["folds"][0]), str(cv["folds"][0]), "-o", str(tmp_path / "o"),
                "--ensemble", "--progress", "none"])
     assert rc == ConfigError.exit_code and "is given twice" in capsys.readouterr().err
+    twin = _fold_bundle(tmp_path, "twin1", split_cases(cases, fold=1)[1], seed=19)  # fold 1 of a second recipe only
+    rc = main(["crossval", str(cv["ds"]), *map(str, cv["folds"]), str(twin), "-o", str(tmp_path / "o"),
+               "--ensemble", "--progress", "none"])
+    assert rc == ConfigError.exit_code and "has 1 bundle(s) holding out its cases, other folds 2" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -21,7 +21,10 @@ folds as one ensemble bundle with it.
 
 The folds are read from each bundle's training record (``training.metrics.val_cases``). Folds
 whose validation cases overlap, or that validated on their training cases or on another
-dataset, are refused before any case runs.
+dataset, are refused before any case runs. With ``ensemble`` (``--ensemble``) the folds of
+several configurations trained on the same splits are given together: the bundles holding out
+the same cases form one fold, averaged as ``predict -m`` averages (every fold needs the same
+number of them); bundles holding out overlapping but different cases are still refused.
 """
 from __future__ import annotations
 
@@ -156,7 +159,13 @@ def _group_folds(folds: List[List[str]], shown: List[str], ensemble: bool) -> Li
                 raise ConfigError(f"{shown[j]} and {shown[i]} {how}")
             owner[case] = i
         groups[key] = [i]
-    return list(groups.values())
+    out = list(groups.values())
+    sizes = sorted({len(g) for g in out})
+    if ensemble and len(sizes) > 1:  # one configuration's fold missing: that fold would not be an ensemble
+        small = next(g for g in out if len(g) == sizes[0])
+        raise ConfigError(f"--ensemble: the fold of {shown[small[0]]} has {sizes[0]} bundle(s) holding out its cases, "
+                          f"other folds {sizes[-1]}; give fold K of every configuration")
+    return out
 
 
 def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict[str, Sequence[int]]] = None,
