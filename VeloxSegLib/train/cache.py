@@ -390,6 +390,10 @@ def store_benchmark(cases: int = 6, batches: int = 40, rounds: int = 4, seed: in
                 raise RuntimeError("the compressed folder gave other patches than the .npy folder")
         for s in samplers.values():
             s.close()
+        for case in stores["chunked"]:  # unmapped before the folder goes (Windows keeps mapped files)
+            case.image.close()
+            case.label.close()
+        del samplers, stores, held
     base = rows[0]
     for row in rows:
         row["batch_ms_median"] = float(np.median(row["batch_ms"]))
