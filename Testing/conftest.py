@@ -23,3 +23,15 @@ def petct_case(tmp_path_factory):
         return cases[seed]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def store_dataset(tmp_path_factory):
+    """Three small PET/CT phantoms (64 x 64 x 48, seed 4) and the run setup planned on them:
+    (dataset folder, RunSetup), for the tests of the folder of preprocessed cases. Read only."""
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.train.trainer import RunSetup, TrainConfig, resolve_plans
+
+    root = tmp_path_factory.mktemp("store") / "ds"
+    write_phantom_dataset(root, "petct", 3, seed=4, size=(64, 64, 48))
+    return root, RunSetup.from_plans(resolve_plans(root), TrainConfig())

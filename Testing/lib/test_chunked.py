@@ -8,26 +8,11 @@ import pytest
 import torch
 
 from VeloxSegLib.errors import ConfigError, InputError
-from VeloxSegLib.train import trainer
 from VeloxSegLib.train.cache import CaseStore, case_key, prepare_cases
 from VeloxSegLib.train.chunked import ChunkedArray, write_chunked
 from VeloxSegLib.train.ddp import DistInfo
 from VeloxSegLib.train.progress import make_reporter
-from VeloxSegLib.train.trainer import RunSetup, TrainConfig, preprocess_case, run_training
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from VeloxSegLib.data.phantom import write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("chunked") / "ds"
-    write_phantom_dataset(root, "petct", 3, seed=6, size=(64, 64, 48))
-    return root
-
-
-@pytest.fixture(scope="module")
-def setup(dataset):
-    return RunSetup.from_plans(trainer.resolve_plans(dataset), TrainConfig())
+from VeloxSegLib.train.trainer import TrainConfig, preprocess_case, run_training
 
 
 def _write(path, arr, **kw):
@@ -71,7 +56,8 @@ def test_every_index_reads_what_numpy_reads(tmp_path, dtype, shape, chunk):
         a[..., [0, 1]]
 
 
-def test_a_phantom_case_compresses_losslessly_and_patches_come_back_exact(dataset, setup, tmp_path):
+def test_a_phantom_case_compresses_losslessly_and_patches_come_back_exact(store_dataset, tmp_path):
+    dataset, setup = store_dataset
     from VeloxSegLib.data.nnunet import load_dataset
     from VeloxSegLib.train.sampler import crop_padded
 
@@ -109,7 +95,8 @@ def test_damaged_files_are_refused_with_the_file_named(tmp_path):
         a[:, 16:, 16:, 16:]
 
 
-def test_a_compressed_folder_trains_the_weights_of_an_uncompressed_one_on_less_disk(dataset, tmp_path):
+def test_a_compressed_folder_trains_the_weights_of_an_uncompressed_one_on_less_disk(store_dataset, tmp_path):
+    dataset = store_dataset[0]
     torch.set_num_threads(1)
     plain = run_training(dataset, tmp_path / "plain", _config(preprocessed=str(tmp_path / "p")))
     records = []
@@ -130,7 +117,8 @@ def test_a_compressed_folder_trains_the_weights_of_an_uncompressed_one_on_less_d
     assert f"({raw_arrays / 1e6:.1f} MB, {on_disk / 1e6:.1f} MB on disk; 3 preprocessed now" in said
 
 
-def test_the_loader_threads_draw_the_same_batches_from_compressed_cases(dataset, setup, tmp_path):
+def test_the_loader_threads_draw_the_same_batches_from_compressed_cases(store_dataset, tmp_path):
+    dataset, setup = store_dataset
     from VeloxSegLib.data.nnunet import load_dataset
     from VeloxSegLib.train.augment import Augmenter
     from VeloxSegLib.train.sampler import PatchSampler
@@ -153,7 +141,8 @@ def test_the_loader_threads_draw_the_same_batches_from_compressed_cases(dataset,
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
 
 
-def test_cases_are_reused_as_stored_and_a_damaged_one_is_redone_compressed(dataset, setup, tmp_path, monkeypatch):
+def test_cases_are_reused_as_stored_and_a_damaged_one_is_redone_compressed(store_dataset, tmp_path, monkeypatch):
+    dataset, setup = store_dataset
     from VeloxSegLib.data.nnunet import load_dataset
 
     ds = load_dataset(dataset)
@@ -185,7 +174,8 @@ def test_cases_are_reused_as_stored_and_a_damaged_one_is_redone_compressed(datas
     assert calls == [case, case] and np.array_equal(np.asarray(third.label), redone.label[...])
 
 
-def test_the_free_space_check_counts_compression_and_suggests_it(dataset, setup, tmp_path, monkeypatch):
+def test_the_free_space_check_counts_compression_and_suggests_it(store_dataset, tmp_path, monkeypatch):
+    dataset, setup = store_dataset
     import shutil
     from collections import namedtuple
 
@@ -203,7 +193,8 @@ def test_the_free_space_check_counts_compression_and_suggests_it(dataset, setup,
     assert "--compress-preprocessed" not in str(err.value)
 
 
-def test_cli_option_reaches_the_run_and_excludes_in_memory(dataset, tmp_path):
+def test_cli_option_reaches_the_run_and_excludes_in_memory(store_dataset, tmp_path):
+    dataset = store_dataset[0]
     from VeloxSegLib.cli import build_parser
     from VeloxSegLib.commands.train import config_from_args
 

@@ -13,22 +13,17 @@ from VeloxSegLib.train import trainer
 from VeloxSegLib.train.cache import CaseStore, case_key, prepare_cases
 from VeloxSegLib.train.ddp import DistInfo
 from VeloxSegLib.train.progress import make_reporter
-from VeloxSegLib.train.trainer import RunSetup, TrainConfig, preprocess_case, run_training
+from VeloxSegLib.train.trainer import TrainConfig, preprocess_case, run_training
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from VeloxSegLib.data.phantom import write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("cache") / "ds"
-    write_phantom_dataset(root, "petct", 3, seed=4, size=(64, 64, 48))
-    return root
+@pytest.fixture
+def dataset(store_dataset):
+    return store_dataset[0]
 
 
-@pytest.fixture(scope="module")
-def setup(dataset):
-    plans = trainer.resolve_plans(dataset)
-    return RunSetup.from_plans(plans, TrainConfig())
+@pytest.fixture
+def setup(store_dataset):
+    return store_dataset[1]
 
 
 def _config(**kw):
