@@ -177,20 +177,15 @@ def compare_crossvals(folders: Sequence) -> dict:
 def render_crossval_markdown(data: dict) -> str:
     rows = data["rows"]
     keys = list(rows[0]["dice"])
-    head = ["cross-validation", "folds", "cases"] + [f"Dice {k}" for k in keys] + \
-           [f"vs {rows[0]['crossval']}: mean difference (95% CI)", "better / worse", "p"]
+    head = ["cross-validation", "folds", "cases"] + [f"Dice {k}" for k in keys] + _paired_head(rows[0]["crossval"])
     lines = [f"Out-of-fold predictions on `{data['dataset']}`, {data['cases']} cases, mean Dice (`veloxseg compare "
              f"--crossval`; each cross-validation with its folds' own post-processing).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         v = r.get("versus_first")
         cells = [r["crossval"], str(r["folds"]), str(data["cases"])] + [_fmt(r["dice"].get(k)) for k in keys]
-        cells += ([f"{v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})",
-                   f"{v['better']} / {v['worse']}", _fmt_p(v["p_value"])] if v else ["(reference)", "", ""])
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Case by case on the mean Dice of {', '.join(data['scored'])}: the mean difference with a 95% "
-                  f"bootstrap interval over cases, the cases it scores higher / lower on, and the two-sided paired "
-                  f"sign-flip test's p (docs/metrics.md, \"Comparing two models\")."]
+        lines.append("| " + " | ".join(cells + _paired_cells(v)) + " |")
+    lines += ["", _paired_note(rows[0]["crossval"], data["scored"])]
     return "\n".join(lines)
 
 
@@ -213,7 +208,7 @@ def render_markdown(data: dict) -> str:
         lines += [data["title"], ""]
     paired = any(r.get("versus_first") for r in rows)  # comparisons saved before it have none
     if paired:
-        head += [f"vs {rows[0]['bundle']}: mean difference (95% CI)", "better / worse", "p"]
+        head += _paired_head(rows[0]["bundle"])
     lines += [f"Held-out: `{data['heldout']}`, {data['cases']} cases, mean Dice per label "
               "(`veloxseg compare`; training figures from each bundle's record).", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -224,20 +219,30 @@ def render_markdown(data: dict) -> str:
         cells += [_fmt(r["dice"].get(k)) for k in keys]
         cells += [_fmt(r.get("val_dice")), _fmt(r.get("predict_seconds_per_case"), 1)]
         if paired:
-            v = r.get("versus_first")
-            cells += ([f"{v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})",
-                       f"{v['better']} / {v['worse']}", _fmt_p(v["p_value"])] if v else ["(reference)", "", ""])
+            cells += _paired_cells(r.get("versus_first"))
         lines.append("| " + " | ".join(cells) + " |")
     if paired:
-        scored = ", ".join(data.get("scored") or keys)
-        lines += ["", f"Each bundle against {rows[0]['bundle']}, case by case on the mean Dice of {scored}: the mean "
-                      f"difference with a 95% bootstrap interval over cases, the cases it scores higher / lower on, and "
-                      f"the two-sided paired sign-flip test's p (docs/metrics.md, \"Comparing two models\")."]
+        lines += ["", _paired_note(rows[0]["bundle"], data.get("scored") or keys)]
     return "\n".join(lines)
 
 
-def _fmt_p(p) -> str:
-    return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "< 0.001")
+def _paired_head(first: str) -> List[str]:
+    return [f"vs {first}: mean difference (95% CI)", "better / worse", "p"]
+
+
+def _paired_cells(v: Optional[dict]) -> List[str]:
+    """A row's ``versus_first`` as table cells (the first row: the reference)."""
+    if not v:
+        return ["(reference)", "", ""]
+    p = v["p_value"]
+    return [f"{v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})", f"{v['better']} / {v['worse']}",
+            "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "< 0.001")]
+
+
+def _paired_note(first: str, scored: Sequence[str]) -> str:
+    return (f"Each against {first}, case by case on the mean Dice of {', '.join(scored)}: the mean difference with a "
+            f"95% bootstrap interval over cases, the cases it scores higher / lower on, and the two-sided paired "
+            f"sign-flip test's p (docs/metrics.md, \"Comparing two models\").")
 
 
 def run(args) -> int:
