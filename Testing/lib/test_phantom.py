@@ -326,5 +326,6 @@ def test_sigterm_cancels_like_ctrl_c_and_leaves_nothing(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130 and "veloxseg phantom: cancelled" in err
+    # (once in many CI runs this saw exit 0: the run finished, the signal unheeded; its stderr says why)
+    assert proc.returncode == 130 and "veloxseg phantom: cancelled" in err, (proc.returncode, err[-3000:])
     assert list(tmp_path.iterdir()) == []
