@@ -7,6 +7,7 @@ Each sub-command lives in its own module under ``VeloxSegLib.commands`` exposing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
@@ -71,6 +72,32 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while the command line starts up (its modules and torch import).
+
+    torch's import runs Python code called from C++ (pybind11): an exception a signal handler
+    raises there cannot unwind through the C++ frames, and the process aborts with
+    "terminate called after throwing an instance of 'pybind11::error_already_set'" (exit -6, a
+    core dump) instead of ending cleanly. So a signal that arrives meanwhile is only noted, and
+    once the imports are done it ends the run the usual way (one line, exit 130). Nothing is
+    written before that point, so holding it for the second or two of the import loses nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if arrived:
+        raise KeyboardInterrupt if arrived[0] == signal.SIGINT else _Terminated
+
+
 def main(argv=None) -> int:
     command = None
     try:
@@ -78,20 +105,21 @@ def main(argv=None) -> int:
         # the run like Ctrl-C: cleanup runs, one line, exit 130
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _terminate)
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        command = args.command
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING,
-            format="%(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 2
-        from .infer.device import keep_freed_memory
+        with _signals_held():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            command = args.command
+            logging.basicConfig(
+                level=logging.DEBUG if args.verbose else logging.WARNING,
+                format="%(levelname)s %(name)s: %(message)s",
+                stream=sys.stderr,
+            )
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            from .infer.device import keep_freed_memory  # imports torch
 
-        keep_freed_memory()  # sliding windows re-allocate the same activations: no page fault per window
+            keep_freed_memory()  # sliding windows re-allocate the same activations: no page fault per window
         return int(args.func(args) or 0)
     except VeloxSegError as exc:
         print(f"veloxseg {command}: error: {exc}", file=sys.stderr)

@@ -195,6 +195,30 @@ def test_sigterm_while_starting_up_ends_with_one_line_and_no_traceback(tmp_path,
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("sig, raised", [(signal.SIGTERM, "_Terminated"), (signal.SIGINT, "KeyboardInterrupt")])
+def test_a_signal_during_start_up_is_held_until_the_imports_are_done(sig, raised):
+    """A handler that raises inside torch's import (Python called from pybind11) aborts the process
+    with SIGABRT (seen in CI: exit -6, "terminate called after throwing ... error_already_set").
+    During start-up the signal is only noted; it ends the run once the block is left."""
+    from VeloxSegLib import cli
+
+    outside = signal.signal(signal.SIGTERM, cli._terminate)  # as main() sets it before the block
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        reached = []
+        with pytest.raises(BaseException) as info:
+            with cli._signals_held():
+                os.kill(os.getpid(), sig)
+                for _ in range(1000):  # handlers run between bytecodes: give it plenty of them
+                    time.sleep(0.0001)
+                reached.append("the rest of the start-up ran")
+        assert type(info.value).__name__ == raised
+        assert reached == ["the rest of the start-up ran"]
+        assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+    finally:
+        signal.signal(signal.SIGTERM, outside)
+
+
 # ------------------------------------------------------------------------------ finetune
 
 
