@@ -68,8 +68,25 @@ class _Terminated(BaseException):
     at exit even though it was handled."""
 
 
+_terminated = threading.Event()
+
+
 def _terminate(signum, frame):
+    _terminated.set()
     raise _Terminated
+
+
+def stop_if_terminated() -> None:
+    """End the run if SIGTERM came and its exception was lost.
+
+    Python runs a signal handler between two bytecodes of whatever code is running, and an
+    exception raised where nobody can receive it (inside an object's ``__del__``, a weakref
+    callback) is printed as "Exception ignored" and dropped: the run would go on to the end. The
+    commands whose long loops rely on ``_terminate`` call this at each case boundary, so such a
+    SIGTERM still cancels the run there (cleanup runs, one line, exit 130).
+    """
+    if _terminated.is_set():
+        raise _Terminated
 
 
 @contextlib.contextmanager
@@ -100,6 +117,7 @@ def _signals_held():
 
 def main(argv=None) -> int:
     command = None
+    _terminated.clear()
     try:
         # SIGTERM before a command installs its own handler (while torch is imported, say) ends
         # the run like Ctrl-C: cleanup runs, one line, exit 130
@@ -127,6 +145,8 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, _Terminated):
         print(f"veloxseg{' ' + command if command else ''}: cancelled", file=sys.stderr)
         return 130
+    finally:
+        _terminated.clear()
 
 
 if __name__ == "__main__":

@@ -329,3 +329,46 @@ def test_sigterm_cancels_like_ctrl_c_and_leaves_nothing(tmp_path):
     # (once in many CI runs this saw exit 0: the run finished, the signal unheeded; its stderr says why)
     assert proc.returncode == 130 and "veloxseg phantom: cancelled" in err, (proc.returncode, err[-3000:])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sigterm_whose_exception_python_dropped_still_cancels_at_the_next_case(tmp_path, monkeypatch, capsys):
+    """A signal handler's exception raised inside a ``__del__`` is printed as "Exception ignored" and
+    dropped, and the run would go on to the end (the likely cause of the exit 0 the test above once
+    saw). The command checks at each case that no SIGTERM came meanwhile."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from VeloxSegLib import cli
+
+    written = []
+    real_write_case = phantom._write_case
+
+    class _SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, between bytecodes: its exception is dropped
+                time.sleep(0.0001)
+
+    def write_case(job):
+        result = real_write_case(job)
+        written.append(result[0])
+        if len(written) == 1:
+            _SignalledWhileCollected()  # collected at once
+        return result
+
+    monkeypatch.setattr(phantom, "_write_case", write_case)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: dropped.append(info.exc_type.__name__))
+    outside = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh process: main() installs its handler
+    try:
+        rc = cli.main(["phantom", "--kind", "petct", "-n", "4", "--size", "32", "32", "32",
+                       "-o", str(tmp_path / "ds")])
+    finally:
+        signal.signal(signal.SIGTERM, outside)
+    err = capsys.readouterr().err
+    assert dropped == ["_Terminated"]  # the exception really was dropped ...
+    assert rc == 130 and "veloxseg phantom: cancelled" in err  # ... and the run still ended there
+    assert len(written) == 1 and list(tmp_path.iterdir()) == []

@@ -46,6 +46,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..cli import stop_if_terminated
     from ..data.convert import convert_dataset, parse_channel_spec, parse_labels_map, parse_remap
 
     channels = [parse_channel_spec(s) for s in args.channel]
@@ -55,6 +56,7 @@ def run(args) -> int:
         def progress(done, total):
             bar.total = total
             bar.update(1)
+            stop_if_terminated()
 
         data = convert_dataset(
             args.images_dir, channels, args.labels, args.output, labels_dir=args.labels_dir,

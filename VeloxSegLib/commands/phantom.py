@@ -37,13 +37,18 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..cli import stop_if_terminated
     from ..data.phantom import write_phantom_dataset
 
     t0 = time.perf_counter()
     with tqdm(total=args.num_cases, desc="phantom", unit="case", disable=None) as bar:
+        def progress(done, total):
+            bar.update(1)
+            stop_if_terminated()
+
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
-            progress=lambda done, total: bar.update(1), scanner=args.scanner, workers=args.workers,
+            progress=progress, scanner=args.scanner, workers=args.workers,
         )
     scanner = f" (scanner {args.scanner})" if args.kind == "petct" else ""
     print(f"wrote {args.num_cases} {args.kind} phantom case(s){scanner} to {args.output} "

@@ -52,11 +52,14 @@ def run(args) -> int:
     check_output_file(output, overwrite=args.overwrite, inputs=[args.dataset], what="a plans file")
     from tqdm import tqdm
 
+    from ..cli import stop_if_terminated
+
     with tqdm(desc="plan", unit="case", disable=None) as bar:  # every case is read: long on a large dataset
         def progress(done, total):
             bar.total = total
             bar.n = done
             bar.refresh()
+            stop_if_terminated()
 
         plans = plan_dataset(
             args.dataset, output, progress=progress, threads=args.threads or default_fingerprint_threads(),
