@@ -18,8 +18,6 @@ import argparse
 import sys
 import time
 
-from ..cli import stop_if_terminated
-
 DESCRIPTION = __doc__.replace("``", "")
 
 
@@ -62,7 +60,6 @@ class _Reporter:
         self.bar = None
 
     def __call__(self, event: dict) -> None:
-        stop_if_terminated()
         if self.mode == "json":
             import json
 
