@@ -20,7 +20,7 @@ from VeloxSegLib.train.trainer import split_cases
 DEMO = embedded_bundles_dir() / "petct-lesion-demo"
 
 
-def _fold_bundle(folder, name, val_cases, seed, noise=0.05, inference=None, **metrics):
+def _fold_bundle(folder, name, val_cases, seed, noise=0.05, inference=None, spacing=None, **metrics):
     """The PET/CT demo with its convolution weights jittered (a different network per seed) and a
     training record naming ``val_cases`` as the fold's held-out cases."""
     demo = load_bundle(DEMO)
@@ -33,6 +33,8 @@ def _fold_bundle(folder, name, val_cases, seed, noise=0.05, inference=None, **me
         state[key] = t
     meta["name"] = name
     meta["inference"].update(inference or {})
+    if spacing is not None:  # another configuration
+        meta["spacing"] = list(spacing)
     meta["training"] = {"metrics": {"val_cases": list(val_cases), "validated_on": "held-out", **metrics}}
     return save_bundle(Path(folder) / name, meta, state)
 
@@ -474,6 +476,41 @@ def test_ensemble_averages_the_bundles_that_hold_out_the_same_cases(cv, tmp_path
     mine = [_dice(_labels(out / "predictions" / f"{c}.nii.gz"), truth[c]) for c in cases]
     base = [_dice(_labels(cv["out"] / "predictions" / f"{c}.nii.gz"), truth[c]) for c in cases]
     assert rows[1]["versus_first"] == pytest.approx(paired_comparison(base, mine))
+
+
+def test_ensemble_of_configurations_averages_each_folds_probabilities(cv, tmp_path, capsys):
+    """--ensemble with a second configuration (the folds at 3 x 3 x 3.5 mm): fold K's cases are
+    predicted as `predict -m` predicts with both; --pack is refused before any case is predicted."""
+    cases, ds = cv["cases"], cv["ds"]
+    coarse = [_fold_bundle(tmp_path, f"c{k}", split_cases(cases, fold=k)[1], seed=70 + k, spacing=(3.0, 3.0, 3.5))
+              for k in range(5)]
+    both = [str(b) for pair in zip(cv["folds"], coarse) for b in pair]
+    capsys.readouterr()
+    rc = main(["crossval", str(ds), *both, "-o", str(tmp_path / "refused"), "--ensemble", "--progress", "none",
+               "--pack", str(tmp_path / "pack")])
+    err = capsys.readouterr().err
+    assert rc == ConfigError.exit_code and "--pack: the bundles are 2 configurations" in err
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "pack").exists()
+    out = tmp_path / "cv-conf"
+    torch.set_num_threads(2)
+    assert main(["crossval", str(ds), *both, "-o", str(out), "--ensemble", "--threads", "2", "--progress", "none"]) == 0
+    said = capsys.readouterr().out  # the way to use them: -m with all of them, not a packed bundle
+    assert "configurations together (a bundle holds one): veloxseg predict -m" in said and "veloxseg ensemble" not in said
+    s = json.loads((out / SUMMARY_NAME).read_text())
+    assert len(s["folds"]) == 5 and s["folds"][0]["bundle"] == "fold0 + c0"
+    owners = {c["case"]: c["fold"] for c in s["per_case"]}
+    for case in cases:
+        k = owners[case]
+        seg = Segmenter([str(cv["folds"][k]), str(coarse[k])], device="cpu")
+        assert seg.configurations == 2
+        expected = sitk.GetArrayFromImage(seg.predict(_inputs(ds, case)).labels)
+        assert np.array_equal(_labels(out / "predictions" / f"{case}.nii.gz"), expected)
+    assert any(not np.array_equal(_labels(out / "predictions" / f"{c}.nii.gz"),
+                                  _labels(cv["out"] / "predictions" / f"{c}.nii.gz")) for c in cases)
+    # without --ensemble, folds of two configurations are refused as folds of one model
+    rc = main(["crossval", str(ds), str(cv["folds"][0]), str(coarse[1]), "-o", str(tmp_path / "o2"),
+               "--progress", "none"])
+    assert rc == ConfigError.exit_code and "spacings differ" in capsys.readouterr().err
 
 
 def test_ensemble_refuses_folds_that_overlap_without_matching(cv, tmp_path, capsys):

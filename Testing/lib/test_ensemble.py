@@ -162,14 +162,11 @@ def test_the_predict_command_takes_several_bundles(folds, case_files, tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (dict(channels=[{"name": "CT", "modality": "CT", "normalization": {"scheme": "ct", "clip": [-1000.0, 600.0],
-                                                                        "mean": 0.0, "std": 200.0}},
-                    {"name": "PET", "modality": "PET", "normalization": {"scheme": "pet_zscore_body"}}]),
+                                                                        "mean": 40.0, "std": 200.0}},
+                    {"name": "FDG", "modality": "PET", "normalization": {"scheme": "pet_zscore_body"}}]),
      "inputs differ"),
     (dict(labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "tumour"}]), "labels differ"),
-    (dict(spacing=[3.0, 3.0, 3.0]), "spacings differ"),
-    (dict(model={"name": "veloxseg-b", "in_channels": [1, 1], "num_classes": 2, "patch_size": [64, 64, 64]}),
-     "window sizes differ"),
-], ids=["normalization", "labels", "spacing", "window"])
+], ids=["channel-name", "labels"])
 def test_bundles_that_cannot_be_averaged_are_refused_naming_both(folds, case_files, tmp_path, change, message):
     odd = _bundle(tmp_path, "odd", seed=5, **change)
     with pytest.raises(ConfigError, match=message) as info:
@@ -197,6 +194,100 @@ def test_the_first_members_inference_settings_are_used_and_a_difference_is_named
     b = sitk.GetArrayFromImage(wiped.predict([str(p) for p in case_files]).labels)
     assert a.any() and not b.any()
     assert kept.plan.name == "fold0 + wipes"
+
+
+# --------------------------------------------------------------------------- configurations
+
+CONFIGURATIONS = {  # how a second configuration differs from the folds'
+    "spacing": dict(spacing=[3.0, 3.0, 3.5]),
+    "window": dict(model={"name": "veloxseg-b", "in_channels": [1, 1], "num_classes": 2, "patch_size": [64, 64, 64]}),
+    "normalization": dict(channels=[
+        {"name": "CT", "modality": "CT",
+         "normalization": {"scheme": "ct", "clip": [-200.0, 300.0], "mean": 40.0, "std": 80.0}},
+        {"name": "PET", "modality": "PET", "normalization": {"scheme": "pet_suv", "suv_factor": 1.0, "mean": 0.5, "std": 1.5}}]),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGURATIONS))
+def test_configurations_are_averaged_as_probabilities_on_the_first_inputs_grid(folds, case_files, tmp_path, kind):
+    """nnU-Net's ensemble of configurations: each predicts on its own grid, window and
+    normalization; their class probabilities are averaged on the output grid, each configuration
+    weighing the same however many folds it has."""
+    other = _bundle(tmp_path, "other", seed=7, **CONFIGURATIONS[kind])
+    seg = Segmenter([str(folds[0]), str(folds[1]), str(other)], device="cpu", threads=1)
+    assert seg.configurations == 2 and seg.members == 3
+    got = seg.predict([str(p) for p in case_files], probabilities=True)
+    expected = (_probabilities([str(f) for f in folds], case_files) + _probabilities(str(other), case_files)) / 2
+    probs = sitk.GetArrayFromImage(got.probabilities)
+    assert np.allclose(probs, expected, atol=1e-6)
+    assert np.abs(probs - _probabilities([str(f) for f in folds], case_files)).max() > 1e-3  # not the folds alone
+    assert np.array_equal(sitk.GetArrayFromImage(got.labels), np.argmax(expected, axis=-1).astype(np.uint8))
+    reference = sitk.ReadImage(str(case_files[0]))
+    assert got.labels.GetSize() == reference.GetSize() and got.labels.GetSpacing() == reference.GetSpacing()
+    assert got.info["networks"] == 3 and len(got.info["configurations"]) == 2
+
+
+def test_the_predict_command_averages_configurations(folds, case_files, tmp_path):
+    other = _bundle(tmp_path, "coarse", seed=7, spacing=[3.0, 3.0, 3.5])
+    out, probs = tmp_path / "seg.nii.gz", tmp_path / "p.nii.gz"
+    rc = main(["predict", "-m", str(folds[0]), str(other), "-i", *map(str, case_files), "-o", str(out),
+               "--probabilities", str(probs), "--threads", "1", "--progress", "none"])
+    assert rc == 0
+    expected = (_probabilities(str(folds[0]), case_files) + _probabilities(str(other), case_files)) / 2
+    assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(probs))), expected, atol=1e-6)
+
+
+def test_configurations_post_process_once_with_the_first_members_settings(folds, case_files, tmp_path):
+    # a first member that removes every component: the ensemble's labels are empty, though the
+    # second configuration alone would keep its own (and the difference is named)
+    wipes = _bundle(tmp_path, "wipes", seed=0, spacing=[3.0, 3.0, 3.5],
+                    inference={"overlap": 0.25, "min_component_mm3": 1e12})
+    with pytest.warns(UserWarning, match=r"min_component_mm3: 1e\+12 in '[^']*wipes', 0 in '[^']*fold0'"):
+        seg = Segmenter([str(wipes), str(folds[0])], device="cpu", threads=1)
+    result = seg.predict([str(p) for p in case_files], probabilities=True)
+    assert sitk.GetArrayFromImage(result.probabilities)[..., 1].max() > 0.5  # there were lesion voxels ...
+    assert not sitk.GetArrayFromImage(result.labels).any()  # ... removed once, on the mean
+    assert seg.predict([str(p) for p in case_files], min_component_mm3=0).labels is not None
+
+
+def test_configurations_refine_the_mean_with_pet_as_one_configuration_does(tmp_path):
+    """The PET border refinement runs once, on the configurations' mean. The shipped PET/CT demo
+    beside a copy of itself at a spacing 1e-5 finer (another configuration, the same function)
+    must segment a phantom as the demo does alone, refinement included."""
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 1, seed=905)
+    inputs = [str(ds / "imagesTr" / f"petct_0000_000{c}.nii.gz") for c in range(2)]
+    demo = load_bundle("petct-lesion-demo")
+    meta = json.loads(json.dumps(demo.meta))
+    meta["spacing"] = [v * (1 - 1e-5) for v in meta["spacing"]]
+    twin = save_bundle(tmp_path / "twin", meta, demo.state_dict())
+    seg = Segmenter(["petct-lesion-demo", str(twin)], device="cpu", threads=1)
+    assert seg.configurations == 2
+    both = seg.predict(inputs, keep_unrefined=True)
+    alone = Segmenter("petct-lesion-demo", device="cpu", threads=1).predict(inputs, keep_unrefined=True)
+    refined, unrefined = sitk.GetArrayFromImage(both.labels), sitk.GetArrayFromImage(both.unrefined_labels)
+    assert (refined != unrefined).sum() > 20  # the refinement changed the labels ...
+    assert np.array_equal(refined, sitk.GetArrayFromImage(alone.labels))  # ... as it does for one configuration
+    # (before the refinement a few border voxels at a probability of 0.5 may fall either way: the
+    # single configuration takes its arg-max from float16 probabilities, an ensemble from float32)
+    assert (unrefined != sitk.GetArrayFromImage(alone.unrefined_labels)).sum() <= 20
+    assert both.info["pet_refine"] == alone.info["pet_refine"] and both.info["pet_refine"]["refined"] > 0
+
+
+def test_configurations_are_refused_where_one_is_needed(folds, tmp_path):
+    from VeloxSegLib.infer.ensemble import pack_ensemble
+
+    coarse = _bundle(tmp_path, "coarse", seed=7, spacing=[3.0, 3.0, 3.5])
+    with pytest.raises(ConfigError, match="spacings differ .*The models of one configuration"):
+        pack_ensemble([str(folds[0]), str(coarse)], tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+    # a caller's plan applies to every member: they must all fit it
+    plan = InferencePlan.from_meta(_meta("given"))
+    with pytest.raises(ConfigError, match="spacings differ"):
+        Segmenter([str(folds[0]), str(coarse)], plan, device="cpu")
 
 
 def test_a_plan_given_for_bare_networks_is_required_and_checked():

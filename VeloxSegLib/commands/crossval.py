@@ -37,8 +37,8 @@ def register(subparsers):
                         "own)")
     p.add_argument("--ensemble", action="store_true",
                    help="the folds of several configurations trained on the same splits (e.g. fold K of two "
-                        "recipes): bundles holding out the same cases predict them together, averaged as "
-                        "predict -m does; the cross-validation of the configurations' ensemble")
+                        "recipes, or of two spacings): bundles holding out the same cases predict them together, "
+                        "averaged as predict -m does; the cross-validation of the configurations' ensemble")
     p.add_argument("--pack", metavar="BUNDLE_DIR",
                    help="also write the folds as one ensemble bundle (a folder or .zip) with the chosen "
                         "post-processing")
@@ -90,6 +90,15 @@ def run(args) -> int:
     start = time.perf_counter()
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    groups = None  # with --ensemble: the bundles' configurations (other spacings, windows or normalizations)
+    if args.ensemble:
+        from ..bundle import load_bundle
+        from ..infer.ensemble import group_configurations
+        from ..infer.pipeline import InferencePlan
+
+        loaded = [load_bundle(b) for b in args.bundles]
+        groups = [[loaded[i].name for i in g]
+                  for g in group_configurations([InferencePlan.from_meta(b.meta) for b in loaded])]
     if args.pack:  # a wrong --pack is refused before the long part
         pack = Path(args.pack).expanduser()
         check_bundle_output(pack, args.overwrite, "pass --overwrite to replace it")
@@ -98,6 +107,11 @@ def run(args) -> int:
             raise InputError(f"--pack {args.pack}: is the output folder or inside it; write the bundle elsewhere")
         if len(args.bundles) < 2:
             raise ConfigError("--pack needs at least 2 fold bundles")
+        if groups and len(groups) > 1:  # averaged on the case's grid, but a bundle holds one configuration
+            raise ConfigError(
+                f"--pack: the bundles are {len(groups)} configurations (other spacings, windows or normalizations: "
+                f"{'; '.join(', '.join(g) for g in groups)}) and a bundle holds one; pack each configuration's "
+                f"folds with veloxseg ensemble, or predict with -m and all of them")
     reporter = _Reporter(args.progress, start)
     try:
         with _CancelOnSignal() as cancel:
@@ -136,7 +150,13 @@ def run(args) -> int:
             extra += f" --min-component-mm3 {pp['best']['min_component_mm3']:g}"
         hint = (" (then predict with --pet-refine / --no-pet-refine as chosen, or use --pack, which records it)"
                 if pp["best"]["pet_refine"] != pp["current"]["pet_refine"] else "")
-        print(f"To predict with the folds as one model: veloxseg ensemble {' '.join(args.bundles)} -o NAME{extra}"
-              f"{hint}")
+        if groups and len(groups) > 1:  # not packable: the chosen setting goes on the command line
+            if pp["best"]["pet_refine"] != pp["current"]["pet_refine"]:
+                extra += " --pet-refine" if pp["best"]["pet_refine"] else " --no-pet-refine"
+            print(f"To predict with the {len(groups)} configurations together (a bundle holds one): veloxseg "
+                  f"predict -m {' '.join(args.bundles)} -i ...{extra}")
+        else:
+            print(f"To predict with the folds as one model: veloxseg ensemble {' '.join(args.bundles)} -o NAME"
+                  f"{extra}{hint}")
     print(f"Wrote {args.output} in {time.perf_counter() - start:.0f} s.", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
     veloxseg predict -m BUNDLE_OR_NAME -i CT.nii.gz PET.nii.gz -o seg.nii.gz
     veloxseg predict -m BUNDLE_OR_NAME -i cases/ -o segs/        (nnU-Net naming: case_0000.nii.gz, ...)
     veloxseg predict -m fold0/ fold1/ fold2/ fold3/ fold4/ -i ...   (an ensemble: logits averaged)
+    veloxseg predict -m fine0/ fine1/ coarse0/ coarse1/ -i ...      (configurations: probabilities averaged)
 
 Progress: a tqdm bar on a terminal; ``--progress json`` prints one JSON object per line on
 stdout ({"stage", "fraction", "elapsed", ...}) and nothing else there. SIGINT/SIGTERM cancel
@@ -30,7 +31,9 @@ def register(subparsers) -> None:
                    help="bundle folder or .zip, or the name of an embedded/user bundle (see `veloxseg models`); "
                         "several bundles (the folds of a cross-validation) predict as one ensemble, their "
                         "logits averaged in every window (same inputs, labels, spacing and window size; the "
-                        "first bundle's inference settings)")
+                        "first bundle's inference settings); bundles of other spacings, windows or "
+                        "normalizations (configurations) each predict on their own grid and their "
+                        "probabilities are averaged on the first input's, each configuration weighing the same")
     p.add_argument("-i", "--input", nargs="+", metavar="IMAGE",
                    help="input images in the bundle's channel order (NIfTI, NRRD, MHA or DICOM series folders), "
                         "or one folder of cases in nnU-Net naming")

@@ -13,11 +13,20 @@ docs/bundle-format.md), as nnU-Net exports its folds as one model: it predicts t
 ``-m fold0 fold1 ...`` and goes wherever a bundle goes (``-m NAME``, the models folder, the Slicer
 panel, the batch script, a zip).
 
-Members must see the same inputs and give the same outputs: the same channels (name, modality,
-normalization), labels, spacing, orientation and window size. Anything else refuses the
-ensemble, naming both bundles and what differs. The inference settings (overlap, blending, TTA,
-smallest component, body crop, PET border refinement) are the first member's; where another
-member's differ, a warning names them.
+Members must take the same inputs and give the same outputs: the same channels (name and
+modality, in the same order) and labels. Anything else refuses the ensemble, naming both bundles
+and what differs. Members that share a *configuration* (the channels' normalization, the
+spacing, the array orientation and the window size: the folds of one cross-validation) are
+averaged in every window as above. Members of different configurations (nnU-Net's ensemble of
+``3d_fullres`` and ``3d_lowres``, or two of our plans with other spacings or windows) cannot share
+windows: each configuration predicts the case on its own grid, its class probabilities are
+brought back onto the first input's grid, and the configurations' probabilities are averaged
+there, each configuration weighing the same, before the arg-max and the post-processing
+(nnU-Net's order for ensembles of configurations). The inference settings (overlap, blending,
+TTA, body crop) are the first member's within a configuration and each configuration's own
+across them; the post-processing (smallest component, PET border refinement) is the first
+member's. Where a member's settings differ from the ones used, a warning names them.
+``veloxseg ensemble`` packs only members of one configuration (a bundle holds one).
 """
 from __future__ import annotations
 
@@ -64,6 +73,38 @@ def _channel_key(c: dict) -> tuple:
     return (str(c.get("name", "")), str(c.get("modality", "")).upper(), c.get("normalization") or {})
 
 
+def _input_key(c: dict) -> tuple:
+    return (str(c.get("name", "")), str(c.get("modality", "")).upper())
+
+
+def _configuration_difference(plan, first, name, fname) -> Optional[str]:
+    """What keeps ``plan`` from sharing windows with ``first`` (None: the same configuration)."""
+    if [_channel_key(c) for c in plan.channels] != [_channel_key(c) for c in first.channels]:
+        return f"inputs differ ({fname}: {_describe_channels(first)}; {name}: {_describe_channels(plan)})"
+    if not _close(plan.spacing, first.spacing):
+        return f"spacings differ ({fname}: {first.spacing} mm; {name}: {plan.spacing} mm)"
+    if plan.orientation != first.orientation:
+        return f"array orientations differ ({fname}: {first.orientation}; {name}: {plan.orientation})"
+    if tuple(plan.patch_size) != tuple(first.patch_size):
+        return (f"window sizes differ ({fname}: {'x'.join(map(str, first.patch_size))}; "
+                f"{name}: {'x'.join(map(str, plan.patch_size))})")
+    return None
+
+
+def group_configurations(plans: Sequence) -> List[List[int]]:
+    """The members' indices grouped by configuration (normalization, spacing, orientation,
+    window), each group in the members' order, the groups in order of their first member."""
+    groups: List[List[int]] = []
+    for i, plan in enumerate(plans):
+        for g in groups:
+            if _configuration_difference(plan, plans[g[0]], "", "") is None:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
 def _close(a, b) -> bool:
     if a is None or b is None:
         return a is b
@@ -91,35 +132,47 @@ def _shown(value) -> str:
 SETTINGS = ("overlap", "blending", "tta", "tta_axes", "min_component_mm3", "crop_to_body", "pet_refine")
 
 
-def check_members(plans: Sequence, names: Sequence[str]) -> List[str]:
+#: Of those, the ones each configuration keeps as its own in an ensemble of configurations.
+CONFIGURATION_SETTINGS = ("overlap", "blending", "tta", "tta_axes", "crop_to_body")
+
+
+def check_members(plans: Sequence, names: Sequence[str], configurations: bool = False) -> List[str]:
     """Refuse members that cannot be averaged (ConfigError naming the first and the odd one and
-    what differs); return the inference settings in which they differ from the first."""
+    what differs); return the inference settings in which they differ from the ones used.
+
+    ``configurations``: members of different configurations (normalization, spacing,
+    orientation, window) are allowed and averaged on the output grid; only their inputs and
+    labels must agree. Otherwise every member must share the first's configuration (the folds of
+    one model; an ensemble bundle)."""
     first, fname = plans[0], names[0]
     differ: List[str] = []
-    for plan, name in zip(plans[1:], names[1:]):
+    groups = group_configurations(plans) if configurations else [list(range(len(plans)))]
+    head = {i: g[0] for g in groups for i in g}  # each member's configuration's first member
+    for i, (plan, name) in enumerate(zip(plans[1:], names[1:]), start=1):
         what = None
-        if [_channel_key(c) for c in plan.channels] != [_channel_key(c) for c in first.channels]:
+        if [_input_key(c) for c in plan.channels] != [_input_key(c) for c in first.channels]:
             what = f"inputs differ ({fname}: {_describe_channels(first)}; {name}: {_describe_channels(plan)})"
         elif [(int(a["value"]), str(a.get("name", ""))) for a in plan.labels] != \
                 [(int(a["value"]), str(a.get("name", ""))) for a in first.labels]:
             what = f"labels differ ({fname}: {_describe_labels(first)}; {name}: {_describe_labels(plan)})"
-        elif not _close(plan.spacing, first.spacing):
-            what = f"spacings differ ({fname}: {first.spacing} mm; {name}: {plan.spacing} mm)"
-        elif plan.orientation != first.orientation:
-            what = f"array orientations differ ({fname}: {first.orientation}; {name}: {plan.orientation})"
-        elif tuple(plan.patch_size) != tuple(first.patch_size):
-            what = (f"window sizes differ ({fname}: {'x'.join(map(str, first.patch_size))}; "
-                    f"{name}: {'x'.join(map(str, plan.patch_size))})")
+        elif not configurations:
+            what = _configuration_difference(plan, first, name, fname)
         if what is not None:
-            raise ConfigError(f"cannot average {name} with {fname}: {what}. The models of an ensemble must "
-                              f"take the same inputs at the same spacing and give the same labels (the folds of "
-                              f"one cross-validation do)")
+            if configurations:
+                raise ConfigError(f"cannot average {name} with {fname}: {what}. The models of an ensemble must "
+                                  f"take the same inputs in the same order and give the same labels")
+            raise ConfigError(f"cannot average {name} with {fname}: {what}. The models of one configuration must "
+                              f"take the same inputs at the same spacing and window and give the same labels (the "
+                              f"folds of one cross-validation do)")
         for key in SETTINGS:
-            if getattr(plan, key) != getattr(first, key):
-                differ.append(f"{key}: {_shown(getattr(first, key))} in {fname}, {_shown(getattr(plan, key))} in {name}")
+            own = configurations and key in CONFIGURATION_SETTINGS
+            ref, rname = (plans[head[i]], names[head[i]]) if own else (first, fname)
+            if getattr(plan, key) != getattr(ref, key):
+                differ.append(f"{key}: {_shown(getattr(ref, key))} in {rname}, {_shown(getattr(plan, key))} in {name}")
     if differ:
-        msg = (f"the ensemble's members have different inference settings; using those of the first, {fname}: "
-               + "; ".join(differ))
+        whose = f"those of the first, {fname}" if len(groups) == 1 else (
+            f"those of the first, {fname} (for {', '.join(CONFIGURATION_SETTINGS)}: of each configuration's first)")
+        msg = f"the ensemble's members have different inference settings; using {whose}: " + "; ".join(differ)
         warnings.warn(msg)
         log.warning(msg)
     return differ
@@ -199,4 +252,5 @@ def _model_text(model: dict) -> str:
             f"{'x'.join(map(str, model['patch_size']))}{extra}")
 
 
-__all__ = ["MeanOfNetworks", "check_members", "pack_ensemble", "SETTINGS"]
+__all__ = ["MeanOfNetworks", "check_members", "group_configurations", "pack_ensemble", "SETTINGS",
+           "CONFIGURATION_SETTINGS"]

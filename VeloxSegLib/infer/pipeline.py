@@ -339,10 +339,12 @@ class Segmenter:
 
     model: a bundle (anything with ``.meta`` and ``.build_model(device)``), a bundle path or
         name (loaded with ``VeloxSegLib.bundle.load_bundle``), or a torch module (then ``plan``
-        is required); or a list of these, an ensemble (the folds of a cross-validation): every
-        window goes through each network and their logits are averaged
-        (:mod:`VeloxSegLib.infer.ensemble`; the members must share inputs, labels, spacing and
-        window size, and the first member's inference settings are used).
+        is required); or a list of these, an ensemble (:mod:`VeloxSegLib.infer.ensemble`). The
+        members must share inputs and labels. Members of one configuration (normalization,
+        spacing, orientation, window: the folds of a cross-validation) share every window and
+        their logits are averaged; members of different configurations each predict on their
+        own grid and the configurations' class probabilities are averaged on the first input's
+        grid (:attr:`configurations`). The first member's post-processing is used.
     precision: ``"fp32"`` (default) or ``"bf16"``: opt-in bfloat16 weights and activations on
         the CPU (1.1-1.3x faster than fp32 for veloxseg-b on CPUs with AVX512-BF16 or AMX in our
         runs, see docs/benchmarks.md; logits differ from fp32 by bf16 rounding, see
@@ -396,26 +398,47 @@ class Segmenter:
         #: the bundles behind the model (one, or an ensemble's members); the first is ``bundle``
         self.bundles = bundles
         self.bundle = bundles[0] if len(bundles) == len(nets) else None
-        from .ensemble import MeanOfNetworks, check_members
+        from .ensemble import MeanOfNetworks, check_members, group_configurations
 
+        def flat(group):  # an ensemble bundle among several: its networks join the others, each weighing the same
+            return [m for n in group for m in (n.members if isinstance(n, MeanOfNetworks) else [n])]
+
+        #: the ensemble's configurations as Segmenters of their own (empty: one configuration)
+        self.parts: List["Segmenter"] = []
+        self.batch_size = int(batch_size) if batch_size is not None else default_batch_size(self.device)
         if len(nets) > 1:
             if plan is not None:  # a caller's plan applies to every member: each must fit it
                 plans, names = [plan] + plans, ["the given plan"] + names
-            check_members(plans, names)
-            # an ensemble bundle among several: its networks join the others, every network weighing the same
-            net = MeanOfNetworks([m for n in nets for m in (n.members if isinstance(n, MeanOfNetworks) else [n])])
+                check_members(plans, names)
+                groups = [list(range(len(nets)))]
+            else:
+                groups = group_configurations(plans)
+                check_members(plans, names, configurations=len(groups) > 1)
             unique = list(dict.fromkeys(p.name for p in plans))
-            plan = plan or replace(plans[0], name=" + ".join(unique) + (
-                f" ({len(net.members)} networks)" if len(unique) < len(net.members) else ""))
+            count = len(flat(nets))
+            shown = " + ".join(unique) + (f" ({count} networks)" if len(unique) < count else "")
+            if len(groups) > 1:
+                for g in groups:
+                    part = Segmenter(MeanOfNetworks(flat([nets[i] for i in g])), plans[g[0]], device=device,
+                                     batch_size=self.batch_size)
+                    self.parts.append(part)
+                plan = replace(plans[0], name=shown)
+                net = MeanOfNetworks(flat(nets))  # every network, for ``members`` (each part runs its own)
+            else:
+                net = MeanOfNetworks(flat(nets))
+                plan = plan or replace(plans[0], name=shown)
         else:
             plan, net = plan or plans[0], nets[0]
         #: how many networks predict (an ensemble's members, else 1)
         self.members = len(net.members) if isinstance(net, MeanOfNetworks) else 1
+        #: how many configurations predict each case (their probabilities averaged when more than 1)
+        self.configurations = max(1, len(self.parts))
         self.plan = plan
         self.model = net.to(self.device).eval()
         if precision == "bf16":  # a caller's own network is converted on a copy, not in place
             self.model = (self.model if self.bundle is not None else copy.deepcopy(self.model)).to(torch.bfloat16)
-        self.batch_size = int(batch_size) if batch_size is not None else default_batch_size(self.device)
+        for part in self.parts:  # the parts hold the same network objects: converted once, above
+            part.precision = self.precision
 
     # ---------------------------------------------------------------- inputs
 
@@ -468,10 +491,14 @@ class Segmenter:
 
         from ..data.alignment import Grid, check_overlap, resample_to_grid, working_grid
         from ..data.normalization import fit_normalizer
-        from .postprocess import (labels_from_logits, probabilities_from_logits, probabilities_to_grid,
-                                  remove_small_components)
+        from .postprocess import labels_from_logits, probabilities_from_logits, probabilities_to_grid
         from .sliding_window import stream_windows
 
+        if self.parts:
+            return self._predict_configurations(
+                inputs, overlap=overlap, tta=tta, tta_axes=tta_axes, blending=blending, probabilities=probabilities,
+                min_component_mm3=min_component_mm3, crop_to_body=crop_to_body, pet_refine=pet_refine,
+                keep_unrefined=keep_unrefined, progress=progress, cancel=cancel)
         plan = self.plan
         overlap = plan.overlap if overlap is None else float(overlap)
         if not 0.0 <= overlap < 1.0:
@@ -481,16 +508,8 @@ class Segmenter:
         if tta and not tta_axes:
             warnings.warn(f"{plan.name} records no mirror axes (it was trained without flips): TTA changes nothing")
         blending = plan.blending if blending is None else blending
-        min_mm3 = plan.min_component_mm3 if min_component_mm3 is None else float(min_component_mm3)
-        if not (math.isfinite(min_mm3) and min_mm3 >= 0):
-            raise ConfigError(f"smallest component must be a volume >= 0 mm^3, got {min_component_mm3}")
+        min_mm3, refine = self._post_settings(min_component_mm3, pet_refine)
         crop = plan.crop_to_body if crop_to_body is None else bool(crop_to_body)
-        if pet_refine is None:
-            refine = plan.pet_refine
-        elif isinstance(pet_refine, Mapping):
-            refine = plan.pet_refine_settings(pet_refine)
-        else:
-            refine = plan.pet_refine_settings(plan.pet_refine) if pet_refine else None
         report = _Progress(progress)
         times: Dict[str, float] = {}
         t0 = time.perf_counter()
@@ -646,26 +665,10 @@ class Segmenter:
                 parr[z0:z1, y0:y1, x0:x1] = np.moveaxis(probs_w.numpy(), 0, -1)
             if score is not None:
                 score[...] = probs_w[refine["label"] if n_scores == K else 0].float().numpy()
-        del labels_w, probs_w
-        unrefined = out.copy() if refine is not None and keep_unrefined else None
-        if refine is not None:
-            from .petrefine import refine_with_pet
-
-            def pet_of_box(blo, bhi):
-                box = crop_grid.crop(blo, bhi)
-                return sitk.GetArrayFromImage(resample_to_grid(pet_image, box, default=0.0))
-
-            info["pet_refine"] = refine_with_pet(out_crop, score, pet_of_box, crop_grid.spacing, refine,
-                                                 cancel=cancel)
-            del score, pet_image
-        if min_mm3 > 0:
-            remove_small_components(out_crop, crop_grid.spacing, min_mm3)
-            if unrefined is not None:
-                remove_small_components(unrefined[z0:z1, y0:y1, x0:x1], crop_grid.spacing, min_mm3)
-        labels = ref.stamp(sitk.GetImageFromArray(out))
-        if unrefined is not None:
-            unrefined = ref.stamp(sitk.GetImageFromArray(unrefined))
-        del out, out_crop
+        del labels_w, probs_w, out_crop
+        labels, unrefined = _post_process(out, (lo, hi), ref, crop_grid, score, pet_image, refine, min_mm3,
+                                          keep_unrefined, info, cancel)
+        del out, score, pet_image
         probs = None
         if parr is not None:
             probs = ref.stamp(sitk.GetImageFromArray(parr, isVector=True))
@@ -674,6 +677,122 @@ class Segmenter:
         times["postprocess"] = time.perf_counter() - t
         info.update(windows_run=counts["run"], windows_total=counts["total"], times=times, networks=self.members)
         return CasePrediction(labels, probs, info, unrefined)
+
+    def _post_settings(self, min_component_mm3, pet_refine) -> Tuple[float, Optional[Dict[str, Any]]]:
+        plan = self.plan
+        min_mm3 = plan.min_component_mm3 if min_component_mm3 is None else float(min_component_mm3)
+        if not (math.isfinite(min_mm3) and min_mm3 >= 0):
+            raise ConfigError(f"smallest component must be a volume >= 0 mm^3, got {min_component_mm3}")
+        if pet_refine is None:
+            refine = plan.pet_refine
+        elif isinstance(pet_refine, Mapping):
+            refine = plan.pet_refine_settings(pet_refine)
+        else:
+            refine = plan.pet_refine_settings(plan.pet_refine) if pet_refine else None
+        return min_mm3, refine
+
+    def _predict_configurations(self, inputs, *, overlap, tta, tta_axes, blending, probabilities, min_component_mm3,
+                                crop_to_body, pet_refine, keep_unrefined, progress, cancel) -> CasePrediction:
+        """An ensemble of configurations: each part predicts the case (its own grid, window and
+        normalization; the options left as None take the part's own) and brings its class
+        probabilities onto the reference grid; their mean, each configuration weighing the same,
+        gives the arg-max, then the first member's post-processing runs once."""
+        from ..data.alignment import Grid, check_overlap
+
+        plan = self.plan
+        min_mm3, refine = self._post_settings(min_component_mm3, pet_refine)
+        report = _Progress(progress)
+        t0 = time.perf_counter()
+        images, names = self._read(inputs, report, cancel)  # once, checked once; each part takes the images
+        check_overlap(images, names)
+        ref = Grid.of(images[0])
+        times: Dict[str, float] = {"read": time.perf_counter() - t0}
+        n = len(self.parts)
+        total: Optional[np.ndarray] = None
+        lo, hi = np.asarray(ref.size, dtype=np.int64), np.zeros(3, dtype=np.int64)
+        runs = {"windows_run": 0, "windows_total": 0}
+        parts_info = []
+        report("predict", 0.0)
+        for j, part in enumerate(self.parts):
+            def part_progress(stage, fraction, j=j):
+                if stage == "predict":
+                    report("predict", (j + fraction) / n)
+
+            result = part.predict(images, overlap=overlap, tta=tta, tta_axes=tta_axes, blending=blending,
+                                  probabilities=True, min_component_mm3=0.0, crop_to_body=crop_to_body,
+                                  pet_refine=False, progress=part_progress, cancel=cancel)
+            p = sitk.GetArrayViewFromImage(result.probabilities)
+            if total is None:
+                total = np.array(p, dtype=np.float32)
+            else:
+                total += p
+            del p, result.probabilities
+            info = result.info
+            if info.get("windows_run"):  # the body box this configuration searched (none when it found no body)
+                lo = np.minimum(lo, info["body_box"][0])
+                hi = np.maximum(hi, info["body_box"][1])
+            for key in runs:
+                runs[key] += int(info.get(key, 0))
+            parts_info.append({k: info[k] for k in ("working_size", "working_spacing", "resampled", "times")
+                               if k in info})
+        total /= n
+        _check_cancel(cancel)
+        report("postprocess", 0.0)
+        t = time.perf_counter()
+        out = np.argmax(total, axis=-1).astype(np.uint8)
+        info: Dict[str, Any] = {"reference_size": ref.size, "configurations": parts_info, **runs}
+        labels, unrefined = None, None
+        if np.all(hi > lo):
+            crop_grid = ref.crop(lo, hi)
+            (x0, y0, z0), (x1, y1, z1) = lo.tolist(), hi.tolist()
+            score = None
+            if refine is not None:
+                score = total[z0:z1, y0:y1, x0:x1, refine["label"]].astype(np.float16)
+            pet_image = images[plan.pet_channel] if refine is not None else None
+            labels, unrefined = _post_process(out, (lo, hi), ref, crop_grid, score, pet_image, refine, min_mm3,
+                                              keep_unrefined, info, cancel)
+            info["body_box"] = (lo.tolist(), hi.tolist())
+        else:  # no configuration found a body: every probability is background's
+            labels = ref.stamp(sitk.GetImageFromArray(out))
+            info["body_box"] = ([0, 0, 0], list(ref.size))
+        del out
+        probs = ref.stamp(sitk.GetImageFromArray(total, isVector=True)) if probabilities else None
+        del total
+        report("postprocess", 1.0)
+        times["postprocess"] = time.perf_counter() - t
+        times["total"] = time.perf_counter() - t0
+        info.update(times=times, networks=self.members)
+        return CasePrediction(labels, probs, info, unrefined)
+
+
+def _post_process(out: np.ndarray, box, ref, crop_grid, score, pet_image, refine, min_mm3: float,
+                  keep_unrefined: bool, info: Dict[str, Any], cancel) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+    """The steps after the arg-max, on the labels ``out`` (the reference grid's array, changed in
+    place) within ``box`` (the body box, ``crop_grid``): the PET border refinement (``score``:
+    the refined label's probability on the box), then the smallest-component removal. Returns
+    the labels and, with ``keep_unrefined``, those from before the refinement."""
+    from ..data.alignment import resample_to_grid
+    from .postprocess import remove_small_components
+
+    (x0, y0, z0), (x1, y1, z1) = [int(v) for v in box[0]], [int(v) for v in box[1]]
+    out_crop = out[z0:z1, y0:y1, x0:x1]
+    unrefined = out.copy() if refine is not None and keep_unrefined else None
+    if refine is not None:
+        from .petrefine import refine_with_pet
+
+        def pet_of_box(blo, bhi):
+            box = crop_grid.crop(blo, bhi)
+            return sitk.GetArrayFromImage(resample_to_grid(pet_image, box, default=0.0))
+
+        info["pet_refine"] = refine_with_pet(out_crop, score, pet_of_box, crop_grid.spacing, refine, cancel=cancel)
+    if min_mm3 > 0:
+        remove_small_components(out_crop, crop_grid.spacing, min_mm3)
+        if unrefined is not None:
+            remove_small_components(unrefined[z0:z1, y0:y1, x0:x1], crop_grid.spacing, min_mm3)
+    labels = ref.stamp(sitk.GetImageFromArray(out))
+    if unrefined is not None:
+        unrefined = ref.stamp(sitk.GetImageFromArray(unrefined))
+    return labels, unrefined
 
 
 def predict_case(model, inputs, *, plan: Optional[InferencePlan] = None, device: str = "auto",

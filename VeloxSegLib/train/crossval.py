@@ -215,7 +215,9 @@ def cross_validate(dataset, bundles: Sequence, output, *, regions: Optional[Dict
                              f"{' ...' if len(missing) > 3 else ''} are not in the dataset '{ds.root}'; give the "
                              f"dataset the folds were trained on")
     if len(loaded) > 1:
-        check_members(plans, shown)  # the folds of one model: same inputs, labels, spacing and window
+        # the folds of one model: same inputs, labels, spacing and window; with ``ensemble`` the
+        # configurations may differ (each fold's bundles average their probabilities on the case's grid)
+        check_members(plans, shown, configurations=ensemble)
     plan = plans[0]
     if ds.num_channels != len(plan.channels):
         raise InputError(f"'{ds.root}': {ds.num_channels} channel(s) per case, the folds take "
