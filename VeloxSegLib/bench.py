@@ -16,9 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from .model.peers import PEERS, build_peer
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    import torch
 
 PATCH = (96, 96, 96)
 IN_CHANNELS = 2

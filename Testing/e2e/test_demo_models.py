@@ -1,6 +1,5 @@
 """End to end with the embedded demo bundles: `veloxseg demo`, `veloxseg predict` and the Slicer batch
 script (plain Python + slicer-core) on freshly generated phantoms."""
-import json
 import os
 import subprocess
 import sys

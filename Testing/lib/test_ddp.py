@@ -1,5 +1,4 @@
 """Data-parallel training: two CPU processes (gloo) end with identical weights; rank 0 writes."""
-import hashlib
 import os
 import socket
 import subprocess

@@ -28,7 +28,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
     import SimpleITK as sitk
 
     from ..bundle import load_bundle

@@ -34,7 +34,6 @@ import logging
 import warnings
 from typing import List, Optional, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError

@@ -5,7 +5,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import fastops
 from .layers import Conv1x1, Dropout
