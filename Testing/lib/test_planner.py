@@ -10,7 +10,7 @@ from VeloxSegLib.cli import main
 from VeloxSegLib.data.nnunet import make_dataset_json, write_dataset_json
 from VeloxSegLib.errors import ConfigError
 from VeloxSegLib.train.planner import (channel_modality, choose_patch_size, choose_spacing, fingerprint_dataset,
-                                       make_plans, parse_normalization)
+                                       make_plans, parse_normalization, plans_for_configuration)
 
 
 def fake_fingerprint(size, spacing, n=10, channels=("CT", "PET")):
@@ -70,6 +70,49 @@ def test_anisotropic_spacing_takes_the_tenth_percentile_of_the_coarse_axis():
     assert spacing[:2] == [0.7, 0.7] and 2.5 < spacing[2] < 5.0 and "anisotropic" in reason
     iso, reason = choose_spacing(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5)))
     assert iso == [3.0, 3.0, 3.5] and reason.startswith("median")
+
+
+def _cover(patch, shape):
+    return float(np.prod(patch)) / float(np.prod(shape))
+
+
+@pytest.mark.parametrize("size, spacing", [
+    ((400, 400, 326), (2.0364, 2.0364, 3.0)),   # AutoPET-II whole body: 96^3 covers 2% of it
+    ((512, 512, 40), (0.7, 0.7, 5.0)),          # thick slices: only x and y grow at first
+])
+def test_large_images_get_a_low_resolution_configuration_whose_window_covers_a_quarter(size, spacing):
+    """nnU-Net's 3d_lowres rule: planned when the full-resolution window covers under 25% of the
+    median image; its spacing grows until its own window covers at least 25%."""
+    plans = make_plans(fake_fingerprint(size, spacing))
+    full = plans["median_size_at_spacing"]
+    assert _cover(plans["model"]["patch_size"], full) < 0.25
+    low = plans["configurations"]["3d_lowres"]
+    assert all(a > b for a, b in zip(low["spacing"], plans["spacing"][:2]))  # coarser in plane
+    assert all(p % 32 == 0 for p in low["patch_size"]) and np.prod(low["patch_size"]) <= 96 ** 3
+    assert _cover(low["patch_size"], low["median_size_at_spacing"]) >= 0.25
+    # the smallest such spacing: one 3% step less (on the axes that grew) covers under a quarter
+    grew = [a > b for a, b in zip(low["spacing"], plans["spacing"])]
+    back = [v / 1.03 if g else v for v, g in zip(low["spacing"], grew)]
+    patch, _, shape = choose_patch_size(fake_fingerprint(size, spacing), back)
+    assert _cover(patch, shape) < 0.25
+    if spacing[2] > 2 * spacing[0]:  # anisotropic: only the axes over 2x finer than the coarsest grow
+        assert grew == [True, True, False] and low["spacing"][2] == plans["spacing"][2]
+    else:
+        assert grew == [True, True, True]
+    assert "3d_lowres" in plans["decisions"] and "25%" in plans["decisions"]["3d_lowres"]
+    lowres = plans_for_configuration(plans, "3d_lowres")
+    assert lowres["spacing"] == low["spacing"] and lowres["model"]["patch_size"] == low["patch_size"]
+    assert lowres["batch_size"] == low["batch_size"] and lowres["configuration"] == "3d_lowres"
+    assert plans["spacing"] != lowres["spacing"]  # the plans themselves are unchanged
+    assert plans_for_configuration(plans, "3d_fullres") is plans
+
+
+def test_small_images_get_no_low_resolution_configuration_and_asking_for_one_says_why():
+    plans = make_plans(fake_fingerprint((128, 128, 96), (3.0, 3.0, 3.5)))  # 96^3 covers 56% of the phantom
+    assert plans["configurations"] == {} and "covers 56%" in plans["decisions"]["3d_lowres"]
+    with pytest.raises(ConfigError, match=r"no 3d_lowres configuration \(not planned: the full-resolution window "
+                                          r"covers 56%"):
+        plans_for_configuration(plans, "3d_lowres")
 
 
 @pytest.mark.parametrize("name, modality, scheme", [
@@ -266,3 +309,32 @@ def test_plan_command_takes_threads(tmp_path, capsys):
     assert main(["plan", str(ds), "-o", str(tmp_path / "one.json"), "--threads", "1"]) == 0
     assert main(["plan", str(ds), "-o", str(tmp_path / "two.json"), "--threads", "2"]) == 0
     assert json.loads((tmp_path / "one.json").read_text()) == json.loads((tmp_path / "two.json").read_text())
+
+
+def test_train_takes_the_low_resolution_configuration_of_the_plans(tmp_path, capsys):
+    """`veloxseg plan` at a fine spacing and a small window plans a 3d_lowres configuration;
+    `train --configuration 3d_lowres` trains a bundle at its spacing and window."""
+    import torch
+
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+
+    ds = tmp_path / "ds"
+    write_phantom_dataset(ds, "petct", 3, seed=5, size=(64, 64, 48))
+    plans_file = tmp_path / "plans.json"
+    assert main(["plan", str(ds), "--spacing", "1.5", "1.5", "1.75", "--max-patch-voxels", "65536",
+                 "-o", str(plans_file)]) == 0
+    assert "3d_lowres (train --configuration 3d_lowres): spacing:" in capsys.readouterr().out
+    low = json.loads(plans_file.read_text())["configurations"]["3d_lowres"]
+    torch.set_num_threads(1)
+    out = tmp_path / "lowres"
+    assert main(["train", str(ds), "-o", str(out), "--plans", str(plans_file), "--configuration", "3d_lowres",
+                 "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "1", "--device", "cpu",
+                 "--progress", "none"]) == 0
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["spacing"] == pytest.approx(low["spacing"]) and meta["model"]["patch_size"] == low["patch_size"]
+    assert json.loads((tmp_path / "lowres.training" / "plans.json").read_text())["configuration"] == "3d_lowres"
+    # the configuration and the planner's overrides of spacing or window exclude each other
+    capsys.readouterr()
+    assert main(["train", str(ds), "-o", str(tmp_path / "x"), "--configuration", "3d_lowres",
+                 "--spacing", "2", "2", "2", "--progress", "none"]) == ConfigError.exit_code
+    assert "give one or the other" in capsys.readouterr().err and not (tmp_path / "x").exists()

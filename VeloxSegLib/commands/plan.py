@@ -70,6 +70,12 @@ def run(args) -> int:
     fp = plans["fingerprint"]
     print(f"dataset: {fp['name']} ({fp['num_cases']} cases, channels {', '.join(c['name'] for c in fp['channels'])})")
     print(f"spacing: {plans['spacing']}  patch size: {plans['model']['patch_size']}  batch size: {plans['batch_size']}")
+    low = plans["configurations"].get("3d_lowres")
+    if low:
+        print(f"3d_lowres (train --configuration 3d_lowres): spacing: {low['spacing']}  patch size: "
+              f"{low['patch_size']}  batch size: {low['batch_size']}")
+    else:
+        print(f"3d_lowres: {plans['decisions']['3d_lowres']}")
     for ch in plans["channels"]:
         print(f"normalization {ch['name']}: {ch['normalization']}")
     if plans["overrides"]:

@@ -95,6 +95,9 @@ def register(subparsers):
     add_split_arguments(p)
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="planner override (x y z)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="planner override, mm")
+    p.add_argument("--configuration", choices=["3d_fullres", "3d_lowres"],
+                   help="the plans' configuration to train (default 3d_fullres); 3d_lowres: nnU-Net's coarser one, "
+                        "planned when the full-resolution window covers under a quarter of the median image")
     add_run_arguments(p, epochs=300, iterations=250, lr=2.5e-4, val_every=10)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -137,7 +140,8 @@ def config_from_args(args, **extra):
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
                        dropout=args.dropout, refine_head=args.refine_head,
                        component_sampling=args.component_sampling, preprocessed=args.preprocessed,
-                       in_memory=args.in_memory, compress_preprocessed=args.compress_preprocessed, **extra)
+                       in_memory=args.in_memory, compress_preprocessed=args.compress_preprocessed,
+                       configuration=getattr(args, "configuration", None), **extra)
 
 
 def command_line(args) -> str:
@@ -192,6 +196,11 @@ def run(args) -> int:
     from ..train.trainer import run_training
 
     args.model_preset = args.model
+    if args.configuration == "3d_lowres" and (args.spacing or args.patch_size):
+        from ..errors import ConfigError
+
+        raise ConfigError("--configuration 3d_lowres takes the planner's low-resolution spacing and window; "
+                          "--spacing and --patch-size set a configuration of their own (give one or the other)")
     config = config_from_args(args, fold=args.fold, split=_parse_split(args.split))
     overrides = {"patch_size": args.patch_size, "spacing": args.spacing, "batch_size": args.batch_size}
     if args.model:

@@ -11,6 +11,7 @@ stores the patch in tensor order z, y, x: the trainer reverses it).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -33,6 +34,13 @@ DEFAULT_BATCH_VOXELS = 2 * 96 ** 3  # the paper's batch of two 96^3 patches
 MAX_BATCH_SIZE = 8
 MAX_BATCH_DATASET_FRACTION = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
 ANISOTROPY_RATIO = 3.0
+#: A low-resolution configuration is planned when the full-resolution window covers less than this
+#: fraction of the median image, and its spacing grows until its window covers at least this much
+#: (nnU-Net's 3d_lowres rule), by this factor per step.
+LOWRES_COVERAGE = 0.25
+LOWRES_SPACING_STEP = 1.03
+#: The configurations ``train --configuration`` takes.
+CONFIGURATIONS = ("3d_fullres", "3d_lowres")
 #: A PET whose body's 99.5th percentile is below this is taken to be in SUV (tumours reach 10-30);
 #: Bq/mL is thousands of times larger.
 PET_SUV_MAX = 100.0
@@ -308,6 +316,57 @@ def choose_batch_size(fingerprint: dict, patch: Sequence[int], spacing: Sequence
                    f"at most {MAX_BATCH_DATASET_FRACTION:.0%} of the dataset's voxels per batch")
 
 
+def plan_lowres(fingerprint: dict, spacing: Sequence[float], patch: Sequence[int],
+                shape_at_target: Sequence[float], max_voxels: int = DEFAULT_MAX_PATCH_VOXELS):
+    """nnU-Net's ``3d_lowres``: when the full-resolution window covers less than a quarter of the
+    median image (large images: a whole body, an abdomen at fine spacing), a second configuration
+    sees each image at a coarser spacing, so that its window holds more of it. The spacing grows
+    by 3% per step (only the axes more than 2x finer than the coarsest while the spacing is that
+    anisotropic, then all of them), the window is re-planned at each step as for full resolution,
+    until it covers a quarter of the median image. Returns ``(plan or None, reason)``."""
+    cover = float(np.prod(patch)) / float(np.prod(shape_at_target))
+    if cover >= LOWRES_COVERAGE:
+        return None, (f"not planned: the full-resolution window covers {cover:.0%} of the median image "
+                      f"(a low-resolution configuration is planned below {LOWRES_COVERAGE:.0%})")
+    low = np.asarray(spacing, dtype=np.float64)
+    for _ in range(1000):  # 1.03^1000: far past any image
+        grow = low.max() / low > 2
+        low = np.where(grow, low * LOWRES_SPACING_STEP, low) if grow.any() else low * LOWRES_SPACING_STEP
+        low_patch, _, low_shape = choose_patch_size(fingerprint, low, max_voxels)
+        low_cover = float(np.prod(low_patch)) / float(np.prod(low_shape))
+        if low_cover >= LOWRES_COVERAGE:
+            break
+    batch, _ = choose_batch_size(fingerprint, low_patch, low)
+    plan = {"spacing": [float(round(v, 6)) for v in low], "patch_size": [int(v) for v in low_patch],
+            "batch_size": int(batch), "median_size_at_spacing": [round(float(v), 2) for v in low_shape]}
+    reason = (f"the full-resolution window covers {cover:.0%} of the median image (below {LOWRES_COVERAGE:.0%}): "
+              f"spacing grown by {LOWRES_SPACING_STEP - 1:.0%} per step to {plan['spacing']} mm, where the window "
+              f"{plan['patch_size']} covers {min(low_cover, 1.0):.0%} of it")
+    return plan, reason
+
+
+def plans_for_configuration(plans: dict, configuration: Optional[str]) -> dict:
+    """The plans of one configuration: the plans themselves for ``3d_fullres`` (or None), else a
+    copy with the spacing, window and batch size of ``plans["configurations"][configuration]``."""
+    if configuration in (None, "3d_fullres"):
+        return plans
+    if configuration not in CONFIGURATIONS:
+        raise ConfigError(f"unknown configuration {configuration!r}; the planner's are {', '.join(CONFIGURATIONS)}")
+    planned = (plans.get("configurations") or {}).get(configuration)
+    if not planned:
+        why = (plans.get("decisions") or {}).get(configuration, "the plans predate low-resolution configurations")
+        raise ConfigError(f"the plans have no {configuration} configuration ({why}); train the full-resolution "
+                          f"one, or set --spacing and --patch-size yourself")
+    out = json.loads(json.dumps(plans))
+    out["spacing"] = list(planned["spacing"])
+    out["model"]["patch_size"] = list(planned["patch_size"])
+    out["batch_size"] = int(planned["batch_size"])
+    if "median_size_at_spacing" in planned:
+        out["median_size_at_spacing"] = list(planned["median_size_at_spacing"])
+    out["configuration"] = configuration
+    return out
+
+
 def default_normalization(channel: dict):
     """The normalization spec (bundle format) for one fingerprint channel, and the reason."""
     modality = channel["modality"]
@@ -534,6 +593,7 @@ def make_plans(
                               f"(benchmark peers: {', '.join(PEERS)})")
         overrides["model"] = model
 
+    lowres, decisions["3d_lowres"] = plan_lowres(fingerprint, spacing, patch, shape_at_target, budget)
     labels = _labels(fingerprint)
     return {
         "plans_version": PLANS_VERSION,
@@ -546,6 +606,9 @@ def make_plans(
         "labels": labels,
         "batch_size": batch,
         "median_size_at_spacing": [round(v, 2) for v in shape_at_target],
+        "configuration": "3d_fullres",
+        # other configurations of the same plans (train --configuration NAME)
+        "configurations": {"3d_lowres": lowres} if lowres else {},
         "channels_need_alignment": [c["name"] for c in channels_fp if not c.get("on_reference_grid", True)],
         "decisions": decisions,
         "overrides": overrides,

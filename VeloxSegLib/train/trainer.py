@@ -102,6 +102,7 @@ class TrainConfig:
     preprocessed: Optional[str] = None  # folder of preprocessed cases (train/cache.py); None: WORK/preprocessed
     in_memory: bool = False  # hold the preprocessed cases in memory instead (no folder)
     compress_preprocessed: bool = False  # write new preprocessed cases compressed (train/chunked.py)
+    configuration: Optional[str] = None  # the plans' configuration to train (planner.CONFIGURATIONS); None: 3d_fullres
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
     refine_head: Optional[int] = None  # width of a full-resolution refinement head; None: none, or the parent's
@@ -141,6 +142,12 @@ class TrainConfig:
             raise ConfigError(f"--lesion-dice must be a non-negative weight, got {self.lesion_dice}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.configuration is not None:
+            from .planner import CONFIGURATIONS
+
+            if self.configuration not in CONFIGURATIONS:
+                raise ConfigError(f"--configuration must be one of {', '.join(CONFIGURATIONS)}, got "
+                                  f"{self.configuration!r}")
         if self.refine_head is not None and (int(self.refine_head) != self.refine_head or self.refine_head < 0):
             raise ConfigError(f"--refine-head must be a whole number of channels >= 0, got {self.refine_head}")
         if int(self.fresh_warmup) < 0:
@@ -889,6 +896,12 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
                             "in_channels": tuple(saved["in_channels"]), "spacing": tuple(saved["spacing"])})
     elif setup is None:
         plans, new_fp = _plan_run(ds, plans, planner_overrides, store_root, progress, dist, notices)
+        if config.configuration not in (None, "3d_fullres"):
+            from .planner import plans_for_configuration
+
+            plans = plans_for_configuration(plans, config.configuration)
+            notices.append(f"training the {config.configuration} configuration: spacing {plans['spacing']} mm, "
+                           f"window {plans['model']['patch_size']}, batch {plans['batch_size']}")
         setup = RunSetup.from_plans(plans, config)
     if config.dropout is not None and ckpt is None:  # a resumed run keeps the setup it saved
         setup = setup.with_dropout(config.dropout)
