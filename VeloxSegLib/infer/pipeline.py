@@ -414,19 +414,13 @@ class Segmenter:
             else:
                 groups = group_configurations(plans)
                 check_members(plans, names, configurations=len(groups) > 1)
+            net = MeanOfNetworks(flat(nets))  # with several configurations: for ``members`` (each part runs its own)
             unique = list(dict.fromkeys(p.name for p in plans))
-            count = len(flat(nets))
-            shown = " + ".join(unique) + (f" ({count} networks)" if len(unique) < count else "")
+            shown = " + ".join(unique) + (f" ({len(net.members)} networks)" if len(unique) < len(net.members) else "")
+            plan = plan or replace(plans[0], name=shown)
             if len(groups) > 1:
-                for g in groups:
-                    part = Segmenter(MeanOfNetworks(flat([nets[i] for i in g])), plans[g[0]], device=device,
-                                     batch_size=self.batch_size)
-                    self.parts.append(part)
-                plan = replace(plans[0], name=shown)
-                net = MeanOfNetworks(flat(nets))  # every network, for ``members`` (each part runs its own)
-            else:
-                net = MeanOfNetworks(flat(nets))
-                plan = plan or replace(plans[0], name=shown)
+                self.parts = [Segmenter(MeanOfNetworks(flat([nets[i] for i in g])), plans[g[0]], device=device,
+                                        batch_size=self.batch_size) for g in groups]
         else:
             plan, net = plan or plans[0], nets[0]
         #: how many networks predict (an ensemble's members, else 1)
