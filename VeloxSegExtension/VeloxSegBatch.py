@@ -35,7 +35,10 @@ def _bootstrap_paths():
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="VeloxSegBatch", description="Segment images with a VeloxSeg model into .seg.nrrd files.")
-    parser.add_argument("-m", "--model", required=True, help="model name (embedded or user) or bundle folder/zip")
+    parser.add_argument("-m", "--model", required=True, nargs="+",
+                        help="model name (embedded or user) or bundle folder/zip; several predict together as one "
+                             "ensemble, as veloxseg predict -m does (cross-validation folds, or configurations of "
+                             "other spacings or windows)")
     parser.add_argument("-i", "--input", nargs="+", required=True, help="one image per model input, or one folder of cases")
     parser.add_argument("-o", "--output", required=True, help=".seg.nrrd file, or a folder for a folder of cases")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -90,7 +93,8 @@ def segment_files(logic, info, paths, output, args, log):
             if not args.quiet and record.get("stage") not in (None, "done"):
                 log(f"  {record.get('stage')}: {100 * float(record.get('fraction', 0)):.0f}%")
 
-        request = SegmentationRequest(bundle=info.path, input_nodes=nodes, device=args.device, overlap=args.overlap,
+        request = SegmentationRequest(bundle=info.path, ensemble_with=list(args.model[1:]), input_nodes=nodes,
+                                      device=args.device, overlap=args.overlap,
                                       tta=args.tta, precision=args.precision, pet_refine=args.pet_refine,
                                       output_name=os.path.basename(output).split(".")[0])
         node = logic.segment(request, in_process=not args.subprocess, progress=progress)
@@ -116,7 +120,7 @@ def main(argv=None):
 
     try:
         logic = VeloxSegCoreLogic()
-        info = logic.bundle_info(args.model)
+        info = logic.bundle_info(args.model[0])
         if len(args.input) == 1 and os.path.isdir(args.input[0]):
             cases = find_case_inputs(args.input[0], info)
             if os.path.exists(args.output) and not os.path.isdir(args.output):

@@ -66,7 +66,7 @@ def bundle_json(name="petct-test", channels=("CT", "PET"), labels=None):
     }
 
 
-def random_bundle(folder, seed=0):
+def random_bundle(folder, seed=0, spacing=(3.0, 3.0, 3.0), labels=None):
     """A veloxseg-b bundle with random weights at the smallest patch VeloxSeg tiles (64x32x32; 32^3 is
     refused by the paired windows), or skip if the library cannot make one yet."""
     try:
@@ -80,16 +80,16 @@ def random_bundle(folder, seed=0):
     import torch
 
     torch.manual_seed(seed)
-    labels = [{"value": 0, "name": "background"},
-              {"value": 1, "name": "lesion", "color": [230, 80, 60],
-               "terminology": {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
-                               "type": ["SCT", "108369006", "Neoplasm"]}}]
+    labels = labels or [{"value": 0, "name": "background"},
+                        {"value": 1, "name": "lesion", "color": [230, 80, 60],
+                         "terminology": {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                                         "type": ["SCT", "108369006", "Neoplasm"]}}]
     meta = bundle_json("batch-random", labels=labels)
     meta["channels"] = [
         {"name": "CT", "modality": "CT", "normalization": {"scheme": "ct", "clip": [-1000.0, 600.0], "mean": 40.0, "std": 200.0}},
         {"name": "PET", "modality": "PET", "normalization": {"scheme": "pet_zscore_body"}},
     ]
-    meta["spacing"] = [3.0, 3.0, 3.0]
+    meta["spacing"] = [float(s) for s in spacing]
     meta["model"]["patch_size"] = [64, 32, 32]
     model = build_model("veloxseg-b", in_channels=(1, 1), num_classes=2, patch_size=(64, 32, 32))
     return save_bundle(folder, meta, model.state_dict())

@@ -124,6 +124,40 @@ def test_batch_segments_with_an_ensemble_bundle(tmp_path, session, mode):
     assert int((written > 0).sum()) == int((expected > 0).sum()) > 0
 
 
+@pytest.mark.parametrize("mode", ["in-process", "subprocess"])
+def test_batch_averages_several_models_given_together(tmp_path, session, mode):
+    """`-m A B`: two configurations (3 mm and 2 x 2 x 4 mm) predict together, as `veloxseg predict
+    -m A B` does, in both of the logic's ways to run the network."""
+    import SimpleITK as sitk
+
+    from VeloxSegLib.infer.pipeline import predict_case
+
+    coarse = random_bundle(str(tmp_path / "coarse"), seed=0)
+    fine = random_bundle(str(tmp_path / "fine"), seed=1, spacing=(2.0, 2.0, 4.0))
+    ct, pet = _write_pair(str(tmp_path))
+    out = str(tmp_path / "out.seg.nrrd")
+    result = run_batch("--model", str(coarse), str(fine), "--input", ct, pet, "--output", out, "--device", "cpu",
+                       *(["--subprocess"] if mode == "subprocess" else []))
+    assert result.returncode == 0, result.stderr
+    written = int((sitk.GetArrayFromImage(sitk.ReadImage(out)) > 0).sum())
+    both = predict_case([str(coarse), str(fine)], [ct, pet], device="cpu")
+    assert both.info["networks"] == 2 and len(both.info["configurations"]) == 2
+    alone = predict_case(str(coarse), [ct, pet], device="cpu")
+    assert written == int((sitk.GetArrayFromImage(both.labels) > 0).sum()) > 0
+    assert written != int((sitk.GetArrayFromImage(alone.labels) > 0).sum())  # the second model counted
+
+
+def test_batch_refuses_models_that_cannot_predict_together(tmp_path):
+    first = random_bundle(str(tmp_path / "first"), seed=0)
+    other = random_bundle(str(tmp_path / "other"), seed=1,
+                          labels=[{"value": 0, "name": "background"}, {"value": 1, "name": "tumour"}])
+    ct, pet = _write_pair(str(tmp_path))
+    out = tmp_path / "out.seg.nrrd"
+    result = run_batch("--model", str(first), str(other), "--input", ct, pet, "--output", str(out), "--device", "cpu")
+    assert result.returncode == 2 and f"({other}) gives other labels than model 'batch-random' ({first})" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 def test_batch_folder_of_nnunet_cases(tmp_path, metadata_bundle):
     cases = tmp_path / "cases"
     cases.mkdir()

@@ -14,8 +14,10 @@ from VeloxSegLogic.errors import InputError
 
 @pytest.fixture
 def fake_cli(monkeypatch):
-    def command(bundle, inputs, output, device="auto", overlap=None, tta=False, precision="fp32", pet_refine=True):
-        args = L.predict_command.__wrapped__(bundle, inputs, output, device, overlap, tta, precision, pet_refine)
+    def command(bundle, inputs, output, device="auto", overlap=None, tta=False, precision="fp32", pet_refine=True,
+                ensemble_with=()):
+        args = L.predict_command.__wrapped__(bundle, inputs, output, device, overlap, tta, precision, pet_refine,
+                                             ensemble_with)
         index = args.index("predict")
         return [sys.executable, os.path.join(HELPERS, "fake_predict.py")] + args[index + 1:]
 
@@ -103,6 +105,8 @@ def test_predict_command_uses_this_python_and_json_progress():
     assert "--no-pet-refine" not in args and "--pet-refine" not in args  # the bundle's setting
     args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", pet_refine=False)
     assert args[-1] == "--no-pet-refine"
+    args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", ensemble_with=["/c", "/d"])  # one ensemble
+    assert args[args.index("-m") + 1: args.index("-i")] == ["/b", "/c", "/d"]
 
 
 def test_request_refuses_an_unknown_precision(scene, metadata_bundle):

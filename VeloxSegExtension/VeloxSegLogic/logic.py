@@ -28,6 +28,10 @@ PRECISIONS = ("fp32", "bf16")
 class SegmentationRequest:
     bundle: str  # bundle folder/zip path or model name
     input_nodes: list  # volume nodes, in the bundle's channel order
+    # more bundles (paths or names) that predict together with ``bundle``, as ``veloxseg predict
+    # -m BUNDLE MORE...`` does: folds averaged in every window, other configurations (spacings,
+    # windows) averaged as probabilities. They must take the same inputs and give the same labels.
+    ensemble_with: list = dataclasses.field(default_factory=list)
     output_node: object = None  # vtkMRMLSegmentationNode, or None to create one
     device: str = "auto"
     overlap: float | None = None  # None: the bundle's default
@@ -95,12 +99,14 @@ def write_inputs(input_nodes, folder: str) -> list:
 
 
 def predict_command(bundle_path, input_paths, output_path, device="auto", overlap=None, tta=False, precision="fp32",
-                    pet_refine=True):
+                    pet_refine=True, ensemble_with=()):
     """The argument list of ``veloxseg predict`` run by the current Python. ``pet_refine``
-    False adds ``--no-pet-refine``; True leaves the bundle's setting."""
+    False adds ``--no-pet-refine``; True leaves the bundle's setting. ``ensemble_with``: more
+    bundle paths, predicting with the first as one ensemble."""
     from .process import python_executable
 
-    args = [python_executable(), "-m", "VeloxSegLib.cli", "predict", "-m", bundle_path, "-i", *input_paths,
+    args = [python_executable(), "-m", "VeloxSegLib.cli", "predict", "-m", bundle_path, *ensemble_with,
+            "-i", *input_paths,
             "-o", output_path, "--device", device, "--progress", "json", "--overwrite"]
     if overlap is not None:
         args += ["--overlap", f"{float(overlap):g}"]
@@ -114,8 +120,9 @@ def predict_command(bundle_path, input_paths, output_path, device="auto", overla
 
 
 def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=False, progress=None, cancel=None,
-                       precision="fp32", pet_refine=True):
+                       precision="fp32", pet_refine=True, ensemble_with=()):
     """Adapter to VeloxSegLib's in-process prediction: SimpleITK images in, uint8 label image out.
+    ``ensemble_with``: more bundle paths, predicting with the first as one ensemble.
 
     ``progress(dict)`` receives records shaped like the CLI's JSON lines ({"stage", "fraction"});
     ``cancel()`` returning True stops the run (VeloxSegLib raises Cancelled).
@@ -125,7 +132,8 @@ def predict_in_process(bundle_path, images, device="auto", overlap=None, tta=Fal
     def report(stage, fraction):
         progress({"stage": stage, "fraction": float(fraction)})
 
-    result = predict_case(bundle_path, list(images), device=device, overlap=overlap, tta=bool(tta), precision=precision,
+    model = [bundle_path, *ensemble_with] if ensemble_with else bundle_path
+    result = predict_case(model, list(images), device=device, overlap=overlap, tta=bool(tta), precision=precision,
                           pet_refine=None if pet_refine else False,
                           progress=report if progress is not None else None, cancel=cancel)
     return result.labels
@@ -138,10 +146,12 @@ class SegmentationJob:
     ``on_done(segmentation_node_or_None, error_message_or_None)``.
     """
 
-    def __init__(self, logic, request, info, on_progress=None, on_log=None, on_done=None, keep_temp=False):
+    def __init__(self, logic, request, info, on_progress=None, on_log=None, on_done=None, keep_temp=False,
+                 ensemble_paths=()):
         self.logic = logic
         self.request = request
         self.info = info
+        self.ensemble_paths = list(ensemble_paths)  # the bundles predicting together with ``info``
         self.on_progress = on_progress
         self.on_log = on_log
         self.on_done = on_done
@@ -161,7 +171,8 @@ class SegmentationJob:
             self._log(f"writing {len(self.request.input_nodes)} input volume(s) to {self.temp_dir}")
             inputs = write_inputs(self.request.input_nodes, self.temp_dir)
             args = predict_command(self.info.path, inputs, self.output_path, self.request.device,
-                                   self.request.overlap, self.request.tta, self.request.precision, self.request.pet_refine)
+                                   self.request.overlap, self.request.tta, self.request.precision, self.request.pet_refine,
+                                   ensemble_with=self.ensemble_paths)
             self._log(" ".join(args))
             self.runner = ProcessRunner(args, env=library_env(), on_progress=self._progress, on_log=self._log,
                                         on_finished=self._finished)
@@ -254,19 +265,38 @@ class VeloxSegCoreLogic:
         return resolve_bundle(name_or_path)
 
     # -- segmentation --------------------------------------------------------------------------
+    def ensemble_infos(self, request) -> list:
+        """The bundles of ``request.ensemble_with``, each checked against the request's own bundle:
+        the same inputs (names, in order) and labels, or an InputError naming both."""
+        info = self.bundle_info(request.bundle)
+        others = [self.bundle_info(b) for b in request.ensemble_with]
+        for other in others:
+            if other.channel_names != info.channel_names:
+                raise InputError(f"model '{other.name}' ({other.path}) takes {', '.join(other.channel_names)}, model "
+                                 f"'{info.name}' ({info.path}) {', '.join(info.channel_names)}: an ensemble's models "
+                                 f"take the same inputs")
+            if [(int(a["value"]), a.get("name")) for a in other.labels] != \
+                    [(int(a["value"]), a.get("name")) for a in info.labels]:
+                raise InputError(f"model '{other.name}' ({other.path}) gives other labels than model '{info.name}' "
+                                 f"({info.path}): an ensemble's models give the same labels")
+        return others
+
     def start_segmentation(self, request, on_progress=None, on_log=None, on_done=None) -> SegmentationJob:
         info = self.bundle_info(request.bundle)
         request.validate(info)
-        return SegmentationJob(self, request, info, on_progress, on_log, on_done).start()
+        others = self.ensemble_infos(request)
+        return SegmentationJob(self, request, info, on_progress, on_log, on_done,
+                               ensemble_paths=[o.path for o in others]).start()
 
     def segment(self, request, in_process=False, progress=None, log_callback=None, cancel=None, timeout=None):
         """Run to completion and return the segmentation node (raises VeloxSegError on failure)."""
         info = self.bundle_info(request.bundle)
         request.validate(info)
+        others = [o.path for o in self.ensemble_infos(request)]
         if not in_process:
             job = SegmentationJob(self, request, info,
                                   on_progress=(lambda f, s, r: progress(r)) if progress else None,
-                                  on_log=log_callback)
+                                  on_log=log_callback, ensemble_paths=others)
             job.start()
             return job.wait(timeout=timeout)
         import SimpleITK as sitk  # noqa: F401  (VeloxSegLib needs it too)
@@ -286,7 +316,7 @@ class VeloxSegCoreLogic:
                     remove_node(resampled)
         label_image = predict_in_process(info.path, images, request.device, request.overlap, request.tta,
                                          progress=progress, cancel=cancel, precision=request.precision,
-                                         pet_refine=request.pet_refine)
+                                         pet_refine=request.pet_refine, ensemble_with=others)
         return self.import_prediction_image(label_image, request, info)
 
     def import_prediction_file(self, path, request, info):
