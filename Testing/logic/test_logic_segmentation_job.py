@@ -106,7 +106,7 @@ def test_predict_command_uses_this_python_and_json_progress():
     args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", pet_refine=False)
     assert args[-1] == "--no-pet-refine"
     args = L.predict_command("/b", ["/a.nii.gz"], "/o.nii.gz", ensemble_with=["/c", "/d"])  # one ensemble
-    assert args[args.index("-m") + 1: args.index("-i")] == ["/b", "/c", "/d"]
+    assert args[args.index("predict") + 1: args.index("-i")] == ["-m", "/b", "/c", "/d"]
 
 
 def test_request_refuses_an_unknown_precision(scene, metadata_bundle):
