@@ -265,10 +265,9 @@ class VeloxSegCoreLogic:
         return resolve_bundle(name_or_path)
 
     # -- segmentation --------------------------------------------------------------------------
-    def ensemble_infos(self, request) -> list:
-        """The bundles of ``request.ensemble_with``, each checked against the request's own bundle:
-        the same inputs (names, in order) and labels, or an InputError naming both."""
-        info = self.bundle_info(request.bundle)
+    def ensemble_infos(self, request, info) -> list:
+        """The bundles of ``request.ensemble_with``, each checked against ``info`` (the request's own
+        bundle): the same inputs (names, in order) and labels, or an InputError naming both."""
         others = [self.bundle_info(b) for b in request.ensemble_with]
         for other in others:
             if other.channel_names != info.channel_names:
@@ -284,7 +283,7 @@ class VeloxSegCoreLogic:
     def start_segmentation(self, request, on_progress=None, on_log=None, on_done=None) -> SegmentationJob:
         info = self.bundle_info(request.bundle)
         request.validate(info)
-        others = self.ensemble_infos(request)
+        others = self.ensemble_infos(request, info)
         return SegmentationJob(self, request, info, on_progress, on_log, on_done,
                                ensemble_paths=[o.path for o in others]).start()
 
@@ -292,7 +291,7 @@ class VeloxSegCoreLogic:
         """Run to completion and return the segmentation node (raises VeloxSegError on failure)."""
         info = self.bundle_info(request.bundle)
         request.validate(info)
-        others = [o.path for o in self.ensemble_infos(request)]
+        others = [o.path for o in self.ensemble_infos(request, info)]
         if not in_process:
             job = SegmentationJob(self, request, info,
                                   on_progress=(lambda f, s, r: progress(r)) if progress else None,
