@@ -519,7 +519,42 @@ def test_component_sampling_option_reaches_the_sampler_and_is_recorded(two_cases
     assert fractions == [1.0, 0.0]
     recipe = json.loads(load_bundle(tmp_path / "lesions").meta["training"]["notes"])["recipe"]
     assert "1 of fg patches centred on a uniformly chosen connected component" in recipe["sampling"]
-    assert json.loads(load_bundle(tmp_path / "voxels").meta["training"]["notes"])["recipe"]["sampling"] == "1:1 fg/bg"
+    assert recipe["component_sampling"] == 1.0
+    recipe = json.loads(load_bundle(tmp_path / "voxels").meta["training"]["notes"])["recipe"]
+    assert recipe["sampling"] == "1:1 fg/bg" and recipe["component_sampling"] == 0.0
+    # a child samples its patches as its parent was trained, unless the command line says otherwise
+    fractions.clear()
+    for name, parent, extra in (("child", "lesions", []), ("child0", "lesions", ["--component-sampling", "0"]),
+                                ("child_of_voxels", "voxels", [])):
+        rc, _ = _finetune(["-m", str(tmp_path / parent), str(two_cases), "-o", str(tmp_path / name),
+                           "--epochs", "1", "--iterations-per-epoch", "1"] + extra)
+        assert rc == 0
+    assert fractions == [1.0, 0.0, 0.0]
+    assert json.loads(load_bundle(tmp_path / "child").meta["training"]["notes"])["recipe"]["component_sampling"] == 1.0
+
+
+def test_finetune_reads_the_component_sampling_of_bundles_recorded_before_the_field():
+    from VeloxSegLib.bundle import load_bundle, training_notes
+    from VeloxSegLib.train.finetune import _inherit_loss_settings
+    from VeloxSegLib.train.trainer import TrainConfig
+
+    # the shipped PET/CT demo was trained with --component-sampling 1; its record has the text only
+    demo = load_bundle("petct-lesion-demo")
+    recipe = training_notes(demo.meta)["recipe"]
+    assert "component_sampling" not in recipe and recipe["sampling"].startswith("1:1 fg/bg; 1 of fg patches")
+    config = TrainConfig()
+    _inherit_loss_settings(config, demo.meta)
+    assert config.component_sampling == 1.0
+    meta = {"training": {"notes": json.dumps({"recipe": {"sampling": "1:1 fg/bg; 0.25 of fg patches centred on "
+                                                                     "a uniformly chosen connected component"}})}}
+    config = TrainConfig()
+    _inherit_loss_settings(config, meta)
+    assert config.component_sampling == 0.25
+    for recipe in ({"sampling": "1:1 fg/bg"}, {}, {"sampling": "1:1 fg/bg; 7 of fg patches centred on x"},
+                   {"component_sampling": "1"}):
+        config = TrainConfig()
+        _inherit_loss_settings(config, {"training": {"notes": json.dumps({"recipe": recipe})}})
+        assert config.component_sampling == 0.0
 
 
 def test_fresh_warmup_option_holds_the_bundles_weights_for_its_steps(two_cases, source_bundle, tmp_path):

@@ -46,10 +46,11 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                         "with the image's own detail and not from the quarter grid alone. It starts as the "
                         "identity; 0 removes it. Default: none for train, the parent's for finetune; recorded in "
                         "the bundle's model.overrides")
-    p.add_argument("--component-sampling", type=float, default=0.0, metavar="F",
+    p.add_argument("--component-sampling", type=float, default=None, metavar="F",
                    help="fraction of the foreground patches centred on a connected component (lesion) chosen "
                         "uniformly, then a voxel of it, instead of on a random foreground voxel, so that small "
-                        "lesions are centred as often as large ones (default 0: nnU-Net's voxel sampling)")
+                        "lesions are centred as often as large ones (default: 0, nnU-Net's voxel sampling, for "
+                        "train; the parent's for finetune)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")

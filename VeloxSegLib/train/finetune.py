@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -64,10 +65,12 @@ def _weights_sha256(bundle) -> str:
 
 
 def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
-    """Batch Dice, deep-supervision weights and the lesion-wise Dice weight not given on the
-    command line follow the parent's recorded recipe (the loss the weights were trained with)."""
+    """Batch Dice, deep-supervision weights, the lesion-wise Dice weight and the patch sampling
+    not given on the command line follow the parent's recorded recipe (the loss and the patches
+    the weights were trained with)."""
     recipe = training_notes(meta).get("recipe")
-    loss = recipe.get("loss") if isinstance(recipe, dict) else None
+    recipe = recipe if isinstance(recipe, dict) else {}
+    loss = recipe.get("loss")
     loss = loss if isinstance(loss, dict) else {}
     if config.batch_dice is None:
         config.batch_dice = bool(loss.get("batch_dice", False))
@@ -77,6 +80,22 @@ def _inherit_loss_settings(config: TrainConfig, meta: dict) -> None:
     weights = loss.get("ds_weights")
     if config.ds_weights is None and isinstance(weights, list) and weights:
         config.ds_weights = tuple(float(w) for w in weights)
+    if config.component_sampling is None:
+        config.component_sampling = _recorded_component_sampling(recipe)
+
+
+def _recorded_component_sampling(recipe: dict) -> float:
+    """The fraction of lesion-centred foreground patches a recipe records: its
+    ``component_sampling``, or, in bundles written before that field, the number its ``sampling``
+    text begins with after "1:1 fg/bg; " (the trainer's own wording); 0 when neither is there."""
+    value = recipe.get("component_sampling")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        match = re.fullmatch(r"1:1 fg/bg; ([0-9.eE+-]+) of fg patches centred on .*", str(recipe.get("sampling", "")))
+        try:
+            value = float(match.group(1)) if match else 0.0
+        except ValueError:
+            value = 0.0
+    return float(value) if math.isfinite(value) and 0.0 <= value <= 1.0 else 0.0
 
 
 def lineage_of(meta: dict) -> List[dict]:

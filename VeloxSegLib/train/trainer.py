@@ -106,7 +106,9 @@ class TrainConfig:
     freeze_encoder: bool = False
     dropout: Optional[float] = None  # None: the network's own rates (VeloxSeg: 0.1), or the parent's
     refine_head: Optional[int] = None  # width of a full-resolution refinement head; None: none, or the parent's
-    component_sampling: float = 0.0  # fraction of foreground patches centred on a uniformly chosen lesion
+    # fraction of foreground patches centred on a uniformly chosen lesion; None: 0 (nnU-Net's voxel
+    # sampling) for train, the parent's for finetune
+    component_sampling: Optional[float] = None
     fresh_warmup: int = 0  # fine-tuning: steps in which only the fresh modules train, inherited weights held
     final_weights: str = "best"
     target_dice: Optional[float] = None
@@ -152,7 +154,7 @@ class TrainConfig:
             raise ConfigError(f"--refine-head must be a whole number of channels >= 0, got {self.refine_head}")
         if int(self.fresh_warmup) < 0:
             raise ConfigError(f"--fresh-warmup must be >= 0 steps, got {self.fresh_warmup}")
-        if not 0.0 <= self.component_sampling <= 1.0:
+        if self.component_sampling is not None and not 0.0 <= self.component_sampling <= 1.0:
             raise ConfigError(f"--component-sampling must be in [0, 1], got {self.component_sampling}")
         if self.final_weights not in ("best", "last"):
             raise ConfigError("final weights must be 'best' or 'last'")
@@ -865,6 +867,8 @@ def assemble_run(dataset, output, config: TrainConfig, *, plans=None, setup: Opt
     from ..infer.device import resolve_device, set_threads
 
     config.check()
+    if config.component_sampling is None:  # not given and not inherited: nnU-Net's voxel sampling
+        config.component_sampling = 0.0
     output = Path(output)
     work = Path(work_dir) if work_dir else default_work_dir(output)
     if config.threads:
@@ -1180,6 +1184,7 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
                        "lambda_rc": 0.5 if config.use_reconstruction else 0,
                        "lambda_sdkt": 2.0 if config.use_sdkt else 0},
               "augmentation": "z-flip p0.5, rotation about z +-15 deg p0.5", "sampling": _sampling_text(config.component_sampling),
+              "component_sampling": float(config.component_sampling),
               "amp": run.amp, "freeze_encoder": config.freeze_encoder, "device": run.device.type}
     if config.lesion_dice:
         recipe["loss"]["lambda_lesion_dice"] = float(config.lesion_dice)
