@@ -239,6 +239,26 @@ def test_digital_scanner_has_finer_pet_voxels_and_recovers_more_lesion_uptake():
     assert digital_mean > 1.05 * default_mean  # less blur: more of the lesion's SUV stays inside it
 
 
+def test_legacy_scanner_has_coarser_pet_voxels_and_recovers_less_lesion_uptake():
+    for index in range(10):  # the first case with a solid hot lesion of some size
+        ct, pet, lab, info = phantom.generate_petct_case(21, index)
+        big = [l for l in info["lesions"] if l["voxels"] >= 40 and not l["necrotic_core"] and l["suv"] > 4]
+        if big:
+            break
+    assert big
+    ct_l, pet_l, lab_l, _ = phantom.generate_petct_case(21, index, scanner="legacy")
+    # CT spacing 3 x 3 x 3.5 mm at the default size: PET 5.47 x 5.47 x 3.27 mm, the same field of view
+    assert pet_l.GetSpacing() == pytest.approx((5.47, 5.47, 3.27))
+    extent = [sz * sp for sz, sp in zip(pet_l.GetSize(), pet_l.GetSpacing())]
+    assert extent == pytest.approx([sz * sp for sz, sp in zip(pet.GetSize(), pet.GetSpacing())], abs=6.0)
+    cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(lab > 0)))
+    lesion = cc == 1  # the largest lesion
+    default_mean, legacy_mean = _pet_on_ct(pet, ct)[lesion].mean(), _pet_on_ct(pet_l, ct_l)[lesion].mean()
+    assert legacy_mean < 0.95 * default_mean  # more blur: less of the lesion's SUV stays inside it
+    a, b = sitk.GetArrayFromImage(ct).astype(float), sitk.GetArrayFromImage(ct_l).astype(float)
+    assert np.std((b - a)[a > -300]) == pytest.approx(20.0 - 14.0, abs=1.0)  # the same noise draws, scaled
+
+
 def test_low_dose_ct_is_noisier_by_the_stated_amount():
     ct, pet, lab, _ = phantom.generate_petct_case(5, 0)
     ct_l, pet_l, _, _ = phantom.generate_petct_case(5, 0, scanner="low-dose")
@@ -258,7 +278,7 @@ def test_cli_records_the_scanner_and_refuses_unknown_ones(tmp_path, capsys):
     assert "(scanner digital)" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["phantom", "--kind", "petct", "-n", "1", "-o", str(tmp_path / "x"), "--scanner", "nope"])
-    with pytest.raises(phantom.ConfigError, match="one of default, digital, low-dose"):
+    with pytest.raises(phantom.ConfigError, match="one of default, digital, low-dose, legacy"):
         phantom.generate_petct_case(0, 0, scanner="nope")
     assert main(["phantom", "--kind", "mri", "-n", "1", "-o", str(tmp_path / "m"), "--scanner", "digital"]) != 0
     assert "scanner profiles are for PET/CT" in capsys.readouterr().err

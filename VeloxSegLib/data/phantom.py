@@ -66,6 +66,10 @@ SCANNERS: Dict[str, Scanner] = {s.name: s for s in (
     Scanner("low-dose", "low-dose protocol on the default scanner: half the PET counts (noise x1.41) and a "
                         "low-dose CT (noise 40 HU)",
             pet_noise=0.3 * math.sqrt(2.0), ct_noise_hu=40.0),
+    Scanner("legacy", "older non-TOF BGO PET/CT: 5.47 x 5.47 x 3.27 mm PET voxels (a 128 matrix over 70 cm), "
+                      "9.5 mm PSF, post-filter 0.8 voxel, 1.5 times the PET noise, CT noise 20 HU",
+            pet_spacing_factor=(5.47 / 3.0, 5.47 / 3.0, 3.27 / 3.5), pet_psf_fwhm_mm=9.5, pet_post_sigma=0.8,
+            pet_noise=0.45, ct_noise_hu=20.0),
 )}
 
 
