@@ -122,6 +122,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.importModelButton.connect("clicked()", self.onImportModel)
+        self.ui.ensembleListWidget.connect("itemChanged(QListWidgetItem*)", self.onEnsembleEdited)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.overlapSpinBox.connect("valueChanged(double)", self.onOverlapEdited)
         self.ui.ttaCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
@@ -272,6 +273,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         inference = (bundle.inference or {}) if bundle is not None else {}
         # the PET border refinement is the model's: the box can only turn it off where it has one
         self.ui.petRefineCheckBox.enabled = bool(inference.get("pet_refine"))
+        self.rebuildEnsembleList()
         overlap = self.params.overlap if self.params is not None else None
         if overlap is None and "overlap" in inference:
             overlap = float(inference["overlap"])
@@ -281,6 +283,41 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.overlapSpinBox.value = overlap
             finally:
                 self._updating = wasUpdating
+
+    def rebuildEnsembleList(self):
+        """The models that can predict together with the selected one (same inputs and labels),
+        ticked where the parameter node lists them."""
+        from VeloxSegLogic.bundles import ensemble_partners
+
+        bundle = self.currentBundle()
+        partners = ensemble_partners(self.bundles, bundle) if bundle is not None else []
+        chosen = set(self.params.ensemble_with) if self.params is not None else set()
+        wasUpdating, self._updating = self._updating, True
+        try:
+            self.ui.ensembleListWidget.clear()
+            for info in partners:
+                item = qt.QListWidgetItem(info.display_name)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked if info.path in chosen else qt.Qt.Unchecked)
+                item.setData(qt.Qt.UserRole, info.path)
+                item.setToolTip(info.path)
+                self.ui.ensembleListWidget.addItem(item)
+            self.ui.ensembleListWidget.enabled = bool(partners)
+        finally:
+            self._updating = wasUpdating
+        if self.params is not None and not self._updating:
+            self.params.ensemble_with = self.ensemblePaths()  # drop models that cannot join this one
+
+    def ensemblePaths(self):
+        """Paths of the ticked models, in list order."""
+        widget = self.ui.ensembleListWidget
+        return [widget.item(i).data(qt.Qt.UserRole) for i in range(widget.count)
+                if widget.item(i).checkState() == qt.Qt.Checked]
+
+    def onEnsembleEdited(self, item):
+        if self.params is None or self._updating:
+            return
+        self.params.ensemble_with = self.ensemblePaths()
 
     def onOverlapEdited(self, value):
         """Only an edit by the user is stored: an empty Overlap means the model's own."""
@@ -470,8 +507,10 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from VeloxSegLogic import SegmentationRequest
 
         bundle = self.currentBundle()
+        others = self.ensemblePaths()
         request = SegmentationRequest(
-            bundle=bundle.path, input_nodes=self.inputNodes(), output_node=self.ui.outputSegmentationSelector.currentNode(),
+            bundle=bundle.path, ensemble_with=others, input_nodes=self.inputNodes(),
+            output_node=self.ui.outputSegmentationSelector.currentNode(),
             device=self.ui.deviceComboBox.currentData, overlap=self.ui.overlapSpinBox.value, tta=self.ui.ttaCheckBox.checked,
             precision="bf16" if self.ui.bf16CheckBox.checked else "fp32", pet_refine=self.ui.petRefineCheckBox.checked)
         self.ui.logTextEdit.clear()
@@ -479,7 +518,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with showErrors("Could not start the segmentation."):
             self.job = self.logic.start_segmentation(request, on_progress=self.onProgress, on_log=self.appendLog,
                                                      on_done=self.onSegmentationDone)
-            self.setStatus(f"Running {bundle.name}...")
+            self.setStatus(f"Running {bundle.name}" + (f" with {len(others)} more model(s)..." if others else "..."))
             self.timer.start()
         self.updateButtons()
 

@@ -94,3 +94,29 @@ def test_model_names_are_safe_folder_names_the_library_lists():
     for bad in ("", "../x", "a/b", "-x", "a" * 129, "mine.training", ".hidden"):
         with pytest.raises(InputError):
             B.check_model_name(bad)
+
+
+def test_ensemble_partners_are_the_other_models_with_the_same_inputs_and_labels(tmp_path):
+    from logic_helpers import labels_meta
+
+    def info(name, **kwargs):
+        folder = tmp_path / name
+        folder.mkdir()
+        meta = bundle_json(name=name, **{k: v for k, v in kwargs.items() if k in ("channels", "labels")})
+        meta["spacing"] = kwargs.get("spacing", meta["spacing"])
+        (folder / "bundle.json").write_text(json.dumps(meta), encoding="utf-8")
+        return B.read_bundle_info(str(folder))
+
+    fine = info("fine")
+    coarse = info("coarse", spacing=[5.0, 5.0, 7.5])  # another configuration: may join
+    twin = info("fine-copy")
+    ct_only = info("ct-only", channels=("CT",))
+    swapped = info("swapped", channels=("PET", "CT"))
+    other_labels = info("other-labels", labels=labels_meta()[:2])
+    infos = [fine, ct_only, coarse, swapped, other_labels, twin]
+    assert [b.name for b in B.ensemble_partners(infos, fine)] == ["coarse", "fine-copy"]
+    assert "takes PET, CT" in B.ensemble_mismatch(fine, swapped)
+    assert "gives other labels" in B.ensemble_mismatch(fine, other_labels)
+    assert B.ensemble_mismatch(fine, coarse) is None
+    # the same bundle listed under another spelling of its path is not its own partner
+    assert B.ensemble_partners([B.read_bundle_info(str(tmp_path / "." / "fine"))], fine) == []

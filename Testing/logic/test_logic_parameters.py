@@ -26,6 +26,7 @@ def test_parameters_restore_after_scene_commit_and_import(scene, tmp_path):
         node.SetAndObserveStorageNodeID(storage.GetID())
     params = Parameters(get_parameter_node(scene))
     params.model = "petct-lesion-demo"
+    params.ensemble_with = [str(tmp_path / "fold 1, coarse"), str(tmp_path / "fold2.zip")]
     params.device = "cpu"
     params.overlap = 0.5
     params.tta = True
@@ -51,6 +52,7 @@ def test_parameters_restore_after_scene_commit_and_import(scene, tmp_path):
     restored = Parameters(node)
     assert (restored.model, restored.device, restored.overlap, restored.tta) == ("petct-lesion-demo", "cpu", 0.5, True)
     assert restored.bf16 is True and restored.pet_refine is False
+    assert restored.ensemble_with == [str(tmp_path / "fold 1, coarse"), str(tmp_path / "fold2.zip")]
     assert (restored.epochs, restored.learning_rate, restored.new_model_name) == (7, 3e-4, "my-lesions")
     assert restored.input_node(0).GetName() == "CT" and restored.input_node(1).GetName() == "PET"
     assert isinstance(restored.output_segmentation, slicer.vtkMRMLSegmentationNode)
@@ -62,5 +64,8 @@ def test_defaults_fill_a_fresh_node(scene):
     params = Parameters(get_parameter_node(scene))
     assert params.device == "auto" and params.overlap is None and params.tta is False and params.bf16 is False
     assert params.pet_refine is True  # the model's own setting
+    assert params.ensemble_with == []  # one model
+    params.node.SetParameter("EnsembleWith", "not json")  # an edited scene file: no ensemble, no crash
+    assert params.ensemble_with == []
     params.set_cases([])
     assert params.cases() == []

@@ -140,6 +140,28 @@ def resolve_bundle(name_or_path: str, extra_dirs=()) -> BundleInfo:
 
 
 #: The library's rule for bundle names (VeloxSegLib.bundle), also a safe folder name everywhere.
+def ensemble_mismatch(info: BundleInfo, other: BundleInfo) -> str | None:
+    """Why ``other`` cannot predict together with ``info`` as one ensemble (``veloxseg predict -m
+    A B``), or None: an ensemble's models take the same inputs (names, in order) and give the same
+    labels. Everything else (spacing, window, normalization, folds) may differ: VeloxSegLib
+    averages models of other configurations on the image's own grid."""
+    if other.channel_names != info.channel_names:
+        return (f"model '{other.name}' ({other.path}) takes {', '.join(other.channel_names)}, model "
+                f"'{info.name}' ({info.path}) {', '.join(info.channel_names)}: an ensemble's models take the same "
+                f"inputs")
+    if [(int(a["value"]), a.get("name")) for a in other.labels] != [(int(a["value"]), a.get("name")) for a in info.labels]:
+        return (f"model '{other.name}' ({other.path}) gives other labels than model '{info.name}' ({info.path}): an "
+                f"ensemble's models give the same labels")
+    return None
+
+
+def ensemble_partners(infos, info: BundleInfo) -> list:
+    """The bundles of ``infos`` (the model list) that can predict together with ``info``: every
+    other bundle (by path) with the same inputs and labels, in list order."""
+    here = os.path.abspath(info.path)
+    return [b for b in infos if os.path.abspath(b.path) != here and ensemble_mismatch(info, b) is None]
+
+
 def bundle_index(infos, name: str = "", path: str | None = None) -> int:
     """Which of ``infos`` (the model list) a saved name or a path means, or -1.
 

@@ -268,16 +268,13 @@ class VeloxSegCoreLogic:
     def ensemble_infos(self, request, info) -> list:
         """The bundles of ``request.ensemble_with``, each checked against ``info`` (the request's own
         bundle): the same inputs (names, in order) and labels, or an InputError naming both."""
+        from .bundles import ensemble_mismatch
+
         others = [self.bundle_info(b) for b in request.ensemble_with]
         for other in others:
-            if other.channel_names != info.channel_names:
-                raise InputError(f"model '{other.name}' ({other.path}) takes {', '.join(other.channel_names)}, model "
-                                 f"'{info.name}' ({info.path}) {', '.join(info.channel_names)}: an ensemble's models "
-                                 f"take the same inputs")
-            if [(int(a["value"]), a.get("name")) for a in other.labels] != \
-                    [(int(a["value"]), a.get("name")) for a in info.labels]:
-                raise InputError(f"model '{other.name}' ({other.path}) gives other labels than model '{info.name}' "
-                                 f"({info.path}): an ensemble's models give the same labels")
+            why = ensemble_mismatch(info, other)
+            if why:
+                raise InputError(why)
         return others
 
     def start_segmentation(self, request, on_progress=None, on_log=None, on_done=None) -> SegmentationJob:

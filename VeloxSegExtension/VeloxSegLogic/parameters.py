@@ -5,6 +5,8 @@ Plain values are node parameters (strings); volumes and segmentations are node r
 """
 from __future__ import annotations
 
+import json
+
 MODULE_NAME = "VeloxSeg"
 
 
@@ -16,6 +18,7 @@ def _flag(key, doc):
 
 DEFAULTS = {
     "Model": "",
+    "EnsembleWith": "[]",  # JSON list of bundle paths predicting together with Model
     "Device": "auto",
     "Overlap": "",  # empty: the bundle's default
     "TTA": "false",
@@ -60,6 +63,19 @@ class Parameters:
     model = property(lambda self: self._get("Model"), lambda self, v: self._set("Model", v))
     device = property(lambda self: self._get("Device"), lambda self, v: self._set("Device", v))
     new_model_name = property(lambda self: self._get("NewModelName"), lambda self, v: self._set("NewModelName", v))
+
+    @property
+    def ensemble_with(self) -> list:
+        """Bundle paths that predict together with the model (an ensemble); [] for none."""
+        try:
+            value = json.loads(self._get("EnsembleWith"))
+        except ValueError:
+            return []
+        return [str(v) for v in value if isinstance(v, str) and v] if isinstance(value, list) else []
+
+    @ensemble_with.setter
+    def ensemble_with(self, paths):
+        self._set("EnsembleWith", json.dumps([str(p) for p in paths]))
 
     @property
     def overlap(self):
