@@ -139,7 +139,6 @@ def resolve_bundle(name_or_path: str, extra_dirs=()) -> BundleInfo:
     return read_bundle_info(path, source)
 
 
-#: The library's rule for bundle names (VeloxSegLib.bundle), also a safe folder name everywhere.
 def ensemble_mismatch(info: BundleInfo, other: BundleInfo) -> str | None:
     """Why ``other`` cannot predict together with ``info`` as one ensemble (``veloxseg predict -m
     A B``), or None: an ensemble's models take the same inputs (names, in order) and give the same
@@ -175,6 +174,7 @@ def bundle_index(infos, name: str = "", path: str | None = None) -> int:
     return (users or matches or [-1])[0]
 
 
+#: The library's rule for bundle names (VeloxSegLib.bundle), also a safe folder name everywhere.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
