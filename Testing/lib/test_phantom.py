@@ -223,38 +223,38 @@ def test_scanners_image_the_same_patient():
     assert not np.array_equal(sitk.GetArrayFromImage(cases["digital"][1]), sitk.GetArrayFromImage(ref[1]))
 
 
+def _case_with_a_hot_lesion(seed=21):
+    """The first default-scanner case of ``seed`` with a solid hot lesion of some size: (index, ct, pet, label)."""
+    for index in range(10):
+        ct, pet, lab, info = phantom.generate_petct_case(seed, index)
+        if any(l["voxels"] >= 40 and not l["necrotic_core"] and l["suv"] > 4 for l in info["lesions"]):
+            return index, ct, pet, lab
+    raise AssertionError(f"no case of seed {seed} has a solid hot lesion of 40 voxels or more")
+
+
+def _mean_pet_in_largest_lesion(pet, ct, lab):
+    cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(lab > 0)))
+    return _pet_on_ct(pet, ct)[cc == 1].mean()
+
+
 def test_digital_scanner_has_finer_pet_voxels_and_recovers_more_lesion_uptake():
-    for index in range(10):  # the first case with a solid hot lesion of some size
-        ct, pet, lab, info = phantom.generate_petct_case(21, index)
-        big = [l for l in info["lesions"] if l["voxels"] >= 40 and not l["necrotic_core"] and l["suv"] > 4]
-        if big:
-            break
-    assert big
+    index, ct, pet, lab = _case_with_a_hot_lesion()
     _, pet_d, _, _ = phantom.generate_petct_case(21, index, scanner="digital")
     assert pet_d.GetSpacing() == pytest.approx(ct.GetSpacing())
     assert pet.GetSpacing()[0] == pytest.approx(ct.GetSpacing()[0] * 4.0728 / 3.0)
-    cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(lab > 0)))
-    lesion = cc == 1  # the largest lesion
-    default_mean, digital_mean = _pet_on_ct(pet, ct)[lesion].mean(), _pet_on_ct(pet_d, ct)[lesion].mean()
-    assert digital_mean > 1.05 * default_mean  # less blur: more of the lesion's SUV stays inside it
+    # less blur: more of the lesion's SUV stays inside it
+    assert _mean_pet_in_largest_lesion(pet_d, ct, lab) > 1.05 * _mean_pet_in_largest_lesion(pet, ct, lab)
 
 
 def test_legacy_scanner_has_coarser_pet_voxels_and_recovers_less_lesion_uptake():
-    for index in range(10):  # the first case with a solid hot lesion of some size
-        ct, pet, lab, info = phantom.generate_petct_case(21, index)
-        big = [l for l in info["lesions"] if l["voxels"] >= 40 and not l["necrotic_core"] and l["suv"] > 4]
-        if big:
-            break
-    assert big
-    ct_l, pet_l, lab_l, _ = phantom.generate_petct_case(21, index, scanner="legacy")
+    index, ct, pet, lab = _case_with_a_hot_lesion()
+    ct_l, pet_l, _, _ = phantom.generate_petct_case(21, index, scanner="legacy")
     # CT spacing 3 x 3 x 3.5 mm at the default size: PET 5.47 x 5.47 x 3.27 mm, the same field of view
     assert pet_l.GetSpacing() == pytest.approx((5.47, 5.47, 3.27))
     extent = [sz * sp for sz, sp in zip(pet_l.GetSize(), pet_l.GetSpacing())]
     assert extent == pytest.approx([sz * sp for sz, sp in zip(pet.GetSize(), pet.GetSpacing())], abs=6.0)
-    cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(lab > 0)))
-    lesion = cc == 1  # the largest lesion
-    default_mean, legacy_mean = _pet_on_ct(pet, ct)[lesion].mean(), _pet_on_ct(pet_l, ct_l)[lesion].mean()
-    assert legacy_mean < 0.95 * default_mean  # more blur: less of the lesion's SUV stays inside it
+    # more blur: less of the lesion's SUV stays inside it
+    assert _mean_pet_in_largest_lesion(pet_l, ct_l, lab) < 0.95 * _mean_pet_in_largest_lesion(pet, ct, lab)
     a, b = sitk.GetArrayFromImage(ct).astype(float), sitk.GetArrayFromImage(ct_l).astype(float)
     assert np.std((b - a)[a > -300]) == pytest.approx(20.0 - 14.0, abs=1.0)  # the same noise draws, scaled
 
