@@ -4,7 +4,7 @@ from logic_helpers import ijk_to_ras_matrix
 
 from VeloxSegLogic import segmentation as S
 from VeloxSegLogic import volumes as V
-from VeloxSegLogic.parameters import Parameters, get_parameter_node
+from VeloxSegLogic.parameters import Parameters, get_parameter_node, paths_from_text, paths_to_text
 
 
 def test_parameter_node_is_a_module_singleton(scene):
@@ -69,3 +69,13 @@ def test_defaults_fill_a_fresh_node(scene):
     assert params.ensemble_with == []
     params.set_cases([])
     assert params.cases() == []
+
+
+def test_saved_path_lists_round_trip_and_unreadable_text_reads_as_none():
+    """The text the panel and the Segment Editor effect save their 'Ensemble with' models as."""
+    paths = ["/models/fold 1, coarse", "C:\\Users\\me\\fold2.zip", "/models/\u00e9t\u00e9"]
+    assert paths_from_text(paths_to_text(paths)) == paths
+    assert paths_from_text(paths_to_text([])) == []
+    for text in ("", "not json", "{\"a\": 1}", "\"/one/path\"", "null"):
+        assert paths_from_text(text) == [], text
+    assert paths_from_text('["/a", 3, "", null, "/b"]') == ["/a", "/b"]  # only non-empty strings

@@ -1,7 +1,8 @@
 """The "VeloxSeg" Segment Editor effect: run a VeloxSeg model on the editor's source volume.
 
 Either all of the model's labels are added as segments, or the selected segment is replaced by
-one label (undoable). The prediction itself is the module's logic (``VeloxSegLogic``); this file
+one label (undoable). Other installed models with the same inputs and labels can be ticked to
+predict together with the chosen one (an ensemble, as in the module panel). The prediction itself is the module's logic (``VeloxSegLogic``); this file
 holds only the effect's options and how the result is applied.
 """
 import os
@@ -41,7 +42,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def helpText(self):
         return ("<html>Segment the source volume with a VeloxSeg model.<p>Pick the model and, for multi-input models, "
-                "the other input volumes. <b>Add all labels</b> creates one segment per label; <b>Replace selected "
+                "the other input volumes. <b>Ensemble with</b> lists the other models with the same inputs and labels: "
+                "ticked ones predict together with the chosen model (their probabilities averaged). <b>Add all labels</b> creates one segment per label; <b>Replace selected "
                 "segment</b> fills the selected segment with one label (Undo restores it).</html>")
 
     # -------------------------------------------------------------------------------- options
@@ -54,6 +56,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.modelComboBox.addItem(info.display_name)
         self.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
+
+        self.ensembleList = qt.QListWidget()
+        self.ensembleList.setToolTip("Other models with the same inputs and labels: ticked ones predict together "
+                                     "with the chosen model (veloxseg predict -m A B ...)")
+        self.ensembleList.setMaximumHeight(80)
+        self.scriptedEffect.addLabeledOptionsWidget("Ensemble with:", self.ensembleList)
 
         self.sourceRoleLabel = qt.QLabel()  # the source volume is always the model's first input
         self.scriptedEffect.addOptionsWidget(self.sourceRoleLabel)
@@ -86,7 +94,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(self.applyButton)
 
         for widget, signal in ((self.allLabelsRadio, "toggled(bool)"), (self.selectedRadio, "toggled(bool)"),
-                               (self.labelComboBox, "currentIndexChanged(int)"), (self.deviceComboBox, "currentIndexChanged(int)")):
+                               (self.labelComboBox, "currentIndexChanged(int)"), (self.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ensembleList, "itemChanged(QListWidgetItem*)")):
             widget.connect(signal, self.updateMRMLFromGUI)
         self.applyButton.connect("clicked()", self.onApply)
         self.onModelChanged(self.modelComboBox.currentIndex)
@@ -94,6 +103,38 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def currentBundle(self):
         index = self.modelComboBox.currentIndex
         return self.bundles[index] if 0 <= index < len(self.bundles) else None
+
+    def savedEnsemble(self):
+        from VeloxSegLogic.parameters import paths_from_text
+
+        if self.scriptedEffect.parameterSetNode() is None:
+            return []
+        return paths_from_text(self.scriptedEffect.parameter("EnsembleWith"))
+
+    def rebuildEnsembleList(self, chosen):
+        """The models that can predict together with the chosen one, ticked where ``chosen`` (paths) lists them."""
+        from VeloxSegLogic.bundles import ensemble_partners
+
+        bundle = self.currentBundle()
+        partners = ensemble_partners(self.bundles, bundle) if bundle is not None else []
+        wasBlocked = self.ensembleList.blockSignals(True)
+        try:
+            self.ensembleList.clear()
+            for info in partners:
+                item = qt.QListWidgetItem(info.display_name)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked if info.path in chosen else qt.Qt.Unchecked)
+                item.setData(qt.Qt.UserRole, info.path)
+                item.setToolTip(info.path)
+                self.ensembleList.addItem(item)
+            self.ensembleList.enabled = bool(partners)
+        finally:
+            self.ensembleList.blockSignals(wasBlocked)
+
+    def ensemblePaths(self):
+        """Paths of the ticked models, in list order."""
+        return [self.ensembleList.item(i).data(qt.Qt.UserRole) for i in range(self.ensembleList.count)
+                if self.ensembleList.item(i).checkState() == qt.Qt.Checked]
 
     def _sourceVolume(self):
         node = self.scriptedEffect.parameterSetNode()
@@ -124,6 +165,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.extraInputsLayout.removeRow(selector)
         self.extraSelectors = []
         self.labelComboBox.clear()
+        self.rebuildEnsembleList(self.savedEnsemble())  # models that cannot join this one drop out
         bundle = self.currentBundle()
         self.sourceRoleLabel.text = (f"Source volume is used as: {bundle.channel_names[0]}" if bundle is not None else "")
         if bundle is not None:
@@ -154,6 +196,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Mode", MODE_ALL)
         self.scriptedEffect.setParameterDefault("Label", "1")
         self.scriptedEffect.setParameterDefault("Device", "auto")
+        self.scriptedEffect.setParameterDefault("EnsembleWith", "[]")
 
     def updateGUIFromMRML(self):
         from VeloxSegLogic.bundles import bundle_index
@@ -163,6 +206,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         mode = self.scriptedEffect.parameter("Mode")
         label = int(self.scriptedEffect.parameter("Label") or 1)
         device = self.scriptedEffect.parameter("Device")
+        ensemble = self.savedEnsemble()
         index = bundle_index(self.bundles, model)
         if index >= 0 and index != self.modelComboBox.currentIndex:
             wasBlocked = self.modelComboBox.blockSignals(True)
@@ -181,11 +225,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.labelComboBox.setCurrentIndex(max(0, labelIndex))
         self.labelComboBox.enabled = mode == MODE_SELECTED
         self.deviceComboBox.setCurrentIndex(max(0, self.deviceComboBox.findData(device)))
+        self.rebuildEnsembleList(ensemble)
         for widget in (self.allLabelsRadio, self.selectedRadio, self.labelComboBox, self.deviceComboBox):
             widget.blockSignals(False)
         self.applyButton.enabled = self.currentBundle() is not None
 
     def updateMRMLFromGUI(self, *unused):
+        from VeloxSegLogic.parameters import paths_to_text
+
         if self.scriptedEffect.parameterSetNode() is None or getattr(self, "_restoring", False):
             return  # nothing to write to yet / the saved values are being restored
         bundle = self.currentBundle()
@@ -194,6 +241,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         label = self.labelComboBox.currentData
         self.scriptedEffect.setParameter("Label", str(label if label is not None else 1))
         self.scriptedEffect.setParameter("Device", self.deviceComboBox.currentData or "auto")
+        self.scriptedEffect.setParameter("EnsembleWith", paths_to_text(self.ensemblePaths()))
         self.labelComboBox.enabled = self.selectedRadio.checked
 
     # ---------------------------------------------------------------------------------- apply
@@ -216,10 +264,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         modulePanel = slicer.modules.veloxseg.widgetRepresentation().self() if hasattr(slicer.modules, "veloxseg") else None
         if modulePanel is not None and not modulePanel.ensureDependencies():
             return
-        request = SegmentationRequest(bundle=bundle.path, input_nodes=inputs, device=self.scriptedEffect.parameter("Device"),
-                                      output_kind="labelmap")
+        others = self.ensemblePaths()
+        request = SegmentationRequest(bundle=bundle.path, ensemble_with=others, input_nodes=inputs,
+                                      device=self.scriptedEffect.parameter("Device"), output_kind="labelmap")
         logic = VeloxSegCoreLogic()
-        progress = slicer.util.createProgressDialog(labelText=f"Segmenting with {bundle.name}...", maximum=100)
+        what = bundle.name + (f" and {len(others)} more model(s)" if others else "")
+        progress = slicer.util.createProgressDialog(labelText=f"Segmenting with {what}...", maximum=100)
         labelNode = None
         try:
             job = logic.start_segmentation(request)

@@ -30,6 +30,21 @@ DEFAULTS = {
 }
 
 
+def paths_from_text(text) -> list:
+    """A saved list of bundle paths (a JSON list of strings, as ``paths_to_text`` writes it);
+    anything unreadable reads as no paths, and entries that are not non-empty strings are skipped."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return [v for v in value if isinstance(v, str) and v] if isinstance(value, list) else []
+
+
+def paths_to_text(paths) -> str:
+    """Bundle paths as the text a parameter node keeps (a JSON list)."""
+    return json.dumps([str(p) for p in paths])
+
+
 def get_parameter_node(scene, create=True):
     """The module's singleton parameter node (same tag and module name Slicer's logic uses)."""
     node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
@@ -67,15 +82,11 @@ class Parameters:
     @property
     def ensemble_with(self) -> list:
         """Bundle paths that predict together with the model (an ensemble); [] for none."""
-        try:
-            value = json.loads(self._get("EnsembleWith"))
-        except ValueError:
-            return []
-        return [str(v) for v in value if isinstance(v, str) and v] if isinstance(value, list) else []
+        return paths_from_text(self._get("EnsembleWith"))
 
     @ensemble_with.setter
     def ensemble_with(self, paths):
-        self._set("EnsembleWith", json.dumps([str(p) for p in paths]))
+        self._set("EnsembleWith", paths_to_text(paths))
 
     @property
     def overlap(self):
