@@ -79,6 +79,35 @@ def test_z_flip_reverses_only_z():
     assert np.array_equal(out, img[:, ::-1]) and np.array_equal(lab_out, lab[::-1])
 
 
+def test_modality_dropout_zeroes_one_channel_of_a_patch_and_keeps_the_label():
+    img = np.random.default_rng(0).normal(size=(2, 4, 6, 6)).astype(np.float32)
+    lab = (img[0] > 0).astype(np.uint8)
+    before = img.copy()
+    out, lab_out = Augmenter().apply(img, lab, AugmentParams(drop_channel=1), (4, 6, 6))
+    assert np.array_equal(out[0], img[0]) and not out[1].any() and np.array_equal(lab_out, lab)
+    assert np.array_equal(img, before)  # the case's own array (a memory map in training) is not written
+
+
+def test_modality_dropout_drops_each_channel_at_its_rate():
+    aug = Augmenter(modality_dropout=0.3, channels=2)
+    rng = np.random.default_rng(3)
+    drops = np.array([aug.draw(rng).drop_channel for _ in range(4000)])
+    assert abs((drops >= 0).mean() - 0.3) < 0.03
+    assert abs((drops == 0).mean() - 0.15) < 0.02 and abs((drops == 1).mean() - 0.15) < 0.02
+    s = PatchSampler([_case()], (16, 24, 20), 1, rank_generator(5), Augmenter(modality_dropout=0.9, channels=2))
+    zeroed = [int(c) for x, _ in (s.sample() for _ in range(20)) for c in range(2) if not x[0, c].any()]
+    assert 12 <= len(zeroed) <= 20 and set(zeroed) == {0, 1}
+
+
+def test_without_modality_dropout_the_recipe_draws_the_same_patches():
+    """Off (the default), the option draws no random number: runs and resumes are as before it."""
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    for _ in range(50):
+        assert Augmenter().draw(a) == Augmenter(modality_dropout=0.0, channels=2).draw(b)
+    assert a.random() == b.random()
+    assert all(Augmenter(channels=2).draw(a).drop_channel == -1 for _ in range(50))
+
+
 def test_a_case_without_foreground_still_gives_patches():
     case = _case(lesion=((0, 0), (0, 0), (0, 0)))
     x, y = PatchSampler([case], (16, 16, 16), 2, rank_generator(0)).sample()

@@ -184,6 +184,7 @@ def test_resume_refuses_settings_that_differ_from_the_checkpoint(dataset, tmp_pa
                             (dict(seed=8), "--seed 7, this run has 8"),
                             (dict(use_sdkt=False, use_reconstruction=False), r"the SDKT loss \(--no-sdkt\) on, this run has off"),
                             (dict(lesion_dice=1.0), "--lesion-dice default, this run has 1.0"),
+                            (dict(modality_dropout=0.2), "--modality-dropout 0.0, this run has 0.2"),
                             (dict(batch_size=2), "batch size 1, this run has 2")):
         with pytest.raises(ConfigError, match=pattern):
             run_training(dataset, tmp_path / "cut", _config(**change), resume=True)
@@ -454,6 +455,33 @@ def test_fresh_warmup_resumes_exactly_across_the_moment_the_weights_join(dataset
     a, b = full.model.state_dict(), resumed.model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_modality_dropout_outside_0_1_is_refused(p):
+    with pytest.raises(ConfigError, match="--modality-dropout"):
+        TrainConfig(modality_dropout=p).check()
+
+
+def test_modality_dropout_reaches_the_sampler_and_the_record(dataset, tmp_path, monkeypatch):
+    from VeloxSegLib.bundle import load_bundle
+    from VeloxSegLib.train import trainer as T
+
+    seen = []
+    real = T.PatchSampler
+
+    def spy(cases, patch, batch, rng, augmenter, **kw):
+        seen.append(augmenter)
+        return real(cases, patch, batch, rng, augmenter, **kw)
+
+    monkeypatch.setattr(T, "PatchSampler", spy)
+    torch.set_num_threads(1)
+    res = run_training(dataset, tmp_path / "md", _config(epochs=1, modality_dropout=0.5))
+    assert seen[-1].modality_dropout == 0.5 and seen[-1].channels == 2  # CT + PET: either can be dropped
+    recipe = json.loads(load_bundle(res.bundle).meta["training"]["notes"])["recipe"]
+    assert recipe["modality_dropout"] == 0.5 and "modality dropout p0.5" in recipe["augmentation"]
+    run_training(dataset, tmp_path / "plain", _config(epochs=1))
+    assert seen[-1] is T.RECIPE_AUGMENTER
 
 
 def test_fresh_warmup_refuses_negative_steps():

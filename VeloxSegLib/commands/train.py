@@ -51,6 +51,10 @@ def add_run_arguments(p, epochs: int, iterations: int, lr: float, val_every: int
                         "uniformly, then a voxel of it, instead of on a random foreground voxel, so that small "
                         "lesions are centred as often as large ones (default: 0, nnU-Net's voxel sampling, for "
                         "train; the parent's for finetune)")
+    p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+                   help="probability that a training patch has one of its input channels, chosen uniformly, set to "
+                        "zeros (the channel's normalized mean), its label kept (ModDrop; not in the paper), so that "
+                        "each modality is learned on its own; default 0 (off), for finetune too")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run from its last checkpoint")
     p.add_argument("--work-dir", help="checkpoints, plans, training_log.csv and curves.png "
                                       "(default: OUTPUT.training beside the bundle)")
@@ -140,7 +144,8 @@ def config_from_args(args, **extra):
                        final_weights=args.final_weights, bundle_name=args.name, description=args.description,
                        overwrite=args.overwrite, target_dice=args.target_dice, val_dataset=args.val_dataset,
                        dropout=args.dropout, refine_head=args.refine_head,
-                       component_sampling=args.component_sampling, preprocessed=args.preprocessed,
+                       component_sampling=args.component_sampling, modality_dropout=args.modality_dropout,
+                       preprocessed=args.preprocessed,
                        in_memory=args.in_memory, compress_preprocessed=args.compress_preprocessed,
                        configuration=getattr(args, "configuration", None), **extra)
 

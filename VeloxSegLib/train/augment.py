@@ -1,4 +1,5 @@
-"""Patch augmentation of the paper's recipe: random z-flip and small rotations about z.
+"""Patch augmentation of the paper's recipe: random z-flip and small rotations about z; and,
+off by default, modality dropout (not in the paper).
 
 The paper flips along z; its reference implementation rotates about z by up to +-15 degrees
 with probability 0.5. We do both. Parameters are drawn first (:meth:`Augmenter.draw`) so the
@@ -6,6 +7,12 @@ sampler can cut a source region large enough that a rotated patch has no empty c
 (:meth:`AugmentParams.source_shape`); :meth:`Augmenter.apply` then rotates (image linear,
 label nearest) and centre-crops to the patch. Arrays are (C, z, y, x) images and (z, y, x)
 labels; every random number comes from the caller's ``numpy.random.Generator``.
+
+Modality dropout (``modality_dropout`` P, ModDrop of Neverova et al., TPAMI 2016): a patch
+has, with probability P, one of its input channels, chosen uniformly, replaced by zeros (the
+channel's normalized mean) and its label kept, so the network learns what each modality shows
+on its own instead of leaning on the one that is easiest (PET, for PET/CT lesions). With P = 0
+no random number is drawn for it, so the recipe's patches are the same as without the option.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import numpy as np
 class AugmentParams:
     flip_z: bool = False
     angle_deg: float = 0.0
+    drop_channel: int = -1  # the input channel set to zeros (modality dropout); -1: none
 
     def source_shape(self, patch: Sequence[int]) -> Tuple[int, int, int]:
         """The (z, y, x) region to cut so that the rotated patch lies inside it."""
@@ -33,11 +41,14 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class Augmenter:
-    """Random z-flip (probability ``flip_p``) and rotation about z (``rotate_p``, +-``max_angle``)."""
+    """Random z-flip (probability ``flip_p``) and rotation about z (``rotate_p``, +-``max_angle``);
+    with ``modality_dropout`` P > 0, one of the ``channels`` input channels zeroed with probability P."""
 
     flip_p: float = 0.5
     rotate_p: float = 0.5
     max_angle: float = 15.0
+    modality_dropout: float = 0.0
+    channels: int = 1
 
     @property
     def mirror_axes(self) -> Tuple[str, ...]:
@@ -47,7 +58,10 @@ class Augmenter:
     def draw(self, rng: np.random.Generator) -> AugmentParams:
         flip = bool(rng.random() < self.flip_p)
         angle = float(rng.uniform(-self.max_angle, self.max_angle)) if rng.random() < self.rotate_p else 0.0
-        return AugmentParams(flip, angle)
+        drop = -1
+        if self.modality_dropout > 0 and rng.random() < self.modality_dropout:
+            drop = int(rng.integers(self.channels))
+        return AugmentParams(flip, angle, drop)
 
     def apply(self, image: np.ndarray, label: np.ndarray, params: AugmentParams, patch: Sequence[int]):
         """Rotate/flip a source region cut with ``params.source_shape(patch)``; returns the patch."""
@@ -58,7 +72,10 @@ class Augmenter:
             image, label = center_crop(image, patch), center_crop(label, patch)
         if params.flip_z:
             image, label = image[..., ::-1, :, :], label[::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        image = np.array(image, copy=True) if params.drop_channel >= 0 else np.ascontiguousarray(image)
+        if params.drop_channel >= 0:
+            image[params.drop_channel] = 0
+        return image, np.ascontiguousarray(label)
 
 
 def center_crop(arr: np.ndarray, patch: Sequence[int]) -> np.ndarray:

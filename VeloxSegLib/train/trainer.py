@@ -109,6 +109,8 @@ class TrainConfig:
     # fraction of foreground patches centred on a uniformly chosen lesion; None: 0 (nnU-Net's voxel
     # sampling) for train, the parent's for finetune
     component_sampling: Optional[float] = None
+    # probability that a patch has one input channel (chosen uniformly) zeroed (augment.py); not inherited
+    modality_dropout: float = 0.0
     fresh_warmup: int = 0  # fine-tuning: steps in which only the fresh modules train, inherited weights held
     final_weights: str = "best"
     target_dice: Optional[float] = None
@@ -156,6 +158,8 @@ class TrainConfig:
             raise ConfigError(f"--fresh-warmup must be >= 0 steps, got {self.fresh_warmup}")
         if self.component_sampling is not None and not 0.0 <= self.component_sampling <= 1.0:
             raise ConfigError(f"--component-sampling must be in [0, 1], got {self.component_sampling}")
+        if not (math.isfinite(self.modality_dropout) and 0.0 <= self.modality_dropout < 1.0):
+            raise ConfigError(f"--modality-dropout must be in [0, 1), got {self.modality_dropout}")
         if self.final_weights not in ("best", "last"):
             raise ConfigError("final weights must be 'best' or 'last'")
         if self.in_memory and self.preprocessed is not None:
@@ -759,7 +763,7 @@ class Run:
 #: Training settings a resumed run must share with its checkpoint (the schedule, the loss, the
 #: sampling and the random streams were made with them).
 RECIPE_KEYS = ("lr", "min_lr", "weight_decay", "seed", "use_sdkt", "use_reconstruction", "batch_dice", "ds_weights",
-               "lesion_dice", "component_sampling", "fresh_warmup", "freeze_encoder", "dropout", "refine_head")
+               "lesion_dice", "component_sampling", "modality_dropout", "fresh_warmup", "freeze_encoder", "dropout", "refine_head")
 RECIPE_FLAGS = {"use_sdkt": "the SDKT loss (--no-sdkt)", "use_reconstruction": "the reconstruction loss (--no-reconstruction)",
                 "min_lr": "final learning rate min_lr", "weight_decay": "weight decay"}  # (the last two: Python API)
 
@@ -998,8 +1002,12 @@ def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device
     optimizer = torch.optim.AdamW(parameter_groups(model, init_weights, reinit_prefixes, config.fresh_warmup),
                                   lr=config.lr, weight_decay=config.weight_decay)
     schedule = recipe_schedule(optimizer, config.epochs, config.iterations_per_epoch, config.lr, config.min_lr)
+    augmenter = RECIPE_AUGMENTER
+    if config.modality_dropout:
+        augmenter = replace(RECIPE_AUGMENTER, modality_dropout=float(config.modality_dropout),
+                                        channels=int(sum(setup.in_channels)))
     sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
-                           RECIPE_AUGMENTER, threads=loader_threads, component_fraction=config.component_sampling)
+                           augmenter, threads=loader_threads, component_fraction=config.component_sampling)
     find_unused = use_teachers and not (config.use_reconstruction and config.use_sdkt)
     forward = ddp.wrap_model(TrainForward(model), dist, device, find_unused=find_unused)
     loop = TrainLoop(forward, loss_fn, optimizer, schedule, sampler, device, amp)
@@ -1188,6 +1196,9 @@ def training_record(run: Run, weights_from: str, command: Optional[str], parent:
               "amp": run.amp, "freeze_encoder": config.freeze_encoder, "device": run.device.type}
     if config.lesion_dice:
         recipe["loss"]["lambda_lesion_dice"] = float(config.lesion_dice)
+    if config.modality_dropout:
+        recipe["augmentation"] += f", modality dropout p{config.modality_dropout:g}"
+        recipe["modality_dropout"] = float(config.modality_dropout)
     if len(run.optimizer.param_groups) > 1:
         recipe["fresh_warmup_steps"] = int(config.fresh_warmup)
     if run.init_report is not None:
