@@ -2,8 +2,9 @@
 
 Either all of the model's labels are added as segments, or the selected segment is replaced by
 one label (undoable). Other installed models with the same inputs and labels can be ticked to
-predict together with the chosen one (an ensemble, as in the module panel). The prediction itself is the module's logic (``VeloxSegLogic``); this file
-holds only the effect's options and how the result is applied.
+predict together with the chosen one (an ensemble, as in the module panel). The prediction
+itself is the module's logic (``VeloxSegLogic``); this file holds only the effect's options and
+how the result is applied.
 """
 import os
 import time
@@ -43,8 +44,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return ("<html>Segment the source volume with a VeloxSeg model.<p>Pick the model and, for multi-input models, "
                 "the other input volumes. <b>Ensemble with</b> lists the other models with the same inputs and labels: "
-                "ticked ones predict together with the chosen model (their probabilities averaged). <b>Add all labels</b> creates one segment per label; <b>Replace selected "
-                "segment</b> fills the selected segment with one label (Undo restores it).</html>")
+                "ticked ones predict together with the chosen model, as one ensemble. <b>Add all labels</b> creates "
+                "one segment per label; <b>Replace selected segment</b> fills the selected segment with one label "
+                "(Undo restores it).</html>")
 
     # -------------------------------------------------------------------------------- options
     def setupOptionsFrame(self):
