@@ -36,6 +36,26 @@ def _add_library_path():
 _add_library_path()
 
 
+def fillModelChecklist(listWidget, infos, chosen):
+    """Fill a QListWidget with one checkable item per bundle of ``infos`` (its path as the item's
+    data), ticked where ``chosen`` (paths) lists it; the Segment Editor effect uses it too."""
+    listWidget.clear()
+    for info in infos:
+        item = qt.QListWidgetItem(info.display_name)
+        item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+        item.setCheckState(qt.Qt.Checked if info.path in chosen else qt.Qt.Unchecked)
+        item.setData(qt.Qt.UserRole, info.path)
+        item.setToolTip(info.path)
+        listWidget.addItem(item)
+    listWidget.enabled = bool(infos)
+
+
+def checkedPaths(listWidget):
+    """Paths of the ticked items of a list filled by :func:`fillModelChecklist`, in list order."""
+    return [listWidget.item(i).data(qt.Qt.UserRole) for i in range(listWidget.count)
+            if listWidget.item(i).checkState() == qt.Qt.Checked]
+
+
 def resourcePath(name):
     """``Resources/<name>`` next to the module (installed) or at the repository root (checkout)."""
     for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
@@ -294,15 +314,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         chosen = set(self.params.ensemble_with) if self.params is not None else set()
         wasUpdating, self._updating = self._updating, True
         try:
-            self.ui.ensembleListWidget.clear()
-            for info in partners:
-                item = qt.QListWidgetItem(info.display_name)
-                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-                item.setCheckState(qt.Qt.Checked if info.path in chosen else qt.Qt.Unchecked)
-                item.setData(qt.Qt.UserRole, info.path)
-                item.setToolTip(info.path)
-                self.ui.ensembleListWidget.addItem(item)
-            self.ui.ensembleListWidget.enabled = bool(partners)
+            fillModelChecklist(self.ui.ensembleListWidget, partners, chosen)
         finally:
             self._updating = wasUpdating
         if self.params is not None and not self._updating:
@@ -310,9 +322,7 @@ class VeloxSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensemblePaths(self):
         """Paths of the ticked models, in list order."""
-        widget = self.ui.ensembleListWidget
-        return [widget.item(i).data(qt.Qt.UserRole) for i in range(widget.count)
-                if widget.item(i).checkState() == qt.Qt.Checked]
+        return checkedPaths(self.ui.ensembleListWidget)
 
     def onEnsembleEdited(self, item):
         if self.params is None or self._updating:

@@ -115,28 +115,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def rebuildEnsembleList(self, chosen):
         """The models that can predict together with the chosen one, ticked where ``chosen`` (paths) lists them."""
+        from VeloxSeg import fillModelChecklist
         from VeloxSegLogic.bundles import ensemble_partners
 
         bundle = self.currentBundle()
         partners = ensemble_partners(self.bundles, bundle) if bundle is not None else []
         wasBlocked = self.ensembleList.blockSignals(True)
         try:
-            self.ensembleList.clear()
-            for info in partners:
-                item = qt.QListWidgetItem(info.display_name)
-                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-                item.setCheckState(qt.Qt.Checked if info.path in chosen else qt.Qt.Unchecked)
-                item.setData(qt.Qt.UserRole, info.path)
-                item.setToolTip(info.path)
-                self.ensembleList.addItem(item)
-            self.ensembleList.enabled = bool(partners)
+            fillModelChecklist(self.ensembleList, partners, chosen)
         finally:
             self.ensembleList.blockSignals(wasBlocked)
 
     def ensemblePaths(self):
         """Paths of the ticked models, in list order."""
-        return [self.ensembleList.item(i).data(qt.Qt.UserRole) for i in range(self.ensembleList.count)
-                if self.ensembleList.item(i).checkState() == qt.Qt.Checked]
+        from VeloxSeg import checkedPaths
+
+        return checkedPaths(self.ensembleList)
 
     def _sourceVolume(self):
         node = self.scriptedEffect.parameterSetNode()
