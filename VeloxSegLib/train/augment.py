@@ -72,10 +72,10 @@ class Augmenter:
             image, label = center_crop(image, patch), center_crop(label, patch)
         if params.flip_z:
             image, label = image[..., ::-1, :, :], label[::-1]
-        image = np.array(image, copy=True) if params.drop_channel >= 0 else np.ascontiguousarray(image)
         if params.drop_channel >= 0:
+            image = np.array(image)  # a copy: the case's own array (a memory map) is never written
             image[params.drop_channel] = 0
-        return image, np.ascontiguousarray(label)
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 def center_crop(arr: np.ndarray, patch: Sequence[int]) -> np.ndarray:

@@ -763,7 +763,8 @@ class Run:
 #: Training settings a resumed run must share with its checkpoint (the schedule, the loss, the
 #: sampling and the random streams were made with them).
 RECIPE_KEYS = ("lr", "min_lr", "weight_decay", "seed", "use_sdkt", "use_reconstruction", "batch_dice", "ds_weights",
-               "lesion_dice", "component_sampling", "modality_dropout", "fresh_warmup", "freeze_encoder", "dropout", "refine_head")
+               "lesion_dice", "component_sampling", "modality_dropout", "fresh_warmup", "freeze_encoder", "dropout",
+               "refine_head")
 RECIPE_FLAGS = {"use_sdkt": "the SDKT loss (--no-sdkt)", "use_reconstruction": "the reconstruction loss (--no-reconstruction)",
                 "min_lr": "final learning rate min_lr", "weight_decay": "weight decay"}  # (the last two: Python API)
 
