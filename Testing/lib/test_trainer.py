@@ -414,10 +414,17 @@ def test_fresh_warmup_holds_the_inherited_weights_while_the_fresh_modules_learn(
 def test_fresh_warmup_skips_the_held_weights_gradients_with_the_same_updates(dataset, start_weights, tmp_path,
                                                                              monkeypatch):
     """While the inherited weights wait, their gradients are not computed at all (the backward
-    pass only reaches the fresh modules); the run is the same as one that computes and drops them."""
+    pass only reaches the fresh modules); the run is the same as one that computes and drops them.
+
+    Compared under plain SGD, to float32 rounding: a backward pass that skips the held weights
+    may run other CPU kernels for the rest (oneDNN on an AVX-512 AMD EPYC does), and AdamW's first
+    step turns their last-bit differences into whole steps of +-lr for gradients that are rounding
+    noise (biases before a normalization)."""
     from VeloxSegLib.train.trainer import TrainLoop
 
     torch.set_num_threads(1)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, lr, weight_decay: torch.optim.SGD(groups, lr=lr))
+    config = _config(epochs=1, iterations_per_epoch=3, fresh_warmup=2, lr=0.05)
     seen = []
     original = TrainLoop._skip_waiting_gradients
 
@@ -426,16 +433,14 @@ def test_fresh_warmup_skips_the_held_weights_gradients_with_the_same_updates(dat
         seen.append({g.get("name"): all(p.requires_grad for p in g["params"]) for g in self.optimizer.param_groups})
 
     monkeypatch.setattr(TrainLoop, "_skip_waiting_gradients", spy)
-    skipped = run_training(dataset, tmp_path / "skipped", _config(epochs=1, iterations_per_epoch=3, fresh_warmup=2),
-                           init_weights=start_weights)
+    skipped = run_training(dataset, tmp_path / "skipped", config, init_weights=start_weights)
     assert seen == [{"inherited": False, "fresh": True}] * 2 + [{"inherited": True, "fresh": True}]
     monkeypatch.setattr(TrainLoop, "_skip_waiting_gradients", lambda self: None)
-    dropped = run_training(dataset, tmp_path / "dropped", _config(epochs=1, iterations_per_epoch=3, fresh_warmup=2),
-                           init_weights=start_weights)
+    dropped = run_training(dataset, tmp_path / "dropped", config, init_weights=start_weights)
     a, b = skipped.model.state_dict(), dropped.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
 
 
 def test_fresh_warmup_resumes_exactly_across_the_moment_the_weights_join(dataset, start_weights, tmp_path):
