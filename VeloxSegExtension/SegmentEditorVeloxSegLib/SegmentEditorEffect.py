@@ -202,7 +202,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         mode = self.scriptedEffect.parameter("Mode")
         label = int(self.scriptedEffect.parameter("Label") or 1)
         device = self.scriptedEffect.parameter("Device")
-        ensemble = self.savedEnsemble()
         index = bundle_index(self.bundles, model)
         if index >= 0 and index != self.modelComboBox.currentIndex:
             wasBlocked = self.modelComboBox.blockSignals(True)
@@ -221,7 +220,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.labelComboBox.setCurrentIndex(max(0, labelIndex))
         self.labelComboBox.enabled = mode == MODE_SELECTED
         self.deviceComboBox.setCurrentIndex(max(0, self.deviceComboBox.findData(device)))
-        self.rebuildEnsembleList(ensemble)
+        self.rebuildEnsembleList(self.savedEnsemble())  # (a restored model change writes nothing back)
         for widget in (self.allLabelsRadio, self.selectedRadio, self.labelComboBox, self.deviceComboBox):
             widget.blockSignals(False)
         self.applyButton.enabled = self.currentBundle() is not None

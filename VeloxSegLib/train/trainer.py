@@ -1006,7 +1006,7 @@ def _assemble_rest(config, setup, ds, splits, val_ds, work, writer, dist, device
     augmenter = RECIPE_AUGMENTER
     if config.modality_dropout:
         augmenter = replace(RECIPE_AUGMENTER, modality_dropout=float(config.modality_dropout),
-                                        channels=int(sum(setup.in_channels)))
+                            channels=int(sum(setup.in_channels)))
     sampler = PatchSampler(cases, setup.patch_size, setup.batch_size, rank_generator(config.seed, dist.rank),
                            augmenter, threads=loader_threads, component_fraction=config.component_sampling)
     find_unused = use_teachers and not (config.use_reconstruction and config.use_sdkt)
