@@ -14,6 +14,10 @@ one label with predicted mask P and reference mask R:
   ``fn_volume_ml``: volume of the reference components that do not touch P (autoPET). Components
   are 26-connected (SimpleITK ``ConnectedComponent(fullyConnected=True)``).
 
+Per lesion (:func:`lesion_metrics`): the reference's connected components matched with the
+prediction's, as in the BraTS 2023 lesion-wise Dice: each lesion's own Dice, how many lesions
+were found and missed, false-positive components, lesion sensitivity and F1.
+
 Arrays are indexed like ``SimpleITK.GetArrayFromImage`` (z, y, x) and ``spacing`` is given in
 the array's axis order; the ``*_images`` functions take SimpleITK images and handle the order.
 Needs numpy and SimpleITK only (no scipy, no torch).
@@ -41,6 +45,10 @@ __all__ = [
     "evaluate_images",
     "geometry_mismatch",
     "mean_metrics",
+    "lesion_metrics",
+    "LESION_KEYS",
+    "pool_lesions",
+    "lesions_by_size",
     "json_safe",
 ]
 
@@ -288,6 +296,149 @@ def mean_metrics(per_case: List[Dict[int, Dict[str, float]]]) -> Dict[int, Dict[
         entry["cases"] = len(rows)
         out[lab] = entry
     return out
+
+
+# --------------------------------------------------------------------------- lesion-wise
+
+#: Keys of the per-case lesion summaries of :func:`lesion_metrics`, in display order.
+LESION_KEYS = ("lesions", "found", "missed", "fp_components", "lesion_sensitivity", "lesion_f1",
+               "lesionwise_dice")
+
+
+def _label_boxes(labels: np.ndarray, count: int):
+    """Bounding boxes (tuples of slices) of labels 1..count of an integer array; None if absent."""
+    import SimpleITK as sitk
+
+    boxes = [None] * (count + 1)
+    if count == 0:
+        return boxes
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.GetImageFromArray(labels.astype(np.uint32)))
+    nd = labels.ndim
+    for lab in stats.GetLabels():
+        bb = stats.GetBoundingBox(int(lab))  # x, y, z index then sizes (image order)
+        start, size = bb[:nd][::-1], bb[nd:][::-1]
+        boxes[int(lab)] = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size))
+    return boxes
+
+
+def _union_box(boxes):
+    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(len(boxes[0])))
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out = sitk.BinaryDilate(img, [int(radius)] * mask.ndim, sitk.sitkBox, 0, 1)
+    return sitk.GetArrayFromImage(out).astype(bool)
+
+
+def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int = 0, min_voxels: int = 0,
+                   with_hd95: bool = True) -> Dict[str, object]:
+    """Lesion-wise scores of one label: the reference's lesions matched with the prediction's.
+
+    Lesions are the 26-connected components of the reference. With ``dilation`` d > 0, lesions
+    closer than about 2d voxels are one lesion: the reference is dilated by a (2d+1)^3 box, and
+    each component of the dilated mask, intersected with the reference, is a lesion (the BraTS
+    2023 rule; d = 1 is their 3x3x3 dilation). A predicted component (26-connected) is matched
+    with every lesion whose dilated region it touches; a lesion's Dice is taken against the
+    union of its matched components (whole). A lesion is *found* when that Dice is above 0. A
+    predicted component that touches no lesion region is a false positive (FP) component.
+    Lesions and FP components of fewer than ``min_voxels`` voxels are left out (BraTS: 50, or 2
+    for metastases); a component matched only with left-out lesions is neither.
+
+    Returns ``lesions``, ``found``, ``missed``, ``fp_components`` (counts); ``lesion_sensitivity``
+    = found / lesions; ``lesion_f1`` = 2 found / (2 found + missed + FP); ``lesionwise_dice`` =
+    the sum of the lesions' Dice (0 for a missed one) over (lesions + FP components), the BraTS
+    2023 lesion-wise Dice. A 0/0 is 1.0 when there is nothing to find and nothing predicted,
+    else 0.0. ``per_lesion``: for each lesion, largest first, ``voxels``, ``volume_ml``,
+    ``dice``, ``found``, ``hd95_mm`` (against its matched components; ``inf`` when missed; only
+    with ``with_hd95``) and ``centroid`` (the voxel-index centroid in the arrays' axis order).
+    """
+    p, r = _bool(pred_mask), _bool(ref_mask)
+    if p.shape != r.shape:
+        raise ValueError(f"mask shapes differ: {p.shape} vs {r.shape}")
+    if len(spacing) != r.ndim:
+        raise ValueError(f"spacing needs {r.ndim} values, got {len(spacing)}")
+    if int(dilation) < 0 or int(min_voxels) < 0:
+        raise ValueError(f"dilation and min_voxels must be >= 0, got {dilation} and {min_voxels}")
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    regions = _components(_dilate(r, dilation) if dilation and r.any() else r, True) if r.any() \
+        else np.zeros(r.shape, np.int32)
+    n_regions = int(regions.max()) if regions.size else 0
+    lesion_ids = np.where(r, regions, 0)
+    lesion_sizes = np.bincount(lesion_ids.ravel(), minlength=n_regions + 1)
+    comps = _components(p, True) if p.any() else np.zeros(p.shape, np.int32)
+    n_comps = int(comps.max()) if comps.size else 0
+    comp_sizes = np.bincount(comps.ravel(), minlength=n_comps + 1)
+    touching = (regions > 0) & (comps > 0)
+    pairs = np.unique(regions[touching].astype(np.int64) * (n_comps + 1) + comps[touching])
+    matched: Dict[int, List[int]] = {}
+    for code in pairs.tolist():
+        matched.setdefault(code // (n_comps + 1), []).append(code % (n_comps + 1))
+    touched = {c for cs in matched.values() for c in cs}
+    region_boxes = _label_boxes(regions, n_regions)
+    comp_boxes = _label_boxes(comps, n_comps)
+    per_lesion = []
+    for g in range(1, n_regions + 1):
+        size = int(lesion_sizes[g])
+        if size == 0 or size < min_voxels:
+            continue
+        cs = matched.get(g, [])
+        box = _union_box([region_boxes[g]] + [comp_boxes[c] for c in cs])
+        les = lesion_ids[box] == g
+        union = np.isin(comps[box], cs) if cs else np.zeros(les.shape, bool)
+        inter = int(np.count_nonzero(les & union))
+        dice = 2.0 * inter / (size + int(np.count_nonzero(union)))
+        entry = {"voxels": size, "volume_ml": size * voxel_ml, "dice": dice, "found": inter > 0,
+                 "centroid": [float(np.mean(ax)) + float(b.start) for ax, b in zip(np.nonzero(les), box)]}
+        if with_hd95:
+            entry["hd95_mm"] = hd95(union, les, spacing) if inter > 0 else math.inf
+        per_lesion.append(entry)
+    per_lesion.sort(key=lambda e: -e["voxels"])
+    fp = sum(1 for c in range(1, n_comps + 1) if c not in touched and comp_sizes[c] >= max(1, min_voxels))
+    n = len(per_lesion)
+    found = sum(1 for e in per_lesion if e["found"])
+    nothing = n == 0 and fp == 0
+    return {
+        "lesions": n, "found": found, "missed": n - found, "fp_components": fp,
+        "lesion_sensitivity": _ratio(found, n, nothing),
+        "lesion_f1": _ratio(2 * found, 2 * found + (n - found) + fp, nothing),
+        "lesionwise_dice": _ratio(sum(e["dice"] for e in per_lesion), n + fp, nothing),
+        "per_lesion": per_lesion,
+    }
+
+
+def pool_lesions(per_case: List[Dict[str, object]]) -> Dict[str, Optional[float]]:
+    """Lesion counts summed over cases, the pooled sensitivity and F1 from them, and the mean over
+    cases of the lesion-wise Dice (``cases`` says how many)."""
+    if not per_case:
+        return {"cases": 0}
+    tot = {k: int(sum(int(c[k]) for c in per_case)) for k in ("lesions", "found", "missed", "fp_components")}
+    nothing = tot["lesions"] == 0 and tot["fp_components"] == 0
+    tot["lesion_sensitivity"] = _ratio(tot["found"], tot["lesions"], nothing)
+    tot["lesion_f1"] = _ratio(2 * tot["found"], 2 * tot["found"] + tot["missed"] + tot["fp_components"], nothing)
+    tot["lesionwise_dice"] = float(np.mean([float(c["lesionwise_dice"]) for c in per_case]))
+    tot["cases"] = len(per_case)
+    return tot
+
+
+def lesions_by_size(per_case: List[Dict[str, object]], edges_ml: Sequence[float]) -> List[Dict[str, object]]:
+    """Detection by reference lesion volume, pooled over cases: for each bin [lo, hi) of
+    ``edges_ml`` (ml; open below the first edge and above the last) the number of lesions, how
+    many were found, the sensitivity (None for an empty bin) and the mean Dice of the found ones."""
+    edges = sorted(float(e) for e in edges_ml)
+    bounds = [0.0] + edges + [math.inf]
+    lesions = [e for c in per_case for e in c["per_lesion"]]
+    rows = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        inside = [e for e in lesions if lo <= e["volume_ml"] < hi]
+        hits = [e for e in inside if e["found"]]
+        rows.append({"min_ml": lo, "max_ml": hi, "lesions": len(inside), "found": len(hits),
+                     "sensitivity": len(hits) / len(inside) if inside else None,
+                     "dice_found": float(np.mean([e["dice"] for e in hits])) if hits else None})
+    return rows
 
 
 #: Up to this many paired cases the sign-flip test enumerates every flip (2^n); above, it samples.

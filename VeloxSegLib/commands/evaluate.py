@@ -13,6 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 
+#: Volume bin edges (ml) of the detection-by-size table of ``--lesions``.
+DEFAULT_LESION_SIZES_ML = (0.1, 0.5, 1.0, 5.0)
+
 #: Label-map file endings accepted in folders (and for single files).
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -40,6 +43,20 @@ def register(subparsers):
     p.add_argument("--regions", nargs="+", metavar="NAME=L,L",
                    help="also evaluate unions of labels as one mask each, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    g = p.add_argument_group("lesion-wise (each option implies --lesions)")
+    g.add_argument("--lesions", action="store_true",
+                   help="also score each lesion (connected component of the reference): lesions found and missed, "
+                        "false-positive components, lesion sensitivity and F1, the BraTS 2023 lesion-wise Dice, and "
+                        "detection by lesion size")
+    g.add_argument("--lesion-dilation", type=int, metavar="N",
+                   help="merge lesions closer than about 2N voxels and match predictions within N voxels of a "
+                        "lesion (a (2N+1)^3 box dilation of the reference; BraTS 2023: 1; default 0)")
+    g.add_argument("--lesion-min-voxels", type=int, metavar="N",
+                   help="leave out lesions and false-positive components under N voxels (BraTS 2023: 50, "
+                        "metastases 2; default 0: none)")
+    g.add_argument("--lesion-sizes", type=float, nargs="+", metavar="ML",
+                   help=f"volume bin edges in ml of the detection-by-size table (default "
+                        f"{' '.join(f'{v:g}' for v in DEFAULT_LESION_SIZES_ML)})")
     p.set_defaults(func=run)
     return p
 
@@ -166,7 +183,8 @@ def check_regions(regions: Dict[str, Sequence[int]], labels: Optional[Sequence[i
 
 
 def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Optional[Dict[int, str]] = None,
-             progress=None, regions: Optional[Dict[str, Sequence[int]]] = None, warn=None) -> dict:
+             progress=None, regions: Optional[Dict[str, Sequence[int]]] = None, warn=None,
+             lesions: Optional[dict] = None) -> dict:
     """Evaluate ``pred`` against ``ref`` (two label-map files or two folders); return a results dict.
 
     ``labels``: the label values to evaluate; any other non-zero label in a reference or a
@@ -179,6 +197,11 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
     name; with ``labels`` given, its label values must be among them (InputError). Without
     ``labels``, a region empty in both masks of every case is reported through ``warn`` (a
     callable taking one line; default: printed to stderr).
+    ``lesions``: also score every lesion (``{"dilation": N, "min_voxels": N, "sizes_ml": [...]}``,
+    see :func:`lesion_settings`): each case gets ``lesions`` (per label and region, the output of
+    :func:`VeloxSegLib.metrics.lesion_metrics` with each lesion's ``centre_mm``, its centroid in
+    the image's physical (LPS) coordinates), and the results ``lesion_mean`` (pooled counts) and
+    ``lesion_sizes`` (detection by lesion volume).
     """
     import numpy as np
 
@@ -216,15 +239,23 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
             case_labels = sorted(set(r_labels) | set(p_labels))
         spacing = tuple(reversed(r_img.GetSpacing()))
         per_label = M.evaluate_arrays(p_arr, r_arr, case_labels, spacing)
+        per_lesion = {}
+        if lesions is not None:
+            for lab in case_labels:
+                per_lesion[lab] = _lesions(p_arr == lab, r_arr == lab, spacing, r_img, lesions)
         for name, values in (regions or {}).items():
             p_mask, r_mask = np.isin(p_arr, values), np.isin(r_arr, values)
             if p_mask.any() or r_mask.any():
                 nonempty_regions.add(name)
             per_label[name] = M.label_metrics(p_mask, r_mask, spacing)
+            if lesions is not None:
+                per_lesion[name] = _lesions(p_mask, r_mask, spacing, r_img, lesions)
             del p_mask, r_mask
         del r_arr, p_arr, r_img, p_img
         cases.append({"case": case, "pred": str(p_path), "ref": str(r_path),
                       "spacing": [float(s) for s in reversed(spacing)], "metrics": per_label})
+        if lesions is not None:
+            cases[-1]["lesions"] = per_lesion
         if progress:
             progress(i + 1, len(pairs))
     if known is None and cases:
@@ -240,13 +271,16 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
                       sorted({lab for c in cases for lab in c["metrics"] if isinstance(lab, int)}))
     all_labels += list(regions or {})
     both_empty = M.label_metrics(np.zeros(1, bool), np.zeros(1, bool), (1.0,))
+    no_lesions = M.lesion_metrics(np.zeros(1, bool), np.zeros(1, bool), (1.0,))
     for c in cases:  # discovery mode: labels absent from both masks of a case
         for lab in all_labels:
             c["metrics"].setdefault(lab, dict(both_empty))
         c["metrics"] = {lab: c["metrics"][lab] for lab in all_labels}
+        if lesions is not None:
+            c["lesions"] = {lab: c["lesions"].get(lab, dict(no_lesions, per_lesion=[])) for lab in all_labels}
     names = {lab: (label_names or {}).get(lab, lab if isinstance(lab, str) else f"label {lab}")
              for lab in all_labels}
-    return {
+    out = {
         "pred": str(pred),
         "ref": str(ref),
         "labels": names,
@@ -254,6 +288,39 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
         "cases": cases,
         "mean": M.mean_metrics([c["metrics"] for c in cases]),
     }
+    if lesions is not None:
+        out["lesion_settings"] = dict(lesions)
+        out["lesion_mean"] = {lab: M.pool_lesions([c["lesions"][lab] for c in cases]) for lab in all_labels}
+        out["lesion_sizes"] = {lab: M.lesions_by_size([c["lesions"][lab] for c in cases], lesions["sizes_ml"])
+                               for lab in all_labels}
+    return out
+
+
+def lesion_settings(dilation: Optional[int] = None, min_voxels: Optional[int] = None,
+                    sizes_ml: Optional[Sequence[float]] = None) -> dict:
+    """The checked settings of the lesion-wise scores (None: the default). Raises InputError."""
+    dilation = 0 if dilation is None else int(dilation)
+    min_voxels = 0 if min_voxels is None else int(min_voxels)
+    sizes = list(DEFAULT_LESION_SIZES_ML if sizes_ml is None else sizes_ml)
+    if dilation < 0 or dilation > 20:
+        raise InputError(f"--lesion-dilation must be 0..20 voxels, got {dilation}")
+    if min_voxels < 0:
+        raise InputError(f"--lesion-min-voxels must be >= 0, got {min_voxels}")
+    if not sizes or any(not math.isfinite(v) or v <= 0 for v in sizes) or len(set(sizes)) != len(sizes):
+        raise InputError(f"--lesion-sizes needs distinct positive volumes in ml, got "
+                         f"{' '.join(f'{v:g}' for v in sizes) or 'none'}")
+    return {"dilation": dilation, "min_voxels": min_voxels, "sizes_ml": sorted(float(v) for v in sizes)}
+
+
+def _lesions(p_mask, r_mask, spacing, ref_img, settings: dict) -> dict:
+    from .. import metrics as M
+
+    out = M.lesion_metrics(p_mask, r_mask, spacing, dilation=settings["dilation"],
+                           min_voxels=settings["min_voxels"])
+    for e in out["per_lesion"]:
+        index = [float(v) for v in reversed(e.pop("centroid"))]  # x, y, z
+        e["centre_mm"] = [float(v) for v in ref_img.TransformContinuousIndexToPhysicalPoint(index)]
+    return out
 
 
 # --------------------------------------------------------------------------- output
@@ -287,14 +354,58 @@ def format_table(results: dict) -> str:
         if m["hd95_cases"] < m["cases"]:
             notes.append(f"label {lab}: mean HD95 over the {m['hd95_cases']} of {m['cases']} cases where it is "
                          f"finite (inf: exactly one of prediction and reference is empty)")
+    lines = _columns(header, rows, left=2)
+    lines += notes
+    if "lesion_mean" in results:
+        lines += [""] + format_lesion_tables(results, names)
+    return "\n".join(lines)
+
+
+def _columns(header, rows, left: int) -> List[str]:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = []
     for r in [header] + rows:
-        cells = [str(r[0]).ljust(widths[0]), str(r[1]).ljust(widths[1])]
-        cells += [str(x).rjust(w) for x, w in zip(r[2:], widths[2:])]
+        cells = [str(x).ljust(w) for x, w in zip(r[:left], widths[:left])]
+        cells += [str(x).rjust(w) for x, w in zip(r[left:], widths[left:])]
         lines.append("  ".join(cells).rstrip())
-    lines += notes
-    return "\n".join(lines)
+    return lines
+
+
+def _ml(v: float) -> str:
+    return f"{v:g}"
+
+
+def format_lesion_tables(results: dict, names: Dict) -> List[str]:
+    """The ``--lesions`` part of the table: per case and label, then detection by lesion volume."""
+    st = results["lesion_settings"]
+    lines = [f"lesions: 26-connected components of the reference, box dilation {st['dilation']} voxel(s), "
+             f"lesions and FP components under {st['min_voxels']} voxel(s) left out (docs/metrics.md)"]
+    header = ("case", "label", "lesions", "found", "missed", "FP_comp", "sensitivity", "F1", "lesion-wise_Dice")
+    rows = []
+    for c in results["cases"]:
+        for lab, m in c["lesions"].items():
+            rows.append((c["case"], names[lab], m["lesions"], m["found"], m["missed"], m["fp_components"],
+                         _num(m["lesion_sensitivity"]), _num(m["lesion_f1"]), _num(m["lesionwise_dice"])))
+    n = len(results["cases"])
+    for lab, m in results["lesion_mean"].items():
+        rows.append((f"all ({n})", names[lab], m.get("lesions", 0), m.get("found", 0), m.get("missed", 0),
+                     m.get("fp_components", 0), _num(m.get("lesion_sensitivity")), _num(m.get("lesion_f1")),
+                     _num(m.get("lesionwise_dice"))))
+    lines += _columns(header, rows, left=2)
+    lines.append("all: counts summed over cases, sensitivity and F1 from the sums, lesion-wise Dice the mean over cases")
+    for lab, bins in results["lesion_sizes"].items():
+        lines += ["", f"detection by lesion volume, {names[lab]}:"]
+        rows = []
+        for b in bins:
+            if b["min_ml"] == 0:
+                span = f"under {_ml(b['max_ml'])} ml"
+            elif math.isinf(b["max_ml"]):
+                span = f"{_ml(b['min_ml'])} ml or more"
+            else:
+                span = f"{_ml(b['min_ml'])}-{_ml(b['max_ml'])} ml"
+            rows.append((span, b["lesions"], b["found"], _num(b["sensitivity"]), _num(b["dice_found"])))
+        lines += _columns(("volume", "lesions", "found", "sensitivity", "Dice_of_found"), rows, left=1)
+    return lines
 
 
 def write_json_atomic(data, path: pathlib.Path) -> None:
@@ -307,6 +418,9 @@ def write_json_atomic(data, path: pathlib.Path) -> None:
 def run(args) -> int:
     from .. import metrics as M
 
+    lesions = None
+    if args.lesions or any(v is not None for v in (args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes)):
+        lesions = lesion_settings(args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes)
     json_path = None
     if args.json and args.json != "-":
         from ..data.io import check_output_file
@@ -326,7 +440,8 @@ def run(args) -> int:
             if unknown:
                 raise InputError(f"--labels {_fmt_labels(unknown)} not in bundle '{bundle.name}' "
                                  f"(labels: {_fmt_labels(sorted(names))})")
-    results = evaluate(args.pred, args.ref, labels=labels, label_names=names, regions=parse_regions(args.regions))
+    results = evaluate(args.pred, args.ref, labels=labels, label_names=names, regions=parse_regions(args.regions),
+                       lesions=lesions)
     safe = M.json_safe(results)
     if args.json == "-":
         print(json.dumps(safe, indent=2, allow_nan=False))

@@ -1,0 +1,197 @@
+"""Lesion-wise scores (``metrics.lesion_metrics``, ``veloxseg evaluate --lesions``).
+
+Expected values come from the geometry of hand-built masks, and from an independent brute-force
+implementation on SciPy's connected components (``scipy.ndimage``, a test-only dependency).
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from VeloxSegLib import metrics as M
+from VeloxSegLib.cli import main
+
+
+def three_lesions():
+    """A: 8 voxels predicted exactly; B: 16 voxels, half predicted; C: 1 voxel, missed; one
+    8-voxel false-positive component."""
+    r = np.zeros((20, 20, 20), bool)
+    p = np.zeros_like(r)
+    r[2:4, 2:4, 2:4] = True
+    r[10:14, 2:4, 2:4] = True
+    r[2, 15, 15] = True
+    p[2:4, 2:4, 2:4] = True
+    p[10:12, 2:4, 2:4] = True
+    p[15:17, 15:17, 15:17] = True
+    return p, r
+
+
+def test_hand_built_lesions():
+    p, r = three_lesions()
+    out = M.lesion_metrics(p, r, (1.0, 2.0, 0.5))
+    assert (out["lesions"], out["found"], out["missed"], out["fp_components"]) == (3, 2, 1, 1)
+    assert out["lesion_sensitivity"] == pytest.approx(2 / 3)
+    assert out["lesion_f1"] == pytest.approx(4 / (4 + 1 + 1))
+    dice_b = 2 * 8 / (16 + 8)
+    assert out["lesionwise_dice"] == pytest.approx((1.0 + dice_b + 0.0) / (3 + 1))
+    sizes = [e["voxels"] for e in out["per_lesion"]]
+    assert sizes == [16, 8, 1]  # largest first
+    b, a, c = out["per_lesion"]
+    assert b["dice"] == pytest.approx(dice_b) and a["dice"] == 1.0 and c["dice"] == 0.0
+    assert (a["found"], b["found"], c["found"]) == (True, True, False)
+    assert b["volume_ml"] == pytest.approx(16 * 1.0 * 2.0 * 0.5 / 1000)
+    assert b["centroid"] == pytest.approx([11.5, 2.5, 2.5]) and c["centroid"] == [2.0, 15.0, 15.0]
+    assert a["hd95_mm"] == 0.0 and math.isinf(c["hd95_mm"])
+    assert b["hd95_mm"] == pytest.approx(M.hd95(p[8:15], r[8:15], (1.0, 2.0, 0.5)))
+    assert b["hd95_mm"] == pytest.approx(2.0)  # the missed half, 2 slices of 1 mm
+
+
+def test_min_voxels_leaves_out_small_lesions_and_components():
+    p, r = three_lesions()
+    out = M.lesion_metrics(p, r, (1, 1, 1), min_voxels=2)
+    assert (out["lesions"], out["found"], out["fp_components"]) == (2, 2, 1)  # C (1 voxel) left out
+    assert out["lesionwise_dice"] == pytest.approx((1.0 + 2 / 3) / 3)
+    out = M.lesion_metrics(p, r, (1, 1, 1), min_voxels=9)  # A and the FP component too
+    assert (out["lesions"], out["fp_components"]) == (1, 0)
+    # a component that touches only a left-out lesion is neither found nor a false positive
+    r2 = np.zeros((8, 8, 8), bool)
+    r2[1, 1, 1] = True
+    p2 = np.zeros_like(r2)
+    p2[1:3, 1:3, 1:3] = True
+    out = M.lesion_metrics(p2, r2, (1, 1, 1), min_voxels=2)
+    assert (out["lesions"], out["fp_components"], out["lesionwise_dice"]) == (0, 0, 1.0)
+
+
+def test_dilation_merges_near_lesions_and_matches_near_predictions():
+    r = np.zeros((12, 12, 12), bool)
+    r[2:4, 2:4, 2:4] = True
+    r[2:4, 2:4, 5:7] = True  # one empty voxel between the two blocks
+    p = np.zeros_like(r)
+    p[2:4, 2:4, 7:9] = True  # next to the second block without overlapping it: touches it only when dilated
+    plain = M.lesion_metrics(p, r, (1, 1, 1))
+    assert (plain["lesions"], plain["found"], plain["fp_components"]) == (2, 0, 1)
+    merged = M.lesion_metrics(p, r, (1, 1, 1), dilation=1)
+    assert (merged["lesions"], merged["found"], merged["fp_components"]) == (1, 0, 0)
+    assert merged["per_lesion"][0]["voxels"] == 16  # the reference voxels only, not the dilation
+    assert merged["lesionwise_dice"] == 0.0  # matched but not overlapping: missed, not a false positive
+
+
+def test_empty_mask_conventions():
+    z = np.zeros((6, 6, 6), bool)
+    one = z.copy()
+    one[2:4, 2:4, 2:4] = True
+    both = M.lesion_metrics(z, z, (1, 1, 1))
+    assert (both["lesions"], both["fp_components"], both["lesion_sensitivity"], both["lesion_f1"],
+            both["lesionwise_dice"]) == (0, 0, 1.0, 1.0, 1.0)
+    only_pred = M.lesion_metrics(one, z, (1, 1, 1))
+    assert (only_pred["fp_components"], only_pred["lesion_f1"], only_pred["lesionwise_dice"]) == (1, 0.0, 0.0)
+    only_ref = M.lesion_metrics(z, one, (1, 1, 1))
+    assert (only_ref["missed"], only_ref["lesion_sensitivity"], only_ref["lesionwise_dice"]) == (1, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        M.lesion_metrics(one, one[:5], (1, 1, 1))
+    with pytest.raises(ValueError):
+        M.lesion_metrics(one, one, (1, 1, 1), dilation=-1)
+
+
+def brute_force(p, r, dilation, min_voxels):
+    """An independent implementation on scipy.ndimage, lesion by lesion."""
+    full = np.ones((3, 3, 3), bool)
+    grown = ndimage.binary_dilation(r, full, iterations=dilation) if dilation and r.any() else r
+    regions, n_regions = ndimage.label(grown, full)
+    comps, n_comps = ndimage.label(p, full)
+    dices, fp, touched = [], 0, set()
+    for g in range(1, n_regions + 1):
+        region = regions == g
+        hits = [c for c in range(1, n_comps + 1) if np.any((comps == c) & region)]
+        touched.update(hits)
+        lesion = r & region
+        if lesion.sum() < max(1, min_voxels):
+            continue
+        union = np.isin(comps, hits)
+        dices.append(2 * np.sum(lesion & union) / (lesion.sum() + union.sum()))
+    for c in range(1, n_comps + 1):
+        if c not in touched and np.sum(comps == c) >= max(1, min_voxels):
+            fp += 1
+    return sorted(dices), fp
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_agrees_with_a_brute_force_scipy_implementation(seed):
+    rng = np.random.default_rng(seed)
+    shape = (14, 18, 16)
+    r = ndimage.binary_opening(rng.random(shape) < 0.12 + 0.04 * (seed % 3))  # blobs of varied size
+    r |= rng.random(shape) < 0.01  # and single voxels
+    p = np.roll(r, 1, axis=seed % 3) & (rng.random(shape) < 0.9)
+    p |= rng.random(shape) < 0.01
+    for dilation, min_voxels in ((0, 0), (1, 0), (0, 3), (2, 2)):
+        dices, fp = brute_force(p, r, dilation, min_voxels)
+        out = M.lesion_metrics(p, r, (1.0, 1.0, 1.0), dilation=dilation, min_voxels=min_voxels, with_hd95=False)
+        assert out["lesions"] == len(dices) and out["fp_components"] == fp
+        assert sorted(e["dice"] for e in out["per_lesion"]) == pytest.approx(dices)
+        assert out["found"] == sum(d > 0 for d in dices)
+        assert out["lesionwise_dice"] == pytest.approx(sum(dices) / (len(dices) + fp) if dices or fp else 1.0)
+
+
+def test_pooling_and_size_bins():
+    p, r = three_lesions()
+    a = M.lesion_metrics(p, r, (1, 1, 1))  # lesions of 16, 8 and 1 voxels = 0.016, 0.008, 0.001 ml
+    b = M.lesion_metrics(np.zeros_like(p), r, (1, 1, 1))  # all three missed, no FP
+    pooled = M.pool_lesions([a, b])
+    assert (pooled["lesions"], pooled["found"], pooled["missed"], pooled["fp_components"]) == (6, 2, 4, 1)
+    assert pooled["lesion_sensitivity"] == pytest.approx(2 / 6)
+    assert pooled["lesion_f1"] == pytest.approx(4 / (4 + 4 + 1))
+    assert pooled["lesionwise_dice"] == pytest.approx((a["lesionwise_dice"] + 0.0) / 2)
+    bins = M.lesions_by_size([a, b], [0.005, 0.01])
+    assert [(x["lesions"], x["found"]) for x in bins] == [(2, 0), (2, 1), (2, 1)]
+    assert bins[0]["sensitivity"] == 0.0 and bins[0]["dice_found"] is None
+    assert bins[2]["dice_found"] == pytest.approx(2 / 3) and math.isinf(bins[2]["max_ml"])
+    assert M.lesions_by_size([a], [100.0])[1] == {"min_ml": 100.0, "max_ml": math.inf, "lesions": 0,
+                                                  "found": 0, "sensitivity": None, "dice_found": None}
+
+
+def write(path, arr, spacing=(2.0, 1.0, 3.0), origin=(10.0, -5.0, 7.0)):
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_cli_lesions_table_and_json(tmp_path, capsys):
+    p, r = three_lesions()
+    pred, ref = write(tmp_path / "p.nii.gz", p), write(tmp_path / "r.nii.gz", r)
+    out_json = tmp_path / "res.json"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--lesion-min-voxels", "2",
+                 "--lesion-sizes", "0.05", "--json", str(out_json)]) == 0  # an option implies --lesions
+    table = capsys.readouterr().out
+    assert "lesion-wise_Dice" in table and "detection by lesion volume" in table
+    assert "under 0.05 ml" in table and "0.05 ml or more" in table
+    data = json.loads(out_json.read_text())
+    les = data["cases"][0]["lesions"]["1"]
+    assert (les["lesions"], les["found"], les["fp_components"]) == (2, 2, 1)  # 6 ml voxels: 16 -> 0.096 ml
+    # the centre of lesion B (array index z 11.5, y 2.5, x 2.5) in physical coordinates
+    assert les["per_lesion"][0]["centre_mm"] == pytest.approx([10.0 + 2.5 * 2.0, -5.0 + 2.5 * 1.0, 7.0 + 11.5 * 3.0])
+    assert data["lesion_settings"] == {"dilation": 0, "min_voxels": 2, "sizes_ml": [0.05]}
+    assert data["lesion_mean"]["1"]["lesions"] == 2
+    assert [b["lesions"] for b in data["lesion_sizes"]["1"]] == [1, 1]  # 0.048 ml and 0.096 ml
+    # without the option, the output has no lesion part
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--json", "-"]) == 0
+    assert "lesions" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lesion-dilation", "-1"], "--lesion-dilation"),
+    (["--lesion-min-voxels", "-3"], "--lesion-min-voxels"),
+    (["--lesion-sizes", "0"], "--lesion-sizes"),
+    (["--lesion-sizes", "1", "1"], "--lesion-sizes"),
+])
+def test_cli_bad_lesion_options_are_refused_before_writing(tmp_path, capsys, argv, message):
+    p, r = three_lesions()
+    pred, ref = write(tmp_path / "p.nii.gz", p), write(tmp_path / "r.nii.gz", r)
+    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--json", str(tmp_path / "o.json"), *argv])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err
+    assert not (tmp_path / "o.json").exists()
