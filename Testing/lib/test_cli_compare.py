@@ -71,13 +71,17 @@ def test_compare_agrees_with_predict_then_evaluate(heldout, tmp_path):
         assert main(["predict", "-m", demo, "-i", str(heldout / "imagesTr"), "-o", str(preds),
                      "--progress", "none", "--threads", "1"]) == 0
         assert main(["evaluate", "--pred", str(preds), "--ref", str(heldout / "labelsTr"), "-m", demo,
-                     "--json", str(tmp_path / "eval.json")]) == 0
-        assert main(["compare", demo, "--heldout", str(heldout), "-o", str(tmp_path / "cmp.json")]) == 0
+                     "--json", str(tmp_path / "eval.json"), "--lesions"]) == 0
+        assert main(["compare", demo, "--heldout", str(heldout), "-o", str(tmp_path / "cmp.json"), "--lesions"]) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     row = json.loads((tmp_path / "cmp.json").read_text())["rows"][0]
     assert row["dice"]["lesion"] == pytest.approx(evaluated["mean"]["1"]["dice"], abs=1e-9)
     assert row["per_case"] == pytest.approx({c["case"]: c["metrics"]["1"]["dice"] for c in evaluated["cases"]},
                                             abs=1e-12)
+    pooled = evaluated["lesion_mean"]["1"]
+    assert pooled["lesions"] > 0
+    assert row["lesions"]["lesion"] == {k: pooled[k] for k in ("lesions", "found", "missed", "fp_components",
+                                                               "lesion_sensitivity", "lesionwise_dice")}
 
 
 def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_path):
@@ -96,8 +100,11 @@ def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_pa
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["compare", str(demo), str(blind), "--heldout", str(heldout), "-o", str(tmp_path / "c.json"),
-                     "--threads", "1"]) == 0
+                     "--threads", "1", "--lesions"]) == 0
     first, second = json.loads((tmp_path / "c.json").read_text())["rows"]
+    les = second["lesions"]["lesion"]  # it finds nothing: every lesion missed, no false positives
+    assert les["found"] == 0 and les["missed"] == les["lesions"] == first["lesions"]["lesion"]["lesions"] > 0
+    assert (les["fp_components"], les["lesionwise_dice"]) == (0, 0.0)
     assert all(d > 0 for d in first["per_case"].values()) and set(second["per_case"].values()) == {0.0}
     v = second["versus_first"]
     cases = sorted(first["per_case"])
@@ -107,6 +114,8 @@ def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_pa
     table = stdout.getvalue()
     assert "vs petct-lesion-demo: mean difference (95% CI)" in table
     assert f"| {v['mean_difference']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f}) | 0 / 2 | 0.500 |" in table
+    assert "| lesions found lesion | FP components lesion | lesion-wise Dice lesion |" in table
+    assert f"| 0 / {les['lesions']} | 0 | 0.000 | {v['mean_difference']:+.3f}" in table
 
 
 def test_compare_refuses_a_folder_without_labels(tmp_path, capsys):

@@ -40,6 +40,9 @@ def register(subparsers):
                         "segmented again), nnU-Net's choice between configurations")
     p.add_argument("--regions", nargs="+", metavar="NAME=L,L",
                    help="also evaluate unions of labels, e.g. ET=3 TC=1,3 WT=1,2,3 (BraTS)")
+    p.add_argument("--lesions", action="store_true",
+                   help="also count each bundle's lesions found, missed and false-positive components and its "
+                        "lesion-wise Dice (as 'veloxseg evaluate --lesions' with its defaults)")
     p.add_argument("--title", help="a line describing the comparison (data, budget)")
     p.add_argument("-o", "--output", help=f"JSON to write (default {DEFAULT_OUTPUT}; with --crossval "
                                           f"{DEFAULT_CROSSVAL_OUTPUT})")
@@ -73,18 +76,21 @@ def _training_record(bundle) -> dict:
 
 
 def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[int]]] = None,
-            threads: Optional[int] = None, device: str = "cpu", progress=None) -> dict:
+            threads: Optional[int] = None, device: str = "cpu", progress=None, lesions: bool = False) -> dict:
     """Evaluate each bundle on ``heldout``; returns {"heldout", "cases", "scored", "rows": [...]}.
 
     Each row holds its mean Dice per label (and region), its per-case score (the mean Dice of
     ``scored``: the regions when given, else the labels) and, after the first row, how it
-    compares with the first bundle case by case (:func:`VeloxSegLib.metrics.paired_comparison`)."""
+    compares with the first bundle case by case (:func:`VeloxSegLib.metrics.paired_comparison`).
+    With ``lesions``, each row also holds ``lesions``: per label (and region) the lesion counts
+    pooled over the cases and the mean lesion-wise Dice (:func:`VeloxSegLib.metrics.pool_lesions`,
+    ``veloxseg evaluate --lesions`` with its default settings)."""
     import numpy as np
 
     from .. import metrics as M
     from ..bundle import load_bundle
     from ..infer.pipeline import predict_folder
-    from .evaluate import evaluate
+    from .evaluate import evaluate, lesion_settings
 
     heldout = pathlib.Path(heldout)
     images, labels = heldout / "imagesTr", heldout / "labelsTr"
@@ -106,7 +112,8 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
             predicted = predict_folder(bundle, images, out, device=device, threads=threads)
             seconds = time.perf_counter() - t0
             names = {lab["value"]: lab["name"] for lab in bundle.labels if lab["value"] != 0}
-            res = evaluate(out, labels, labels=sorted(names), label_names=names, regions=regions)
+            res = evaluate(out, labels, labels=sorted(names), label_names=names, regions=regions,
+                           lesions=lesion_settings() if lesions else None)
             dice = {str(names.get(k, k)): v["dice"] for k, v in res["mean"].items()}
             scored = list(regions) if regions else sorted(names)  # the per-case figure compared
             per_case = {c["case"]: float(np.mean([c["metrics"][k]["dice"] for k in scored])) for c in res["cases"]}
@@ -115,6 +122,10 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
                          "patch_size": m["patch_size"], "params_m": _inference_params(bundle),
                          **_training_record(bundle), "dice": dice, "per_case": per_case,
                          "predict_seconds_per_case": seconds / max(1, len(predicted))})
+            if lesions:
+                rows[-1]["lesions"] = {str(names.get(k, k)): {key: v[key] for key in (
+                    "lesions", "found", "missed", "fp_components", "lesion_sensitivity", "lesionwise_dice")}
+                    for k, v in res["lesion_mean"].items()}
     first = rows[0]["per_case"]
     for row in rows[1:]:  # each against the first bundle, case by case
         cases = sorted(first)
@@ -207,6 +218,10 @@ def render_markdown(data: dict) -> str:
     if data.get("title"):
         lines += [data["title"], ""]
     paired = any(r.get("versus_first") for r in rows)  # comparisons saved before it have none
+    with_lesions = any(r.get("lesions") for r in rows)
+    if with_lesions:
+        for k in keys:
+            head += [f"lesions found {k}", f"FP components {k}", f"lesion-wise Dice {k}"]
     if paired:
         head += _paired_head(rows[0]["bundle"])
     lines += [f"Held-out: `{data['heldout']}`, {data['cases']} cases, mean Dice per label "
@@ -218,6 +233,11 @@ def render_markdown(data: dict) -> str:
         cells = [r["bundle"], r["model"], f"{r['params_m']:.3f}", budget, patch, _fmt(r.get("train_seconds"), 0)]
         cells += [_fmt(r["dice"].get(k)) for k in keys]
         cells += [_fmt(r.get("val_dice")), _fmt(r.get("predict_seconds_per_case"), 1)]
+        if with_lesions:
+            for k in keys:
+                les = (r.get("lesions") or {}).get(k)
+                cells += [f"{les['found']} / {les['lesions']}", str(les["fp_components"]),
+                          _fmt(les["lesionwise_dice"])] if les else ["-", "-", "-"]
         if paired:
             cells += _paired_cells(r.get("versus_first"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -259,6 +279,9 @@ def run(args) -> int:
         if args.regions:
             raise InputError("--crossval compares what each cross-validation scored; give --regions to "
                              "'veloxseg crossval' instead")
+        if args.lesions:
+            raise InputError("--crossval compares the cross-validations' saved scores, which hold no lesions; "
+                             "run 'veloxseg evaluate --lesions' on their out-of-fold predictions instead")
         folders = [pathlib.Path(f) for f in args.bundles]
         out = check_output_file(args.output or DEFAULT_CROSSVAL_OUTPUT, overwrite=args.overwrite, inputs=folders,
                                 sealed=[f for f in folders if f.is_dir()])
@@ -280,7 +303,8 @@ def run(args) -> int:
     if args.threads:
         set_threads(args.threads)
     data = compare(args.bundles, args.heldout, regions=parse_regions(args.regions), threads=args.threads,
-                   device=args.device, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                   device=args.device, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                   lesions=args.lesions)
     if args.title:
         data["title"] = args.title
     data = M.json_safe(data)
