@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.veloxseg-installed
 
-.PHONY: test bench demo install clean
+.PHONY: test bench bench-page demo install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m VeloxSegLib.cli bench --output docs/benchmarks.md $(if $(REFERENCE),--reference $(REFERENCE))
+
+# the page again from the saved figures and comparisons (docs/training-comparison*.json): measures nothing
+bench-page: $(STAMP)
+	$(PY) -m VeloxSegLib.cli bench --render-only --output docs/benchmarks.md
 
 demo: $(STAMP)
 	$(PY) -m VeloxSegLib.cli demo --output demo_output

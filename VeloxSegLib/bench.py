@@ -463,6 +463,40 @@ def load_comparisons(folder: Path) -> List[dict]:
     return out
 
 
+def write_page(result: dict, output) -> None:
+    """Write ``result`` as the markdown page ``output`` and its figures as ``output`` with the
+    ending .json, each to a temporary sibling renamed into place."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_markdown(result))
+    os.replace(tmp, path)
+    json_path = path.with_suffix(".json")
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, json_path)
+
+
+def render_saved(output) -> dict:
+    """Rebuild the page ``output`` from the figures saved next to it (``output`` with the ending
+    .json, written by an earlier run) and the saved comparisons (training-comparison*.json), as
+    they are now: nothing is measured. Returns the result. Raises InputError without saved figures."""
+    from .errors import InputError
+
+    path = Path(output)
+    json_path = path.with_suffix(".json")
+    try:
+        result = json.loads(json_path.read_text())
+        if not isinstance(result, dict) or "machine" not in result:
+            raise ValueError("no 'machine' entry")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{json_path}': no saved benchmark figures to render ({exc}); run 'make bench' "
+                         f"first") from None
+    result["comparisons"] = load_comparisons(path.parent)
+    write_page(result, path)
+    return result
+
+
 def run(models: Optional[List[str]] = None, reps: int = 24, output: Optional[str] = None,
         as_json: bool = False, sections: Optional[List[str]] = None, progress=None,
         reference: Optional[str] = None) -> dict:
@@ -481,16 +515,8 @@ def run(models: Optional[List[str]] = None, reps: int = 24, output: Optional[str
         result["paired"] = paired_benchmark(reference, progress)
     result.update(_pipeline_sections(sections, progress))
     if output:
-        path = Path(output)
-        result["comparisons"] = load_comparisons(path.parent)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(render_markdown(result))
-        os.replace(tmp, path)
-        json_path = path.with_suffix(".json")
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, json_path)
+        result["comparisons"] = load_comparisons(Path(output).parent)
+        write_page(result, output)
     return result
 
 

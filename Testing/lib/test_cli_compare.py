@@ -142,3 +142,28 @@ def test_bench_page_includes_saved_comparisons(tmp_path):
     (tmp_path / "training-comparison-bad.json").write_text("{")
     with pytest.raises(InputError, match="training-comparison-bad.json"):
         load_comparisons(tmp_path)
+
+
+def test_bench_render_only_rebuilds_the_page_from_saved_figures(tmp_path, capsys):
+    """``veloxseg bench --render-only``: a new comparison reaches the page without measuring."""
+    figures = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "os": "y", "python": "3", "torch": "t",
+                           "date": "d"}, "patch": [], "comparisons": []}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(figures))
+    page = tmp_path / "benchmarks.md"
+    assert main(["bench", "--render-only", "--output", str(page)]) == 0
+    assert "Same-budget training comparison" not in page.read_text()
+    data = {"heldout": "heldout_x", "cases": 3, "rows": [
+        {"bundle": "a", "model": "veloxseg-b", "params_m": 1.5, "iterations": 10, "batch_size": 2,
+         "patch_size": [64, 64, 64], "train_seconds": 7.0, "dice": {"lesion": 0.5}, "val_dice": 0.4,
+         "predict_seconds_per_case": 1.0}]}
+    (tmp_path / "training-comparison-x.json").write_text(json.dumps(data))
+    assert main(["bench", "--render-only", "--output", str(page)]) == 0
+    text = page.read_text()
+    assert "## Same-budget training comparison on heldout_x" in text
+    assert "| a | veloxseg-b | 1.500 | 10 x 2 | 64x64x64 | 7 | 0.500 | 0.400 | 1.0 |" in text
+    assert json.loads((tmp_path / "benchmarks.json").read_text())["comparisons"] == [data]
+    assert not list(tmp_path.glob("*.tmp"))
+    capsys.readouterr()
+    other = tmp_path / "elsewhere" / "b.md"
+    assert main(["bench", "--render-only", "--output", str(other)]) != 0
+    assert "no saved benchmark figures" in capsys.readouterr().err and not other.parent.exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(subparsers):
@@ -20,11 +21,25 @@ def register(subparsers):
                    help="also time the authors' implementation from this checkout of "
                         "github.com/JinPLu/VeloxSeg (runs that repository's code; not downloaded by us) "
                         "and report every model's speed against it")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: rebuild the --output page from the figures an earlier run saved next "
+                        "to it (.json) and the saved comparisons (training-comparison*.json), e.g. after a new "
+                        "'veloxseg compare'")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..bench import MODELS, render_markdown, run as run_bench
+
+    if args.render_only:
+        from ..bench import render_saved
+        from ..errors import ConfigError
+
+        if not args.output:
+            raise ConfigError("--render-only needs --output, the page to rebuild (e.g. docs/benchmarks.md)")
+        render_saved(args.output)
+        print(f"rebuilt {args.output} from its saved figures", file=sys.stderr)
+        return 0
 
     unknown = [m for m in (args.models or []) if m not in MODELS]
     if unknown:
