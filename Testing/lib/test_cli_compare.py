@@ -167,3 +167,16 @@ def test_bench_render_only_rebuilds_the_page_from_saved_figures(tmp_path, capsys
     other = tmp_path / "elsewhere" / "b.md"
     assert main(["bench", "--render-only", "--output", str(other)]) != 0
     assert "no saved benchmark figures" in capsys.readouterr().err and not other.parent.exists()
+
+
+def test_lesion_columns_cover_the_scored_labels_or_regions_only():
+    from VeloxSegLib.commands.compare import render_markdown as comparison_table
+
+    les = {"lesions": 4, "found": 3, "missed": 1, "fp_components": 2, "lesion_sensitivity": 0.75,
+           "lesionwise_dice": 0.5}
+    row = {"bundle": "a", "model": "veloxseg-b", "params_m": 1.0, "iterations": 10, "batch_size": 2,
+           "patch_size": [64, 64, 64], "dice": {"edema": 0.9, "WT": 0.8}, "lesions": {"edema": les, "WT": les}}
+    table = comparison_table({"heldout": "h", "cases": 1, "scored": ["WT"], "rows": [row]})
+    assert "| lesions found WT | FP components WT | lesion-wise Dice WT |" in table
+    assert "lesions found edema" not in table
+    assert "| 3 / 4 | 2 | 0.500 |" in table

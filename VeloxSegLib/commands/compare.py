@@ -219,8 +219,9 @@ def render_markdown(data: dict) -> str:
         lines += [data["title"], ""]
     paired = any(r.get("versus_first") for r in rows)  # comparisons saved before it have none
     with_lesions = any(r.get("lesions") for r in rows)
+    lesion_keys = [k for k in (data.get("scored") or keys) if k in keys]  # the compared labels or regions only
     if with_lesions:
-        for k in keys:
+        for k in lesion_keys:
             head += [f"lesions found {k}", f"FP components {k}", f"lesion-wise Dice {k}"]
     if paired:
         head += _paired_head(rows[0]["bundle"])
@@ -234,7 +235,7 @@ def render_markdown(data: dict) -> str:
         cells += [_fmt(r["dice"].get(k)) for k in keys]
         cells += [_fmt(r.get("val_dice")), _fmt(r.get("predict_seconds_per_case"), 1)]
         if with_lesions:
-            for k in keys:
+            for k in lesion_keys:
                 les = (r.get("lesions") or {}).get(k)
                 cells += [f"{les['found']} / {les['lesions']}", str(les["fp_components"]),
                           _fmt(les["lesionwise_dice"])] if les else ["-", "-", "-"]
