@@ -46,7 +46,6 @@ __all__ = [
     "geometry_mismatch",
     "mean_metrics",
     "lesion_metrics",
-    "LESION_KEYS",
     "pool_lesions",
     "lesions_by_size",
     "json_safe",
@@ -300,11 +299,6 @@ def mean_metrics(per_case: List[Dict[int, Dict[str, float]]]) -> Dict[int, Dict[
 
 # --------------------------------------------------------------------------- lesion-wise
 
-#: Keys of the per-case lesion summaries of :func:`lesion_metrics`, in display order.
-LESION_KEYS = ("lesions", "found", "missed", "fp_components", "lesion_sensitivity", "lesion_f1",
-               "lesionwise_dice")
-
-
 def _label_boxes(labels: np.ndarray, count: int):
     """Bounding boxes (tuples of slices) of labels 1..count of an integer array; None if absent."""
     import SimpleITK as sitk
@@ -364,8 +358,10 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
     if int(dilation) < 0 or int(min_voxels) < 0:
         raise ValueError(f"dilation and min_voxels must be >= 0, got {dilation} and {min_voxels}")
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
-    regions = _components(_dilate(r, dilation) if dilation and r.any() else r, True) if r.any() \
-        else np.zeros(r.shape, np.int32)
+    if r.any():
+        regions = _components(_dilate(r, dilation) if dilation else r, True)
+    else:
+        regions = np.zeros(r.shape, np.int32)
     n_regions = int(regions.max()) if regions.size else 0
     lesion_ids = np.where(r, regions, 0)
     lesion_sizes = np.bincount(lesion_ids.ravel(), minlength=n_regions + 1)
