@@ -328,8 +328,13 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return sitk.GetArrayFromImage(out).astype(bool)
 
 
+#: BraTS 2023's lesion-wise HD95 for a missed lesion or a false-positive component, in mm (about the
+#: diagonal of their 240 x 240 x 155 volume at 1 mm).
+BRATS_HD95_PENALTY_MM = 374.0
+
+
 def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int = 0, min_voxels: int = 0,
-                   with_hd95: bool = True) -> Dict[str, object]:
+                   with_hd95: bool = True, hd95_penalty_mm: float = BRATS_HD95_PENALTY_MM) -> Dict[str, object]:
     """Lesion-wise scores of one label: the reference's lesions matched with the prediction's.
 
     Lesions are the 26-connected components of the reference. With ``dilation`` d > 0, lesions
@@ -346,7 +351,10 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
     = found / lesions; ``lesion_f1`` = 2 found / (2 found + missed + FP); ``lesionwise_dice`` =
     the sum of the lesions' Dice (0 for a missed one) over (lesions + FP components), the BraTS
     2023 lesion-wise Dice. A 0/0 is 1.0 when there is nothing to find and nothing predicted,
-    else 0.0. ``per_lesion``: for each lesion, largest first, ``voxels``, ``volume_ml``,
+    else 0.0. With ``with_hd95`` also ``lesionwise_hd95_mm``: the sum of the found lesions' HD95
+    and ``hd95_penalty_mm`` for each missed lesion and each FP component, over (lesions + FP
+    components), the BraTS 2023 lesion-wise HD95 (0.0 when there is nothing to find and nothing
+    predicted). ``per_lesion``: for each lesion, largest first, ``voxels``, ``volume_ml``,
     ``dice``, ``found``, ``hd95_mm`` (against its matched components; ``inf`` when missed; only
     with ``with_hd95``) and ``centroid`` (the voxel-index centroid in the arrays' axis order).
     """
@@ -357,6 +365,8 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
         raise ValueError(f"spacing needs {r.ndim} values, got {len(spacing)}")
     if int(dilation) < 0 or int(min_voxels) < 0:
         raise ValueError(f"dilation and min_voxels must be >= 0, got {dilation} and {min_voxels}")
+    if not (math.isfinite(float(hd95_penalty_mm)) and float(hd95_penalty_mm) >= 0):
+        raise ValueError(f"hd95_penalty_mm must be a finite distance >= 0, got {hd95_penalty_mm}")
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     if r.any():
         regions = _components(_dilate(r, dilation) if dilation else r, True)
@@ -397,18 +407,24 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
     n = len(per_lesion)
     found = sum(1 for e in per_lesion if e["found"])
     nothing = n == 0 and fp == 0
-    return {
+    out = {
         "lesions": n, "found": found, "missed": n - found, "fp_components": fp,
         "lesion_sensitivity": _ratio(found, n, nothing),
         "lesion_f1": _ratio(2 * found, 2 * found + (n - found) + fp, nothing),
         "lesionwise_dice": _ratio(sum(e["dice"] for e in per_lesion), n + fp, nothing),
-        "per_lesion": per_lesion,
     }
+    if with_hd95:
+        penalized = float(hd95_penalty_mm) * ((n - found) + fp)
+        total = sum(e["hd95_mm"] for e in per_lesion if e["found"]) + penalized
+        out["lesionwise_hd95_mm"] = 0.0 if nothing else total / (n + fp)
+    out["per_lesion"] = per_lesion
+    return out
 
 
 def pool_lesions(per_case: List[Dict[str, object]]) -> Dict[str, Optional[float]]:
     """Lesion counts summed over cases, the pooled sensitivity and F1 from them, and the mean over
-    cases of the lesion-wise Dice (``cases`` says how many)."""
+    cases of the lesion-wise Dice and (where every case has it) the lesion-wise HD95 (``cases``
+    says how many)."""
     if not per_case:
         return {"cases": 0}
     tot = {k: int(sum(int(c[k]) for c in per_case)) for k in ("lesions", "found", "missed", "fp_components")}
@@ -416,6 +432,8 @@ def pool_lesions(per_case: List[Dict[str, object]]) -> Dict[str, Optional[float]
     tot["lesion_sensitivity"] = _ratio(tot["found"], tot["lesions"], nothing)
     tot["lesion_f1"] = _ratio(2 * tot["found"], 2 * tot["found"] + tot["missed"] + tot["fp_components"], nothing)
     tot["lesionwise_dice"] = float(np.mean([float(c["lesionwise_dice"]) for c in per_case]))
+    if all("lesionwise_hd95_mm" in c for c in per_case):
+        tot["lesionwise_hd95_mm"] = float(np.mean([float(c["lesionwise_hd95_mm"]) for c in per_case]))
     tot["cases"] = len(per_case)
     return tot
 

@@ -81,7 +81,8 @@ def test_compare_agrees_with_predict_then_evaluate(heldout, tmp_path):
     pooled = evaluated["lesion_mean"]["1"]
     assert pooled["lesions"] > 0
     assert row["lesions"]["lesion"] == {k: pooled[k] for k in ("lesions", "found", "missed", "fp_components",
-                                                               "lesion_sensitivity", "lesionwise_dice")}
+                                                               "lesion_sensitivity", "lesionwise_dice",
+                                                               "lesionwise_hd95_mm")}
 
 
 def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_path):
@@ -104,7 +105,7 @@ def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_pa
     first, second = json.loads((tmp_path / "c.json").read_text())["rows"]
     les = second["lesions"]["lesion"]  # it finds nothing: every lesion missed, no false positives
     assert les["found"] == 0 and les["missed"] == les["lesions"] == first["lesions"]["lesion"]["lesions"] > 0
-    assert (les["fp_components"], les["lesionwise_dice"]) == (0, 0.0)
+    assert (les["fp_components"], les["lesionwise_dice"], les["lesionwise_hd95_mm"]) == (0, 0.0, 374.0)
     assert all(d > 0 for d in first["per_case"].values()) and set(second["per_case"].values()) == {0.0}
     v = second["versus_first"]
     cases = sorted(first["per_case"])

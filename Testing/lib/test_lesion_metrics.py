@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from VeloxSegLib import metrics as M
 from VeloxSegLib.cli import main
+from VeloxSegLib.commands.evaluate import DEFAULT_LESION_HD95_PENALTY_MM
 
 
 def three_lesions():
@@ -47,6 +48,11 @@ def test_hand_built_lesions():
     assert a["hd95_mm"] == 0.0 and math.isinf(c["hd95_mm"])
     assert b["hd95_mm"] == pytest.approx(M.hd95(p[8:15], r[8:15], (1.0, 2.0, 0.5)))
     assert b["hd95_mm"] == pytest.approx(2.0)  # the missed half, 2 slices of 1 mm
+    # BraTS 2023 lesion-wise HD95: A 0 mm, B 2 mm, C missed and the FP component 374 mm each
+    assert out["lesionwise_hd95_mm"] == pytest.approx((0.0 + 2.0 + 374.0 + 374.0) / 4)
+    other = M.lesion_metrics(p, r, (1.0, 2.0, 0.5), hd95_penalty_mm=100.0)
+    assert other["lesionwise_hd95_mm"] == pytest.approx((0.0 + 2.0 + 100.0 + 100.0) / 4)
+    assert "lesionwise_hd95_mm" not in M.lesion_metrics(p, r, (1.0, 2.0, 0.5), with_hd95=False)
 
 
 def test_min_voxels_leaves_out_small_lesions_and_components():
@@ -90,10 +96,15 @@ def test_empty_mask_conventions():
     assert (only_pred["fp_components"], only_pred["lesion_f1"], only_pred["lesionwise_dice"]) == (1, 0.0, 0.0)
     only_ref = M.lesion_metrics(z, one, (1, 1, 1))
     assert (only_ref["missed"], only_ref["lesion_sensitivity"], only_ref["lesionwise_dice"]) == (1, 0.0, 0.0)
+    assert (both["lesionwise_hd95_mm"], only_pred["lesionwise_hd95_mm"], only_ref["lesionwise_hd95_mm"]) == \
+        (0.0, 374.0, 374.0)  # BraTS: nothing to find and nothing predicted 0; else the penalty
     with pytest.raises(ValueError):
         M.lesion_metrics(one, one[:5], (1, 1, 1))
     with pytest.raises(ValueError):
         M.lesion_metrics(one, one, (1, 1, 1), dilation=-1)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            M.lesion_metrics(one, one, (1, 1, 1), hd95_penalty_mm=bad)
 
 
 def brute_force(p, r, dilation, min_voxels):
@@ -102,7 +113,7 @@ def brute_force(p, r, dilation, min_voxels):
     grown = ndimage.binary_dilation(r, full, iterations=dilation) if dilation and r.any() else r
     regions, n_regions = ndimage.label(grown, full)
     comps, n_comps = ndimage.label(p, full)
-    dices, fp, touched = [], 0, set()
+    dices, hd95s, fp, touched = [], [], 0, set()
     for g in range(1, n_regions + 1):
         region = regions == g
         hits = [c for c in range(1, n_comps + 1) if np.any((comps == c) & region)]
@@ -112,10 +123,12 @@ def brute_force(p, r, dilation, min_voxels):
             continue
         union = np.isin(comps, hits)
         dices.append(2 * np.sum(lesion & union) / (lesion.sum() + union.sum()))
+        if np.any(lesion & union):
+            hd95s.append(M.hd95(union, lesion, (1.0, 1.0, 1.0)))
     for c in range(1, n_comps + 1):
         if c not in touched and np.sum(comps == c) >= max(1, min_voxels):
             fp += 1
-    return sorted(dices), fp
+    return sorted(dices), sorted(hd95s), fp
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -127,12 +140,16 @@ def test_agrees_with_a_brute_force_scipy_implementation(seed):
     p = np.roll(r, 1, axis=seed % 3) & (rng.random(shape) < 0.9)
     p |= rng.random(shape) < 0.01
     for dilation, min_voxels in ((0, 0), (1, 0), (0, 3), (2, 2)):
-        dices, fp = brute_force(p, r, dilation, min_voxels)
-        out = M.lesion_metrics(p, r, (1.0, 1.0, 1.0), dilation=dilation, min_voxels=min_voxels, with_hd95=False)
+        dices, hd95s, fp = brute_force(p, r, dilation, min_voxels)
+        out = M.lesion_metrics(p, r, (1.0, 1.0, 1.0), dilation=dilation, min_voxels=min_voxels,
+                               hd95_penalty_mm=50.0)
         assert out["lesions"] == len(dices) and out["fp_components"] == fp
         assert sorted(e["dice"] for e in out["per_lesion"]) == pytest.approx(dices)
         assert out["found"] == sum(d > 0 for d in dices)
         assert out["lesionwise_dice"] == pytest.approx(sum(dices) / (len(dices) + fp) if dices or fp else 1.0)
+        missed = sum(d == 0 for d in dices)
+        assert out["lesionwise_hd95_mm"] == pytest.approx(
+            (sum(hd95s) + 50.0 * (missed + fp)) / (len(dices) + fp) if dices or fp else 0.0)
 
 
 def test_pooling_and_size_bins():
@@ -144,6 +161,8 @@ def test_pooling_and_size_bins():
     assert pooled["lesion_sensitivity"] == pytest.approx(2 / 6)
     assert pooled["lesion_f1"] == pytest.approx(4 / (4 + 4 + 1))
     assert pooled["lesionwise_dice"] == pytest.approx((a["lesionwise_dice"] + 0.0) / 2)
+    assert pooled["lesionwise_hd95_mm"] == pytest.approx((a["lesionwise_hd95_mm"] + 374.0) / 2)
+    assert "lesionwise_hd95_mm" not in M.pool_lesions([a, M.lesion_metrics(p, r, (1, 1, 1), with_hd95=False)])
     bins = M.lesions_by_size([a, b], [0.005, 0.01])
     assert [(x["lesions"], x["found"]) for x in bins] == [(2, 0), (2, 1), (2, 1)]
     assert bins[0]["sensitivity"] == 0.0 and bins[0]["dice_found"] is None
@@ -168,14 +187,24 @@ def test_cli_lesions_table_and_json(tmp_path, capsys):
                  "--lesion-sizes", "0.05", "--json", str(out_json)]) == 0  # an option implies --lesions
     table = capsys.readouterr().out
     assert "lesion-wise_Dice" in table and "detection by lesion volume" in table
+    assert "lesion-wise_HD95" in table and "374 for each missed lesion and FP component" in table
     assert "under 0.05 ml" in table and "0.05 ml or more" in table
     data = json.loads(out_json.read_text())
     les = data["cases"][0]["lesions"]["1"]
     assert (les["lesions"], les["found"], les["fp_components"]) == (2, 2, 1)  # 6 ml voxels: 16 -> 0.096 ml
     # the centre of lesion B (array index z 11.5, y 2.5, x 2.5) in physical coordinates
     assert les["per_lesion"][0]["centre_mm"] == pytest.approx([10.0 + 2.5 * 2.0, -5.0 + 2.5 * 1.0, 7.0 + 11.5 * 3.0])
-    assert data["lesion_settings"] == {"dilation": 0, "min_voxels": 2, "sizes_ml": [0.05]}
+    assert data["lesion_settings"] == {"dilation": 0, "min_voxels": 2, "sizes_ml": [0.05], "hd95_penalty_mm": 374.0}
     assert data["lesion_mean"]["1"]["lesions"] == 2
+    # A (0 mm) and B (HD95 of its missed half: 2 slices of 3 mm) found, the 8-voxel FP component penalized
+    assert les["lesionwise_hd95_mm"] == pytest.approx((0.0 + 6.0 + 374.0) / 3)
+    assert data["lesion_mean"]["1"]["lesionwise_hd95_mm"] == pytest.approx(les["lesionwise_hd95_mm"])
+    assert DEFAULT_LESION_HD95_PENALTY_MM == M.BRATS_HD95_PENALTY_MM  # the CLI's default is the library's
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--lesion-hd95-penalty", "20",
+                 "--json", "-"]) == 0
+    penalized = json.loads(capsys.readouterr().out)
+    assert penalized["lesion_settings"]["hd95_penalty_mm"] == 20.0  # the option implies --lesions too
+    assert penalized["cases"][0]["lesions"]["1"]["lesionwise_hd95_mm"] == pytest.approx((0.0 + 6.0 + 20.0 + 20.0) / 4)
     assert [b["lesions"] for b in data["lesion_sizes"]["1"]] == [1, 1]  # 0.048 ml and 0.096 ml
     # without the option, the output has no lesion part
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--json", "-"]) == 0
@@ -187,6 +216,8 @@ def test_cli_lesions_table_and_json(tmp_path, capsys):
     (["--lesion-min-voxels", "-3"], "--lesion-min-voxels"),
     (["--lesion-sizes", "0"], "--lesion-sizes"),
     (["--lesion-sizes", "1", "1"], "--lesion-sizes"),
+    (["--lesion-hd95-penalty", "-5"], "--lesion-hd95-penalty"),
+    (["--lesion-hd95-penalty", "inf"], "--lesion-hd95-penalty"),
 ])
 def test_cli_bad_lesion_options_are_refused_before_writing(tmp_path, capsys, argv, message):
     p, r = three_lesions()

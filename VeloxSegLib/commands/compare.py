@@ -124,7 +124,8 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
                          "predict_seconds_per_case": seconds / max(1, len(predicted))})
             if lesions:
                 rows[-1]["lesions"] = {str(names.get(k, k)): {key: v[key] for key in (
-                    "lesions", "found", "missed", "fp_components", "lesion_sensitivity", "lesionwise_dice")}
+                    "lesions", "found", "missed", "fp_components", "lesion_sensitivity", "lesionwise_dice",
+                    "lesionwise_hd95_mm")}
                     for k, v in res["lesion_mean"].items()}
     first = rows[0]["per_case"]
     for row in rows[1:]:  # each against the first bundle, case by case

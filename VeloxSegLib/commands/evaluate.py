@@ -15,6 +15,9 @@ from ..errors import InputError
 
 #: Volume bin edges (ml) of the detection-by-size table of ``--lesions``.
 DEFAULT_LESION_SIZES_ML = (0.1, 0.5, 1.0, 5.0)
+#: The lesion-wise HD95 of a missed lesion or FP component (mm): BraTS 2023's, the same as
+#: ``VeloxSegLib.metrics.BRATS_HD95_PENALTY_MM`` (repeated so that building the parser imports no numpy).
+DEFAULT_LESION_HD95_PENALTY_MM = 374.0
 
 #: Label-map file endings accepted in folders (and for single files).
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -54,6 +57,9 @@ def register(subparsers):
     g.add_argument("--lesion-min-voxels", type=int, metavar="N",
                    help="leave out lesions and false-positive components under N voxels (BraTS 2023: 50, "
                         "metastases 2; default 0: none)")
+    g.add_argument("--lesion-hd95-penalty", type=float, metavar="MM",
+                   help="the lesion-wise HD95 of a missed lesion or a false-positive component (BraTS 2023 and "
+                        f"default: {DEFAULT_LESION_HD95_PENALTY_MM:g} mm)")
     g.add_argument("--lesion-sizes", type=float, nargs="+", metavar="ML",
                    help=f"volume bin edges in ml of the detection-by-size table (default "
                         f"{' '.join(f'{v:g}' for v in DEFAULT_LESION_SIZES_ML)})")
@@ -297,8 +303,11 @@ def evaluate(pred, ref, labels: Optional[Sequence[int]] = None, label_names: Opt
 
 
 def lesion_settings(dilation: Optional[int] = None, min_voxels: Optional[int] = None,
-                    sizes_ml: Optional[Sequence[float]] = None) -> dict:
+                    sizes_ml: Optional[Sequence[float]] = None, hd95_penalty_mm: Optional[float] = None) -> dict:
     """The checked settings of the lesion-wise scores (None: the default). Raises InputError."""
+    penalty = DEFAULT_LESION_HD95_PENALTY_MM if hd95_penalty_mm is None else float(hd95_penalty_mm)
+    if not math.isfinite(penalty) or penalty < 0:
+        raise InputError(f"--lesion-hd95-penalty must be a distance >= 0 in mm, got {penalty:g}")
     dilation = 0 if dilation is None else int(dilation)
     min_voxels = 0 if min_voxels is None else int(min_voxels)
     sizes = list(DEFAULT_LESION_SIZES_ML if sizes_ml is None else sizes_ml)
@@ -309,14 +318,16 @@ def lesion_settings(dilation: Optional[int] = None, min_voxels: Optional[int] = 
     if not sizes or any(not math.isfinite(v) or v <= 0 for v in sizes) or len(set(sizes)) != len(sizes):
         raise InputError(f"--lesion-sizes needs distinct positive volumes in ml, got "
                          f"{' '.join(f'{v:g}' for v in sizes) or 'none'}")
-    return {"dilation": dilation, "min_voxels": min_voxels, "sizes_ml": sorted(float(v) for v in sizes)}
+    return {"dilation": dilation, "min_voxels": min_voxels, "sizes_ml": sorted(float(v) for v in sizes),
+            "hd95_penalty_mm": penalty}
 
 
 def _lesions(p_mask, r_mask, spacing, ref_img, settings: dict) -> dict:
     from .. import metrics as M
 
     out = M.lesion_metrics(p_mask, r_mask, spacing, dilation=settings["dilation"],
-                           min_voxels=settings["min_voxels"])
+                           min_voxels=settings["min_voxels"],
+                           hd95_penalty_mm=settings.get("hd95_penalty_mm", M.BRATS_HD95_PENALTY_MM))
     for e in out["per_lesion"]:
         index = [float(v) for v in reversed(e.pop("centroid"))]  # x, y, z
         e["centre_mm"] = [float(v) for v in ref_img.TransformContinuousIndexToPhysicalPoint(index)]
@@ -380,19 +391,23 @@ def format_lesion_tables(results: dict, names: Dict) -> List[str]:
     st = results["lesion_settings"]
     lines = [f"lesions: 26-connected components of the reference, box dilation {st['dilation']} voxel(s), "
              f"lesions and FP components under {st['min_voxels']} voxel(s) left out (docs/metrics.md)"]
-    header = ("case", "label", "lesions", "found", "missed", "FP_comp", "sensitivity", "F1", "lesion-wise_Dice")
+    header = ("case", "label", "lesions", "found", "missed", "FP_comp", "sensitivity", "F1", "lesion-wise_Dice",
+              "lesion-wise_HD95")
     rows = []
     for c in results["cases"]:
         for lab, m in c["lesions"].items():
             rows.append((c["case"], names[lab], m["lesions"], m["found"], m["missed"], m["fp_components"],
-                         _num(m["lesion_sensitivity"]), _num(m["lesion_f1"]), _num(m["lesionwise_dice"])))
+                         _num(m["lesion_sensitivity"]), _num(m["lesion_f1"]), _num(m["lesionwise_dice"]),
+                         _num(m.get("lesionwise_hd95_mm"), 2)))
     n = len(results["cases"])
     for lab, m in results["lesion_mean"].items():
         rows.append((f"all ({n})", names[lab], m.get("lesions", 0), m.get("found", 0), m.get("missed", 0),
                      m.get("fp_components", 0), _num(m.get("lesion_sensitivity")), _num(m.get("lesion_f1")),
-                     _num(m.get("lesionwise_dice"))))
+                     _num(m.get("lesionwise_dice")), _num(m.get("lesionwise_hd95_mm"), 2)))
     lines += _columns(header, rows, left=2)
-    lines.append("all: counts summed over cases, sensitivity and F1 from the sums, lesion-wise Dice the mean over cases")
+    penalty = st.get("hd95_penalty_mm", DEFAULT_LESION_HD95_PENALTY_MM)
+    lines.append("all: counts summed over cases, sensitivity and F1 from the sums, lesion-wise Dice and HD95 (mm; "
+                 f"{penalty:g} for each missed lesion and FP component) the means over cases")
     for lab, bins in results["lesion_sizes"].items():
         lines += ["", f"detection by lesion volume, {names[lab]}:"]
         rows = []
@@ -419,8 +434,10 @@ def run(args) -> int:
     from .. import metrics as M
 
     lesions = None
-    if args.lesions or any(v is not None for v in (args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes)):
-        lesions = lesion_settings(args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes)
+    if args.lesions or any(v is not None for v in (args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes,
+                                                   args.lesion_hd95_penalty)):
+        lesions = lesion_settings(args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes,
+                                  args.lesion_hd95_penalty)
     json_path = None
     if args.json and args.json != "-":
         from ..data.io import check_output_file
