@@ -28,6 +28,7 @@ COMMANDS = {
     "finetune": "finetune",
     "bench": "bench",
     "compare": "compare",
+    "visibility": "visibility",
     "ensemble": "ensemble",
     "crossval": "crossval",
     "demo": "demo",

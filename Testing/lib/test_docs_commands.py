@@ -80,7 +80,7 @@ CLI_COMMANDS = _commands("veloxseg") + [(f, a) for f, a in _commands("VeloxSegLi
 def test_the_docs_show_every_command():
     shown = {args[0] for _f, args in CLI_COMMANDS}
     assert {"predict", "evaluate", "phantom", "convert", "plan", "train", "finetune", "compare", "models",
-            "demo", "bench"} <= shown, shown
+            "demo", "bench", "visibility"} <= shown, shown
 
 
 @pytest.mark.parametrize("where,args", CLI_COMMANDS, ids=[f"{f}:{' '.join(a)[:60]}" for f, a in CLI_COMMANDS])

@@ -60,6 +60,9 @@ def register(subparsers):
     g.add_argument("--lesion-hd95-penalty", type=float, metavar="MM",
                    help="the lesion-wise HD95 of a missed lesion or a false-positive component (BraTS 2023 and "
                         f"default: {DEFAULT_LESION_HD95_PENALTY_MM:g} mm)")
+    g.add_argument("--visibility", metavar="FILE",
+                   help="the `veloxseg visibility` JSON of the reference phantoms: each lesion gets its PET and CT "
+                        "detectability d', and a table gives detection by PET d' (needs --lesion-dilation 0)")
     g.add_argument("--lesion-sizes", type=float, nargs="+", metavar="ML",
                    help=f"volume bin edges in ml of the detection-by-size table (default "
                         f"{' '.join(f'{v:g}' for v in DEFAULT_LESION_SIZES_ML)})")
@@ -420,7 +423,60 @@ def format_lesion_tables(results: dict, names: Dict) -> List[str]:
                 span = f"{_ml(b['min_ml'])}-{_ml(b['max_ml'])} ml"
             rows.append((span, b["lesions"], b["found"], _num(b["sensitivity"]), _num(b["dice_found"])))
         lines += _columns(("volume", "lesions", "found", "sensitivity", "Dice_of_found"), rows, left=1)
+    rose = (results.get("visibility") or {}).get("rose_dprime")
+    for lab, bins in (results.get("lesion_visibility") or {}).items():
+        lines += ["", f"detection by visibility (d', docs/metrics.md), {names[lab]}:"]
+        rows = []
+        for b in bins:
+            if b["min_dprime"] == 0:
+                span = f"under {b['max_dprime']:g}"
+            elif math.isinf(b["max_dprime"]):
+                span = f"{b['min_dprime']:g} or more"
+            else:
+                span = f"{b['min_dprime']:g}-{b['max_dprime']:g}"
+            rows.append((span, b["lesions"], b["found"], b["ct_visible"], b["ct_visible_found"]))
+        lines += _columns(("PET_d'", "lesions", "found", f"CT_d'>={rose:g}", "found_of_those"), rows, left=1)
     return lines
+
+
+def read_visibility(path) -> dict:
+    """A ``veloxseg visibility`` JSON file (InputError naming it if it is not one)."""
+    p = pathlib.Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{p}': cannot read it as JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), dict) or "rose_dprime" not in data:
+        raise InputError(f"'{p}': not a `veloxseg visibility` file (no cases and rose_dprime)")
+    return data
+
+
+def attach_visibility(results: dict, visibility: dict, path) -> None:
+    """Give each scored lesion its ``pet_dprime``, ``ct_dprime`` and ``site`` from a ``veloxseg
+    visibility`` file (the same lesion: the same voxel count and centre within 0.01 mm), and the
+    results ``lesion_visibility``: per label, detection by PET d'
+    (:func:`VeloxSegLib.data.visibility.detection_by_visibility`). InputError, naming the file and
+    the case, for a case or lesion the file does not hold."""
+    from ..data.visibility import detection_by_visibility
+
+    for c in results["cases"]:
+        known = visibility["cases"].get(c["case"])
+        if known is None:
+            raise InputError(f"'{path}': no case '{c['case']}' (a visibility file of another dataset?)")
+        for lab, m in c["lesions"].items():
+            for e in m["per_lesion"]:
+                match = [v for v in known if int(v["voxels"]) == e["voxels"] and
+                         max(abs(a - b) for a, b in zip(v["centre_mm"], e["centre_mm"])) < 0.01]
+                if not match:
+                    centre = ", ".join(f"{v:.1f}" for v in e["centre_mm"])
+                    raise InputError(f"'{path}': case '{c['case']}' has no lesion of {e['voxels']} voxels at "
+                                     f"({centre}) mm, as its reference does (a visibility file of other phantoms?)")
+                e.update(pet_dprime=match[0]["pet_dprime"], ct_dprime=match[0]["ct_dprime"], site=match[0]["site"])
+    results["visibility"] = {"file": str(path), "rose_dprime": visibility["rose_dprime"]}
+    results["lesion_visibility"] = {
+        lab: detection_by_visibility([e for c in results["cases"] for e in c["lesions"][lab]["per_lesion"]],
+                                     rose=float(visibility["rose_dprime"]))
+        for lab in results["lesion_mean"]}
 
 
 def write_json_atomic(data, path: pathlib.Path) -> None:
@@ -435,9 +491,14 @@ def run(args) -> int:
 
     lesions = None
     if args.lesions or any(v is not None for v in (args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes,
-                                                   args.lesion_hd95_penalty)):
+                                                   args.lesion_hd95_penalty, args.visibility)):
         lesions = lesion_settings(args.lesion_dilation, args.lesion_min_voxels, args.lesion_sizes,
                                   args.lesion_hd95_penalty)
+    visibility = None
+    if args.visibility:
+        if lesions["dilation"] != 0:
+            raise InputError("--visibility scores the reference's own lesions: use it with --lesion-dilation 0")
+        visibility = read_visibility(args.visibility)
     json_path = None
     if args.json and args.json != "-":
         from ..data.io import check_output_file
@@ -459,6 +520,8 @@ def run(args) -> int:
                                  f"(labels: {_fmt_labels(sorted(names))})")
     results = evaluate(args.pred, args.ref, labels=labels, label_names=names, regions=parse_regions(args.regions),
                        lesions=lesions)
+    if visibility is not None:
+        attach_visibility(results, visibility, args.visibility)
     safe = M.json_safe(results)
     if args.json == "-":
         print(json.dumps(safe, indent=2, allow_nan=False))

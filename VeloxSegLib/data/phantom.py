@@ -426,8 +426,10 @@ _SITE_P = (0.3, 0.25, 0.35, 0.1)
 
 
 def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit):
-    """Draw 1-5 lesions: label mask, CT HU values and SUVs on the CT grid, and their records."""
+    """Draw 1-5 lesions: label mask, CT HU values and SUVs on the CT grid, their records, and which
+    record drew each lesion voxel (``owner``: record index + 1, the last one where they overlap)."""
     label = np.zeros(grid.shape, bool)
+    owner = np.zeros(grid.shape, np.uint8)
     ct_value = np.zeros(grid.shape, np.float32)
     suv_value = np.zeros(grid.shape, np.float32)
     records = []
@@ -484,6 +486,7 @@ def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit)
             sub_suv[f < 0.5] = suv * 0.35
         lab = label[box]
         lab |= inside
+        owner[box][inside] = len(records) + 1
         ct_value[box][inside] = hu
         suv_value[box][inside] = np.maximum(suv_value[box][inside], sub_suv[inside])
         records.append({
@@ -497,60 +500,115 @@ def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit)
             "ct_contrast_hu": round(hu - _PETCT_TISSUES[_T[host]][1], 1),
             "voxels": int(inside.sum()),
         })
-    return label, ct_value, suv_value, records
+    return label, ct_value, suv_value, records, owner
+
+
+@dataclass
+class PetctScene:
+    """A PET/CT phantom case before the scanner's noise: its grids, tissue map, lesions (``label``,
+    their HU ``les_hu`` and SUV ``les_suv`` on the CT grid, the ``records`` and the ``owner`` map of
+    :func:`_petct_lesions`), organ SUVs and the anatomical ``texture`` field (unit sd)."""
+
+    scanner: Scanner
+    ct_grid: Grid
+    pet_grid: Grid
+    tissue: np.ndarray
+    suv: Dict[str, float]
+    label: np.ndarray
+    les_hu: np.ndarray
+    les_suv: np.ndarray
+    records: list
+    owner: np.ndarray
+    texture: np.ndarray
+
+    def ct_mean(self, label: Optional[np.ndarray] = None, texture: Optional[np.ndarray] = None) -> np.ndarray:
+        """Noise-free CT (float HU, before noise and rounding) with the lesions of ``label`` (default:
+        all) and ``texture`` (default: the case's): tissue HU + texture, lesions, partial-volume blur."""
+        label = self.label if label is None else label
+        texture = self.texture if texture is None else texture
+        hu_lut = np.array([t[1] for t in _PETCT_TISSUES], np.float32)
+        tex_lut = np.array([t[2] for t in _PETCT_TISSUES], np.float32)
+        ct = hu_lut[self.tissue]
+        ct[label] = self.les_hu[label]
+        ct += tex_lut[self.tissue] * texture
+        return self.ct_blur(ct)
+
+    def ct_blur(self, ct: np.ndarray) -> np.ndarray:
+        """The CT's partial-volume blur (linear)."""
+        return _smooth(ct, self.ct_grid, 0.45 * min(self.ct_grid.spacing))
+
+    def activity(self, label: Optional[np.ndarray] = None, texture: Optional[np.ndarray] = None) -> np.ndarray:
+        """Activity (SUV) on the CT grid with the lesions of ``label`` and ``texture`` (defaults: the case's)."""
+        label = self.label if label is None else label
+        texture = self.texture if texture is None else texture
+        suv_lut = np.array([t[3] for t in _PETCT_TISSUES], np.float32)
+        for name, value in self.suv.items():
+            suv_lut[_T[name]] = value
+        activity = suv_lut[self.tissue] * (1.0 + 0.08 * texture)
+        activity[label] = self.les_suv[label]
+        return np.maximum(activity, 0)
+
+    def pet_acquire(self, activity: np.ndarray) -> np.ndarray:
+        """Activity on the CT grid -> the PET grid before noise: the PSF blur, then linear
+        resampling (both linear)."""
+        import SimpleITK as sitk
+
+        blurred = _smooth(activity, self.ct_grid, self.scanner.pet_psf_fwhm_mm / 2.3548)
+        resampled = sitk.Resample(
+            self.ct_grid.image(blurred), self.pet_grid.size, sitk.Transform(), sitk.sitkLinear, self.pet_grid.origin,
+            self.pet_grid.spacing, (1, 0, 0, 0, 1, 0, 0, 0, 1), 0.0, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(resampled)
+
+    def pet_post(self, pet: np.ndarray) -> np.ndarray:
+        """The PET's post-reconstruction Gaussian filter (linear)."""
+        return _smooth(pet, self.pet_grid, self.scanner.pet_post_sigma * min(self.pet_grid.spacing))
+
+
+def petct_scene(seed: int, index: int, size=None, scanner="default", rng=None) -> PetctScene:
+    """The noise-free part of PET/CT phantom case ``(seed, index)``. ``rng``: the case's random
+    generator (default: a new one); after the call it is where the scanner's noise is drawn."""
+    scanner = scanner_named(scanner)
+    rng = case_rng(seed, index) if rng is None else rng
+    ct_grid, pet_grid = petct_grids(size, scanner)
+    tissue, body, organs, suv, shift, build = _petct_anatomy(rng, ct_grid)
+    z_limit = PETCT_FOV_MM[2] / 2 - PET_AXIAL_MARGIN_MM - 8.0
+    label, les_hu, les_suv, lesions, owner = _petct_lesions(rng, ct_grid, tissue, body, organs, shift, build,
+                                                            z_limit)
+    if not lesions:  # every case has at least one lesion: retry with a derived stream
+        for attempt in range(1, 20):
+            label, les_hu, les_suv, lesions, owner = _petct_lesions(
+                np.random.default_rng(np.random.SeedSequence([seed, index, attempt])), ct_grid, tissue, body,
+                organs, shift, build, z_limit)
+            if lesions:
+                break
+    texture = _noise_field(rng, ct_grid, 4.0)
+    return PetctScene(scanner, ct_grid, pet_grid, tissue, suv, label, les_hu, les_suv, lesions, owner, texture)
 
 
 def generate_petct_case(seed: int, index: int, size=None, scanner="default"):
     """One PET/CT phantom case: ``(ct, pet, label, info)``; images are SimpleITK images
     (CT int16 HU on the CT grid, PET float32 SUV on the PET grid, label uint8 on the CT grid).
     ``scanner`` (a name in :data:`SCANNERS` or a :class:`Scanner`) sets how it is imaged."""
-    import SimpleITK as sitk
-
-    scanner = scanner_named(scanner)
     rng = case_rng(seed, index)
-    ct_grid, pet_grid = petct_grids(size, scanner)
-    tissue, body, organs, suv, shift, build = _petct_anatomy(rng, ct_grid)
-    z_limit = PETCT_FOV_MM[2] / 2 - PET_AXIAL_MARGIN_MM - 8.0
-    label, les_hu, les_suv, lesions = _petct_lesions(rng, ct_grid, tissue, body, organs, shift, build, z_limit)
-    if not lesions:  # every case has at least one lesion: retry with a derived stream
-        for attempt in range(1, 20):
-            label, les_hu, les_suv, lesions = _petct_lesions(
-                np.random.default_rng(np.random.SeedSequence([seed, index, attempt])), ct_grid, tissue, body,
-                organs, shift, build, z_limit)
-            if lesions:
-                break
+    scene = petct_scene(seed, index, size, scanner, rng=rng)
+    scanner, ct_grid, pet_grid = scene.scanner, scene.ct_grid, scene.pet_grid
 
     # CT: tissue HU + texture, lesions, partial-volume blur, quantum noise
-    hu_lut = np.array([t[1] for t in _PETCT_TISSUES], np.float32)
-    tex_lut = np.array([t[2] for t in _PETCT_TISSUES], np.float32)
-    ct = hu_lut[tissue]
-    texture = _noise_field(rng, ct_grid, 4.0)
-    ct[label] = les_hu[label]
-    ct += tex_lut[tissue] * texture
-    ct = _smooth(ct, ct_grid, 0.45 * min(ct_grid.spacing))
+    ct = scene.ct_mean()
     ct += rng.normal(0.0, scanner.ct_noise_hu, size=ct.shape).astype(np.float32)
     ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
 
-    # PET: activity (SUV) on the CT grid, PSF blur, resampled onto the PET grid, noise
-    suv_lut = np.array([t[3] for t in _PETCT_TISSUES], np.float32)
-    for name, value in suv.items():
-        suv_lut[_T[name]] = value
-    activity = suv_lut[tissue] * (1.0 + 0.08 * texture)
-    activity[label] = les_suv[label]
-    activity = _smooth(np.maximum(activity, 0), ct_grid, scanner.pet_psf_fwhm_mm / 2.3548)
-    resampled = sitk.Resample(
-        ct_grid.image(activity), pet_grid.size, sitk.Transform(), sitk.sitkLinear, pet_grid.origin,
-        pet_grid.spacing, (1, 0, 0, 0, 1, 0, 0, 0, 1), 0.0, sitk.sitkFloat32)
-    pet = sitk.GetArrayFromImage(resampled)
+    # PET: activity (SUV) on the CT grid, PSF blur, resampled onto the PET grid, noise, post-filter
+    pet = scene.pet_acquire(scene.activity())
     pet = pet + rng.normal(0.0, 1.0, size=pet.shape).astype(np.float32) * scanner.pet_noise * np.sqrt(np.maximum(pet, 0))
-    pet = np.maximum(_smooth(pet, pet_grid, scanner.pet_post_sigma * min(pet_grid.spacing)), 0.0).astype(np.float32)
+    pet = np.maximum(scene.pet_post(pet), 0.0).astype(np.float32)
 
     info = {
-        "lesions": lesions,
-        "organ_suv": {k: round(v, 3) for k, v in suv.items()},
-        "lesion_voxels": int(label.sum()),
+        "lesions": scene.records,
+        "organ_suv": {k: round(v, 3) for k, v in scene.suv.items()},
+        "lesion_voxels": int(scene.label.sum()),
     }
-    return ct_grid.image(ct), pet_grid.image(pet), ct_grid.image(label.astype(np.uint8)), info
+    return ct_grid.image(ct), pet_grid.image(pet), ct_grid.image(scene.label.astype(np.uint8)), info
 
 
 # --------------------------------------------------------------------------- MRI
