@@ -392,3 +392,21 @@ def test_a_sigterm_whose_exception_python_dropped_still_cancels_at_the_next_case
     assert dropped == ["_Terminated"]  # the exception really was dropped ...
     assert rc == 130 and "veloxseg phantom: cancelled" in err  # ... and the run still ended there
     assert len(written) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_version_1_phantoms_are_pinned():
+    """Every held-out figure in docs/ was measured on phantoms of generator version 1 (seeds
+    900-906); these lesions of seed 900 were read off the generator on 2026-12-06, when the shipped
+    demo's held-out figures reproduced to the last digit, and must come out the same (a change to
+    the generator must bump PHANTOM_VERSION instead)."""
+    from VeloxSegLib.data.phantom import PHANTOM_VERSION, generate_petct_case
+
+    assert PHANTOM_VERSION == 1
+    expected = {
+        0: [("liver", 80, 6.289, 28.3)],
+        1: [("bone", 138, 5.621, 356.6), ("lung", 21, 2.528, 14.1), ("liver", 600, 11.676, 52.8)],
+    }
+    for index, lesions in expected.items():
+        _ct, _pet, label, info = generate_petct_case(900, index)
+        assert [(r["site"], r["voxels"], r["suv"], r["ct_hu"]) for r in info["lesions"]] == lesions
+        assert int(sitk.GetArrayFromImage(label).sum()) == sum(v for _s, v, _u, _h in lesions)
