@@ -119,6 +119,59 @@ def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_pa
     assert f"| 0 / {les['lesions']} | 0 | 0.000 | {v['mean_difference']:+.3f}" in table
 
 
+def test_compare_adds_bundles_to_a_saved_comparison(heldout, tmp_path, capsys):
+    """--add-to: a bundle trained later joins a saved comparison, paired with its first row, which
+    is not run again; the result is what comparing them together gives."""
+    import numpy as np
+
+    from VeloxSegLib.metrics import paired_comparison
+
+    demo = embedded_bundles_dir() / "petct-lesion-demo"
+    blind = tmp_path / "blind"
+    shutil.copytree(demo, blind)
+    meta = json.loads((blind / "bundle.json").read_text())
+    meta["inference"]["min_component_mm3"] = 1e9  # segments nothing
+    (blind / "bundle.json").write_text(json.dumps(meta))
+    saved, merged = tmp_path / "saved.json", tmp_path / "merged.json"
+    assert main(["compare", str(demo), "--heldout", str(heldout), "-o", str(saved), "--threads", "1",
+                 "--lesions", "--title", "first run"]) == 0
+    before = saved.read_bytes()
+    assert main(["compare", str(blind), "--heldout", str(heldout), "--add-to", str(saved), "-o", str(merged),
+                 "--threads", "1"]) == 0
+    assert saved.read_bytes() == before  # the saved comparison is left as it is
+    old = json.loads(before)
+    data = json.loads(merged.read_text())
+    assert data["title"] == "first run" and data["rows"][0] == old["rows"][0]
+    row = data["rows"][1]
+    assert row["bundle"] == "petct-lesion-demo" and set(row["per_case"].values()) == {0.0}
+    first = old["rows"][0]["per_case"]
+    cases = sorted(first)
+    assert row["versus_first"] == pytest.approx(paired_comparison([first[c] for c in cases], [0.0] * len(cases)))
+    assert row["versus_first"]["mean_difference"] == pytest.approx(-np.mean(list(first.values())))
+    assert row["lesions"]["lesion"]["found"] == 0  # the saved rows count lesions, so the new one does too
+    assert "0 / 2" in capsys.readouterr().out
+    # refused before anything runs or is written
+    other = tmp_path / "other-heldout"
+    shutil.copytree(heldout, other)
+    for argv, message in (
+            ([str(blind), "--heldout", str(heldout), "--add-to", str(saved)], "needs -o"),
+            ([str(blind), "--heldout", str(heldout), "--add-to", str(saved), "-o", str(saved), "--overwrite"],
+             "would overwrite an input"),
+            ([str(blind), "--heldout", str(other), "--add-to", str(saved), "-o", str(tmp_path / "x.json")],
+             "a comparison on 'heldout'"),
+            ([str(blind), "--heldout", str(heldout), "--add-to", str(tmp_path / "missing.json"),
+              "-o", str(tmp_path / "x.json")], "cannot read it"),
+            (["--crossval", str(tmp_path), "--add-to", str(saved)], "does not take --crossval")):
+        assert main(["compare", *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.json").exists() and saved.read_bytes() == before
+    no_cases = dict(old, rows=[{k: v for k, v in old["rows"][0].items() if k != "per_case"}])
+    (tmp_path / "old.json").write_text(json.dumps(no_cases))
+    with pytest.raises(InputError, match="per-case scores"):
+        from VeloxSegLib.commands.compare import read_saved
+        read_saved(tmp_path / "old.json")
+
+
 def test_compare_refuses_a_folder_without_labels(tmp_path, capsys):
     (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
     rc = main(["compare", "petct-lesion-demo", "--heldout", str(tmp_path / "ds"), "-o", str(tmp_path / "c.json")])

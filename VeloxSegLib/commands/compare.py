@@ -43,6 +43,10 @@ def register(subparsers):
     p.add_argument("--lesions", action="store_true",
                    help="also count each bundle's lesions found, missed and false-positive components and its "
                         "lesion-wise Dice (as 'veloxseg evaluate --lesions' with its defaults)")
+    p.add_argument("--add-to", metavar="SAVED",
+                   help="add the bundles as rows to a saved comparison JSON (from 'veloxseg compare' on the same "
+                        "--heldout cases, with the same --regions; --lesions follows it), each compared case by "
+                        "case with its first row; nothing of it is run again, and -o must name a new file")
     p.add_argument("--title", help="a line describing the comparison (data, budget)")
     p.add_argument("-o", "--output", help=f"JSON to write (default {DEFAULT_OUTPUT}; with --crossval "
                                           f"{DEFAULT_CROSSVAL_OUTPUT})")
@@ -267,6 +271,44 @@ def _paired_note(first: str, scored: Sequence[str]) -> str:
             f"sign-flip test's p (docs/metrics.md, \"Comparing two models\").")
 
 
+def read_saved(path) -> dict:
+    """A saved ``veloxseg compare`` JSON (InputError naming the file if it is not one)."""
+    import json
+
+    p = pathlib.Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{p}': cannot read it as JSON ({exc})") from exc
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not rows or not all(isinstance(r, dict) and isinstance(r.get("per_case"), dict) and r["per_case"]
+                           for r in rows) or "heldout" not in data:
+        raise InputError(f"'{p}': not a saved 'veloxseg compare' result with per-case scores (comparisons saved "
+                         f"before per-case scores were kept cannot take more rows)")
+    return data
+
+
+def add_rows(saved: dict, new: dict, where: str = "the saved comparison") -> dict:
+    """``saved`` with the rows of ``new`` (a :func:`compare` result on the same held-out cases and
+    scored labels or regions) appended, each compared case by case with the saved first row."""
+    from .. import metrics as M
+
+    first = saved["rows"][0]["per_case"]
+    if new["heldout"] != saved["heldout"] or set(new["rows"][0]["per_case"]) != set(first):
+        raise InputError(f"{where}: its held-out cases ('{saved['heldout']}', {len(first)} cases) are not the ones "
+                         f"just segmented ('{new['heldout']}', {len(new['rows'][0]['per_case'])} cases)")
+    if list(new.get("scored") or []) != list(saved.get("scored") or []):
+        raise InputError(f"{where}: it scores {', '.join(map(str, saved.get('scored') or []))}, this run "
+                         f"{', '.join(map(str, new.get('scored') or []))} (give the same --regions)")
+    cases = sorted(first)
+    rows = []
+    for row in new["rows"]:
+        row = dict(row)
+        row["versus_first"] = M.paired_comparison([first[c] for c in cases], [row["per_case"][c] for c in cases])
+        rows.append(row)
+    return dict(saved, rows=list(saved["rows"]) + rows)
+
+
 def run(args) -> int:
     from .. import metrics as M
     from ..infer.device import set_threads
@@ -284,6 +326,8 @@ def run(args) -> int:
         if args.lesions:
             raise InputError("--crossval compares the cross-validations' saved scores, which hold no lesions; "
                              "run 'veloxseg evaluate --lesions' on their out-of-fold predictions instead")
+        if args.add_to:
+            raise InputError("--add-to adds bundles to a saved held-out comparison; it does not take --crossval")
         folders = [pathlib.Path(f) for f in args.bundles]
         out = check_output_file(args.output or DEFAULT_CROSSVAL_OUTPUT, overwrite=args.overwrite, inputs=folders,
                                 sealed=[f for f in folders if f.is_dir()])
@@ -297,16 +341,32 @@ def run(args) -> int:
     if not args.heldout:
         raise InputError("give --heldout DATASET (the cases every bundle segments), or --crossval with "
                          "'veloxseg crossval' output folders")
+    saved = None
+    lesions = args.lesions
+    if args.add_to:
+        saved = read_saved(args.add_to)
+        if saved["heldout"] != pathlib.Path(args.heldout).name:
+            raise InputError(f"'{args.add_to}': a comparison on '{saved['heldout']}', not on "
+                             f"'{pathlib.Path(args.heldout).name}'")
+        saved_lesions = any(r.get("lesions") for r in saved["rows"])
+        if lesions and not saved_lesions:
+            raise InputError(f"'{args.add_to}': its rows hold no lesion counts; compare without --lesions")
+        lesions = saved_lesions
+        if not args.output:
+            raise InputError("--add-to needs -o NEW.json (the saved comparison is left as it is)")
     args.output = args.output or DEFAULT_OUTPUT
-    # before any bundle runs: never into a bundle, never onto the held-out cases
+    # before any bundle runs: never into a bundle, never onto the held-out cases or the saved comparison
     bundle_paths = [b for b in args.bundles if pathlib.Path(b).exists()]
-    out = check_output_file(args.output, overwrite=args.overwrite, inputs=[args.heldout, *bundle_paths],
+    out = check_output_file(args.output, overwrite=args.overwrite,
+                            inputs=[args.heldout, *bundle_paths, *([args.add_to] if args.add_to else [])],
                             sealed=[b for b in bundle_paths if pathlib.Path(b).is_dir()])
     if args.threads:
         set_threads(args.threads)
     data = compare(args.bundles, args.heldout, regions=parse_regions(args.regions), threads=args.threads,
                    device=args.device, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-                   lesions=args.lesions)
+                   lesions=lesions)
+    if saved is not None:
+        data = add_rows(saved, M.json_safe(data), where=f"'{args.add_to}'")
     if args.title:
         data["title"] = args.title
     data = M.json_safe(data)
