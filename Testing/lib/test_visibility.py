@@ -187,6 +187,11 @@ def test_evaluate_visibility_refusals(phantoms, tmp_path, capsys):
     other.write_text(json.dumps(data))
     assert main(["evaluate", "--pred", labels, "--ref", labels, "--visibility", str(other)]) == 2
     assert "no case 'petct_0002'" in capsys.readouterr().err
+    data = json.loads(vis.read_text())
+    del data["cases"]["petct_0001"][0]["pet_dprime"]
+    other.write_text(json.dumps(data))
+    assert main(["evaluate", "--pred", labels, "--ref", labels, "--visibility", str(other)]) == 2
+    assert "case 'petct_0001': a lesion entry without" in capsys.readouterr().err
     (tmp_path / "junk.json").write_text("[1, 2]")
     assert main(["evaluate", "--pred", labels, "--ref", labels, "--visibility", str(tmp_path / "junk.json")]) == 2
     assert "not a `veloxseg visibility` file" in capsys.readouterr().err

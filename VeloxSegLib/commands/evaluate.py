@@ -465,13 +465,19 @@ def attach_visibility(results: dict, visibility: dict, path) -> None:
             raise InputError(f"'{path}': no case '{c['case']}' (a visibility file of another dataset?)")
         for lab, m in c["lesions"].items():
             for e in m["per_lesion"]:
-                match = [v for v in known if int(v["voxels"]) == e["voxels"] and
-                         max(abs(a - b) for a, b in zip(v["centre_mm"], e["centre_mm"])) < 0.01]
+                try:
+                    match = [v for v in known if int(v["voxels"]) == e["voxels"] and
+                             max(abs(float(a) - b) for a, b in zip(v["centre_mm"], e["centre_mm"])) < 0.01
+                             and float(v["pet_dprime"]) >= 0 and float(v["ct_dprime"]) >= 0]
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise InputError(f"'{path}': case '{c['case']}': a lesion entry without voxels, centre_mm, "
+                                     f"pet_dprime and ct_dprime ({exc!r})") from exc
                 if not match:
                     centre = ", ".join(f"{v:.1f}" for v in e["centre_mm"])
                     raise InputError(f"'{path}': case '{c['case']}' has no lesion of {e['voxels']} voxels at "
                                      f"({centre}) mm, as its reference does (a visibility file of other phantoms?)")
-                e.update(pet_dprime=match[0]["pet_dprime"], ct_dprime=match[0]["ct_dprime"], site=match[0]["site"])
+                e.update(pet_dprime=float(match[0]["pet_dprime"]), ct_dprime=float(match[0]["ct_dprime"]),
+                         site=match[0].get("site"))
     results["visibility"] = {"file": str(path), "rose_dprime": visibility["rose_dprime"]}
     results["lesion_visibility"] = {
         lab: detection_by_visibility([e for c in results["cases"] for e in c["lesions"][lab]["per_lesion"]],
