@@ -133,6 +133,13 @@ def test_cli_visibility_then_evaluate(phantoms, tmp_path, capsys):
     assert [b["lesions"] for b in missed] == [b["lesions"] for b in bins] and not any(b["found"] for b in missed)
 
 
+def test_worker_processes_give_the_same_figures(phantoms):
+    one = V.dataset_visibility(phantoms, draws=2)
+    assert V.dataset_visibility(phantoms, draws=2, workers=2) == one
+    with pytest.raises(Exception, match="workers"):
+        V.dataset_visibility(phantoms, workers=0)
+
+
 def test_visibility_refuses_what_it_cannot_rebuild(phantoms, tmp_path, capsys):
     # a label changed after generation
     changed = tmp_path / "changed"
@@ -146,8 +153,8 @@ def test_visibility_refuses_what_it_cannot_rebuild(phantoms, tmp_path, capsys):
     sitk.WriteImage(out_img, str(path))
     with pytest.raises(InputError, match="petct_0001.*not the one the phantom generator draws"):
         V.dataset_visibility(changed, draws=1)
-    assert main(["visibility", str(changed), "-o", str(tmp_path / "v.json")]) != 0
-    assert "petct_0001" in capsys.readouterr().err and not (tmp_path / "v.json").exists()
+    assert main(["visibility", str(changed), "-o", str(tmp_path / "v.json"), "--workers", "2"]) != 0
+    assert "petct_0001" in capsys.readouterr().err and not (tmp_path / "v.json").exists()  # raised in a worker
     # not a PET/CT phantom dataset; another generator version
     mri = tmp_path / "mri"
     write_phantom_dataset(mri, "mri", 1, seed=1, size=(32, 32, 32))

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="JSON file to write")
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, metavar="N",
                    help=f"texture draws for the anatomy's clutter (default {DEFAULT_DRAWS})")
+    p.add_argument("--workers", type=int, default=1, metavar="W",
+                   help="score cases in W processes (default 1); the figures are the same for any W")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
@@ -62,6 +64,8 @@ def run(args) -> int:
 
     if args.draws < 1:
         raise ConfigError(f"--draws must be at least 1, got {args.draws}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     out = check_output_file(args.output, overwrite=args.overwrite, inputs=[args.dataset])
     t0 = time.perf_counter()
     with tqdm(desc="visibility", unit="case", disable=None) as bar:
@@ -70,7 +74,7 @@ def run(args) -> int:
             bar.update(1)
             stop_if_terminated()
 
-        data = dataset_visibility(args.dataset, draws=args.draws, progress=progress)
+        data = dataset_visibility(args.dataset, draws=args.draws, progress=progress, workers=args.workers)
     write_json_atomic(M.json_safe(data), out)
     print(format_summary(data))
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

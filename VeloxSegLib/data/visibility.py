@@ -167,17 +167,18 @@ def detection_by_visibility(lesions: Sequence[dict], edges: Sequence[float] = DP
 
 
 def dataset_visibility(dataset, draws: int = DEFAULT_DRAWS,
-                       progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
+                       progress: Optional[Callable[[int, int], None]] = None, workers: int = 1) -> Dict[str, object]:
     """:func:`lesion_visibility` for every case of a ``veloxseg phantom --kind petct`` dataset
     (from its dataset.json: seed, size, scanner, generator version), each case's label checked
-    against the regenerated one. Raises InputError for a dataset the generator did not write."""
+    against the regenerated one. Raises InputError for a dataset the generator did not write.
+    ``workers`` > 1 scores cases in that many processes (the same figures)."""
     import json
     import pathlib
 
-    import SimpleITK as sitk
-
-    from .io import read_image
     from .phantom import PHANTOM_VERSION
+
+    if int(workers) < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
 
     root = pathlib.Path(dataset)
     meta_path = root / "dataset.json"
@@ -198,14 +199,39 @@ def dataset_visibility(dataset, draws: int = DEFAULT_DRAWS,
            "method": "non-prewhitening matched filter d' against the scanner's noise and the anatomy's texture "
                      "(VeloxSegLib.data.visibility)",
            "cases": {}}
-    for i, case in enumerate(cases):
-        index = int(case.rsplit("_", 1)[-1])
-        label_path = root / "labelsTr" / f"{case}{meta.get('file_ending', '.nii.gz')}"
-        label = sitk.GetArrayFromImage(read_image(label_path))
-        try:
-            out["cases"][case] = lesion_visibility(out["seed"], index, out["size"], out["scanner"], draws, label=label)
-        except InputError as exc:
-            raise InputError(f"'{label_path}': {exc}") from exc
-        if progress is not None:
-            progress(i + 1, len(cases))
+    jobs = [(str(root / "labelsTr" / f"{case}{meta.get('file_ending', '.nii.gz')}"), int(case.rsplit("_", 1)[-1]),
+             out["seed"], out["size"], out["scanner"], int(draws)) for case in cases]
+    workers = min(int(workers), max(1, len(jobs)))
+    pool = None
+    if workers == 1:
+        results = map(_case_job, jobs)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # spawn: a forked copy of a process that already runs torch threads can deadlock
+        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        results = pool.map(_case_job, jobs)  # in case order, computed ahead
+    try:
+        for i, (case, entries) in enumerate(zip(cases, results)):
+            out["cases"][case] = entries
+            if progress is not None:
+                progress(i + 1, len(cases))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
+
+
+def _case_job(job) -> List[Dict[str, object]]:
+    """One case of :func:`dataset_visibility` (a process-pool job): read its label, score its lesions."""
+    import SimpleITK as sitk
+
+    from .io import read_image
+
+    label_path, index, seed, size, scanner, draws = job
+    label = sitk.GetArrayFromImage(read_image(label_path))
+    try:
+        return lesion_visibility(seed, index, size, scanner, draws, label=label)
+    except InputError as exc:
+        raise InputError(f"'{label_path}': {exc}") from exc
