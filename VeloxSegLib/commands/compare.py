@@ -273,13 +273,10 @@ def _paired_note(first: str, scored: Sequence[str]) -> str:
 
 def read_saved(path) -> dict:
     """A saved ``veloxseg compare`` JSON (InputError naming the file if it is not one)."""
-    import json
+    from .evaluate import read_json_file
 
     p = pathlib.Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"'{p}': cannot read it as JSON ({exc})") from exc
+    data = read_json_file(p)
     rows = data.get("rows") if isinstance(data, dict) else None
     if not rows or not all(isinstance(r, dict) and isinstance(r.get("per_case"), dict) and r["per_case"]
                            for r in rows) or "heldout" not in data:

@@ -385,8 +385,13 @@ def _columns(header, rows, left: int) -> List[str]:
     return lines
 
 
-def _ml(v: float) -> str:
-    return f"{v:g}"
+def bin_span(lo: float, hi: float, unit: str = "") -> str:
+    """A table row's bin [lo, hi): "under hi", "lo or more" (hi infinite) or "lo-hi", with ``unit``."""
+    if lo == 0:
+        return f"under {hi:g}{unit}"
+    if math.isinf(hi):
+        return f"{lo:g}{unit} or more"
+    return f"{lo:g}-{hi:g}{unit}"
 
 
 def format_lesion_tables(results: dict, names: Dict) -> List[str]:
@@ -415,37 +420,33 @@ def format_lesion_tables(results: dict, names: Dict) -> List[str]:
         lines += ["", f"detection by lesion volume, {names[lab]}:"]
         rows = []
         for b in bins:
-            if b["min_ml"] == 0:
-                span = f"under {_ml(b['max_ml'])} ml"
-            elif math.isinf(b["max_ml"]):
-                span = f"{_ml(b['min_ml'])} ml or more"
-            else:
-                span = f"{_ml(b['min_ml'])}-{_ml(b['max_ml'])} ml"
-            rows.append((span, b["lesions"], b["found"], _num(b["sensitivity"]), _num(b["dice_found"])))
+            rows.append((bin_span(b["min_ml"], b["max_ml"], " ml"), b["lesions"], b["found"], _num(b["sensitivity"]),
+                         _num(b["dice_found"])))
         lines += _columns(("volume", "lesions", "found", "sensitivity", "Dice_of_found"), rows, left=1)
     rose = (results.get("visibility") or {}).get("rose_dprime")
     for lab, bins in (results.get("lesion_visibility") or {}).items():
         lines += ["", f"detection by visibility (d', docs/metrics.md), {names[lab]}:"]
         rows = []
         for b in bins:
-            if b["min_dprime"] == 0:
-                span = f"under {b['max_dprime']:g}"
-            elif math.isinf(b["max_dprime"]):
-                span = f"{b['min_dprime']:g} or more"
-            else:
-                span = f"{b['min_dprime']:g}-{b['max_dprime']:g}"
-            rows.append((span, b["lesions"], b["found"], b["ct_visible"], b["ct_visible_found"]))
+            rows.append((bin_span(b["min_dprime"], b["max_dprime"]), b["lesions"], b["found"], b["ct_visible"],
+                         b["ct_visible_found"]))
         lines += _columns(("PET_d'", "lesions", "found", f"CT_d'>={rose:g}", "found_of_those"), rows, left=1)
     return lines
+
+
+def read_json_file(path):
+    """The JSON in a user-given file (InputError naming it if it cannot be read)."""
+    p = pathlib.Path(path)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{p}': cannot read it as JSON ({exc})") from exc
 
 
 def read_visibility(path) -> dict:
     """A ``veloxseg visibility`` JSON file (InputError naming it if it is not one)."""
     p = pathlib.Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"'{p}': cannot read it as JSON ({exc})") from exc
+    data = read_json_file(p)
     if not isinstance(data, dict) or not isinstance(data.get("cases"), dict) or "rose_dprime" not in data:
         raise InputError(f"'{p}': not a `veloxseg visibility` file (no cases and rose_dprime)")
     return data

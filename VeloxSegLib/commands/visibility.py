@@ -35,6 +35,7 @@ def register(subparsers) -> None:
 def format_summary(data: dict) -> str:
     """Lesions per PET d' bin, with how many of them CT shows (d' >= the Rose criterion)."""
     from ..data.visibility import DPRIME_EDGES
+    from .evaluate import bin_span
 
     rose = data["rose_dprime"]
     bounds = [0.0] + list(DPRIME_EDGES) + [math.inf]
@@ -42,7 +43,7 @@ def format_summary(data: dict) -> str:
     rows = [("PET d'", "lesions", f"CT d' >= {rose:g}", "median voxels")]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         inside = [e for e in lesions if lo <= e["pet_dprime"] < hi]
-        span = f"under {hi:g}" if lo == 0 else (f"{lo:g} or more" if math.isinf(hi) else f"{lo:g}-{hi:g}")
+        span = bin_span(lo, hi)
         sizes = sorted(e["voxels"] for e in inside)
         median = f"{(sizes[(len(sizes) - 1) // 2] + sizes[len(sizes) // 2]) / 2:g}" if sizes else "-"
         rows.append((span, str(len(inside)), str(sum(1 for e in inside if e["ct_dprime"] >= rose)), median))
