@@ -521,16 +521,23 @@ class PetctScene:
     owner: np.ndarray
     texture: np.ndarray
 
+    def lut(self, column: str) -> np.ndarray:
+        """Per-tissue values (index: the tissue map's): ``"hu"``, ``"texture_hu"`` (the texture's sd
+        in HU) or ``"suv"`` (this patient's organ uptake where it has its own)."""
+        values = np.array([t[{"hu": 1, "texture_hu": 2, "suv": 3}[column]] for t in _PETCT_TISSUES], np.float32)
+        if column == "suv":
+            for name, value in self.suv.items():
+                values[_T[name]] = value
+        return values
+
     def ct_mean(self, label: Optional[np.ndarray] = None, texture: Optional[np.ndarray] = None) -> np.ndarray:
         """Noise-free CT (float HU, before noise and rounding) with the lesions of ``label`` (default:
         all) and ``texture`` (default: the case's): tissue HU + texture, lesions, partial-volume blur."""
         label = self.label if label is None else label
         texture = self.texture if texture is None else texture
-        hu_lut = np.array([t[1] for t in _PETCT_TISSUES], np.float32)
-        tex_lut = np.array([t[2] for t in _PETCT_TISSUES], np.float32)
-        ct = hu_lut[self.tissue]
+        ct = self.lut("hu")[self.tissue]
         ct[label] = self.les_hu[label]
-        ct += tex_lut[self.tissue] * texture
+        ct += self.lut("texture_hu")[self.tissue] * texture
         return self.ct_blur(ct)
 
     def ct_blur(self, ct: np.ndarray) -> np.ndarray:
@@ -541,10 +548,7 @@ class PetctScene:
         """Activity (SUV) on the CT grid with the lesions of ``label`` and ``texture`` (defaults: the case's)."""
         label = self.label if label is None else label
         texture = self.texture if texture is None else texture
-        suv_lut = np.array([t[3] for t in _PETCT_TISSUES], np.float32)
-        for name, value in self.suv.items():
-            suv_lut[_T[name]] = value
-        activity = suv_lut[self.tissue] * (1.0 + 0.08 * texture)
+        activity = self.lut("suv")[self.tissue] * (1.0 + 0.08 * texture)
         activity[label] = self.les_suv[label]
         return np.maximum(activity, 0)
 

@@ -55,15 +55,9 @@ def lesion_signals(scene, mask: np.ndarray):
     in each final image, noise-free: ``(s_ct, s_pet)``, the CT (HU, CT grid) and PET (SUV, PET
     grid, post-filter included) with the lesion minus without it (its voxels the host tissue).
     Each imaging chain is linear, so the difference goes through it alone."""
-    from .phantom import _PETCT_TISSUES, _T
-
-    hu_lut = np.array([t[1] for t in _PETCT_TISSUES], np.float32)
-    suv_lut = np.array([t[3] for t in _PETCT_TISSUES], np.float32)
-    for name, value in scene.suv.items():
-        suv_lut[_T[name]] = value
     tissue = scene.tissue
-    ct_delta = np.where(mask, scene.les_hu - hu_lut[tissue], 0.0).astype(np.float32)
-    host = np.maximum(suv_lut[tissue] * (1.0 + 0.08 * scene.texture), 0)
+    ct_delta = np.where(mask, scene.les_hu - scene.lut("hu")[tissue], 0.0).astype(np.float32)
+    host = np.maximum(scene.lut("suv")[tissue] * (1.0 + 0.08 * scene.texture), 0)
     pet_delta = np.where(mask, scene.les_suv - host, 0.0).astype(np.float32)
     return scene.ct_blur(ct_delta), scene.pet_post(scene.pet_acquire(pet_delta))
 
@@ -97,7 +91,7 @@ def lesion_visibility(seed: int, index: int, size=None, scanner="default", draws
     of its voxels), ``records`` (the indices of the case's lesion records it holds), ``pet_dprime``
     and ``ct_dprime``. ``label``: the case's label array ([z, y, x]) as read from its file, to
     check against the regenerated one (InputError if they differ)."""
-    from .phantom import _PETCT_TISSUES, _T, _noise_field, petct_scene
+    from .phantom import _noise_field, petct_scene
 
     if int(draws) < 1:
         raise ConfigError(f"draws must be at least 1, got {draws}")
@@ -106,10 +100,7 @@ def lesion_visibility(seed: int, index: int, size=None, scanner="default", draws
         raise InputError(f"case {index} of seed {seed}: its label is not the one the phantom generator draws "
                           f"(a changed file, or another seed, size or generator version)")
     grid = scene.ct_grid
-    tex_lut = np.array([t[2] for t in _PETCT_TISSUES], np.float32)
-    suv_lut = np.array([t[3] for t in _PETCT_TISSUES], np.float32)
-    for name, value in scene.suv.items():
-        suv_lut[_T[name]] = value
+    tex_lut, suv_lut = scene.lut("texture_hu"), scene.lut("suv")
     tissue, lesion = scene.tissue, scene.label
 
     pet_mean = scene.pet_acquire(scene.activity())  # the noise-free PET before its post-filter
