@@ -74,10 +74,10 @@ def noise_variances(scene, s_ct: np.ndarray, s_pet: np.ndarray, pet_mean: np.nda
 
 
 def _components(label: np.ndarray):
-    import SimpleITK as sitk
+    """The lesions of ``evaluate --lesions``: the label's 26-connected components, and their count."""
+    from ..metrics import _components as components
 
-    img = sitk.GetImageFromArray(label.astype(np.uint8))
-    comps = sitk.GetArrayFromImage(sitk.ConnectedComponent(img, True))
+    comps = components(label, True)
     return comps, int(comps.max())
 
 
