@@ -121,7 +121,7 @@ def warn_unmasked_background(images, names, plan) -> None:
         log.warning("model '%s' normalizes %s over the non-zero voxels and expects a background of exactly 0 "
                     "(skull-stripped or masked, as BraTS data are), but the background of %s is not 0: its noise "
                     "enters the normalization and the segmentation suffers (docs/inference.md: a 1%% noise "
-                    "background lowered the brain demo's mean Dice from 0.92 to 0.74). Set the voxels outside "
+                    "background lowered the brain demo's mean Dice from 0.93 to 0.75). Set the voxels outside "
                     "the head to 0 first.", plan.name, "these inputs" if len(bad) > 1 else "this input",
                     "; ".join(bad))
 
