@@ -27,10 +27,13 @@ def petct_ds(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def mri_ds(tmp_path_factory):
+@pytest.fixture(scope="module", params=["analytic", "mni152"])
+def mri_ds(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("mri") / "ds"
-    phantom.write_phantom_dataset(out, "mri", 3, seed=5, size=MRI_SIZE)
+    # the template brain, scaled 0.88-1.0, holds smaller tumours than the analytic head: at 4 mm
+    # (48^3) most cores are too thin to keep a necrotic voxel; at 3 mm (64^3) and 2 mm they all do
+    size = MRI_SIZE if request.param == "analytic" else (64, 64, 64)
+    phantom.write_phantom_dataset(out, "mri", 3, seed=5, size=size, anatomy=request.param)
     return out
 
 
@@ -410,3 +413,46 @@ def test_version_1_phantoms_are_pinned():
         _ct, _pet, label, info = generate_petct_case(900, index)
         assert [(r["site"], r["voxels"], r["suv"], r["ct_hu"]) for r in info["lesions"]] == lesions
         assert int(sitk.GetArrayFromImage(label).sum()) == sum(v for _s, v, _u, _h in lesions)
+
+
+def _mni_t1():
+    return sitk.ReadImage(str(phantom.mni152_files()["t1"]))
+
+
+def test_mni152_phantoms_are_the_template_brain_moved_and_scaled_per_case(tmp_path, capsys):
+    """`--anatomy mni152`: each case is the template's skull-stripped brain, scaled as its record
+    says: the non-zero volume is the template's brain volume times the product of the scales."""
+    t1 = _mni_t1()
+    template_ml = float((sitk.GetArrayFromImage(t1) > 0).sum()) * float(np.prod(t1.GetSpacing())) / 1000
+    assert 1700 < template_ml < 2000  # the MNI152 brain, cerebellum included
+    out = tmp_path / "mni"
+    assert main(["phantom", "--kind", "mri", "--anatomy", "mni152", "-n", "3", "--seed", "11", "-o", str(out)]) == 0
+    assert "(anatomy mni152)" in capsys.readouterr().out
+    meta = json.loads((out / "dataset.json").read_text())["veloxseg_phantom"]
+    assert meta["anatomy"] == "mni152" and validate_dataset(out).cases == ["mri_0000", "mri_0001", "mri_0002"]
+    brains = []
+    for case, info in meta["cases"].items():
+        imgs = [sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"imagesTr/{case}_{c:04d}.nii.gz"))) for c in range(4)]
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"labelsTr/{case}.nii.gz")))
+        brain = imgs[0] > 0
+        assert all(np.array_equal(brain, im > 0) for im in imgs)  # one mask, background exactly 0
+        assert not (lab[~brain]).any()  # the tumour lies in the brain
+        assert info["anatomy"] == "mni152" and 0.85 < min(info["scale"]) <= max(info["scale"]) < 1.03
+        ml = brain.sum() * 8 / 1000  # 2 mm voxels
+        assert ml == pytest.approx(template_ml * np.prod(info["scale"]), rel=0.03), case
+        brains.append(brain)
+    assert not np.array_equal(brains[0], brains[1])  # moved per case
+    again, _lab, _info = phantom.generate_mri_case(11, 1, anatomy="mni152")
+    assert np.array_equal(sitk.GetArrayFromImage(again[0]) > 0, brains[1])  # deterministic for (seed, index)
+
+
+def test_mni152_anatomy_needs_nilearn_and_mri(tmp_path, monkeypatch, capsys):
+    assert main(["phantom", "--kind", "petct", "--anatomy", "mni152", "-n", "1", "-o", str(tmp_path / "p")]) == 4
+    assert "--anatomy mni152 is for MRI phantoms" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
+    assert main(["phantom", "--kind", "mri", "--anatomy", "mni152", "-n", "1", "-o", str(tmp_path / "m")]) == 4
+    assert "pip install nilearn" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "m").exists()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ..data.phantom import SCANNERS
+from ..data.phantom import MRI_ANATOMIES, SCANNERS
 
 
 def register(subparsers) -> None:
@@ -27,6 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--scanner", default="default", choices=list(SCANNERS),
                    help="petct only: how the cases are imaged; the same seed gives the same patients on every "
                         "scanner. " + "; ".join(f"{s.name}: {s.description}" for s in SCANNERS.values()))
+    p.add_argument("--anatomy", default="analytic", choices=list(MRI_ANATOMIES),
+                   help="mri only: analytic (a head drawn from shapes, with scalp and skull; default) or mni152 "
+                        "(the skull-stripped MNI152 brain, moved per case, as BraTS data are stored; needs the "
+                        "nilearn package, whose bundled template it reads)")
     p.add_argument("--workers", type=int, default=1, metavar="W",
                    help="generate cases in W processes (default 1); the files are the same for any W")
     p.add_argument("--overwrite", action="store_true",
@@ -48,9 +52,10 @@ def run(args) -> int:
 
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
-            progress=progress, scanner=args.scanner, workers=args.workers,
+            progress=progress, scanner=args.scanner, workers=args.workers, anatomy=args.anatomy,
         )
-    scanner = f" (scanner {args.scanner})" if args.kind == "petct" else ""
+    scanner = f" (scanner {args.scanner})" if args.kind == "petct" else (
+        f" (anatomy {args.anatomy})" if args.anatomy != "analytic" else "")
     print(f"wrote {args.num_cases} {args.kind} phantom case(s){scanner} to {args.output} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0

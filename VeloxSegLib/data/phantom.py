@@ -9,7 +9,8 @@ PET/CT (``kind="petct"``): channel 0 CT in HU (int16), channel 1 PET in SUV (flo
 coarser grid with a different field of view and origin; label 1 = lesions on the CT grid.
 MRI (``kind="mri"``): T1, T1ce, T2, FLAIR of a head on one grid (air exactly 0), labels
 1 necrotic core, 2 edema, 3 enhancing tumour (BraTS nesting: ET inside TC = 1+3 inside
-WT = 1+2+3).
+WT = 1+2+3). With ``anatomy="mni152"`` the brain is the MNI152 template read from an installed
+``nilearn`` (optional), moved by a random similarity per case, skull-stripped as BraTS is.
 
 These are phantoms, not patient data; models trained on them say so.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -637,9 +639,187 @@ def mri_grid(size=None) -> Grid:
     return Grid.centred(size, tuple(f / n for f, n in zip(MRI_FOV_MM, size)))
 
 
-def generate_mri_case(seed: int, index: int, size=None):
+#: MRI phantom anatomies: shapes, or the MNI152 template of an installed nilearn.
+MRI_ANATOMIES = ("analytic", "mni152")
+#: nilearn's copy of the ICBM 2009a nonlinear symmetric MNI152 template (1 mm; uint8): the
+#: skull-stripped T1 and the grey- and white-matter probability maps (0-255).
+MNI152_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+                "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+
+
+def mni152_files() -> Dict[str, Path]:
+    """The MNI152 template files inside the installed ``nilearn`` package (found, not imported:
+    nilearn's own import is slow and nothing of it runs here). ConfigError if it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("MRI phantoms with --anatomy mni152 read the MNI152 template shipped in the nilearn "
+                          "package, which is not installed: pip install nilearn (or pip install 'veloxseg[mni]')")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    files = {k: folder / name for k, name in MNI152_FILES.items()}
+    for path in files.values():
+        if not path.is_file():
+            raise ConfigError(f"{path}: the MNI152 template file is missing from the installed nilearn package "
+                              "(a nilearn without its bundled templates?); reinstall nilearn")
+    return files
+
+
+_MNI_CACHE: Dict[str, object] = {}
+
+
+def _mni152_template():
+    """``(fractions, centre, extent)``: the brain mask, grey and white matter as float32 SimpleITK
+    images (0..1, MNI space in LPS mm), and the centre and size (mm, x y z) of the brain's bounding
+    box; read once per process."""
+    if "t" not in _MNI_CACHE:
+        import SimpleITK as sitk
+
+        files = mni152_files()
+        out = {}
+        for key, path in files.items():
+            try:
+                img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+            except RuntimeError as e:
+                raise ConfigError(f"{path}: cannot read the MNI152 template file: {str(e).strip().splitlines()[-1]}")
+            out[key] = img
+        brain = sitk.Cast(out.pop("t1") > 0, sitk.sitkFloat32)
+        fractions = {"brain": brain, "gm": out["gm"] / 255.0, "wm": out["wm"] / 255.0}
+        idx = np.argwhere(sitk.GetArrayFromImage(brain) > 0)[:, ::-1]  # (x, y, z) indices
+        lo = brain.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.min(0)])
+        hi = brain.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.max(0)])
+        _MNI_CACHE["t"] = (fractions, (np.array(lo) + np.array(hi)) / 2, np.abs(np.array(hi) - np.array(lo)) + 1)
+    return _MNI_CACHE["t"]
+
+
+def _generate_mni_case(seed: int, index: int, size=None):
+    """An MRI case on the MNI152 brain: the template moved by a random similarity (scale 0.88-1.0
+    with up to 3% more per axis, rotation up to about 5 degrees, shift up to 4 mm), partial-volume
+    tissue fractions (CSF = the brain mask less grey and white matter), a tumour centred in white
+    matter, and the contrasts of the analytic phantoms."""
+    import SimpleITK as sitk
+
+    fractions, brain_centre, extent = _mni152_template()
+    rng = case_rng(seed, index)
+    grid = mri_grid(size)
+    fov = np.array(MRI_FOV_MM)
+    scale = rng.uniform(0.88, 1.0) * rng.uniform(0.97, 1.03, size=3)
+    scale = np.minimum(scale, (fov - 8.0) / extent)  # the brain stays inside the field of view
+    rot = random_rotation(rng, 0.08)
+    shift = rng.uniform(-4.0, 4.0, size=3)
+    # grid point p -> template point diag(1 / scale) rot^T p + brain centre + shift: the brain is
+    # scaled by `scale` along the template's axes, rotated by `rot` and centred in the field of view
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix((np.diag(1.0 / scale) @ rot.T).ravel().tolist())
+    transform.SetTranslation((brain_centre + shift).tolist())
+    ref = grid.image(np.zeros(grid.shape, np.float32))
+    f = {k: sitk.GetArrayFromImage(sitk.Resample(img, ref, transform, sitk.sitkLinear, 0.0))
+         for k, img in fractions.items()}
+    brain = f["brain"] >= 0.5
+    gm = np.where(brain, f["gm"], 0.0)
+    wm = np.where(brain, f["wm"], 0.0)
+    over = np.maximum(gm + wm, 1.0)
+    gm, wm = gm / over, wm / over
+    csf = np.where(brain, 1.0 - gm - wm, 0.0)
+
+    depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(  # mm to the brain's surface
+        grid.image(brain.astype(np.uint8)), insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+    deepest = float(depth.max())
+
+    def place(reach):
+        ok = (depth >= reach) & (wm >= 0.5)  # gliomas grow in white matter
+        if not ok.any():
+            ok = depth >= min(reach, deepest)
+        k = np.argwhere(ok)[rng.integers(int(ok.sum()))][::-1] + rng.uniform(-0.5, 0.5, size=3)  # x, y, z
+        return np.array(grid.origin) + k * np.array(grid.spacing)
+
+    label, centre = _mri_tumour(rng, grid, 0.75 * deepest, place, brain)
+    tumour = label > 0
+    frac = np.zeros((len(_MRI_TISSUES),) + grid.shape, np.float32)
+    frac[_M["gm"]], frac[_M["wm"]], frac[_M["csf"]] = gm, wm, csf
+    frac[:, tumour] = 0.0
+    for value, name in ((1, "necrosis"), (2, "edema"), (3, "enhancing")):
+        frac[_M[name]][label == value] = 1.0
+    images = _mri_contrasts(rng, grid, lambda lut: np.tensordot(lut, frac, axes=1), brain)
+    info = {
+        "anatomy": "mni152",
+        "scale": [round(float(v), 4) for v in scale],
+        "tumour_centre_mm": [round(float(v), 2) for v in centre],
+        "voxels": {"NCR": int((label == 1).sum()), "edema": int((label == 2).sum()), "ET": int((label == 3).sum())},
+    }
+    return images, grid.image(label), info
+
+
+def _mri_tumour(rng, grid: Grid, allowed: float, place, brain: np.ndarray):
+    """The BraTS regions of one tumour: ``(label, centre)``, label 1 NCR, 2 edema, 3 ET inside
+    ``brain``. A tumour core (TC) star shape, its enhancing rim (ET) around a necrotic core (NCR),
+    edema (WT) grown from TC by at least a margin. ``allowed`` bounds the reach of the core plus
+    its margin (mm); ``place(reach)`` draws a centre whose ball of radius ``reach`` lies in the
+    brain."""
+    h = max(grid.spacing)
+    rim = max(4.0, 2.5 * h)
+    margin = max(4.0, 3.0 * h)
+    r_tc = rng.uniform(max(8.0, rim / 0.45), max(22.0, rim / 0.45 + 4))
+    r_tc = min(r_tc, (allowed - margin) / (1.15 * 1.25))
+    tc_semi = r_tc * rng.uniform(0.85, 1.15, size=3)
+    tc_lobes = random_lobes(rng, 3, 0.07)
+    r_wt = r_tc * rng.uniform(1.3, 2.0) + margin
+    wt_stretch = rng.uniform(0.8, 1.2, size=3)
+    wt_lobes = random_lobes(rng, 3, 0.1)
+    wt_offset = rng.uniform(-0.3, 0.3, size=3)
+    tc_reach = float(np.max(tc_semi)) * 1.25 + margin
+
+    def wt_reach(r):
+        return float(np.max(r * wt_stretch)) * (1 + float(np.abs(wt_lobes[:, 3]).sum())) + 0.52 * (r - r_tc)
+
+    while wt_reach(r_wt) > allowed and r_wt > r_tc:
+        r_wt *= 0.95
+    wt_semi = r_wt * wt_stretch
+    centre = place(tc_reach)  # edema may be cut by the brain surface; the core and its margin may not
+    tc = Shape(centre, tc_semi, random_rotation(rng), tc_lobes)
+    rmin_tc = float(np.min(tc_semi)) * (1 - float(np.abs(tc_lobes[:, 3]).sum()))
+    ncr_level = min(1.0 - rim / rmin_tc, rng.uniform(0.3, 0.75))
+    wt = Shape(centre + wt_offset * (r_wt - r_tc), wt_semi, random_rotation(rng), wt_lobes)
+    label = np.zeros(grid.shape, np.uint8)
+    _paint(label, grid, wt, 2)
+    _paint(label, grid, tc, 2, outer=1.0 + margin / rmin_tc)
+    label[~brain] = 0
+    _paint(label, grid, tc, 3)
+    _paint(label, grid, tc, 1, outer=ncr_level)
+    return label, centre
+
+
+def _mri_contrasts(rng, grid: Grid, mix, inside: np.ndarray):
+    """T1, T1ce, T2 and FLAIR images: ``mix(lut)`` gives the noise-free image for a per-tissue
+    intensity table (indices of ``_MRI_TISSUES``); then a texture shared by the contrasts, a slight
+    blur, a bias field, Rician noise and a scanner scale per contrast; 0 outside ``inside``."""
+    h = max(grid.spacing)
+    texture = 1.0 + 0.03 * _noise_field(rng, grid, 3.0)  # tissue texture, shared by the contrasts
+    images = []
+    for c, _name in enumerate(MRI_CHANNELS):
+        lut = np.array([v[c] for _n, v in _MRI_TISSUES], np.float32) * rng.uniform(0.95, 1.05, len(_MRI_TISSUES))
+        img = mix(lut) * texture
+        img = _smooth(img, grid, 0.5 * h)
+        bias = _bias_field(rng, grid, 0.12)
+        sigma = 0.02 * float(lut[_M["wm"]])
+        n1 = rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
+        n2 = rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
+        img = np.sqrt((img * bias + n1) ** 2 + n2 ** 2) * rng.uniform(300, 1500)
+        img[~inside] = 0.0
+        images.append(grid.image(img.astype(np.float32)))
+    return images
+
+
+def generate_mri_case(seed: int, index: int, size=None, anatomy: str = "analytic"):
     """One brain MRI phantom case: ``([t1, t1ce, t2, flair], label, info)`` as SimpleITK images
-    on one grid (float32; air exactly 0), label uint8 with 1 NCR, 2 edema, 3 ET."""
+    on one grid (float32; air exactly 0), label uint8 with 1 NCR, 2 edema, 3 ET. ``anatomy``
+    ``"analytic"`` draws a head (scalp, skull, CSF, grey and white matter) from shapes;
+    ``"mni152"`` takes a skull-stripped brain from the MNI152 template (:func:`mni152_files`)."""
+    if anatomy not in MRI_ANATOMIES:
+        raise ConfigError(f"MRI anatomy must be one of {', '.join(MRI_ANATOMIES)}, got {anatomy!r}")
+    if anatomy == "mni152":
+        return _generate_mni_case(seed, index, size)
     rng = case_rng(seed, index)
     grid = mri_grid(size)
     h = max(grid.spacing)
@@ -669,63 +849,21 @@ def generate_mri_case(seed: int, index: int, size=None):
     falx = (np.abs(x - head_c[0]) < 0.6 * h) & (z > head_c[2] - 10) & brain
     tissue[falx] = _M["csf"]
 
-    # tumour: tumour core (TC) star shape, its enhancing rim (ET) around a necrotic core (NCR),
-    # edema (WT) grown from TC by at least `margin` mm
-    rim = max(4.0, 2.5 * h)
-    margin = max(4.0, 3.0 * h)
     # the tumour core plus its edema margin must fit in the brain: with E the brain's semi-axes,
     # a centre c with |c|_E <= 1 - reach / min(E) keeps the ball of radius `reach` around c inside
     e = head_semi * brain_level * 0.97
-    allowed = 0.75 * float(np.min(e))
-    r_tc = rng.uniform(max(8.0, rim / 0.45), max(22.0, rim / 0.45 + 4))
-    r_tc = min(r_tc, (allowed - margin) / (1.15 * 1.25))
-    tc_semi = r_tc * rng.uniform(0.85, 1.15, size=3)
-    tc_lobes = random_lobes(rng, 3, 0.07)
-    r_wt = r_tc * rng.uniform(1.3, 2.0) + margin
-    wt_stretch = rng.uniform(0.8, 1.2, size=3)
-    wt_lobes = random_lobes(rng, 3, 0.1)
-    wt_offset = rng.uniform(-0.3, 0.3, size=3)
-    tc_reach = float(np.max(tc_semi)) * 1.25 + margin
 
-    def wt_reach(r):
-        return float(np.max(r * wt_stretch)) * (1 + float(np.abs(wt_lobes[:, 3]).sum())) + 0.52 * (r - r_tc)
+    def place(reach):
+        u = rng.normal(size=3)
+        u = u / np.linalg.norm(u) * rng.uniform(0.1, 1.0) ** (1 / 3)
+        u[0] = abs(u[0]) * (1 if rng.random() < 0.5 else -1)
+        return head_c + head.rot @ (u * e * max(0.0, 1.0 - reach / float(np.min(e))))
 
-    while wt_reach(r_wt) > allowed and r_wt > r_tc:
-        r_wt *= 0.95
-    wt_semi = r_wt * wt_stretch
-    reach = tc_reach  # edema may be cut by the brain surface; the core and its margin may not
-    u = rng.normal(size=3)
-    u = u / np.linalg.norm(u) * rng.uniform(0.1, 1.0) ** (1 / 3)
-    u[0] = abs(u[0]) * (1 if rng.random() < 0.5 else -1)
-    centre = head_c + head.rot @ (u * e * max(0.0, 1.0 - reach / float(np.min(e))))
-    tc = Shape(centre, tc_semi, random_rotation(rng), tc_lobes)
-    rmin_tc = float(np.min(tc_semi)) * (1 - float(np.abs(tc_lobes[:, 3]).sum()))
-    ncr_level = min(1.0 - rim / rmin_tc, rng.uniform(0.3, 0.75))
-    wt = Shape(centre + wt_offset * (r_wt - r_tc), wt_semi, random_rotation(rng), wt_lobes)
-    label = np.zeros(grid.shape, np.uint8)
-    _paint(label, grid, wt, 2)
-    _paint(label, grid, tc, 2, outer=1.0 + margin / rmin_tc)
-    label[~brain] = 0
-    _paint(label, grid, tc, 3)
-    _paint(label, grid, tc, 1, outer=ncr_level)
+    label, centre = _mri_tumour(rng, grid, 0.75 * float(np.min(e)), place, brain)
     tissue[label == 2] = _M["edema"]
     tissue[label == 3] = _M["enhancing"]
     tissue[label == 1] = _M["necrosis"]
-
-    inside = tissue > 0
-    texture = 1.0 + 0.03 * _noise_field(rng, grid, 3.0)  # tissue texture, shared by the contrasts
-    images = []
-    for c, _name in enumerate(MRI_CHANNELS):
-        lut = np.array([v[c] for _n, v in _MRI_TISSUES], np.float32) * rng.uniform(0.95, 1.05, len(_MRI_TISSUES))
-        img = lut[tissue] * texture
-        img = _smooth(img, grid, 0.5 * h)
-        bias = _bias_field(rng, grid, 0.12)
-        sigma = 0.02 * float(lut[_M["wm"]])
-        n1 = rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
-        n2 = rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
-        img = np.sqrt((img * bias + n1) ** 2 + n2 ** 2) * rng.uniform(300, 1500)
-        img[~inside] = 0.0
-        images.append(grid.image(img.astype(np.float32)))
+    images = _mri_contrasts(rng, grid, lambda lut: lut[tissue], tissue > 0)
     info = {
         "tumour_centre_mm": [round(float(v), 2) for v in centre],
         "voxels": {"NCR": int((label == 1).sum()), "edema": int((label == 2).sum()), "ET": int((label == 3).sum())},
@@ -740,13 +878,13 @@ def _write_case(job) -> Tuple[str, dict]:
     """Generate and write case ``index`` into the dataset folder being built (a process-pool job)."""
     from .nnunet import IMAGES_DIR, LABELS_DIR, image_file_name, write_image
 
-    tmp, kind, seed, index, size, scanner = job
+    tmp, kind, seed, index, size, scanner, anatomy = job
     case = f"{kind}_{index:04d}"
     if kind == "petct":
         ct, pet, label, info = generate_petct_case(seed, index, size, scanner_named(scanner))
         images = [ct, pet]
     else:
-        images, label, info = generate_mri_case(seed, index, size)
+        images, label, info = generate_mri_case(seed, index, size, anatomy)
     for c, img in enumerate(images):
         write_image(img, tmp / IMAGES_DIR / image_file_name(case, c))
     write_image(label, tmp / LABELS_DIR / f"{case}.nii.gz")
@@ -763,10 +901,12 @@ def write_phantom_dataset(
     progress: Optional[Callable[[int, int], None]] = None,
     scanner: str = "default",
     workers: int = 1,
+    anatomy: str = "analytic",
 ) -> dict:
     """Write ``n`` phantom cases of ``kind`` as an nnU-Net raw dataset at ``output``
     (atomically: a temporary folder renamed at the end). Returns the dataset.json written.
-    ``scanner`` (PET/CT only, a name in :data:`SCANNERS`) sets how the cases are imaged.
+    ``scanner`` (PET/CT only, a name in :data:`SCANNERS`) sets how the cases are imaged,
+    ``anatomy`` (MRI only, one of :data:`MRI_ANATOMIES`) what they show.
     ``workers`` > 1 generates cases in that many processes; a case depends only on
     ``(seed, index)``, so the files are the same bytes whatever the number of workers."""
     from .nnunet import IMAGES_DIR, LABELS_DIR, atomic_directory, make_dataset_json, write_dataset_json
@@ -775,6 +915,12 @@ def write_phantom_dataset(
     size = _check_size(size, kind)
     if kind != "petct" and scanner != "default":
         raise ConfigError(f"scanner profiles are for PET/CT phantoms; {kind} phantoms have none")
+    if anatomy not in MRI_ANATOMIES:
+        raise ConfigError(f"MRI anatomy must be one of {', '.join(MRI_ANATOMIES)}, got {anatomy!r}")
+    if kind != "mri" and anatomy != "analytic":
+        raise ConfigError(f"--anatomy {anatomy} is for MRI phantoms; {kind} phantoms are analytic")
+    if anatomy == "mni152":
+        mni152_files()  # a missing nilearn is refused before any folder is made
     scanner = scanner_named(scanner)
     if n < 1:
         raise ConfigError(f"number of cases must be at least 1, got {n}")
@@ -789,7 +935,7 @@ def write_phantom_dataset(
     with atomic_directory(output, overwrite=overwrite) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         (tmp / LABELS_DIR).mkdir()
-        jobs = [(tmp, kind, seed, i, size, scanner.name) for i in range(n)]
+        jobs = [(tmp, kind, seed, i, size, scanner.name, anatomy) for i in range(n)]
         if workers == 1:
             results = map(_write_case, jobs)
             pool = None
@@ -812,10 +958,13 @@ def write_phantom_dataset(
             list(channels), labels, n,
             name=f"VeloxSeg {kind} phantoms",
             description=("Synthetic phantoms generated by `veloxseg phantom` (analytic anatomy, "
-                         "not patient data)."),
+                         "not patient data)." if anatomy == "analytic" else
+                         "Synthetic phantoms generated by `veloxseg phantom` on the MNI152 2009a brain template "
+                         "(from nilearn) with synthetic tumours, not patient data."),
             veloxseg_phantom={"kind": kind, "seed": int(seed), "size": list(size), "version": PHANTOM_VERSION,
                               **({"scanner": scanner.name, "scanner_description": scanner.description}
                                  if kind == "petct" else {}),
+                              **({"anatomy": anatomy} if anatomy != "analytic" else {}),
                               "cases": cases},
         )
         write_dataset_json(tmp, data)
