@@ -415,14 +415,10 @@ def test_version_1_phantoms_are_pinned():
         assert int(sitk.GetArrayFromImage(label).sum()) == sum(v for _s, v, _u, _h in lesions)
 
 
-def _mni_t1():
-    return sitk.ReadImage(str(phantom.mni152_files()["t1"]))
-
-
 def test_mni152_phantoms_are_the_template_brain_moved_and_scaled_per_case(tmp_path, capsys):
     """`--anatomy mni152`: each case is the template's skull-stripped brain, scaled as its record
     says: the non-zero volume is the template's brain volume times the product of the scales."""
-    t1 = _mni_t1()
+    t1 = sitk.ReadImage(str(phantom.mni152_files()["t1"]))
     template_ml = float((sitk.GetArrayFromImage(t1) > 0).sum()) * float(np.prod(t1.GetSpacing())) / 1000
     assert 1700 < template_ml < 2000  # the MNI152 brain, cerebellum included
     out = tmp_path / "mni"
