@@ -16,6 +16,7 @@ These are phantoms, not patient data; models trained on them say so.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -666,31 +667,25 @@ def mni152_files() -> Dict[str, Path]:
     return files
 
 
-_MNI_CACHE: Dict[str, object] = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _mni152_template():
     """``(fractions, centre, extent)``: the brain mask, grey and white matter as float32 SimpleITK
     images (0..1, MNI space in LPS mm), and the centre and size (mm, x y z) of the brain's bounding
     box; read once per process."""
-    if "t" not in _MNI_CACHE:
-        import SimpleITK as sitk
+    import SimpleITK as sitk
 
-        files = mni152_files()
-        out = {}
-        for key, path in files.items():
-            try:
-                img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-            except RuntimeError as e:
-                raise ConfigError(f"{path}: cannot read the MNI152 template file: {str(e).strip().splitlines()[-1]}")
-            out[key] = img
-        brain = sitk.Cast(out.pop("t1") > 0, sitk.sitkFloat32)
-        fractions = {"brain": brain, "gm": out["gm"] / 255.0, "wm": out["wm"] / 255.0}
-        idx = np.argwhere(sitk.GetArrayFromImage(brain) > 0)[:, ::-1]  # (x, y, z) indices
-        lo = brain.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.min(0)])
-        hi = brain.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.max(0)])
-        _MNI_CACHE["t"] = (fractions, (np.array(lo) + np.array(hi)) / 2, np.abs(np.array(hi) - np.array(lo)) + 1)
-    return _MNI_CACHE["t"]
+    out = {}
+    for key, path in mni152_files().items():
+        try:
+            out[key] = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        except RuntimeError as e:
+            raise ConfigError(f"{path}: cannot read the MNI152 template file: {str(e).strip().splitlines()[-1]}")
+    brain = sitk.Cast(out.pop("t1") > 0, sitk.sitkFloat32)
+    fractions = {"brain": brain, "gm": out["gm"] / 255.0, "wm": out["wm"] / 255.0}
+    idx = np.argwhere(sitk.GetArrayFromImage(brain) > 0)[:, ::-1]  # (x, y, z) indices
+    lo = np.array(brain.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.min(0)]))
+    hi = np.array(brain.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.max(0)]))
+    return fractions, (lo + hi) / 2, np.abs(hi - lo) + 1
 
 
 def _generate_mni_case(seed: int, index: int, size=None):
@@ -742,12 +737,7 @@ def _generate_mni_case(seed: int, index: int, size=None):
     for value, name in ((1, "necrosis"), (2, "edema"), (3, "enhancing")):
         frac[_M[name]][label == value] = 1.0
     images = _mri_contrasts(rng, grid, lambda lut: np.tensordot(lut, frac, axes=1), brain)
-    info = {
-        "anatomy": "mni152",
-        "scale": [round(float(v), 4) for v in scale],
-        "tumour_centre_mm": [round(float(v), 2) for v in centre],
-        "voxels": {"NCR": int((label == 1).sum()), "edema": int((label == 2).sum()), "ET": int((label == 3).sum())},
-    }
+    info = {"anatomy": "mni152", "scale": [round(float(v), 4) for v in scale], **_tumour_info(label, centre)}
     return images, grid.image(label), info
 
 
@@ -788,6 +778,12 @@ def _mri_tumour(rng, grid: Grid, allowed: float, place, brain: np.ndarray):
     _paint(label, grid, tc, 3)
     _paint(label, grid, tc, 1, outer=ncr_level)
     return label, centre
+
+
+def _tumour_info(label: np.ndarray, centre) -> dict:
+    """A case's record of its tumour: centre (mm) and voxels per region."""
+    return {"tumour_centre_mm": [round(float(v), 2) for v in centre],
+            "voxels": {"NCR": int((label == 1).sum()), "edema": int((label == 2).sum()), "ET": int((label == 3).sum())}}
 
 
 def _mri_contrasts(rng, grid: Grid, mix, inside: np.ndarray):
@@ -864,11 +860,7 @@ def generate_mri_case(seed: int, index: int, size=None, anatomy: str = "analytic
     tissue[label == 3] = _M["enhancing"]
     tissue[label == 1] = _M["necrosis"]
     images = _mri_contrasts(rng, grid, lambda lut: lut[tissue], tissue > 0)
-    info = {
-        "tumour_centre_mm": [round(float(v), 2) for v in centre],
-        "voxels": {"NCR": int((label == 1).sum()), "edema": int((label == 2).sum()), "ET": int((label == 3).sum())},
-    }
-    return images, grid.image(label), info
+    return images, grid.image(label), _tumour_info(label, centre)
 
 
 # --------------------------------------------------------------------------- datasets
