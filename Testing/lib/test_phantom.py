@@ -288,6 +288,39 @@ def test_cli_records_the_scanner_and_refuses_unknown_ones(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
 
 
+def test_lesion_diameter_range_draws_small_lesions_in_the_same_patients(petct_ds, tmp_path, capsys):
+    """`--lesion-diameter MIN MAX`: every lesion's drawn diameter lies in the range (the default
+    draws reach far beyond it), the patients' anatomy and organ uptake are those of the default
+    draw, the range is recorded in dataset.json, and a bad range writes nothing."""
+    small, default = [], []
+    for index in range(8):
+        ct, pet, lab, info = phantom.generate_petct_case(11, index, lesion_diameter_mm=(6, 12))
+        ct0, _pet0, _lab0, info0 = phantom.generate_petct_case(11, index)
+        small += [r["diameter_mm"] for r in info["lesions"]]
+        default += [r["diameter_mm"] for r in info0["lesions"]]
+        assert info["organ_suv"] == info0["organ_suv"]
+        bone = sitk.GetArrayFromImage(ct0) > 400  # the skeleton is the same
+        assert (sitk.GetArrayFromImage(ct)[bone] > 250).mean() > 0.97
+    assert 6.0 <= min(small) and max(small) <= 12.0 and len(small) >= 8
+    assert max(default) > 25 and np.median(small) < np.median(default)
+    out = tmp_path / "small"
+    assert main(["phantom", "--kind", "petct", "-n", "2", "--seed", "7", "-o", str(out), "--size", *map(str, PETCT_SIZE),
+                 "--lesion-diameter", "6", "10"]) == 0
+    assert "lesions 6-10 mm" in capsys.readouterr().out
+    meta = json.loads((out / "dataset.json").read_text())["veloxseg_phantom"]
+    assert meta["lesion_diameter_mm"] == [6.0, 10.0]
+    # at this size's 8 mm voxels a lesion keeps a radius of half a voxel at least
+    assert all(r["diameter_mm"] <= max(10.0, 8.4) for info in meta["cases"].values() for r in info["lesions"])
+    assert "lesion_diameter_mm" not in json.loads((petct_ds / "dataset.json").read_text())["veloxseg_phantom"]
+    for bad, words in ((["4", "10"], "6 <= min <= max <= 80"), (["20", "10"], "6 <= min <= max <= 80"),
+                       (["6", "nan"], "6 <= min <= max <= 80")):
+        assert main(["phantom", "--kind", "petct", "-n", "1", "-o", str(tmp_path / "x"), "--lesion-diameter", *bad]) == 4
+        assert words in capsys.readouterr().err
+    assert main(["phantom", "--kind", "mri", "-n", "1", "-o", str(tmp_path / "m"), "--lesion-diameter", "6", "10"]) == 4
+    assert "for PET/CT phantoms" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
+
+
 def test_worker_processes_write_the_same_bytes(petct_ds, tmp_path):
     par = tmp_path / "par"
     done = []

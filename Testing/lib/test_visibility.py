@@ -169,6 +169,25 @@ def test_visibility_refuses_what_it_cannot_rebuild(phantoms, tmp_path, capsys):
         V.lesion_visibility(1, 0, draws=0)
 
 
+def test_visibility_rebuilds_small_lesion_phantoms_from_their_record(tmp_path):
+    """A `--lesion-diameter` dataset is rebuilt with the range its dataset.json records: without
+    the record the generator's default lesions are not the ones on disk, and a bad record is named."""
+    ds = tmp_path / "small"
+    write_phantom_dataset(ds, "petct", 2, seed=5, size=SMALL, lesion_diameter_mm=(6, 14))
+    out = V.dataset_visibility(ds, draws=1)
+    assert out["lesion_diameter_mm"] == [6.0, 14.0]
+    assert sum(len(v) for v in out["cases"].values()) >= 2
+    meta = json.loads((ds / "dataset.json").read_text())
+    record = meta["veloxseg_phantom"].pop("lesion_diameter_mm")
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="not the one the phantom generator draws"):
+        V.dataset_visibility(ds, draws=1)
+    meta["veloxseg_phantom"]["lesion_diameter_mm"] = [record[1], record[0]]
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="dataset.json.*veloxseg_phantom record.*min <= max"):
+        V.dataset_visibility(ds, draws=1)
+
+
 def test_evaluate_visibility_refusals(phantoms, tmp_path, capsys):
     vis = tmp_path / "vis.json"
     assert main(["visibility", str(phantoms), "-o", str(vis), "--draws", "1"]) == 0

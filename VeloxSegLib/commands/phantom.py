@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                    help="mri only: analytic (a head drawn from shapes, with scalp and skull; default) or mni152 "
                         "(the skull-stripped MNI152 brain, moved per case, as BraTS data are stored; needs the "
                         "nilearn package, whose bundled template it reads)")
+    p.add_argument("--lesion-diameter", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="petct only: draw lesion diameters log-uniformly between MIN and MAX mm (default 6 45; "
+                        "6 <= MIN <= MAX <= 80; lymph nodes stay at 28 mm or less). '6 15' gives phantoms "
+                        "of small lesions, the ones near the limit of what PET shows")
     p.add_argument("--workers", type=int, default=1, metavar="W",
                    help="generate cases in W processes (default 1); the files are the same for any W")
     p.add_argument("--overwrite", action="store_true",
@@ -53,9 +57,13 @@ def run(args) -> int:
         write_phantom_dataset(
             args.output, args.kind, args.num_cases, seed=args.seed, size=args.size, overwrite=args.overwrite,
             progress=progress, scanner=args.scanner, workers=args.workers, anatomy=args.anatomy,
+            lesion_diameter_mm=args.lesion_diameter,
         )
-    scanner = f" (scanner {args.scanner})" if args.kind == "petct" else (
-        f" (anatomy {args.anatomy})" if args.anatomy != "analytic" else "")
-    print(f"wrote {args.num_cases} {args.kind} phantom case(s){scanner} to {args.output} "
+    if args.kind == "petct":
+        lesions = args.lesion_diameter
+        how = f" (scanner {args.scanner}" + (f", lesions {lesions[0]:g}-{lesions[1]:g} mm)" if lesions else ")")
+    else:
+        how = f" (anatomy {args.anatomy})" if args.anatomy != "analytic" else ""
+    print(f"wrote {args.num_cases} {args.kind} phantom case(s){how} to {args.output} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0

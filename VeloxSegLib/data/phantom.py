@@ -42,6 +42,12 @@ PET_AXIAL_MARGIN_MM = 12.0
 PET_CENTRE_SHIFT_MM = (2.3, -3.1, 1.7)
 PET_PSF_FWHM_MM = 7.0
 
+#: Lesion diameters (mm) are drawn log-uniformly in this range unless ``lesion_diameter_mm`` says
+#: otherwise; a lesion keeps a radius of at least 3 mm (or half the coarsest voxel), so 6 mm is
+#: the smallest that can be asked for. Lymph nodes stay at 28 mm or less.
+LESION_DIAMETER_MM = (6.0, 45.0)
+LESION_DIAMETER_LIMITS_MM = (6.0, 80.0)
+
 
 @dataclass(frozen=True)
 class Scanner:
@@ -428,9 +434,25 @@ _SITES = ("lung", "liver", "node", "bone")
 _SITE_P = (0.3, 0.25, 0.35, 0.1)
 
 
-def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit):
+def check_lesion_diameter(value) -> Tuple[float, float]:
+    """``(min, max)`` lesion diameters in mm, checked (ConfigError) against
+    :data:`LESION_DIAMETER_LIMITS_MM`; ``None`` gives :data:`LESION_DIAMETER_MM`."""
+    if value is None:
+        return LESION_DIAMETER_MM
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lesion diameter range must be two numbers (min max, mm), got {value!r}") from None
+    a, b = LESION_DIAMETER_LIMITS_MM
+    if not (math.isfinite(lo) and math.isfinite(hi) and a <= lo <= hi <= b):
+        raise ConfigError(f"lesion diameter range must satisfy {a:g} <= min <= max <= {b:g} mm, got {lo:g} {hi:g}")
+    return lo, hi
+
+
+def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit, diameter_mm=LESION_DIAMETER_MM):
     """Draw 1-5 lesions: label mask, CT HU values and SUVs on the CT grid, their records, and which
-    record drew each lesion voxel (``owner``: record index + 1, the last one where they overlap)."""
+    record drew each lesion voxel (``owner``: record index + 1, the last one where they overlap).
+    ``diameter_mm``: the (min, max) of the log-uniform diameter draw."""
     label = np.zeros(grid.shape, bool)
     owner = np.zeros(grid.shape, np.uint8)
     ct_value = np.zeros(grid.shape, np.float32)
@@ -441,7 +463,7 @@ def _petct_lesions(rng, grid: Grid, tissue, body, organs, shift, build, z_limit)
     z_ok = np.abs(zc) < z_limit
     for _ in range(int(rng.integers(1, 6))):
         site = str(rng.choice(_SITES, p=_SITE_P))
-        diameter = float(math.exp(rng.uniform(math.log(6.0), math.log(45.0))))
+        diameter = float(math.exp(rng.uniform(math.log(diameter_mm[0]), math.log(diameter_mm[1]))))
         if site == "node":
             diameter = min(diameter, 28.0)
             station = np.asarray(_NODE_STATIONS[int(rng.integers(len(_NODE_STATIONS)))], float)
@@ -571,33 +593,38 @@ class PetctScene:
         return _smooth(pet, self.pet_grid, self.scanner.pet_post_sigma * min(self.pet_grid.spacing))
 
 
-def petct_scene(seed: int, index: int, size=None, scanner="default", rng=None) -> PetctScene:
+def petct_scene(seed: int, index: int, size=None, scanner="default", rng=None,
+                lesion_diameter_mm=None) -> PetctScene:
     """The noise-free part of PET/CT phantom case ``(seed, index)``. ``rng``: the case's random
-    generator (default: a new one); after the call it is where the scanner's noise is drawn."""
+    generator (default: a new one); after the call it is where the scanner's noise is drawn.
+    ``lesion_diameter_mm``: (min, max) of the lesions' diameters (default :data:`LESION_DIAMETER_MM`);
+    the anatomy and the organs' uptake do not depend on it; the lesions and the noise are drawn anew."""
     scanner = scanner_named(scanner)
+    diameter_mm = check_lesion_diameter(lesion_diameter_mm)
     rng = case_rng(seed, index) if rng is None else rng
     ct_grid, pet_grid = petct_grids(size, scanner)
     tissue, body, organs, suv, shift, build = _petct_anatomy(rng, ct_grid)
     z_limit = PETCT_FOV_MM[2] / 2 - PET_AXIAL_MARGIN_MM - 8.0
     label, les_hu, les_suv, lesions, owner = _petct_lesions(rng, ct_grid, tissue, body, organs, shift, build,
-                                                            z_limit)
+                                                            z_limit, diameter_mm)
     if not lesions:  # every case has at least one lesion: retry with a derived stream
         for attempt in range(1, 20):
             label, les_hu, les_suv, lesions, owner = _petct_lesions(
                 np.random.default_rng(np.random.SeedSequence([seed, index, attempt])), ct_grid, tissue, body,
-                organs, shift, build, z_limit)
+                organs, shift, build, z_limit, diameter_mm)
             if lesions:
                 break
     texture = _noise_field(rng, ct_grid, 4.0)
     return PetctScene(scanner, ct_grid, pet_grid, tissue, suv, label, les_hu, les_suv, lesions, owner, texture)
 
 
-def generate_petct_case(seed: int, index: int, size=None, scanner="default"):
+def generate_petct_case(seed: int, index: int, size=None, scanner="default", lesion_diameter_mm=None):
     """One PET/CT phantom case: ``(ct, pet, label, info)``; images are SimpleITK images
     (CT int16 HU on the CT grid, PET float32 SUV on the PET grid, label uint8 on the CT grid).
-    ``scanner`` (a name in :data:`SCANNERS` or a :class:`Scanner`) sets how it is imaged."""
+    ``scanner`` (a name in :data:`SCANNERS` or a :class:`Scanner`) sets how it is imaged,
+    ``lesion_diameter_mm`` the (min, max) of its lesions' diameters (default 6-45 mm)."""
     rng = case_rng(seed, index)
-    scene = petct_scene(seed, index, size, scanner, rng=rng)
+    scene = petct_scene(seed, index, size, scanner, rng=rng, lesion_diameter_mm=lesion_diameter_mm)
     scanner, ct_grid, pet_grid = scene.scanner, scene.ct_grid, scene.pet_grid
 
     # CT: tissue HU + texture, lesions, partial-volume blur, quantum noise
@@ -870,10 +897,10 @@ def _write_case(job) -> Tuple[str, dict]:
     """Generate and write case ``index`` into the dataset folder being built (a process-pool job)."""
     from .nnunet import IMAGES_DIR, LABELS_DIR, image_file_name, write_image
 
-    tmp, kind, seed, index, size, scanner, anatomy = job
+    tmp, kind, seed, index, size, scanner, anatomy, diameter = job
     case = f"{kind}_{index:04d}"
     if kind == "petct":
-        ct, pet, label, info = generate_petct_case(seed, index, size, scanner_named(scanner))
+        ct, pet, label, info = generate_petct_case(seed, index, size, scanner_named(scanner), diameter)
         images = [ct, pet]
     else:
         images, label, info = generate_mri_case(seed, index, size, anatomy)
@@ -894,11 +921,13 @@ def write_phantom_dataset(
     scanner: str = "default",
     workers: int = 1,
     anatomy: str = "analytic",
+    lesion_diameter_mm: Optional[Sequence[float]] = None,
 ) -> dict:
     """Write ``n`` phantom cases of ``kind`` as an nnU-Net raw dataset at ``output``
     (atomically: a temporary folder renamed at the end). Returns the dataset.json written.
     ``scanner`` (PET/CT only, a name in :data:`SCANNERS`) sets how the cases are imaged,
-    ``anatomy`` (MRI only, one of :data:`MRI_ANATOMIES`) what they show.
+    ``anatomy`` (MRI only, one of :data:`MRI_ANATOMIES`) what they show,
+    ``lesion_diameter_mm`` (PET/CT only, (min, max) in mm) how large the lesions are drawn.
     ``workers`` > 1 generates cases in that many processes; a case depends only on
     ``(seed, index)``, so the files are the same bytes whatever the number of workers."""
     from .nnunet import IMAGES_DIR, LABELS_DIR, atomic_directory, make_dataset_json, write_dataset_json
@@ -911,6 +940,10 @@ def write_phantom_dataset(
         raise ConfigError(f"MRI anatomy must be one of {', '.join(MRI_ANATOMIES)}, got {anatomy!r}")
     if kind != "mri" and anatomy != "analytic":
         raise ConfigError(f"--anatomy {anatomy} is for MRI phantoms; {kind} phantoms are analytic")
+    if lesion_diameter_mm is not None and kind != "petct":
+        raise ConfigError(f"a lesion diameter range is for PET/CT phantoms; {kind} phantoms draw their tumour "
+                          f"to fit the brain")
+    diameter = check_lesion_diameter(lesion_diameter_mm)
     if anatomy == "mni152":
         mni152_files()  # a missing nilearn is refused before any folder is made
     scanner = scanner_named(scanner)
@@ -927,7 +960,7 @@ def write_phantom_dataset(
     with atomic_directory(output, overwrite=overwrite) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         (tmp / LABELS_DIR).mkdir()
-        jobs = [(tmp, kind, seed, i, size, scanner.name, anatomy) for i in range(n)]
+        jobs = [(tmp, kind, seed, i, size, scanner.name, anatomy, diameter) for i in range(n)]
         if workers == 1:
             results = map(_write_case, jobs)
             pool = None
@@ -957,6 +990,7 @@ def write_phantom_dataset(
                               **({"scanner": scanner.name, "scanner_description": scanner.description}
                                  if kind == "petct" else {}),
                               **({"anatomy": anatomy} if anatomy != "analytic" else {}),
+                              **({"lesion_diameter_mm": list(diameter)} if diameter != LESION_DIAMETER_MM else {}),
                               "cases": cases},
         )
         write_dataset_json(tmp, data)

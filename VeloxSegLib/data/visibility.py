@@ -82,7 +82,8 @@ def _components(label: np.ndarray):
 
 
 def lesion_visibility(seed: int, index: int, size=None, scanner="default", draws: int = DEFAULT_DRAWS,
-                      label: Optional[np.ndarray] = None) -> List[Dict[str, object]]:
+                      label: Optional[np.ndarray] = None,
+                      lesion_diameter_mm=None) -> List[Dict[str, object]]:
     """d' in PET and CT of each lesion of PET/CT phantom case ``(seed, index)`` (module docstring).
 
     Returns one entry per 26-connected component of the label, largest first: ``voxels``,
@@ -95,7 +96,7 @@ def lesion_visibility(seed: int, index: int, size=None, scanner="default", draws
 
     if int(draws) < 1:
         raise ConfigError(f"draws must be at least 1, got {draws}")
-    scene = petct_scene(seed, index, size, scanner)
+    scene = petct_scene(seed, index, size, scanner, lesion_diameter_mm=lesion_diameter_mm)
     if label is not None and (label.shape != scene.label.shape or not np.array_equal(label > 0, scene.label)):
         raise InputError(f"case {index} of seed {seed}: its label is not the one the phantom generator draws "
                           f"(a changed file, or another seed, size or generator version)")
@@ -160,13 +161,13 @@ def detection_by_visibility(lesions: Sequence[dict], edges: Sequence[float] = DP
 def dataset_visibility(dataset, draws: int = DEFAULT_DRAWS,
                        progress: Optional[Callable[[int, int], None]] = None, workers: int = 1) -> Dict[str, object]:
     """:func:`lesion_visibility` for every case of a ``veloxseg phantom --kind petct`` dataset
-    (from its dataset.json: seed, size, scanner, generator version), each case's label checked
+    (from its dataset.json: seed, size, scanner, lesion diameters, generator version), each case's label checked
     against the regenerated one. Raises InputError for a dataset the generator did not write.
     ``workers`` > 1 scores cases in that many processes (the same figures)."""
     import json
     import pathlib
 
-    from .phantom import PHANTOM_VERSION
+    from .phantom import PHANTOM_VERSION, check_lesion_diameter
 
     if int(workers) < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
@@ -184,14 +185,19 @@ def dataset_visibility(dataset, draws: int = DEFAULT_DRAWS,
     if ph.get("version") != PHANTOM_VERSION:
         raise InputError(f"'{meta_path}': phantoms of generator version {ph.get('version')}; this VeloxSeg "
                           f"generates version {PHANTOM_VERSION} and cannot rebuild them")
+    try:
+        diameter = list(check_lesion_diameter(ph.get("lesion_diameter_mm")))
+    except ConfigError as exc:
+        raise InputError(f"'{meta_path}': its veloxseg_phantom record: {exc}") from exc
     cases = sorted(ph.get("cases") or {})
     out = {"dataset": str(root), "seed": int(ph["seed"]), "size": list(ph["size"]),
-           "scanner": ph.get("scanner", "default"), "draws": int(draws), "rose_dprime": ROSE_DPRIME,
+           "scanner": ph.get("scanner", "default"), "lesion_diameter_mm": diameter,
+           "draws": int(draws), "rose_dprime": ROSE_DPRIME,
            "method": "non-prewhitening matched filter d' against the scanner's noise and the anatomy's texture "
                      "(VeloxSegLib.data.visibility)",
            "cases": {}}
     jobs = [(str(root / "labelsTr" / f"{case}{meta.get('file_ending', '.nii.gz')}"), int(case.rsplit("_", 1)[-1]),
-             out["seed"], out["size"], out["scanner"], int(draws)) for case in cases]
+             out["seed"], out["size"], out["scanner"], int(draws), diameter) for case in cases]
     workers = min(int(workers), max(1, len(jobs)))
     pool = None
     if workers == 1:
@@ -220,9 +226,9 @@ def _case_job(job) -> List[Dict[str, object]]:
 
     from .io import read_image
 
-    label_path, index, seed, size, scanner, draws = job
+    label_path, index, seed, size, scanner, draws, diameter = job
     label = sitk.GetArrayFromImage(read_image(label_path))
     try:
-        return lesion_visibility(seed, index, size, scanner, draws, label=label)
+        return lesion_visibility(seed, index, size, scanner, draws, label=label, lesion_diameter_mm=diameter)
     except InputError as exc:
         raise InputError(f"'{label_path}': {exc}") from exc

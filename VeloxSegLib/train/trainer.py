@@ -645,8 +645,11 @@ def _dataset_text(ds, n_train: int, n_val: int, how: str) -> str:
     text += "validated on the training cases" if how == "training cases" else f"{n_val} held out for validation"
     ph = ds.extra.get("veloxseg_phantom") if isinstance(ds.extra, dict) else None
     if isinstance(ph, dict):
+        diameter = ph.get("lesion_diameter_mm")
+        diameter = (f" --lesion-diameter {' '.join(f'{d:g}' for d in diameter)}"
+                    if isinstance(diameter, list) and len(diameter) == 2 else "")
         text += (f"; synthetic {ph.get('kind')} phantoms (veloxseg phantom --seed {ph.get('seed')} --size "
-                 f"{' '.join(str(s) for s in ph.get('size', []))}, version {ph.get('version')})")
+                 f"{' '.join(str(s) for s in ph.get('size', []))}{diameter}, version {ph.get('version')})")
     return text
 
 
