@@ -523,3 +523,19 @@ def test_the_bar_shows_planning_and_preprocessing_before_training():
     assert "planning: 100%" in text and "3/3" in text
     assert "preprocessing: 100%" in text and "2/2" in text
     assert text.index("planning") < text.index("preprocessing") < text.index("training:")
+
+
+def test_training_record_names_the_phantoms_lesion_range(dataset, tmp_path):
+    """The record's dataset text repeats how phantoms were made, a `--lesion-diameter` range
+    included, so the command that made the training data can be run again."""
+    from VeloxSegLib.data.nnunet import load_dataset
+    from VeloxSegLib.data.phantom import write_phantom_dataset
+    from VeloxSegLib.train.trainer import _dataset_text
+
+    small = tmp_path / "small"
+    write_phantom_dataset(small, "petct", 1, seed=3, size=(32, 32, 24), lesion_diameter_mm=(6, 12.5))
+    text = _dataset_text(load_dataset(small), 1, 1, "training cases")
+    assert "veloxseg phantom --seed 3 --size 32 32 24 --lesion-diameter 6 12.5, version 1" in text
+    assert "validated on the training cases" in text
+    text = _dataset_text(load_dataset(dataset), 2, 1, "held-out")
+    assert "--seed 1 --size 64 64 48, version 1" in text and "lesion-diameter" not in text
