@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                         "nilearn package, whose bundled template it reads)")
     p.add_argument("--lesion-diameter", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="petct only: draw lesion diameters log-uniformly between MIN and MAX mm (default 6 45; "
-                        "6 <= MIN <= MAX <= 80; lymph nodes stay at 28 mm or less). '6 15' gives phantoms "
+                        "6 <= MIN <= MAX <= 80; lymph nodes stay at 28 mm or less). '6 16' gives phantoms "
                         "of small lesions, the ones near the limit of what PET shows")
     p.add_argument("--workers", type=int, default=1, metavar="W",
                    help="generate cases in W processes (default 1); the files are the same for any W")
