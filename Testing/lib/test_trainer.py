@@ -539,3 +539,8 @@ def test_training_record_names_the_phantoms_lesion_range(dataset, tmp_path):
     assert "validated on the training cases" in text
     text = _dataset_text(load_dataset(dataset), 2, 1, "held-out")
     assert "--seed 1 --size 64 64 48, version 1" in text and "lesion-diameter" not in text
+    meta = json.loads((small / "dataset.json").read_text())
+    meta["veloxseg_phantom"]["lesion_diameter_mm"] = ["6", "12.5"]  # hand-edited: not repeated, no crash
+    (small / "dataset.json").write_text(json.dumps(meta))
+    text = _dataset_text(load_dataset(small), 1, 1, "training cases")
+    assert "--size 32 32 24, version 1" in text and "lesion-diameter" not in text

@@ -647,7 +647,8 @@ def _dataset_text(ds, n_train: int, n_val: int, how: str) -> str:
     if isinstance(ph, dict):
         diameter = ph.get("lesion_diameter_mm")
         diameter = (f" --lesion-diameter {' '.join(f'{d:g}' for d in diameter)}"
-                    if isinstance(diameter, list) and len(diameter) == 2 else "")
+                    if isinstance(diameter, list) and len(diameter) == 2
+                    and all(isinstance(d, (int, float)) for d in diameter) else "")
         text += (f"; synthetic {ph.get('kind')} phantoms (veloxseg phantom --seed {ph.get('seed')} --size "
                  f"{' '.join(str(s) for s in ph.get('size', []))}{diameter}, version {ph.get('version')})")
     return text
