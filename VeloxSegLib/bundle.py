@@ -248,6 +248,17 @@ def _validate_pet_refine(ck: _Checker, value, meta_out) -> dict:
         ck.fail(f, "needs a channel whose modality is PET")
     if "fraction" in ref:
         out["fraction"] = ck.number(ref["fraction"], f"{f}.fraction", lo=0, hi=1, lo_open=True, hi_open=True)
+    if "fraction_small" in ref:
+        out["fraction_small"] = ck.number(ref["fraction_small"], f"{f}.fraction_small", lo=0, hi=1, lo_open=True,
+                                          hi_open=True)
+    elif "fraction" in ref:  # a fraction alone (bundles written before stage 23): one for every size
+        out["fraction_small"] = out["fraction"]
+    if "small_mm3" in ref:
+        out["small_mm3"] = ck.number(ref["small_mm3"], f"{f}.small_mm3", lo=0, lo_open=True)
+    if "large_mm3" in ref:
+        out["large_mm3"] = ck.number(ref["large_mm3"], f"{f}.large_mm3", lo=0, lo_open=True)
+    if not out["large_mm3"] > out["small_mm3"]:
+        ck.fail(f"{f}.large_mm3", f"is {out['large_mm3']:g}, not above small_mm3 ({out['small_mm3']:g})")
     if "weight" in ref:
         out["weight"] = ck.number(ref["weight"], f"{f}.weight", lo=0)
     if "margin_mm" in ref:

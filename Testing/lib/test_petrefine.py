@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from VeloxSegLib.bundle import BundleError, validate_meta
 from VeloxSegLib.cli import main
 from VeloxSegLib.errors import ConfigError
-from VeloxSegLib.infer.petrefine import PET_REFINE_DEFAULTS, refine_with_pet
+from VeloxSegLib.infer.petrefine import PET_REFINE_DEFAULTS, fraction_for_volume, pet_refine_settings, refine_with_pet
 
 SPACING = (3.0, 3.0, 3.5)  # x, y, z mm, the PET/CT phantoms' CT grid
 ZYX = SPACING[::-1]
@@ -96,14 +96,56 @@ def test_small_components_other_labels_and_flat_pet_are_left_alone():
     labels[14:18, 18:22, 30:34] = 2  # another class inside the lesion's margin, with the lesion's uptake
     pet[14:18, 18:22, 30:34] = pet.max()
     before = labels.copy()
-    counts = refine_with_pet(labels, np.maximum(prob, tiny * 0.9), _crop(pet), SPACING)
+    smallest = {"min_component_mm3": 500.0}  # stage 16's setting; the default (0) refines every component
+    counts = refine_with_pet(labels, np.maximum(prob, tiny * 0.9), _crop(pet), SPACING, smallest)
     assert counts["refined"] == 1 and counts["too_small"] == 1  # 4 mm ball: well under 500 mm^3
     np.testing.assert_array_equal(labels[tiny], before[tiny])
     np.testing.assert_array_equal(labels == 2, before == 2)
     flat = before.copy()
-    counts = refine_with_pet(flat, prob, _crop(np.ones_like(pet)), SPACING)
+    counts = refine_with_pet(flat, prob, _crop(np.ones_like(pet)), SPACING, smallest)
     assert counts == {"refined": 0, "too_small": 1, "no_background": 0, "no_uptake": 1}  # no peak above the background
+    flat = before.copy()
+    counts = refine_with_pet(flat, prob, _crop(np.ones_like(pet)), SPACING)
+    assert counts == {"refined": 0, "too_small": 0, "no_background": 0, "no_uptake": 2}
     np.testing.assert_array_equal(flat, before)
+
+
+def test_a_small_lesion_is_cut_at_a_larger_fraction_of_its_peak():
+    """The scanner's blur spreads a small lesion's uptake and lowers its peak, so its border lies at
+    a larger fraction of that peak: one fraction for every size (0.35, the large lesions' one)
+    keeps too much of an over-drawn small lesion; the size-dependent rule cuts it closer."""
+    shape, centre = (24, 28, 28), (12, 14, 14)
+    truth = _ball(shape, centre, 4.5)  # 11 voxels, 350 mm^3
+    pet = _blurred(1.0 + 7.0 * truth)
+    net = _ball(shape, centre, 7.5)  # drawn at 1540 mm^3
+    prob = np.where(net, 0.6, 0.1).astype(np.float32)
+    one = net.astype(np.uint8)
+    refine_with_pet(one, prob, _crop(pet), SPACING, {"fraction": 0.35, "weight": 16.0, "min_component_mm3": 0.0})
+    sized = net.astype(np.uint8)
+    assert refine_with_pet(sized, prob, _crop(pet), SPACING)["refined"] == 1
+    assert (sized == 1).sum() < (one == 1).sum() < net.sum()
+    assert _dice(sized == 1, truth) > _dice(one == 1, truth) + 0.1, (_dice(sized == 1, truth), _dice(one == 1, truth))
+
+
+def test_the_fraction_falls_with_the_drawn_volume_between_two_sizes():
+    s = pet_refine_settings(None)
+    assert (s["fraction_small"], s["fraction"], s["small_mm3"], s["large_mm3"]) == (0.65, 0.35, 500.0, 5000.0)
+    assert fraction_for_volume(10.0, s) == fraction_for_volume(500.0, s) == 0.65
+    assert fraction_for_volume(5000.0, s) == fraction_for_volume(1e6, s) == 0.35
+    assert fraction_for_volume(np.sqrt(500.0 * 5000.0), s) == pytest.approx(0.5)  # linear in log volume
+    volumes = np.geomspace(100, 50000, 40)
+    assert np.all(np.diff([fraction_for_volume(v, s) for v in volumes]) <= 0)
+    # a fraction given alone keeps one fraction for every size (bundles written before stage 23)
+    old = pet_refine_settings({"fraction": 0.4, "weight": 8.0, "min_component_mm3": 500.0})
+    assert old["fraction_small"] == 0.4 and {fraction_for_volume(v, old) for v in volumes} == {0.4}
+    assert pet_refine_settings({"fraction": 0.4, "fraction_small": 0.7})["fraction_small"] == 0.7
+
+
+def _peer_fraction(volume, s):
+    """The fraction for a component of ``volume`` mm^3, by NumPy's interpolation in log volume
+    (clamped at both ends)."""
+    return float(np.interp(np.log(volume), np.log([s["small_mm3"], s["large_mm3"]]),
+                           [s["fraction_small"], s["fraction"]]))
 
 
 def _peer(labels, p, pet, s, value=1):
@@ -115,7 +157,8 @@ def _peer(labels, p, pet, s, value=1):
     predicted = labels != 0
     for i in range(1, lab.max() + 1):
         C = lab == i
-        if C.sum() * np.prod(ZYX) < s["min_component_mm3"]:
+        volume = C.sum() * np.prod(ZYX)
+        if volume < s["min_component_mm3"]:
             continue
         d = ndi.distance_transform_edt(~C, sampling=ZYX)
         region = d <= s["margin_mm"]
@@ -126,7 +169,7 @@ def _peer(labels, p, pet, s, value=1):
         m = np.sort(pet[C])[::-1][:s["peak_voxels"]].mean()
         if m <= b:
             continue
-        T = (p + s["weight"] * ((pet - b) / (m - b) - s["fraction"]) >= 0.5) & region & ((out == 0) | (out == value))
+        T = (p + s["weight"] * ((pet - b) / (m - b) - _peer_fraction(volume, s)) >= 0.5) & region & ((out == 0) | (out == value))
         parts, _ = ndi.label(T, S)
         keep = np.unique(parts[C & T])
         T = ndi.binary_fill_holes(np.isin(parts, keep[keep > 0]))
@@ -135,8 +178,8 @@ def _peer(labels, p, pet, s, value=1):
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_agrees_with_an_independent_scipy_implementation(seed):
+@pytest.mark.parametrize("seed,stage16", [(1, False), (2, False), (3, False), (4, True)])
+def test_agrees_with_an_independent_scipy_implementation(seed, stage16):
     rng = np.random.default_rng(seed)
     shape = (40, 48, 48)
     lesions = np.zeros(shape, bool)
@@ -146,6 +189,11 @@ def test_agrees_with_an_independent_scipy_implementation(seed):
     prob = np.clip(_blurred(lesions.astype(np.float32), 4.0) + rng.normal(0, 0.1, shape), 0, 1).astype(np.float32)
     labels = (prob > 0.35).astype(np.uint8)
     settings = dict(PET_REFINE_DEFAULTS, min_component_mm3=300.0)
+    if stage16:  # one fraction for every size, as bundles written before stage 23 hold
+        settings = pet_refine_settings({"fraction": 0.4, "weight": 8.0, "min_component_mm3": 300.0})
+    comps, n = ndi.label(labels, np.ones((3, 3, 3)))
+    volumes = np.bincount(comps.ravel())[1:] * np.prod(ZYX)
+    assert n >= 2 and volumes.min() < settings["large_mm3"] and volumes.max() > settings["small_mm3"], volumes
     expected = _peer(labels, prob, pet, settings)
     got = labels.copy()
     counts = refine_with_pet(got, prob, _crop(pet), SPACING, settings)
@@ -173,9 +221,14 @@ def test_bundle_settings_are_validated_and_filled_with_defaults():
     assert validate_meta(_meta())["inference"]["pet_refine"] is None
     assert validate_meta(_meta(pet_refine={}))["inference"]["pet_refine"] == PET_REFINE_DEFAULTS
     got = validate_meta(_meta(pet_refine={"fraction": 0.5}))["inference"]["pet_refine"]
-    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5)
+    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5, fraction_small=0.5)  # alone: one fraction for every size
+    got = validate_meta(_meta(pet_refine={"fraction": 0.5, "fraction_small": 0.8}))["inference"]["pet_refine"]
+    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5, fraction_small=0.8)
     bad = [({"fraction": 1.5}, "inference.pet_refine.fraction"), ({"label": 3}, "inference.pet_refine.label"),
-           ({"threshold": 0.4}, "inference.pet_refine"), ({"peak_voxels": 0}, "inference.pet_refine.peak_voxels")]
+           ({"threshold": 0.4}, "inference.pet_refine"), ({"peak_voxels": 0}, "inference.pet_refine.peak_voxels"),
+           ({"fraction_small": 1.0}, "inference.pet_refine.fraction_small"),
+           ({"small_mm3": 0}, "inference.pet_refine.small_mm3"),
+           ({"small_mm3": 800, "large_mm3": 800}, "inference.pet_refine.large_mm3")]
     for settings, field in bad:
         with pytest.raises(BundleError, match=field.replace(".", r"\.")):
             validate_meta(_meta(pet_refine=settings))
@@ -195,6 +248,10 @@ def test_the_shipped_petct_bundle_refines_and_the_mri_bundle_does_not():
     assert mri.pet_refine is None and mri.pet_channel is None
     with pytest.raises(ConfigError, match="needs a PET channel"):
         mri.pet_refine_settings()
+    with pytest.raises(ConfigError, match="fraction_small must be in"):
+        petct.pet_refine_settings({"fraction_small": 1.2})
+    with pytest.raises(ConfigError, match="small_mm3 < large_mm3"):
+        petct.pet_refine_settings({"small_mm3": 900.0, "large_mm3": 500.0})
 
 
 @pytest.fixture(scope="module")

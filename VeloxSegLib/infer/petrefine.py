@@ -9,16 +9,22 @@ refined label (26-connected) of at least ``min_component_mm3``, on the output gr
    (voxels of any predicted label left out); the peak ``m``: the mean of the component's
    ``peak_voxels`` highest PET values;
 3. a voxel of ``R`` belongs to the lesion when
-   ``p + weight * ((PET - b) / (m - b) - fraction) >= 0.5``, with ``p`` the network's
-   probability of the label: a background-corrected fraction of the peak (the adaptive
+   ``p + weight * ((PET - b) / (m - b) - f) >= 0.5``, with ``p`` the network's
+   probability of the label: a background-corrected fraction ``f`` of the peak (the adaptive
    threshold of PET practice, e.g. Nestle et al., J Nucl Med 2005), tilted by the network
-   where the uptake is near the threshold;
+   where the uptake is near the threshold. ``f`` depends on the component's volume ``V`` as
+   drawn by the network, as PET practice's volume-dependent thresholds do (Erdi et al., Cancer
+   1997): ``fraction_small`` up to ``small_mm3``, ``fraction`` from ``large_mm3`` on, and
+   linear in ``log V`` between. The scanner's blur spreads a small lesion's uptake and lowers
+   its peak, so its border lies at a larger fraction of that peak than a large lesion's;
 4. of those voxels, the parts connected to the component are kept and their holes filled
    (a necrotic core colder than the rim stays inside the lesion).
 
 Voxels of other labels are never taken; components without a usable background shell (fewer
 than 5 voxels) or whose peak is not above the background are left as the network drew them.
-The rule and its settings were chosen on validation phantoms (docs/models.md, stage 16).
+The rule and its settings were chosen on validation phantoms (docs/models.md, stages 16 and 23).
+Settings that give a ``fraction`` but no ``fraction_small`` (bundles written before stage 23)
+keep one fraction for every size.
 """
 from __future__ import annotations
 
@@ -33,25 +39,47 @@ from ..errors import ConfigError
 #: Settings of a bundle's ``inference.pet_refine`` (bundle.json) and their defaults.
 PET_REFINE_DEFAULTS: Dict[str, Any] = {
     "label": 1,
-    "fraction": 0.4,
-    "weight": 8.0,
+    "fraction": 0.35,
+    "fraction_small": 0.65,
+    "small_mm3": 500.0,
+    "large_mm3": 5000.0,
+    "weight": 16.0,
     "margin_mm": 3.5,
     "shell_mm": 7.0,
     "peak_voxels": 3,
-    "min_component_mm3": 500.0,
+    "min_component_mm3": 0.0,
 }
 
 _MIN_SHELL_VOXELS = 5
 
 
 def pet_refine_settings(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The defaults updated with ``settings`` (unknown keys are an error)."""
+    """The defaults updated with ``settings`` (unknown keys are an error). Settings that give a
+    ``fraction`` without a ``fraction_small`` mean one fraction for every size (the rule of
+    stage 16, which bundles written before stage 23 hold)."""
     out = dict(PET_REFINE_DEFAULTS)
-    for key, value in dict(settings or {}).items():
+    given = dict(settings or {})
+    for key, value in given.items():
         if key not in out:
             raise ConfigError(f"unknown PET refinement setting {key!r} (known: {', '.join(out)})")
         out[key] = value
+    if "fraction" in given and "fraction_small" not in given:
+        out["fraction_small"] = out["fraction"]
     return out
+
+
+def fraction_for_volume(volume_mm3: float, settings: Mapping[str, Any]) -> float:
+    """The fraction of the peak above the background at which a component of ``volume_mm3``
+    (as the network drew it) is cut: ``fraction_small`` up to ``small_mm3``, ``fraction`` from
+    ``large_mm3`` on, linear in the logarithm of the volume between."""
+    small, large = float(settings["fraction_small"]), float(settings["fraction"])
+    v0, v1 = float(settings["small_mm3"]), float(settings["large_mm3"])
+    if volume_mm3 <= v0:
+        return small
+    if volume_mm3 >= v1:
+        return large
+    t = math.log(volume_mm3 / v0) / math.log(v1 / v0)
+    return small + t * (large - small)
 
 
 def _array(mask: np.ndarray, spacing) -> sitk.Image:
@@ -91,7 +119,8 @@ def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spa
     size_xyz = labels.shape[::-1]
     for i in stats.GetLabels():
         _check_cancel(cancel)
-        if stats.GetNumberOfPixels(i) * voxel_mm3 < float(s["min_component_mm3"]):
+        volume = stats.GetNumberOfPixels(i) * voxel_mm3
+        if volume < float(s["min_component_mm3"]):
             counts["too_small"] += 1
             continue
         bb = stats.GetBoundingBox(i)  # x, y, z start, then sizes
@@ -114,7 +143,7 @@ def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spa
             counts["no_uptake"] += 1
             continue
         score = probability[box].astype(np.float32) + float(s["weight"]) * (
-            (pet - background) / (peak - background) - float(s["fraction"]))
+            (pet - background) / (peak - background) - fraction_for_volume(volume, s))
         sub = labels[box]
         lesion = (score >= 0.5) & region & ((sub == 0) | (sub == value))
         parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(_array(lesion, spacing), True))
@@ -127,4 +156,4 @@ def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spa
     return counts
 
 
-__all__ = ["PET_REFINE_DEFAULTS", "pet_refine_settings", "refine_with_pet"]
+__all__ = ["PET_REFINE_DEFAULTS", "fraction_for_volume", "pet_refine_settings", "refine_with_pet"]

@@ -129,8 +129,12 @@ class InferencePlan:
         if int(out["label"]) not in values or int(out["label"]) == 0:
             raise ConfigError(f"{self.name}: PET border refinement label {out['label']} is not one of the model's "
                               f"foreground labels ({', '.join(str(v) for v in values if v)})")
-        if not 0.0 < float(out["fraction"]) < 1.0:
-            raise ConfigError(f"PET border refinement fraction must be in (0, 1), got {out['fraction']}")
+        for key in ("fraction", "fraction_small"):
+            if not 0.0 < float(out[key]) < 1.0:
+                raise ConfigError(f"PET border refinement {key} must be in (0, 1), got {out[key]}")
+        if not 0.0 < float(out["small_mm3"]) < float(out["large_mm3"]):
+            raise ConfigError(f"PET border refinement needs 0 < small_mm3 < large_mm3, got {out['small_mm3']} "
+                              f"and {out['large_mm3']}")
         return out
 
     @property
