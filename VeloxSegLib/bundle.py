@@ -251,8 +251,17 @@ def _validate_pet_refine(ck: _Checker, value, meta_out) -> dict:
     if "fraction_small" in ref:
         out["fraction_small"] = ck.number(ref["fraction_small"], f"{f}.fraction_small", lo=0, hi=1, lo_open=True,
                                           hi_open=True)
-    elif "fraction" in ref:  # a fraction alone (bundles written before stage 23): one for every size
-        out["fraction_small"] = out["fraction"]
+    elif "fraction" in ref:  # a fraction alone (bundles written before stage 23): one for every size,
+        out["fraction_small"] = out["fraction"]  # and no lung rule unless it is given
+        if "lung_hu" not in ref:
+            out["lung_hu"] = None
+    if "lung_hu" in ref:
+        out["lung_hu"] = None if ref["lung_hu"] is None else ck.number(ref["lung_hu"], f"{f}.lung_hu")
+    if "lung_tissue_hu" in ref:
+        out["lung_tissue_hu"] = ck.number(ref["lung_tissue_hu"], f"{f}.lung_tissue_hu")
+    if "lung_fraction" in ref:
+        out["lung_fraction"] = ck.number(ref["lung_fraction"], f"{f}.lung_fraction", lo=0, hi=1, lo_open=True,
+                                         hi_open=True)
     if "small_mm3" in ref:
         out["small_mm3"] = ck.number(ref["small_mm3"], f"{f}.small_mm3", lo=0, lo_open=True)
     if "large_mm3" in ref:

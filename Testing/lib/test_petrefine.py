@@ -103,10 +103,10 @@ def test_small_components_other_labels_and_flat_pet_are_left_alone():
     np.testing.assert_array_equal(labels == 2, before == 2)
     flat = before.copy()
     counts = refine_with_pet(flat, prob, _crop(np.ones_like(pet)), SPACING, smallest)
-    assert counts == {"refined": 0, "too_small": 1, "no_background": 0, "no_uptake": 1}  # no peak above the background
+    assert counts == {"refined": 0, "lung": 0, "too_small": 1, "no_background": 0, "no_uptake": 1}  # no peak above the background
     flat = before.copy()
     counts = refine_with_pet(flat, prob, _crop(np.ones_like(pet)), SPACING)
-    assert counts == {"refined": 0, "too_small": 0, "no_background": 0, "no_uptake": 2}
+    assert counts == {"refined": 0, "lung": 0, "too_small": 0, "no_background": 0, "no_uptake": 2}
     np.testing.assert_array_equal(flat, before)
 
 
@@ -138,7 +138,58 @@ def test_the_fraction_falls_with_the_drawn_volume_between_two_sizes():
     # a fraction given alone keeps one fraction for every size (bundles written before stage 23)
     old = pet_refine_settings({"fraction": 0.4, "weight": 8.0, "min_component_mm3": 500.0})
     assert old["fraction_small"] == 0.4 and {fraction_for_volume(v, old) for v in volumes} == {0.4}
+    assert old["lung_hu"] is None and s["lung_hu"] == -500.0
     assert pet_refine_settings({"fraction": 0.4, "fraction_small": 0.7})["fraction_small"] == 0.7
+
+
+def _lung_scene():
+    """A 7 mm-radius nodule (30 HU, SUV 4) in lung (-800 HU, SUV 0.4), touching a chest wall of
+    soft tissue (40 HU) without its uptake (SUV 0.7); PET blurred like a scanner's. The network
+    drew a ball 3 voxels wider than the nodule (probability 0.6), which reaches into the wall."""
+    shape, centre = (30, 36, 36), (15, 18, 18)
+    nodule = _ball(shape, centre, 7.0)
+    wall = np.zeros(shape, bool)
+    wall[:, :, 21:] = True  # x >= 21: 9 mm from the centre, within the margin of the drawn ball
+    wall &= ~nodule
+    ct = np.where(nodule, 30.0, np.where(wall, 40.0, -800.0)).astype(np.float32)
+    pet = _blurred(np.where(nodule, 4.0, np.where(wall, 0.7, 0.4)))
+    net = _ball(shape, centre, 7.0 + 9.0) & ~(wall & ~_ball(shape, centre, 10.0))
+    prob = np.where(net, 0.6, 0.05).astype(np.float32)
+    return nodule, wall, ct, pet, net, prob
+
+
+def test_in_the_lung_ct_draws_the_border_and_pet_keeps_the_wall_out():
+    nodule, wall, ct, pet, net, prob = _lung_scene()
+    with_ct = net.astype(np.uint8)
+    counts = refine_with_pet(with_ct, prob, _crop(pet), SPACING, ct_of_box=_crop(ct))
+    assert counts["refined"] == 1 and counts["lung"] == 1
+    got = with_ct == 1
+    assert _dice(got, nodule) > 0.97, _dice(got, nodule)
+    # the wall is tissue in CT, but without the lesion's uptake: only PET's spill next to the
+    # nodule passes the gate; without the gate the wall within the margin would join
+    near = ndi.distance_transform_edt(~nodule, sampling=ZYX) <= 3.0
+    assert (got & wall).sum() <= 2 and not (got & wall & ~near).any()
+    ungated = net.astype(np.uint8)
+    refine_with_pet(ungated, prob, _crop(pet), SPACING, {"lung_fraction": 0.01}, ct_of_box=_crop(ct))
+    assert ((ungated == 1) & wall).sum() > 30
+    pet_only = net.astype(np.uint8)
+    counts = refine_with_pet(pet_only, prob, _crop(pet), SPACING)  # no CT: the PET rule
+    assert counts["lung"] == 0
+    assert _dice(pet_only == 1, nodule) < _dice(got, nodule) - 0.05
+    off = net.astype(np.uint8)
+    counts = refine_with_pet(off, prob, _crop(pet), SPACING, {"lung_hu": None}, ct_of_box=_crop(ct))
+    assert counts["lung"] == 0
+    np.testing.assert_array_equal(off, pet_only)
+
+
+def test_outside_the_lung_ct_changes_nothing():
+    truth, pet, net, prob = _scene(noise=0.2)  # a lesion in soft tissue
+    ct = np.where(truth, 45.0, 40.0).astype(np.float32)
+    a, b = net.astype(np.uint8), net.astype(np.uint8)
+    counts = refine_with_pet(a, prob, _crop(pet), SPACING, ct_of_box=_crop(ct))
+    refine_with_pet(b, prob, _crop(pet), SPACING)
+    assert counts["refined"] == 1 and counts["lung"] == 0
+    np.testing.assert_array_equal(a, b)
 
 
 def _peer_fraction(volume, s):
@@ -148,7 +199,7 @@ def _peer_fraction(volume, s):
                            [s["fraction_small"], s["fraction"]]))
 
 
-def _peer(labels, p, pet, s, value=1):
+def _peer(labels, p, pet, s, value=1, ct=None):
     """The rule written independently with SciPy: Euclidean distance transforms in mm,
     26-connected components, hole filling with SciPy's default structure."""
     S = np.ones((3, 3, 3), bool)
@@ -169,16 +220,24 @@ def _peer(labels, p, pet, s, value=1):
         m = np.sort(pet[C])[::-1][:s["peak_voxels"]].mean()
         if m <= b:
             continue
-        T = (p + s["weight"] * ((pet - b) / (m - b) - _peer_fraction(volume, s)) >= 0.5) & region & ((out == 0) | (out == value))
+        rel = (pet - b) / (m - b)
+        lung = ct is not None and s["lung_hu"] is not None and np.median(ct[shell]) < s["lung_hu"]
+        if lung:
+            T = (ct > s["lung_tissue_hu"]) & (rel >= s["lung_fraction"])
+        else:
+            T = p + s["weight"] * (rel - _peer_fraction(volume, s)) >= 0.5
+        T &= region & ((out == 0) | (out == value))
         parts, _ = ndi.label(T, S)
         keep = np.unique(parts[C & T])
         T = ndi.binary_fill_holes(np.isin(parts, keep[keep > 0]))
+        if lung and not T.any():
+            continue
         out[C] = 0
         out[T & ((out == 0) | (out == value))] = value
     return out
 
 
-@pytest.mark.parametrize("seed,stage16", [(1, False), (2, False), (3, False), (4, True)])
+@pytest.mark.parametrize("seed,stage16", [(1, False), (2, False), (3, False), (4, True), (5, False)])
 def test_agrees_with_an_independent_scipy_implementation(seed, stage16):
     rng = np.random.default_rng(seed)
     shape = (40, 48, 48)
@@ -194,10 +253,14 @@ def test_agrees_with_an_independent_scipy_implementation(seed, stage16):
     comps, n = ndi.label(labels, np.ones((3, 3, 3)))
     volumes = np.bincount(comps.ravel())[1:] * np.prod(ZYX)
     assert n >= 2 and volumes.min() < settings["large_mm3"] and volumes.max() > settings["small_mm3"], volumes
-    expected = _peer(labels, prob, pet, settings)
+    # CT: lung (-800 HU) on the low-x half, soft tissue (40 HU) on the other, lesions at 30 HU
+    ct = np.where(lesions, 30.0, np.where(np.arange(shape[2]) < shape[2] // 2, -800.0, 40.0)).astype(np.float32)
+    ct += rng.normal(0, 20, shape).astype(np.float32)
+    expected = _peer(labels, prob, pet, settings, ct=ct)
     got = labels.copy()
-    counts = refine_with_pet(got, prob, _crop(pet), SPACING, settings)
+    counts = refine_with_pet(got, prob, _crop(pet), SPACING, settings, ct_of_box=_crop(ct))
     assert counts["refined"] >= 1
+    assert (counts["lung"] >= 1) == (not stage16)  # the stage-16 settings have no lung rule
     assert not np.array_equal(expected, labels)  # the case exercises the rule
     np.testing.assert_array_equal(got, expected)
 
@@ -221,14 +284,22 @@ def test_bundle_settings_are_validated_and_filled_with_defaults():
     assert validate_meta(_meta())["inference"]["pet_refine"] is None
     assert validate_meta(_meta(pet_refine={}))["inference"]["pet_refine"] == PET_REFINE_DEFAULTS
     got = validate_meta(_meta(pet_refine={"fraction": 0.5}))["inference"]["pet_refine"]
-    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5, fraction_small=0.5)  # alone: one fraction for every size
+    # alone: one fraction for every size and no lung rule (bundles written before stage 23)
+    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5, fraction_small=0.5, lung_hu=None)
+    got = validate_meta(_meta(pet_refine={"fraction": 0.5, "lung_hu": -600}))["inference"]["pet_refine"]
+    assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5, fraction_small=0.5, lung_hu=-600.0)
+    got = validate_meta(_meta(pet_refine={"lung_hu": None}))["inference"]["pet_refine"]
+    assert got == dict(PET_REFINE_DEFAULTS, lung_hu=None)
     got = validate_meta(_meta(pet_refine={"fraction": 0.5, "fraction_small": 0.8}))["inference"]["pet_refine"]
     assert got == dict(PET_REFINE_DEFAULTS, fraction=0.5, fraction_small=0.8)
     bad = [({"fraction": 1.5}, "inference.pet_refine.fraction"), ({"label": 3}, "inference.pet_refine.label"),
            ({"threshold": 0.4}, "inference.pet_refine"), ({"peak_voxels": 0}, "inference.pet_refine.peak_voxels"),
            ({"fraction_small": 1.0}, "inference.pet_refine.fraction_small"),
            ({"small_mm3": 0}, "inference.pet_refine.small_mm3"),
-           ({"small_mm3": 800, "large_mm3": 800}, "inference.pet_refine.large_mm3")]
+           ({"small_mm3": 800, "large_mm3": 800}, "inference.pet_refine.large_mm3"),
+           ({"lung_fraction": 0.0}, "inference.pet_refine.lung_fraction"),
+           ({"lung_hu": "lung"}, "inference.pet_refine.lung_hu"),
+           ({"lung_tissue_hu": float("nan")}, "inference.pet_refine.lung_tissue_hu")]
     for settings, field in bad:
         with pytest.raises(BundleError, match=field.replace(".", r"\.")):
             validate_meta(_meta(pet_refine=settings))
@@ -278,6 +349,26 @@ def test_pipeline_refines_the_network_labels_and_keeps_its_probabilities(phantom
     # changes stay within the margin of the network's components
     dist = ndi.distance_transform_edt(net == 0, sampling=ZYX)
     assert dist[out != net].max() <= PET_REFINE_DEFAULTS["margin_mm"]
+
+
+def test_the_pipeline_gives_the_lung_rule_the_models_ct(petct_case):
+    """Seed 903's phantom has lesions the demo finds in the lung: they are redrawn from the CT
+    input (tissue above -400 HU), closer to the truth (Dice 0.94 against 0.88 without)."""
+    from VeloxSegLib.infer.pipeline import Segmenter
+    from VeloxSegLib.metrics import dice_score
+
+    inputs, label = petct_case(903)
+    seg = Segmenter("petct-lesion-demo", threads=2)
+    on = seg.predict(inputs)
+    off = seg.predict(inputs, pet_refine={"lung_hu": None})
+    assert on.info["pet_refine"]["lung"] >= 1 and off.info["pet_refine"]["lung"] == 0
+    a, b = sitk.GetArrayFromImage(on.labels) == 1, sitk.GetArrayFromImage(off.labels) == 1
+    assert (a != b).any()
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(inputs[0]))  # the reference grid is the CT's
+    assert (ct[a & ~b] > -400).all()  # what the lung rule adds is tissue in CT
+    assert (ct[b & ~a] <= -400).any()  # and it takes out parenchyma the PET rule kept
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(label))) == 1
+    assert dice_score(a, truth) > dice_score(b, truth) + 0.03
 
 
 def test_one_pass_can_return_the_labels_before_refinement(phantom):

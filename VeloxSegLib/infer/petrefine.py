@@ -17,14 +17,19 @@ refined label (26-connected) of at least ``min_component_mm3``, on the output gr
    1997): ``fraction_small`` up to ``small_mm3``, ``fraction`` from ``large_mm3`` on, and
    linear in ``log V`` between. The scanner's blur spreads a small lesion's uptake and lowers
    its peak, so its border lies at a larger fraction of that peak than a large lesion's;
-4. of those voxels, the parts connected to the component are kept and their holes filled
+4. in the lung, where CT draws the border PET blurs: a component whose background shell has a
+   median CT below ``lung_hu`` (HU; None turns this off, and so does a missing CT) is drawn
+   instead as the voxels of ``R`` that are tissue in CT (above ``lung_tissue_hu``) and have
+   uptake of at least ``lung_fraction`` of the way from ``b`` to ``m``: the nodule as CT
+   shows it, cut from the parenchyma and from tissue without its uptake;
+5. of those voxels, the parts connected to the component are kept and their holes filled
    (a necrotic core colder than the rim stays inside the lesion).
 
 Voxels of other labels are never taken; components without a usable background shell (fewer
 than 5 voxels) or whose peak is not above the background are left as the network drew them.
-The rule and its settings were chosen on validation phantoms (docs/models.md, stages 16 and 23).
-Settings that give a ``fraction`` but no ``fraction_small`` (bundles written before stage 23)
-keep one fraction for every size.
+The rule and its settings were chosen on validation phantoms (docs/models.md, stages 16, 23 and
+24). Settings that give a ``fraction`` but no ``fraction_small`` (bundles written before stage
+23) keep one fraction for every size and no lung rule.
 """
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ PET_REFINE_DEFAULTS: Dict[str, Any] = {
     "shell_mm": 7.0,
     "peak_voxels": 3,
     "min_component_mm3": 0.0,
+    "lung_hu": -500.0,
+    "lung_tissue_hu": -400.0,
+    "lung_fraction": 0.3,
 }
 
 _MIN_SHELL_VOXELS = 5
@@ -55,8 +63,8 @@ _MIN_SHELL_VOXELS = 5
 
 def pet_refine_settings(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The defaults updated with ``settings`` (unknown keys are an error). Settings that give a
-    ``fraction`` without a ``fraction_small`` mean one fraction for every size (the rule of
-    stage 16, which bundles written before stage 23 hold)."""
+    ``fraction`` without a ``fraction_small`` mean one fraction for every size and no lung rule
+    unless they give one (the rule of stage 16, which bundles written before stage 23 hold)."""
     out = dict(PET_REFINE_DEFAULTS)
     given = dict(settings or {})
     for key, value in given.items():
@@ -65,6 +73,8 @@ def pet_refine_settings(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]
         out[key] = value
     if "fraction" in given and "fraction_small" not in given:
         out["fraction_small"] = out["fraction"]
+        if "lung_hu" not in given:
+            out["lung_hu"] = None
     return out
 
 
@@ -89,7 +99,7 @@ def _array(mask: np.ndarray, spacing) -> sitk.Image:
 
 
 def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spacing: Sequence[float],
-                    settings: Optional[Mapping[str, Any]] = None, cancel=None) -> Dict[str, int]:
+                    settings: Optional[Mapping[str, Any]] = None, cancel=None, ct_of_box=None) -> Dict[str, int]:
     """Refine the borders of ``labels == settings["label"]`` in place (see the module docstring).
 
     labels: uint8 array (z, y, x) on the output grid; modified in place.
@@ -97,14 +107,17 @@ def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spa
     pet_of_box: ``pet_of_box(lo, hi)`` -> float array of PET on the voxels ``lo..hi`` (x, y, z
         index, ``hi`` exclusive) of the output grid (the caller resamples its PET image there).
     spacing: (x, y, z) mm of the output grid.
-    Returns counts: components refined, skipped (too small, no shell, no uptake).
+    ct_of_box: the same for CT in HU, or None (then no component gets the lung rule).
+    Returns counts: components refined (``lung``: of them, by the lung rule), skipped (too
+    small, no shell, no uptake).
     """
     from .sliding_window import _check_cancel
 
     s = pet_refine_settings(settings)
     value = int(s["label"])
     spacing = tuple(float(v) for v in spacing)
-    counts = {"refined": 0, "too_small": 0, "no_background": 0, "no_uptake": 0}
+    counts = {"refined": 0, "lung": 0, "too_small": 0, "no_background": 0, "no_uptake": 0}
+    lung_hu = None if s["lung_hu"] is None or ct_of_box is None else float(s["lung_hu"])
     mask = labels == value
     if not mask.any():
         return counts
@@ -142,17 +155,30 @@ def refine_with_pet(labels: np.ndarray, probability: np.ndarray, pet_of_box, spa
         if not peak > background:
             counts["no_uptake"] += 1
             continue
-        score = probability[box].astype(np.float32) + float(s["weight"]) * (
-            (pet - background) / (peak - background) - fraction_for_volume(volume, s))
+        relative = (pet - background) / (peak - background)
+        ct = None
+        if lung_hu is not None:
+            ct = np.asarray(ct_of_box(lo, hi), dtype=np.float32)
+            if not float(np.median(ct[shell])) < lung_hu:
+                ct = None
+        if ct is not None:  # in the lung: CT's tissue with the lesion's uptake
+            lesion = (ct > float(s["lung_tissue_hu"])) & (relative >= float(s["lung_fraction"]))
+        else:
+            lesion = probability[box].astype(np.float32) + float(s["weight"]) * (
+                relative - fraction_for_volume(volume, s)) >= 0.5
         sub = labels[box]
-        lesion = (score >= 0.5) & region & ((sub == 0) | (sub == value))
+        lesion &= region & ((sub == 0) | (sub == value))
         parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(_array(lesion, spacing), True))
         keep = np.unique(parts[C & lesion])
         lesion = np.isin(parts, keep[keep > 0])
         lesion = sitk.GetArrayFromImage(sitk.BinaryFillhole(_array(lesion, spacing), False, 1)) > 0
+        if ct is not None and not lesion.any():  # nothing in CT's tissue: left as drawn
+            counts["no_uptake"] += 1
+            continue
         sub[C] = 0
         sub[lesion & ((sub == 0) | (sub == value))] = value
         counts["refined"] += 1
+        counts["lung"] += ct is not None
     return counts
 
 

@@ -117,6 +117,14 @@ class InferencePlan:
                 return i
         return None
 
+    @property
+    def ct_channel(self) -> Optional[int]:
+        """Index of the first channel whose modality is CT, or None."""
+        for i, c in enumerate(self.channels):
+            if str(c.get("modality", "")).upper() == "CT":
+                return i
+        return None
+
     def pet_refine_settings(self, settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """Checked PET refinement settings for this plan: ``settings`` over the defaults."""
         from .petrefine import pet_refine_settings
@@ -129,7 +137,7 @@ class InferencePlan:
         if int(out["label"]) not in values or int(out["label"]) == 0:
             raise ConfigError(f"{self.name}: PET border refinement label {out['label']} is not one of the model's "
                               f"foreground labels ({', '.join(str(v) for v in values if v)})")
-        for key in ("fraction", "fraction_small"):
+        for key in ("fraction", "fraction_small", "lung_fraction"):
             if not 0.0 < float(out[key]) < 1.0:
                 raise ConfigError(f"PET border refinement {key} must be in (0, 1), got {out[key]}")
         if not 0.0 < float(out["small_mm3"]) < float(out["large_mm3"]):
@@ -599,6 +607,7 @@ class Segmenter:
             report("preprocess", (i + 1) / C)
         pad_values = [n.normalized_background for n in norms]
         pet_image = images[plan.pet_channel] if refine is not None else None
+        ct_image = images[plan.ct_channel] if refine is not None and plan.ct_channel is not None else None
         del views, images  # the caller's images live on in the caller; ours are freed here
         times["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -665,8 +674,8 @@ class Segmenter:
                 score[...] = probs_w[refine["label"] if n_scores == K else 0].float().numpy()
         del labels_w, probs_w, out_crop
         labels, unrefined = _post_process(out, (lo, hi), ref, crop_grid, score, pet_image, refine, min_mm3,
-                                          keep_unrefined, info, cancel)
-        del out, score, pet_image
+                                          keep_unrefined, info, cancel, ct_image=ct_image)
+        del out, score, pet_image, ct_image
         probs = None
         if parr is not None:
             probs = ref.stamp(sitk.GetImageFromArray(parr, isVector=True))
@@ -747,8 +756,9 @@ class Segmenter:
             if refine is not None:
                 score = total[z0:z1, y0:y1, x0:x1, refine["label"]].astype(np.float16)
             pet_image = images[plan.pet_channel] if refine is not None else None
+            ct_image = images[plan.ct_channel] if refine is not None and plan.ct_channel is not None else None
             labels, unrefined = _post_process(out, (lo, hi), ref, crop_grid, score, pet_image, refine, min_mm3,
-                                              keep_unrefined, info, cancel)
+                                              keep_unrefined, info, cancel, ct_image=ct_image)
             info["body_box"] = (lo.tolist(), hi.tolist())
         else:  # no configuration found a body: every probability is background's
             labels = ref.stamp(sitk.GetImageFromArray(out))
@@ -764,11 +774,13 @@ class Segmenter:
 
 
 def _post_process(out: np.ndarray, box, ref, crop_grid, score, pet_image, refine, min_mm3: float,
-                  keep_unrefined: bool, info: Dict[str, Any], cancel) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+                  keep_unrefined: bool, info: Dict[str, Any], cancel,
+                  ct_image=None) -> Tuple[sitk.Image, Optional[sitk.Image]]:
     """The steps after the arg-max, on the labels ``out`` (the reference grid's array, changed in
     place) within ``box`` (the body box, ``crop_grid``): the PET border refinement (``score``:
-    the refined label's probability on the box), then the smallest-component removal. Returns
-    the labels and, with ``keep_unrefined``, those from before the refinement."""
+    the refined label's probability on the box; ``ct_image``, when the model has a CT input,
+    for its lung rule), then the smallest-component removal. Returns the labels and, with
+    ``keep_unrefined``, those from before the refinement."""
     from ..data.alignment import resample_to_grid
     from .postprocess import remove_small_components
 
@@ -782,7 +794,12 @@ def _post_process(out: np.ndarray, box, ref, crop_grid, score, pet_image, refine
             box = crop_grid.crop(blo, bhi)
             return sitk.GetArrayFromImage(resample_to_grid(pet_image, box, default=0.0))
 
-        info["pet_refine"] = refine_with_pet(out_crop, score, pet_of_box, crop_grid.spacing, refine, cancel=cancel)
+        def ct_of_box(blo, bhi):  # outside the CT's field of view: air
+            box = crop_grid.crop(blo, bhi)
+            return sitk.GetArrayFromImage(resample_to_grid(ct_image, box, default=-1000.0))
+
+        info["pet_refine"] = refine_with_pet(out_crop, score, pet_of_box, crop_grid.spacing, refine, cancel=cancel,
+                                             ct_of_box=None if ct_image is None else ct_of_box)
     if min_mm3 > 0:
         remove_small_components(out_crop, crop_grid.spacing, min_mm3)
         if unrefined is not None:
