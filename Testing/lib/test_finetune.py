@@ -163,7 +163,8 @@ def test_finetune_inherits_the_parents_loss_and_inference_settings(two_cases, so
     # how to run the model carries over too; the child has also seen the recipe's z flips
     assert child.meta["inference"] == {"overlap": 0.5, "blending": "gaussian", "tta": True, "tta_axes": ["x", "z"],
                                        "min_component_mm3": 20.0, "crop_to_body": False,
-                                       "pet_refine": dict(PET_REFINE_DEFAULTS, fraction=0.45, fraction_small=0.45)}
+                                       "pet_refine": dict(PET_REFINE_DEFAULTS, fraction=0.45, fraction_small=0.45,
+                                                          lung_hu=None)}
     # a new label set drops the PET border refinement, which was set for the parent's lesion label
     ds = tmp_path / "three"
     shutil.copytree(two_cases, ds)
