@@ -234,50 +234,34 @@ def _validate_triplet(ck: _Checker, value, field):
 
 
 def _validate_pet_refine(ck: _Checker, value, meta_out) -> dict:
-    from .infer.petrefine import PET_REFINE_DEFAULTS
+    from .infer.petrefine import PET_REFINE_DEFAULTS, pet_refine_settings
 
     f = "inference.pet_refine"
     ref = ck.obj(value, f, optional=tuple(PET_REFINE_DEFAULTS))
-    out = dict(PET_REFINE_DEFAULTS)
+    given = {}  # each given setting, checked; the defaults (and the rule for older bundles) after
     if "label" in ref:
-        out["label"] = ck.integer(ref["label"], f"{f}.label", lo=1, hi=255)
+        given["label"] = ck.integer(ref["label"], f"{f}.label", lo=1, hi=255)
+    for key in ("fraction", "fraction_small", "lung_fraction"):
+        if key in ref:
+            given[key] = ck.number(ref[key], f"{f}.{key}", lo=0, hi=1, lo_open=True, hi_open=True)
+    for key, lo, lo_open in (("small_mm3", 0, True), ("large_mm3", 0, True), ("weight", 0, False),
+                             ("margin_mm", 0, False), ("shell_mm", 0, True), ("min_component_mm3", 0, False)):
+        if key in ref:
+            given[key] = ck.number(ref[key], f"{f}.{key}", lo=lo, lo_open=lo_open)
+    if "lung_hu" in ref:
+        given["lung_hu"] = None if ref["lung_hu"] is None else ck.number(ref["lung_hu"], f"{f}.lung_hu")
+    if "lung_tissue_hu" in ref:
+        given["lung_tissue_hu"] = ck.number(ref["lung_tissue_hu"], f"{f}.lung_tissue_hu")
+    if "peak_voxels" in ref:
+        given["peak_voxels"] = ck.integer(ref["peak_voxels"], f"{f}.peak_voxels", lo=1)
+    out = pet_refine_settings(given)
     values = [lab["value"] for lab in meta_out["labels"]]
     if out["label"] not in values:
         ck.fail(f"{f}.label", f"is {out['label']}, not one of the bundle's label values ({', '.join(map(str, values))})")
     if not any(str(ch["modality"]).upper() == "PET" for ch in meta_out["channels"]):
         ck.fail(f, "needs a channel whose modality is PET")
-    if "fraction" in ref:
-        out["fraction"] = ck.number(ref["fraction"], f"{f}.fraction", lo=0, hi=1, lo_open=True, hi_open=True)
-    if "fraction_small" in ref:
-        out["fraction_small"] = ck.number(ref["fraction_small"], f"{f}.fraction_small", lo=0, hi=1, lo_open=True,
-                                          hi_open=True)
-    elif "fraction" in ref:  # a fraction alone (bundles written before stage 23): one for every size,
-        out["fraction_small"] = out["fraction"]  # and no lung rule unless it is given
-        if "lung_hu" not in ref:
-            out["lung_hu"] = None
-    if "lung_hu" in ref:
-        out["lung_hu"] = None if ref["lung_hu"] is None else ck.number(ref["lung_hu"], f"{f}.lung_hu")
-    if "lung_tissue_hu" in ref:
-        out["lung_tissue_hu"] = ck.number(ref["lung_tissue_hu"], f"{f}.lung_tissue_hu")
-    if "lung_fraction" in ref:
-        out["lung_fraction"] = ck.number(ref["lung_fraction"], f"{f}.lung_fraction", lo=0, hi=1, lo_open=True,
-                                         hi_open=True)
-    if "small_mm3" in ref:
-        out["small_mm3"] = ck.number(ref["small_mm3"], f"{f}.small_mm3", lo=0, lo_open=True)
-    if "large_mm3" in ref:
-        out["large_mm3"] = ck.number(ref["large_mm3"], f"{f}.large_mm3", lo=0, lo_open=True)
     if not out["large_mm3"] > out["small_mm3"]:
         ck.fail(f"{f}.large_mm3", f"is {out['large_mm3']:g}, not above small_mm3 ({out['small_mm3']:g})")
-    if "weight" in ref:
-        out["weight"] = ck.number(ref["weight"], f"{f}.weight", lo=0)
-    if "margin_mm" in ref:
-        out["margin_mm"] = ck.number(ref["margin_mm"], f"{f}.margin_mm", lo=0)
-    if "shell_mm" in ref:
-        out["shell_mm"] = ck.number(ref["shell_mm"], f"{f}.shell_mm", lo=0, lo_open=True)
-    if "peak_voxels" in ref:
-        out["peak_voxels"] = ck.integer(ref["peak_voxels"], f"{f}.peak_voxels", lo=1)
-    if "min_component_mm3" in ref:
-        out["min_component_mm3"] = ck.number(ref["min_component_mm3"], f"{f}.min_component_mm3", lo=0)
     return out
 
 

@@ -109,21 +109,22 @@ class InferencePlan:
         if self.pet_refine is not None:
             self.pet_refine = self.pet_refine_settings(self.pet_refine)
 
-    @property
-    def pet_channel(self) -> Optional[int]:
-        """Index of the first channel whose modality is PET, or None."""
+    def channel_of(self, modality: str) -> Optional[int]:
+        """Index of the first channel whose modality is ``modality`` (any case), or None."""
         for i, c in enumerate(self.channels):
-            if str(c.get("modality", "")).upper() == "PET":
+            if str(c.get("modality", "")).upper() == modality.upper():
                 return i
         return None
 
     @property
+    def pet_channel(self) -> Optional[int]:
+        """Index of the first channel whose modality is PET, or None."""
+        return self.channel_of("PET")
+
+    @property
     def ct_channel(self) -> Optional[int]:
-        """Index of the first channel whose modality is CT, or None."""
-        for i, c in enumerate(self.channels):
-            if str(c.get("modality", "")).upper() == "CT":
-                return i
-        return None
+        """Index of the first channel whose modality is CT, or None (the PET refinement's lung rule)."""
+        return self.channel_of("CT")
 
     def pet_refine_settings(self, settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """Checked PET refinement settings for this plan: ``settings`` over the defaults."""
