@@ -607,8 +607,7 @@ class Segmenter:
             norms[i].apply(arr_in[i])
             report("preprocess", (i + 1) / C)
         pad_values = [n.normalized_background for n in norms]
-        pet_image = images[plan.pet_channel] if refine is not None else None
-        ct_image = images[plan.ct_channel] if refine is not None and plan.ct_channel is not None else None
+        pet_image, ct_image = _refine_images(images, plan, refine)
         del views, images  # the caller's images live on in the caller; ours are freed here
         times["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -756,8 +755,7 @@ class Segmenter:
             score = None
             if refine is not None:
                 score = total[z0:z1, y0:y1, x0:x1, refine["label"]].astype(np.float16)
-            pet_image = images[plan.pet_channel] if refine is not None else None
-            ct_image = images[plan.ct_channel] if refine is not None and plan.ct_channel is not None else None
+            pet_image, ct_image = _refine_images(images, plan, refine)
             labels, unrefined = _post_process(out, (lo, hi), ref, crop_grid, score, pet_image, refine, min_mm3,
                                               keep_unrefined, info, cancel, ct_image=ct_image)
             info["body_box"] = (lo.tolist(), hi.tolist())
@@ -772,6 +770,14 @@ class Segmenter:
         times["total"] = time.perf_counter() - t0
         info.update(times=times, networks=self.members)
         return CasePrediction(labels, probs, info, unrefined)
+
+
+def _refine_images(images, plan: InferencePlan, refine) -> Tuple[Optional[sitk.Image], Optional[sitk.Image]]:
+    """The PET and CT inputs the PET border refinement reads (None where it is off, and CT None
+    where the model has no CT input)."""
+    if refine is None:
+        return None, None
+    return images[plan.pet_channel], None if plan.ct_channel is None else images[plan.ct_channel]
 
 
 def _post_process(out: np.ndarray, box, ref, crop_grid, score, pet_image, refine, min_mm3: float,
