@@ -357,6 +357,13 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
     predicted). ``per_lesion``: for each lesion, largest first, ``voxels``, ``volume_ml``,
     ``dice``, ``found``, ``hd95_mm`` (against its matched components; ``inf`` when missed; only
     with ``with_hd95``) and ``centroid`` (the voxel-index centroid in the arrays' axis order).
+
+    ``dice_budget``: where the case's (voxel) Dice is lost. ``dice`` is the Dice of the whole
+    masks; each other key is the Dice with one kind of error undone and the others left as they
+    are: ``borders_exact``, every predicted component matched with a lesion replaced by the
+    reference voxels of the lesions found; ``missed_added``, the missed lesions added to the
+    prediction; ``no_fp``, the FP components removed. Left-out lesions and components stay as
+    they are in all three.
     """
     p, r = _bool(pred_mask), _bool(ref_mask)
     if p.shape != r.shape:
@@ -387,6 +394,7 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
     region_boxes = _label_boxes(regions, n_regions)
     comp_boxes = _label_boxes(comps, n_comps)
     per_lesion = []
+    found_of: Dict[int, bool] = {}
     for g in range(1, n_regions + 1):
         size = int(lesion_sizes[g])
         if size == 0 or size < min_voxels:
@@ -397,13 +405,15 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
         union = np.isin(comps[box], cs) if cs else np.zeros(les.shape, bool)
         inter = int(np.count_nonzero(les & union))
         dice = 2.0 * inter / (size + int(np.count_nonzero(union)))
+        found_of[g] = inter > 0
         entry = {"voxels": size, "volume_ml": size * voxel_ml, "dice": dice, "found": inter > 0,
                  "centroid": [float(np.mean(ax)) + float(b.start) for ax, b in zip(np.nonzero(les), box)]}
         if with_hd95:
             entry["hd95_mm"] = hd95(union, les, spacing) if inter > 0 else math.inf
         per_lesion.append(entry)
     per_lesion.sort(key=lambda e: -e["voxels"])
-    fp = sum(1 for c in range(1, n_comps + 1) if c not in touched and comp_sizes[c] >= max(1, min_voxels))
+    fp_ids = [c for c in range(1, n_comps + 1) if c not in touched and comp_sizes[c] >= max(1, min_voxels)]
+    fp = len(fp_ids)
     n = len(per_lesion)
     found = sum(1 for e in per_lesion if e["found"])
     nothing = n == 0 and fp == 0
@@ -417,14 +427,29 @@ def lesion_metrics(pred_mask, ref_mask, spacing: Sequence[float], dilation: int 
         penalized = float(hd95_penalty_mm) * ((n - found) + fp)
         total = sum(e["hd95_mm"] for e in per_lesion if e["found"]) + penalized
         out["lesionwise_hd95_mm"] = 0.0 if nothing else total / (n + fp)
+    found_ids = [g for g, hit in found_of.items() if hit]
+    missed_ids = [g for g, hit in found_of.items() if not hit]
+    matched_comps = sorted({c for g in found_of for c in matched.get(g, [])})
+    out["dice_budget"] = _dice_budget(p, r, comps, lesion_ids, found_ids, missed_ids, matched_comps, fp_ids)
     out["per_lesion"] = per_lesion
     return out
 
 
+def _dice_budget(p, r, comps, lesion_ids, found_ids, missed_ids, matched_comps, fp_comps) -> Dict[str, float]:
+    """The case's Dice and what it would be with one kind of error undone (see lesion_metrics)."""
+    def isin(labels, ids):
+        return np.isin(labels, ids) if ids else np.zeros(labels.shape, bool)
+
+    borders = (p & ~isin(comps, matched_comps)) | isin(lesion_ids, found_ids)
+    return {"dice": dice_score(p, r), "borders_exact": dice_score(borders, r),
+            "missed_added": dice_score(p | isin(lesion_ids, missed_ids), r),
+            "no_fp": dice_score(p & ~isin(comps, fp_comps), r)}
+
+
 def pool_lesions(per_case: List[Dict[str, object]]) -> Dict[str, Optional[float]]:
     """Lesion counts summed over cases, the pooled sensitivity and F1 from them, and the mean over
-    cases of the lesion-wise Dice and (where every case has it) the lesion-wise HD95 (``cases``
-    says how many)."""
+    cases of the lesion-wise Dice and (where every case has them) the lesion-wise HD95 and each
+    value of the Dice budget (``cases`` says how many)."""
     if not per_case:
         return {"cases": 0}
     tot = {k: int(sum(int(c[k]) for c in per_case)) for k in ("lesions", "found", "missed", "fp_components")}
@@ -432,6 +457,9 @@ def pool_lesions(per_case: List[Dict[str, object]]) -> Dict[str, Optional[float]
     tot["lesion_sensitivity"] = _ratio(tot["found"], tot["lesions"], nothing)
     tot["lesion_f1"] = _ratio(2 * tot["found"], 2 * tot["found"] + tot["missed"] + tot["fp_components"], nothing)
     tot["lesionwise_dice"] = float(np.mean([float(c["lesionwise_dice"]) for c in per_case]))
+    if all("dice_budget" in c for c in per_case):
+        tot["dice_budget"] = {k: float(np.mean([float(c["dice_budget"][k]) for c in per_case]))
+                              for k in ("dice", "borders_exact", "missed_added", "no_fp")}
     if all("lesionwise_hd95_mm" in c for c in per_case):
         tot["lesionwise_hd95_mm"] = float(np.mean([float(c["lesionwise_hd95_mm"]) for c in per_case]))
     tot["cases"] = len(per_case)

@@ -152,6 +152,82 @@ def test_agrees_with_a_brute_force_scipy_implementation(seed):
             (sum(hd95s) + 50.0 * (missed + fp)) / (len(dices) + fp) if dices or fp else 0.0)
 
 
+def test_dice_budget_hand_built():
+    p, r = three_lesions()  # reference 25 voxels (A 8, B 16, C 1), prediction 24 (A 8, half of B 8, FP 8)
+    budget = M.lesion_metrics(p, r, (1.0, 2.0, 0.5))["dice_budget"]
+    assert budget["dice"] == pytest.approx(2 * 16 / (25 + 24))
+    # A and B drawn exactly, the FP component kept: 32 predicted, 24 of them right
+    assert budget["borders_exact"] == pytest.approx(2 * 24 / (25 + 32))
+    assert budget["missed_added"] == pytest.approx(2 * 17 / (25 + 25))  # C added
+    assert budget["no_fp"] == pytest.approx(2 * 16 / (25 + 16))
+    # C (1 voxel) left out: it stays missed; A and the FP component (8 voxels) left out too: they stay
+    left_out = M.lesion_metrics(p, r, (1, 1, 1), min_voxels=2)["dice_budget"]
+    assert left_out["missed_added"] == pytest.approx(budget["dice"])
+    fewer = M.lesion_metrics(p, r, (1, 1, 1), min_voxels=9)["dice_budget"]
+    assert fewer["borders_exact"] == pytest.approx(2 * 24 / (25 + 32))  # only B redrawn; A was already exact
+    assert fewer["no_fp"] == pytest.approx(budget["dice"])
+    # a component matched with a lesion it does not overlap (dilation) goes with the borders
+    r2 = np.zeros((12, 12, 12), bool)
+    r2[2:4, 2:4, 2:4] = True
+    r2[2:4, 2:4, 5:7] = True
+    p2 = np.zeros_like(r2)
+    p2[2:4, 2:4, 7:9] = True
+    near = M.lesion_metrics(p2, r2, (1, 1, 1), dilation=1)["dice_budget"]
+    assert (near["dice"], near["borders_exact"], near["no_fp"]) == (0.0, 0.0, 0.0)
+    assert near["missed_added"] == pytest.approx(2 * 16 / (16 + 24))
+    z = np.zeros((6, 6, 6), bool)
+    assert M.lesion_metrics(z, z, (1, 1, 1))["dice_budget"] == {
+        "dice": 1.0, "borders_exact": 1.0, "missed_added": 1.0, "no_fp": 1.0}
+
+
+def brute_force_budget(p, r, dilation, min_voxels):
+    """The Dice budget on scipy.ndimage, one lesion and one component at a time."""
+    full = np.ones((3, 3, 3), bool)
+    grown = ndimage.binary_dilation(r, full, iterations=dilation) if dilation and r.any() else r
+    regions, n_regions = ndimage.label(grown, full)
+    comps, n_comps = ndimage.label(p, full)
+
+    def dice(a):
+        return 1.0 if not (a.any() or r.any()) else 2 * np.sum(a & r) / (a.sum() + r.sum())
+
+    borders, missed_added, no_fp = p.copy(), p.copy(), p.copy()
+    touched = set()
+    for g in range(1, n_regions + 1):
+        region = regions == g
+        hits = [c for c in range(1, n_comps + 1) if np.any((comps == c) & region)]
+        touched.update(hits)
+        lesion = r & region
+        if lesion.sum() < max(1, min_voxels):
+            continue
+        for c in hits:
+            borders &= comps != c
+        if not np.any(lesion & p):
+            missed_added |= lesion
+    for g in range(1, n_regions + 1):  # then the found lesions, exactly
+        lesion = r & (regions == g)
+        if lesion.sum() >= max(1, min_voxels) and np.any(lesion & p):
+            borders |= lesion
+    for c in range(1, n_comps + 1):
+        if c not in touched and np.sum(comps == c) >= max(1, min_voxels):
+            no_fp &= comps != c
+    return {"dice": dice(p), "borders_exact": dice(borders), "missed_added": dice(missed_added), "no_fp": dice(no_fp)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dice_budget_agrees_with_a_brute_force_scipy_implementation(seed):
+    rng = np.random.default_rng(100 + seed)
+    shape = (14, 18, 16)
+    r = ndimage.binary_opening(rng.random(shape) < 0.12 + 0.04 * (seed % 3))
+    r |= rng.random(shape) < 0.01
+    p = np.roll(r, 1, axis=seed % 3) & (rng.random(shape) < 0.9)
+    p |= rng.random(shape) < 0.01
+    for dilation, min_voxels in ((0, 0), (1, 0), (0, 3), (2, 2)):
+        got = M.lesion_metrics(p, r, (1.0, 1.0, 1.0), dilation=dilation, min_voxels=min_voxels)["dice_budget"]
+        want = brute_force_budget(p, r, dilation, min_voxels)
+        assert got == pytest.approx(want)
+        assert got["dice"] <= min(got["borders_exact"], got["missed_added"], got["no_fp"]) + 1e-12
+
+
 def test_pooling_and_size_bins():
     p, r = three_lesions()
     a = M.lesion_metrics(p, r, (1, 1, 1))  # lesions of 16, 8 and 1 voxels = 0.016, 0.008, 0.001 ml
@@ -163,6 +239,9 @@ def test_pooling_and_size_bins():
     assert pooled["lesionwise_dice"] == pytest.approx((a["lesionwise_dice"] + 0.0) / 2)
     assert pooled["lesionwise_hd95_mm"] == pytest.approx((a["lesionwise_hd95_mm"] + 374.0) / 2)
     assert "lesionwise_hd95_mm" not in M.pool_lesions([a, M.lesion_metrics(p, r, (1, 1, 1), with_hd95=False)])
+    assert pooled["dice_budget"] == pytest.approx({k: (a["dice_budget"][k] + b["dice_budget"][k]) / 2
+                                                   for k in ("dice", "borders_exact", "missed_added", "no_fp")})
+    assert pooled["dice_budget"]["missed_added"] == pytest.approx((a["dice_budget"]["missed_added"] + 1.0) / 2)
     bins = M.lesions_by_size([a, b], [0.005, 0.01])
     assert [(x["lesions"], x["found"]) for x in bins] == [(2, 0), (2, 1), (2, 1)]
     assert bins[0]["sensitivity"] == 0.0 and bins[0]["dice_found"] is None
@@ -196,6 +275,11 @@ def test_cli_lesions_table_and_json(tmp_path, capsys):
     assert les["per_lesion"][0]["centre_mm"] == pytest.approx([10.0 + 2.5 * 2.0, -5.0 + 2.5 * 1.0, 7.0 + 11.5 * 3.0])
     assert data["lesion_settings"] == {"dilation": 0, "min_voxels": 2, "sizes_ml": [0.05], "hd95_penalty_mm": 374.0}
     assert data["lesion_mean"]["1"]["lesions"] == 2
+    # where the Dice is lost (C, 1 voxel, left out): A exact, B half drawn, one FP component of 8 voxels
+    assert data["lesion_mean"]["1"]["dice_budget"] == pytest.approx(
+        {"dice": 2 * 16 / 49, "borders_exact": 2 * 24 / 57, "missed_added": 2 * 16 / 49, "no_fp": 2 * 16 / 41})
+    assert "where the Dice is lost" in table
+    assert f"{2 * 16 / 49:.4f}         {2 * 24 / 57:.4f}" in table
     # A (0 mm) and B (HD95 of its missed half: 2 slices of 3 mm) found, the 8-voxel FP component penalized
     assert les["lesionwise_hd95_mm"] == pytest.approx((0.0 + 6.0 + 374.0) / 3)
     assert data["lesion_mean"]["1"]["lesionwise_hd95_mm"] == pytest.approx(les["lesionwise_hd95_mm"])

@@ -49,8 +49,9 @@ def register(subparsers):
     g = p.add_argument_group("lesion-wise (each option implies --lesions)")
     g.add_argument("--lesions", action="store_true",
                    help="also score each lesion (connected component of the reference): lesions found and missed, "
-                        "false-positive components, lesion sensitivity and F1, the BraTS 2023 lesion-wise Dice, and "
-                        "detection by lesion size")
+                        "false-positive components, lesion sensitivity and F1, the BraTS 2023 lesion-wise Dice, "
+                        "detection by lesion size, and the Dice with the borders, the missed lesions or the "
+                        "false positives undone (where the Dice is lost)")
     g.add_argument("--lesion-dilation", type=int, metavar="N",
                    help="merge lesions closer than about 2N voxels and match predictions within N voxels of a "
                         "lesion (a (2N+1)^3 box dilation of the reference; BraTS 2023: 1; default 0)")
@@ -416,6 +417,13 @@ def format_lesion_tables(results: dict, names: Dict) -> List[str]:
     penalty = st.get("hd95_penalty_mm", DEFAULT_LESION_HD95_PENALTY_MM)
     lines.append("all: counts summed over cases, sensitivity and F1 from the sums, lesion-wise Dice and HD95 (mm; "
                  f"{penalty:g} for each missed lesion and FP component) the means over cases")
+    budget = [(names[lab], m["dice_budget"]) for lab, m in results["lesion_mean"].items() if "dice_budget" in m]
+    if budget:
+        lines += ["", "where the Dice is lost: the mean Dice over cases, and what it would be with one kind of error "
+                      "undone (docs/metrics.md):"]
+        rows = [(name, _num(b["dice"]), _num(b["borders_exact"]), _num(b["missed_added"]), _num(b["no_fp"]))
+                for name, b in budget]
+        lines += _columns(("label", "Dice", "borders_exact", "missed_added", "no_FP"), rows, left=1)
     for lab, bins in results["lesion_sizes"].items():
         lines += ["", f"detection by lesion volume, {names[lab]}:"]
         rows = []
