@@ -82,7 +82,8 @@ def test_compare_agrees_with_predict_then_evaluate(heldout, tmp_path):
     assert pooled["lesions"] > 0
     assert row["lesions"]["lesion"] == {k: pooled[k] for k in ("lesions", "found", "missed", "fp_components",
                                                                "lesion_sensitivity", "lesionwise_dice",
-                                                               "lesionwise_hd95_mm")}
+                                                               "lesionwise_hd95_mm", "dice_budget")}
+    assert row["lesions"]["lesion"]["dice_budget"]["dice"] == pytest.approx(row["dice"]["lesion"], abs=1e-9)
 
 
 def test_compare_puts_each_bundle_against_the_first_case_by_case(heldout, tmp_path):

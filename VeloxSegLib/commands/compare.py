@@ -87,8 +87,9 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
     ``scored``: the regions when given, else the labels) and, after the first row, how it
     compares with the first bundle case by case (:func:`VeloxSegLib.metrics.paired_comparison`).
     With ``lesions``, each row also holds ``lesions``: per label (and region) the lesion counts
-    pooled over the cases and the mean lesion-wise Dice (:func:`VeloxSegLib.metrics.pool_lesions`,
-    ``veloxseg evaluate --lesions`` with its default settings)."""
+    pooled over the cases, the mean lesion-wise Dice and the mean Dice budget (where the Dice is
+    lost; :func:`VeloxSegLib.metrics.pool_lesions`, ``veloxseg evaluate --lesions`` with its
+    default settings)."""
     import numpy as np
 
     from .. import metrics as M
@@ -129,7 +130,7 @@ def compare(bundles: Sequence[str], heldout, regions: Optional[Dict[str, List[in
             if lesions:
                 rows[-1]["lesions"] = {str(names.get(k, k)): {key: v[key] for key in (
                     "lesions", "found", "missed", "fp_components", "lesion_sensitivity", "lesionwise_dice",
-                    "lesionwise_hd95_mm")}
+                    "lesionwise_hd95_mm", "dice_budget")}
                     for k, v in res["lesion_mean"].items()}
     first = rows[0]["per_case"]
     for row in rows[1:]:  # each against the first bundle, case by case
