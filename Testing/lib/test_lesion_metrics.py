@@ -107,28 +107,36 @@ def test_empty_mask_conventions():
             M.lesion_metrics(one, one, (1, 1, 1), hd95_penalty_mm=bad)
 
 
-def brute_force(p, r, dilation, min_voxels):
-    """An independent implementation on scipy.ndimage, lesion by lesion."""
+def scipy_matching(p, r, dilation, min_voxels):
+    """The lesions and their components, independently, on scipy.ndimage: for each lesion kept
+    (its reference voxels, the components touching its region), the component labels, and the
+    FP components' labels."""
     full = np.ones((3, 3, 3), bool)
     grown = ndimage.binary_dilation(r, full, iterations=dilation) if dilation and r.any() else r
     regions, n_regions = ndimage.label(grown, full)
     comps, n_comps = ndimage.label(p, full)
-    dices, hd95s, fp, touched = [], [], 0, set()
+    kept, touched = [], set()
     for g in range(1, n_regions + 1):
         region = regions == g
         hits = [c for c in range(1, n_comps + 1) if np.any((comps == c) & region)]
         touched.update(hits)
         lesion = r & region
-        if lesion.sum() < max(1, min_voxels):
-            continue
+        if lesion.sum() >= max(1, min_voxels):
+            kept.append((lesion, hits))
+    fp = [c for c in range(1, n_comps + 1) if c not in touched and np.sum(comps == c) >= max(1, min_voxels)]
+    return kept, comps, fp
+
+
+def brute_force(p, r, dilation, min_voxels):
+    """An independent implementation on scipy.ndimage, lesion by lesion."""
+    kept, comps, fp = scipy_matching(p, r, dilation, min_voxels)
+    dices, hd95s = [], []
+    for lesion, hits in kept:
         union = np.isin(comps, hits)
         dices.append(2 * np.sum(lesion & union) / (lesion.sum() + union.sum()))
         if np.any(lesion & union):
             hd95s.append(M.hd95(union, lesion, (1.0, 1.0, 1.0)))
-    for c in range(1, n_comps + 1):
-        if c not in touched and np.sum(comps == c) >= max(1, min_voxels):
-            fp += 1
-    return sorted(dices), sorted(hd95s), fp
+    return sorted(dices), sorted(hd95s), len(fp)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -160,6 +168,18 @@ def test_dice_budget_hand_built():
     assert budget["borders_exact"] == pytest.approx(2 * 24 / (25 + 32))
     assert budget["missed_added"] == pytest.approx(2 * 17 / (25 + 25))  # C added
     assert budget["no_fp"] == pytest.approx(2 * 16 / (25 + 16))
+    # an over-drawn lesion: its component (a 4^3 cube around a 3^3 lesion) gives way to the lesion
+    r3 = np.zeros((20, 20, 20), bool)
+    p3 = np.zeros_like(r3)
+    r3[2:5, 2:5, 2:5] = True
+    p3[2:6, 2:6, 2:6] = True
+    r3[10:12, 10:12, 10:12] = True  # missed, 8 voxels
+    p3[15:17, 15:17, 15:17] = True  # FP, 8 voxels
+    over = M.lesion_metrics(p3, r3, (1, 1, 1))["dice_budget"]
+    assert over["dice"] == pytest.approx(2 * 27 / (35 + 72))
+    assert over["borders_exact"] == pytest.approx(2 * 27 / (35 + 35))
+    assert over["missed_added"] == pytest.approx(2 * 35 / (35 + 80))
+    assert over["no_fp"] == pytest.approx(2 * 27 / (35 + 64))
     # C (1 voxel) left out: it stays missed; A and the FP component (8 voxels) left out too: they stay
     left_out = M.lesion_metrics(p, r, (1, 1, 1), min_voxels=2)["dice_budget"]
     assert left_out["missed_added"] == pytest.approx(budget["dice"])
@@ -182,34 +202,22 @@ def test_dice_budget_hand_built():
 
 def brute_force_budget(p, r, dilation, min_voxels):
     """The Dice budget on scipy.ndimage, one lesion and one component at a time."""
-    full = np.ones((3, 3, 3), bool)
-    grown = ndimage.binary_dilation(r, full, iterations=dilation) if dilation and r.any() else r
-    regions, n_regions = ndimage.label(grown, full)
-    comps, n_comps = ndimage.label(p, full)
+    kept, comps, fp = scipy_matching(p, r, dilation, min_voxels)
 
     def dice(a):
         return 1.0 if not (a.any() or r.any()) else 2 * np.sum(a & r) / (a.sum() + r.sum())
 
     borders, missed_added, no_fp = p.copy(), p.copy(), p.copy()
-    touched = set()
-    for g in range(1, n_regions + 1):
-        region = regions == g
-        hits = [c for c in range(1, n_comps + 1) if np.any((comps == c) & region)]
-        touched.update(hits)
-        lesion = r & region
-        if lesion.sum() < max(1, min_voxels):
-            continue
+    for lesion, hits in kept:
         for c in hits:
             borders &= comps != c
         if not np.any(lesion & p):
             missed_added |= lesion
-    for g in range(1, n_regions + 1):  # then the found lesions, exactly
-        lesion = r & (regions == g)
-        if lesion.sum() >= max(1, min_voxels) and np.any(lesion & p):
+    for lesion, _ in kept:  # then the found lesions, exactly
+        if np.any(lesion & p):
             borders |= lesion
-    for c in range(1, n_comps + 1):
-        if c not in touched and np.sum(comps == c) >= max(1, min_voxels):
-            no_fp &= comps != c
+    for c in fp:
+        no_fp &= comps != c
     return {"dice": dice(p), "borders_exact": dice(borders), "missed_added": dice(missed_added), "no_fp": dice(no_fp)}
 
 
