@@ -797,16 +797,13 @@ def _post_process(out: np.ndarray, box, ref, crop_grid, score, pet_image, refine
     if refine is not None:
         from .petrefine import refine_with_pet
 
-        def pet_of_box(blo, bhi):
-            box = crop_grid.crop(blo, bhi)
-            return sitk.GetArrayFromImage(resample_to_grid(pet_image, box, default=0.0))
+        def of_box(image, default):  # the image on voxels blo..bhi of the box; ``default`` outside its view
+            return lambda blo, bhi: sitk.GetArrayFromImage(
+                resample_to_grid(image, crop_grid.crop(blo, bhi), default=default))
 
-        def ct_of_box(blo, bhi):  # outside the CT's field of view: air
-            box = crop_grid.crop(blo, bhi)
-            return sitk.GetArrayFromImage(resample_to_grid(ct_image, box, default=-1000.0))
-
-        info["pet_refine"] = refine_with_pet(out_crop, score, pet_of_box, crop_grid.spacing, refine, cancel=cancel,
-                                             ct_of_box=None if ct_image is None else ct_of_box)
+        info["pet_refine"] = refine_with_pet(out_crop, score, of_box(pet_image, 0.0), crop_grid.spacing, refine,
+                                             cancel=cancel,  # outside the CT's field of view: air
+                                             ct_of_box=None if ct_image is None else of_box(ct_image, -1000.0))
     if min_mm3 > 0:
         remove_small_components(out_crop, crop_grid.spacing, min_mm3)
         if unrefined is not None:
