@@ -92,6 +92,13 @@ def test_plan_never_overwrites_the_datasets_files_and_needs_overwrite(tmp_path, 
     assert json.loads((ds / "plans.json").read_text())["batch_size"] == 4
 
 
+def test_a_mistyped_dataset_is_named_as_missing_not_as_an_output_folder(tmp_path, capsys):
+    missing = tmp_path / "no-such-dataset"  # plans.json would go inside it by default
+    assert main(["plan", str(missing)]) == 2
+    assert _one_error_line(capsys).endswith(f"{missing}: not a directory")
+    assert not missing.exists()
+
+
 # ------------------------------------------------------------------------------- compare
 
 
@@ -124,6 +131,18 @@ def test_predict_refuses_its_input_folder_as_output(tmp_path, bundle, capsys):  
         assert main(["predict", "-m", str(bundle), "-i", str(cases), "-o", str(out), "--progress", "none"]) == 2
         assert "input folder" in _one_error_line(capsys)
     assert _snapshot(cases) == before and sorted(os.listdir(cases)) == sorted(before)
+
+
+def test_predict_names_a_mistyped_input_before_looking_at_the_output(tmp_path, bundle, capsys):  # noqa: F811
+    missing = f"{tmp_path / 'no-such-cases'}{os.sep}"  # a folder meant, so -o has no image ending either
+    assert main(["predict", "-m", str(bundle), "-i", missing, "-o", str(tmp_path / "segs"), "--progress", "none"]) == 2
+    assert _one_error_line(capsys).endswith(f"'{missing}': no such file or folder")
+    ct, _ = _case(tmp_path)  # the second of two inputs too
+    before = _snapshot(tmp_path)
+    assert main(["predict", "-m", str(bundle), "-i", str(ct), str(tmp_path / "pet.nii"), "-o", str(tmp_path / "out"),
+                 "--progress", "none"]) == 2
+    assert _one_error_line(capsys).endswith(f"'{tmp_path / 'pet.nii'}': no such file or folder")
+    assert _snapshot(tmp_path) == before
 
 
 def test_predict_folder_checks_every_case_before_the_first_runs(tmp_path, bundle, capsys):  # noqa: F811

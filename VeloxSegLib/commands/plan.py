@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError
+    from ..errors import ConfigError, InputError
     from ..train.planner import default_fingerprint_threads, parse_normalization, plan_dataset
 
     if args.threads is not None and args.threads < 1:
@@ -47,6 +47,8 @@ def run(args) -> int:
     normalization = dict(parse_normalization(s) for s in args.normalization)
     from ..data.io import check_output_file
 
+    if not Path(args.dataset).is_dir():  # before the output, which defaults to a file inside it
+        raise InputError(f"{args.dataset}: not a directory")
     output = Path(args.output) if args.output else Path(args.dataset) / "plans.json"
     # before any work; never onto the dataset's own files (its dataset.json, its images)
     check_output_file(output, overwrite=args.overwrite, inputs=[args.dataset], what="a plans file")

@@ -243,6 +243,9 @@ def run(args) -> int:
         from ..data.io import check_output_path, check_writable_folder
 
         if inputs:  # checked before loading anything
+            for path in inputs:  # a mistyped input is named before the output is looked at
+                if not os.path.exists(path):
+                    raise InputError(f"'{path}': no such file or folder")
             check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
             if args.probabilities:
                 check_output_path(args.probabilities, overwrite=args.overwrite, inputs=inputs)
