@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import shutil
 
 import pytest
@@ -122,6 +123,51 @@ def test_freeze_encoder_with_new_labels_trains_heads_and_decoder_only(two_cases,
     decoder = [k for k in old if k.startswith("decoder.") and old[k].dtype.is_floating_point]
     assert any(not torch.equal(old[k], now[k]) for k in decoder)
     assert json.loads(new.meta["training"]["notes"])["heads_reinitialized"] is True
+
+
+def test_a_renamed_label_set_warns_what_it_costs_and_how_to_keep_the_heads(two_cases, source_bundle, tmp_path,
+                                                                           caplog):
+    from VeloxSegLib.bundle import load_bundle, save_bundle
+
+    src = load_bundle(source_bundle)
+    meta = json.loads(json.dumps(src.meta))
+    meta["inference"]["pet_refine"] = {"fraction": 0.45}
+    parent = save_bundle(tmp_path / "parent", meta, src.state_dict())
+    ds = tmp_path / "converted"  # as veloxseg convert names labels without --labels-map
+    shutil.copytree(two_cases, ds)
+    ds_meta = json.loads((ds / "dataset.json").read_text())
+    ds_meta["labels"] = {"background": 0, "label_1": 1}
+    (ds / "dataset.json").write_text(json.dumps(ds_meta))
+    with caplog.at_level(logging.WARNING, logger="VeloxSegLib"):
+        rc, _ = _finetune(["-m", str(parent), str(ds), "-o", str(tmp_path / "renamed"), "--epochs", "1",
+                           "--iterations-per-epoch", "1"])
+    assert rc == 0
+    [msg] = [r.getMessage() for r in caplog.records if "differ from bundle" in r.getMessage()]
+    assert msg.startswith("converted: labels ['background', 'label_1'] differ from bundle 'petct-source' "
+                          "['background', 'lesion']: its trained segmentation heads start afresh and its PET "
+                          "border refinement (inference.pet_refine) is dropped")
+    assert "veloxseg convert --labels-map background=0,lesion=1" in msg
+    new = load_bundle(tmp_path / "renamed")
+    assert json.loads(new.meta["training"]["notes"])["heads_reinitialized"] is True
+    assert new.meta["inference"]["pet_refine"] is None
+    # named as the bundle does: no warning, the heads and the refinement are kept
+    ds_meta["labels"] = {"background": 0, "lesion": 1}
+    (ds / "dataset.json").write_text(json.dumps(ds_meta))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="VeloxSegLib"):
+        rc, _ = _finetune(["-m", str(parent), str(ds), "-o", str(tmp_path / "kept"), "--epochs", "1",
+                           "--iterations-per-epoch", "1"])
+    assert rc == 0 and not any("differ from bundle" in r.getMessage() for r in caplog.records)
+    assert load_bundle(tmp_path / "kept").meta["inference"]["pet_refine"] is not None
+    # another number of labels cannot keep the heads: no advice to rename
+    ds_meta["labels"] = {"background": 0, "lesion": 1, "cyst": 2}
+    (ds / "dataset.json").write_text(json.dumps(ds_meta))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="VeloxSegLib"):
+        rc, _ = _finetune(["-m", str(parent), str(ds), "-o", str(tmp_path / "three"), "--epochs", "1",
+                           "--iterations-per-epoch", "1"])
+    [msg] = [r.getMessage() for r in caplog.records if "differ from bundle" in r.getMessage()]
+    assert rc == 0 and msg.endswith("is dropped") and "--labels-map" not in msg
 
 
 def test_finetune_refuses_to_write_over_its_source(two_cases, source_bundle):

@@ -60,6 +60,22 @@ def _labels_for(dataset, bundle_labels: List[dict]):
     return out, False
 
 
+def _warn_new_label_set(dataset, src, drops_pet_refine: bool) -> None:
+    """Say, where it shows (a warning), what a label set other than the bundle's costs, and how
+    to keep the trained heads when only the names differ (a dataset converted without
+    ``--labels-map`` names its labels ``label_<v>``)."""
+    ours = dataset.label_values()
+    theirs = [(int(lb["value"]), lb["name"]) for lb in src.meta["labels"]]
+    what = "its trained segmentation heads start afresh" + (
+        " and its PET border refinement (inference.pet_refine) is dropped" if drops_pet_refine else "")
+    msg = f"{dataset.root.name}: labels {[n for _, n in ours]} differ from bundle '{src.name}' {[n for _, n in theirs]}: {what}"
+    if [v for v, _ in ours] == [v for v, _ in theirs]:
+        names = ",".join(f"{n}={v}" for v, n in theirs)
+        msg += (f". If they are the same structures, name them as the bundle does to keep both: \"labels\" in "
+                f"{dataset.root.name}/dataset.json, or veloxseg convert --labels-map {names}")
+    log.warning(msg)
+
+
 def _weights_sha256(bundle) -> str:
     return hashlib.sha256(bundle._weights()).hexdigest()
 
@@ -187,10 +203,10 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
         raise ConfigError(f"--spacing must be three positive sizes in mm (x y z), got {list(target)}")
     inference = dict(meta["inference"])
+    if not same:
+        _warn_new_label_set(ds, src, inference.get("pet_refine") is not None)
     if inference.get("pet_refine") is not None and not same:
-        # the parent's PET border refinement was set for its own lesion label
-        log.info("the new label set drops the parent's PET border refinement (inference.pet_refine)")
-        inference["pet_refine"] = None
+        inference["pet_refine"] = None  # the parent's PET border refinement was set for its own lesion label
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
                      patch_size=patch, spacing=target,
                      channels=[dict(c) for c in meta["channels"]], labels=labels,
@@ -210,8 +226,6 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
         notes["parent_spacing"] = list(parent_spacing)
         log.info("spacing %s mm instead of the bundle's %s mm", "x".join(f"{v:g}" for v in target),
                  "x".join(f"{v:g}" for v in parent_spacing))
-    if not same:
-        log.info("new label set %s: the segmentation heads start afresh", [lb["name"] for lb in labels])
     if config.description is None:
         config.description = f"{src.name} fine-tuned on {ds.root.name}" + (
             f" (new labels: {', '.join(lb['name'] for lb in labels[1:])})" if not same else "")
