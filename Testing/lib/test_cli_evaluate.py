@@ -75,6 +75,31 @@ def test_single_files_table(tmp_path, capsys):
     assert f"{expected[2]['dice']:.4f}" in row and f"{expected[2]['hd95_mm']:.2f}" in row
 
 
+def test_a_datasets_labels_folder_names_the_labels_from_its_dataset_json(folders, tmp_path, capsys):
+    pred_dir, ref_dir = folders
+    ds = tmp_path / "Dataset001"
+    ds.mkdir()
+    labels_tr = ref_dir.rename(ds / "labelsTr")
+    # nnU-Net's region-based entries (lists) name no single value and are left out
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                 "numTraining": 3, "labels": {"background": 0, "tumour": 1,
+                                                                              "cyst": 2, "both": [1, 2]}}))
+    code, out, err = run_cli(capsys, "--pred", pred_dir, "--ref", labels_tr, "--json", "-")
+    data = json.loads(out)
+    assert code == 0 and data["labels"] == {"1": "tumour", "2": "cyst"}, err
+    code, out, err = run_cli(capsys, "--pred", pred_dir, "--ref", labels_tr)
+    assert code == 0 and any(line.startswith("case0 ") and " 1 tumour " in line for line in out.splitlines())
+    # another folder beside a dataset.json is not a dataset's labels: values as before
+    other = labels_tr.rename(ds / "refs")
+    code, out, err = run_cli(capsys, "--pred", pred_dir, "--ref", other, "--json", "-")
+    assert code == 0 and json.loads(out)["labels"] == {"1": "label 1", "2": "label 2"}
+    # a broken dataset.json only costs the names
+    other.rename(labels_tr)
+    (ds / "dataset.json").write_text("{not json")
+    code, out, err = run_cli(capsys, "--pred", pred_dir, "--ref", labels_tr, "--json", "-")
+    assert code == 0 and json.loads(out)["labels"] == {"1": "label 1", "2": "label 2"}
+
+
 def test_folders_json(folders, tmp_path, capsys):
     pred_dir, ref_dir = folders
     before = snapshot(tmp_path)

@@ -501,6 +501,24 @@ def write_json_atomic(data, path: pathlib.Path) -> None:
     write_text_atomic(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
 
 
+def _dataset_label_names(ref) -> Dict[int, str]:
+    """The label names of the nnU-Net dataset whose ``labelsTr``/``labelsTs`` folder is ``ref``
+    (from its ``dataset.json``), for the table; {} for anything else. Only names: which labels
+    are scored does not change."""
+    folder = pathlib.Path(ref)
+    meta = folder.parent / "dataset.json"
+    if not folder.is_dir() or folder.name not in ("labelsTr", "labelsTs") or not meta.is_file():
+        return {}
+    try:
+        labels = json.loads(meta.read_text(encoding="utf-8")).get("labels")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    if not isinstance(labels, dict):
+        return {}
+    return {int(v): str(n) for n, v in labels.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v != 0}
+
+
 def run(args) -> int:
     from .. import metrics as M
 
@@ -533,6 +551,8 @@ def run(args) -> int:
             if unknown:
                 raise InputError(f"--labels {_fmt_labels(unknown)} not in bundle '{bundle.name}' "
                                  f"(labels: {_fmt_labels(sorted(names))})")
+    else:
+        names = _dataset_label_names(args.ref)
     results = evaluate(args.pred, args.ref, labels=labels, label_names=names, regions=parse_regions(args.regions),
                        lesions=lesions)
     if visibility is not None:
