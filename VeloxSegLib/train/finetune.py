@@ -205,7 +205,6 @@ def run_finetune(bundle, dataset, output, config: Optional[TrainConfig] = None,
     inference = dict(meta["inference"])
     if not same:
         _warn_new_label_set(ds, src, inference.get("pet_refine") is not None)
-    if inference.get("pet_refine") is not None and not same:
         inference["pet_refine"] = None  # the parent's PET border refinement was set for its own lesion label
     setup = RunSetup(model_name=m["name"], in_channels=tuple(m["in_channels"]), num_classes=len(labels),
                      patch_size=patch, spacing=target,
