@@ -509,14 +509,14 @@ def _dataset_label_names(ref) -> Dict[int, str]:
     meta = folder.parent / "dataset.json"
     if not folder.is_dir() or folder.name not in ("labelsTr", "labelsTs") or not meta.is_file():
         return {}
+    from ..data.nnunet import Dataset
+
     try:
         labels = json.loads(meta.read_text(encoding="utf-8")).get("labels")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        values = Dataset(folder.parent, {}, labels, 0).label_values()  # the training's own naming rule
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
         return {}
-    if not isinstance(labels, dict):
-        return {}
-    return {int(v): str(n) for n, v in labels.items()
-            if isinstance(v, int) and not isinstance(v, bool) and v != 0}
+    return {v: n for v, n in values if v != 0 and n in labels}  # named in the file, not made up
 
 
 def run(args) -> int:
